@@ -1,0 +1,84 @@
+"""Engine configuration: one typed dataclass, validated once where the user hands it in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PAGE_SIZE = 16
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    num_kv_pages: int | None = None
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    tokenizer: str | None = None
+    # "auto" reads safetensors; "dummy" builds random weights from config.json alone (benchmarks).
+    load_format: str = "auto"
+    # Admission projects each request to prompt + min(max_tokens, this) tokens (NanoFlow section 4);
+    # a wrong guess is repaired by preemption, so this trades admission for preemptions.
+    admission_output_tokens: int = 1024
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    # Filled in by resolve(): the concrete torch objects the engine runs with.
+    torch_dtype: torch.dtype = field(default=torch.float32, init=False)
+    torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"), init=False)
+
+    def resolve(self, checkpoint_dtype: torch.dtype | None) -> EngineConfig:
+        """Validate the user's values and pick concrete dtype/device; raises ValueError naming the field."""
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "auto":
+            self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            if self.device.startswith("cuda") and not torch.cuda.is_available():
+                raise ValueError("device='cuda' was requested but no CUDA device is visible")
+            self.torch_device = torch.device(self.device)
+        on_gpu = self.torch_device.type == "cuda"
+        if self.dtype == "auto":
+            # fp32 on the CPU: bf16 matmuls there are slow and would break exactness tests.
+            self.torch_dtype = (checkpoint_dtype or torch.bfloat16) if on_gpu else torch.float32
+            if self.torch_dtype == torch.float32 and on_gpu:
+                self.torch_dtype = torch.bfloat16
+        elif self.dtype in _DTYPES:
+            self.torch_dtype = _DTYPES[self.dtype]
+        else:
+            raise ValueError(f"dtype must be one of 'auto', {', '.join(sorted(set(_DTYPES)))}; got {self.dtype!r}")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 2048 if on_gpu else 512
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("admission_output_tokens", self.admission_output_tokens)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.num_kv_pages is not None:
+            _positive("num_kv_pages", self.num_kv_pages)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        return self
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,150 @@
+"""Dense-budget continuous batching (NanoFlow section 4).
+
+Each iteration carries at most `max_num_batched_tokens` tokens: every running decode first, then
+prefill chunks topping the batch up (a prompt may span several iterations). Waiting requests are
+admitted first-come-first-served while the projected page use of everything running still fits.
+When pages run out anyway, the newest running sequence is preempted: its pages are freed and it
+is recomputed later from its prompt and the tokens it had produced, so its output is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanoflow.config import PAGE_SIZE
+from nanoflow.engine.kv_cache import BlockManager
+from nanoflow.engine.request import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the sequence's last token, so its next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledSeq] = field(default_factory=list)
+    prefills: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(
+        self, num_pages: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+        admission_output_tokens: int,
+    ) -> None:
+        self.blocks = BlockManager(num_pages)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.admission_output_tokens = admission_output_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.num_preemptions = 0
+
+    # --- queue management ----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Releases a sequence that finished or was aborted, wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- one iteration ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Decodes before partial prefills, so a long prompt never starves running sequences.
+        decoding = [s for s in self.running if s.num_computed_tokens == s.num_tokens - 1]
+        prefilling = [s for s in self.running if s.num_computed_tokens < s.num_tokens - 1]
+        for group, dest in ((decoding, out.decodes), (prefilling, out.prefills)):
+            for seq in group:
+                if budget == 0:
+                    break
+                if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                    continue
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if not self._reserve(seq, n, out):
+                    continue
+                dest.append(ScheduledSeq(seq, n))
+                budget -= n
+        if not out.preempted:
+            budget = self._admit(budget, out)
+        return out
+
+    def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Allocates pages for n more tokens of seq, preempting newer sequences if needed."""
+        while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, seq.num_computed_tokens + n)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        for group in (out.decodes, out.prefills):
+            group[:] = [s for s in group if s.seq is not seq]
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def _projected_pages(self, seq: Sequence) -> int:
+        remaining = seq.max_tokens - len(seq.output_token_ids)
+        total = min(seq.num_tokens + min(remaining, self.admission_output_tokens), self.max_model_len)
+        return (total + PAGE_SIZE - 1) // PAGE_SIZE
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        projected = sum(self._projected_pages(s) for s in self.running)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens, budget)
+            need = self._projected_pages(seq)
+            if self.running and projected + need > self.blocks.num_pages:
+                break
+            if not self.blocks.can_allocate(seq, n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            (out.decodes if n == 1 and seq.num_tokens == 1 else out.prefills).append(ScheduledSeq(seq, n))
+            projected += need
+            budget -= n
+        return budget
+
+    def step_done(self, out: SchedulerOutput) -> None:
+        """Marks the scheduled tokens as computed (their K/V are now in the cache)."""
+        for s in out.seqs:
+            s.seq.num_computed_tokens += s.num_new_tokens

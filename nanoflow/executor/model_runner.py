@@ -1,0 +1,177 @@
+"""Model runner: owns the model and the KV-cache tensors; one call = one forward of the dense batch."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import PretrainedConfig
+
+from nanoflow.config import PAGE_SIZE, EngineConfig
+from nanoflow.engine.scheduler import SchedulerOutput
+from nanoflow.executor.sampler import Sampler, SamplerOutput, SamplingMetadata
+from nanoflow.forward_batch import ForwardBatch
+from nanoflow.layers.parallel import ParallelState
+from nanoflow.models.arch import ModelArch
+from nanoflow.models.loader import build_model
+
+log = logging.getLogger(__name__)
+
+_CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU when --num-kv-pages is not given
+
+
+class ModelRunner:
+    def __init__(
+        self, config: EngineConfig, hf_config: PretrainedConfig, max_model_len: int, par: ParallelState | None = None
+    ) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.par = par or ParallelState()
+        self.arch = ModelArch.from_hf(hf_config)
+        self.max_model_len = max_model_len
+        self.model = build_model(config.model, hf_config, self.dtype, self.device, max_model_len, self.par,
+                                 use_triton=False, dummy=config.load_format == "dummy", seed=config.seed)
+        self.num_pages = self._decide_num_pages()
+        kv_heads = self.arch.num_kv_heads // self.par.size
+        shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
+        self.sampler = Sampler(self.device, config.seed)
+
+    @property
+    def page_bytes(self) -> int:
+        kv_heads = self.arch.num_kv_heads // self.par.size
+        return self.arch.num_layers * 2 * kv_heads * PAGE_SIZE * self.arch.head_dim * self.dtype.itemsize
+
+    def _decide_num_pages(self) -> int:
+        if self.config.num_kv_pages is not None:
+            return self.config.num_kv_pages
+        if self.device.type != "cuda":
+            return max(_CPU_KV_BYTES // self.page_bytes, -(-self.max_model_len // PAGE_SIZE))
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations = self._profile_activation_bytes()
+        budget = total * self.config.gpu_memory_utilization - (total - free) - activations
+        pages = int(budget // self.page_bytes)
+        if pages < 1:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
+                f"activations need {activations / 2**30:.1f} GiB; raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens")
+        log.info("KV cache: %d pages (%.1f GiB, %d tokens)", pages, pages * self.page_bytes / 2**30,
+                 pages * PAGE_SIZE)
+        return pages
+
+    def _profile_activation_bytes(self) -> int:
+        """Peak extra memory of one forward at the full token budget (one long prefill, the worst case)."""
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        pages = -(-n // PAGE_SIZE)
+        kv_heads = self.arch.num_kv_heads // self.par.size
+        kv = torch.empty((2, pages, kv_heads, PAGE_SIZE, self.arch.head_dim), dtype=self.dtype, device=self.device)
+        caches = [(kv[0], kv[1])] * self.arch.num_layers
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        batch = self._build_batch([list(range(n))], [0], [n], [list(range(pages))], [n - 1], 0)
+        batch.input_ids.zero_()
+        with torch.inference_mode():
+            self.model.compute_logits(self.model(batch, caches)[batch.logits_indices])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del kv, caches
+        torch.cuda.empty_cache()
+        return int(peak * 1.1)
+
+    # --- per iteration ---------------------------------------------------------------------------
+    def prepare(self, sched: SchedulerOutput) -> ForwardBatch:
+        token_ids, starts, lens, tables, sample_at = [], [], [], [], []
+        offset = 0
+        for s in sched.seqs:
+            seq = s.seq
+            start = seq.num_computed_tokens
+            token_ids.append(seq.all_token_ids[start : start + s.num_new_tokens])
+            starts.append(start)
+            lens.append(start + s.num_new_tokens)
+            tables.append(seq.pages)
+            offset += s.num_new_tokens
+            if s.samples:
+                sample_at.append(offset - 1)
+        return self._build_batch(token_ids, starts, lens, tables, sample_at, len(sched.decodes))
+
+    def _build_batch(
+        self, token_ids: list[list[int]], starts: list[int], seq_lens: list[int], tables: list[list[int]],
+        sample_at: list[int], num_decodes: int,
+    ) -> ForwardBatch:
+        flat_ids, positions, slots, qstart = [], [], [], [0]
+        for ids, start, table in zip(token_ids, starts, tables, strict=True):
+            flat_ids.extend(ids)
+            pos = range(start, start + len(ids))
+            positions.extend(pos)
+            slots.extend(table[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in pos)
+            qstart.append(qstart[-1] + len(ids))
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+
+        def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(data, dtype=dtype, device=dev)
+
+        return ForwardBatch(
+            input_ids=tensor(flat_ids, torch.int64),
+            positions=tensor(positions, torch.int64),
+            slot_mapping=tensor(slots, torch.int64),
+            query_start_loc=tensor(qstart, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(padded, torch.int32),
+            logits_indices=tensor(sample_at, torch.int64),
+            num_decodes=num_decodes,
+            seq_lens_cpu=list(seq_lens),
+            query_lens_cpu=[len(t) for t in token_ids],
+        )
+
+    def sampling_metadata(self, sched: SchedulerOutput, eos_token_ids: set[int]) -> SamplingMetadata:
+        seqs = [s.seq for s in sched.seqs if s.samples]
+        params = [s.params for s in seqs]
+        dev, V = self.device, self.arch.vocab_size
+
+        def f32(vals: list) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.float32, device=dev)
+
+        meta = SamplingMetadata(
+            temperature=f32([p.temperature for p in params]),
+            top_p=f32([p.top_p for p in params]),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else V for p in params], dtype=torch.int64, device=dev),
+            min_p=f32([p.min_p for p in params]),
+            generators=[s.generator for s in seqs],
+            all_greedy=all(p.greedy for p in params),
+            any_top_p_k_min_p=any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params),
+            max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
+        banned = []
+        for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
+            if len(seq.output_token_ids) < p.min_tokens:
+                stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+                if stop_ids:
+                    banned.append((row, stop_ids))
+        meta.banned = banned or None
+        if any(p.has_penalties for p in params):
+            counts = torch.zeros(len(seqs), V, dtype=torch.int32, device=dev)
+            seen = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
+            for row, seq in enumerate(seqs):
+                out = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=dev)
+                counts[row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+                seen[row, torch.tensor(seq.all_token_ids, dtype=torch.int64, device=dev)] = True
+            meta.output_counts, meta.seen_mask = counts, seen
+            meta.presence = f32([p.presence_penalty for p in params])
+            meta.frequency = f32([p.frequency_penalty for p in params])
+            meta.repetition = f32([p.repetition_penalty for p in params])
+        return meta
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, eos_token_ids: set[int]) -> SamplerOutput:
+        batch = self.prepare(sched)
+        hidden = self.model(batch, self.kv_caches)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if logits.shape[0] == 0:
+            return SamplerOutput([], None)
+        return self.sampler(logits, self.sampling_metadata(sched, eos_token_ids))

@@ -1,0 +1,115 @@
+"""Batched sampling on the device: penalties, temperature, top-k/top-p/min-p, per-request seeds.
+
+Sampling uses the exponential-race trick (argmax of p / q with q ~ Exp(1)), which draws exactly
+from p and lets a seeded request draw its noise from its own generator: its tokens do not depend
+on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [S] fp32; 0 = greedy
+    top_p: torch.Tensor  # [S] fp32
+    top_k: torch.Tensor  # [S] int64; vocab size = off
+    min_p: torch.Tensor  # [S] fp32
+    generators: list[torch.Generator | None]
+    all_greedy: bool
+    any_top_p_k_min_p: bool
+    # Penalties (None when no row uses them): token counts of outputs, and a prompt+output mask.
+    presence: torch.Tensor | None = None  # [S]
+    frequency: torch.Tensor | None = None  # [S]
+    repetition: torch.Tensor | None = None  # [S]
+    output_counts: torch.Tensor | None = None  # [S, V]
+    seen_mask: torch.Tensor | None = None  # [S, V] bool, prompt and output tokens
+    # (row, token ids) that must not be sampled yet (min_tokens not reached).
+    banned: list[tuple[int, list[int]]] | None = None
+    max_num_logprobs: int = -1  # -1: none requested
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: (sampled token logprob, its rank, [(token, logprob)] top-k) or None.
+    logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs >= 0 else None
+        logits = apply_penalties(logits, meta)
+        if meta.banned:
+            for row, ids in meta.banned:
+                logits[row, ids] = float("-inf")
+        greedy_tokens = logits.argmax(dim=-1)
+        if meta.all_greedy:
+            tokens = greedy_tokens
+        else:
+            tokens = torch.where(meta.temperature == 0, greedy_tokens, self._random(logits, meta))
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, _gather_logprobs(raw_logprobs, tokens, meta.max_num_logprobs))
+
+    def _random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        temp = torch.where(meta.temperature == 0, torch.ones_like(meta.temperature), meta.temperature)
+        logits = logits / temp[:, None]
+        if meta.any_top_p_k_min_p:
+            logits = apply_top_k_top_p_min_p(logits, meta.top_k, meta.top_p, meta.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, g in enumerate(meta.generators) if g is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+                generator=self.generator)
+        for i, g in enumerate(meta.generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        return (probs / noise).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    if meta.output_counts is None:
+        return logits
+    rep = meta.repetition[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)  # transformers' repetition penalty
+    logits = torch.where(meta.seen_mask, penalized, logits)
+    counts = meta.output_counts.to(logits.dtype)
+    return logits - meta.frequency[:, None] * counts - meta.presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Masks (to -inf) tokens outside each row's top-k, nucleus top-p, and min-p sets."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    drop = rank >= top_k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _gather_logprobs(
+    raw: torch.Tensor | None, tokens: torch.Tensor, k: int
+) -> list[tuple[float, int, list[tuple[int, float]]]] | None:
+    if raw is None:
+        return None
+    chosen = raw.gather(1, tokens[:, None])
+    ranks = (raw > chosen).sum(dim=-1) + 1
+    top_vals, top_ids = raw.topk(max(k, 1), dim=-1)
+    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
+    vals_l, ids_l = top_vals[:, :k].tolist(), top_ids[:, :k].tolist()
+    return [(c, r, list(zip(i, v, strict=True))) for c, r, i, v in zip(chosen_l, ranks_l, ids_l, vals_l, strict=True)]

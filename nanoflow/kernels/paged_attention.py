@@ -1,0 +1,439 @@
+"""Attention over the paged KV cache: decode (one query per sequence) and chunked prefill.
+
+The new tokens' K/V are already in the cache (rope_kv_write runs first), so both read keys and
+values only through the page table. Cache layout: see rotary.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def _gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """cache[pages] laid out as [..., num_kv_heads, len(pages) * page_size, head_dim]."""
+    g = cache[pages]  # [..., P, Hkv, page, D]
+    g = g.transpose(-4, -3)  # [..., Hkv, P, page, D]
+    return g.reshape(*g.shape[:-3], g.shape[-3] * g.shape[-2], g.shape[-1])
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q: [B, Hq, D], one query per sequence at position seq_lens - 1. Returns [B, Hq, D]."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    k = _gather_pages(k_cache, block_tables.long())  # [B, Hkv, N, D]
+    v = _gather_pages(v_cache, block_tables.long())
+    qg = q.view(B, Hkv, Hq // Hkv, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, N]
+    pos = torch.arange(k.shape[2], device=q.device)
+    lens = seq_lens.to(q.device).long()[:, None]
+    valid = pos[None, :] < lens
+    if sliding_window is not None:
+        valid &= pos[None, :] >= lens - sliding_window
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, Hq, D)
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    seq_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q: [sum(query_lens), Hq, D]; sequence i's queries are the last query_lens[i] positions of
+    its seq_lens[i]-token context and attend causally to everything before them."""
+    page_size = k_cache.shape[2]
+    Hq, Hkv = q.shape[1], k_cache.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for i, (qlen, ctx) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        pages = block_tables[i, : (ctx + page_size - 1) // page_size].long()
+        k = _gather_pages(k_cache, pages)[:, :ctx]  # [Hkv, ctx, D]
+        v = _gather_pages(v_cache, pages)[:, :ctx]
+        k = k.repeat_interleave(Hq // Hkv, dim=0)
+        v = v.repeat_interleave(Hq // Hkv, dim=0)
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window is not None:
+            mask &= kpos > qpos - sliding_window
+        qi = q[start : start + qlen].transpose(0, 1)  # [Hq, qlen, D]
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
+        out[start : start + qlen] = o.transpose(0, 1)
+        start += qlen
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton fast path
+# ----------------------------------------------------------------------------------------------
+#
+# Both kernels read K/V tiles of BLOCK_N tokens through the page table: token n of a sequence
+# lives in page block_tables[b, n // page_size] at offset n % page_size, and one (page, kv head)
+# is a contiguous page_size x head_dim tile, so each tile row is a contiguous head_dim vector.
+# Scores are kept in the log2 domain (scale * log2(e) folded in) so the softmax uses exp2.
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel; the defaults are a guess to be tuned on the GPU
+    (benchmarks/kernel_check.py sweeps them)."""
+
+    block_n: int = 64  # tokens per step; K+V bytes per step = 2 * block_n * head_dim * elem_size
+    num_warps: int = 4
+    num_stages: int = 3  # software-pipelining depth: ~(num_stages - 1) steps of loads in flight
+    partition_size: int | None = None  # tokens per work item; None: chosen from the shapes
+    ctas_per_sm: int = 2  # grid size for num_ctas=None is ctas_per_sm * number of SMs
+    min_partition: int = 512  # smallest automatic partition: each work item pays a pipeline ramp
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision dot (TF32 would cost ~1e-3 relative error); ignored for 16-bit.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    D = q.shape[-1]
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache: [pages, kv_heads, page, D]"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert k_cache.shape[-1] == D and q.shape[-2] % k_cache.shape[1] == 0
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype"
+    assert D >= 16 and D & (D - 1) == 0, "head_dim must be a power of two >= 16"
+    page_size = k_cache.shape[2]
+    assert page_size & (page_size - 1) == 0, "page_size must be a power of two"
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    qk_scale, num_seqs, num_kv_heads, num_parts, sliding_window,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+    stride_cp, stride_ch, stride_ct,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Persistent over work items (seq, kv_head, partition): a capped grid still covers all work.
+    All GROUP query heads of a kv head share each K/V tile (rows of one tl.dot, padded to 16)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    num_work = num_seqs * num_kv_heads * num_parts
+    for w in tl.range(pid, num_work, nprog):
+        # partition fastest: neighbouring CTAs share one long sequence's work
+        part = w % num_parts
+        kvh = (w // num_parts) % num_kv_heads
+        b = w // (num_parts * num_kv_heads)
+        seq_len = tl.load(seq_lens_ptr + b)
+        start = part * PARTITION
+        end = tl.minimum(start + PARTITION, seq_len)
+        lo = start
+        if sliding_window > 0:
+            lo = tl.maximum(start, seq_len - sliding_window)
+        heads = kvh * GROUP + offs_g
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_mask[:, None], other=0.0,
+        )  # fmt: skip
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        kv_base = kvh.to(tl.int64) * stride_ch
+        # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
+        # An empty item (lo >= end) runs zero iterations.
+        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
+            tok = n0 + offs_n
+            t_mask = (tok >= lo) & (tok < end)
+            page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
+            row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
+            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N], fp32
+            qk = tl.where(t_mask[None, :], qk * qk_scale, float("-inf"))
+            # every step holds >= 1 valid token, so m_new is finite
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if SPLIT:
+            # unnormalised partials; the reduce kernel recomputes which partitions are non-empty
+            row_p = (b * num_kv_heads * GROUP + heads) * num_parts + part
+            keep = g_mask & (lo < end)
+            tl.store(part_acc_ptr + row_p[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
+            tl.store(part_m_ptr + row_p, m_i, mask=keep)
+            tl.store(part_l_ptr + row_p, l_i, mask=keep)
+        else:
+            # an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets zeros, not NaN
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, out_ptr,
+    num_seqs, num_q_heads, num_parts, sliding_window,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Merges the partitions of each (seq, q head); persistent like the main kernel."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_p = tl.arange(0, BLOCK_P)
+    for w in tl.range(pid, num_seqs * num_q_heads, nprog):
+        b = w // num_q_heads
+        h = w % num_q_heads
+        seq_len = tl.load(seq_lens_ptr + b)
+        lo = 0
+        if sliding_window > 0:
+            lo = tl.maximum(seq_len - sliding_window, 0)
+        # exactly the partitions the main kernel wrote
+        p_lo = lo // PARTITION
+        p_hi = tl.minimum(tl.cdiv(seq_len, PARTITION), num_parts)
+        m = tl.full([], float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros([], dtype=tl.float32)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        base = w.to(tl.int64) * num_parts
+        for p0 in tl.range(p_lo, p_hi, BLOCK_P):
+            p = p0 + offs_p
+            p_mask = p < p_hi
+            m_p = tl.load(part_m_ptr + base + p, mask=p_mask, other=float("-inf"))
+            l_p = tl.load(part_l_ptr + base + p, mask=p_mask, other=0.0)
+            a_p = tl.load(
+                part_acc_ptr + (base + p)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=p_mask[:, None], other=0.0,
+            )  # fmt: skip
+            m_new = tl.maximum(m, tl.max(m_p, 0))  # finite: each chunk has >= 1 written partition
+            alpha = tl.exp2(m - m_new)
+            w_p = tl.exp2(m_p - m_new)
+            acc = acc * alpha + tl.sum(a_p * w_p[:, None], 0)
+            l_sum = l_sum * alpha + tl.sum(l_p * w_p, 0)
+            m = m_new
+        o = acc / tl.where(l_sum > 0, l_sum, 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+def _decode_plan(
+    batch: int, num_kv_heads: int, max_context: int, grid_cap: int, cfg: DecodeConfig
+) -> tuple[int, int]:
+    """(partition_size, num_parts) from host-known shapes only, so CUDA graphs can capture it."""
+    if cfg.partition_size is not None:
+        part = triton.cdiv(cfg.partition_size, cfg.block_n) * cfg.block_n
+    else:
+        # split until there are >= 2 items per CTA (load balance), but not below min_partition
+        want = max(1, triton.cdiv(2 * grid_cap, batch * num_kv_heads))
+        part = triton.cdiv(triton.cdiv(max_context, want), cfg.block_n) * cfg.block_n
+        part = max(part, triton.cdiv(cfg.min_partition, cfg.block_n) * cfg.block_n)
+    part = min(part, triton.cdiv(max_context, cfg.block_n) * cfg.block_n)
+    return part, triton.cdiv(max_context, part)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    num_ctas: int | None = None,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Triton version of paged_decode_attention_ref. q: [B, Hq, D] (last dim contiguous);
+    block_tables: [B, max_pages] int32; seq_lens: [B] int32, 0 <= seq_len <= max_pages * page_size.
+
+    num_ctas caps the (persistent) grid, e.g. to leave SMs to a concurrent GEMM; None fills the
+    GPU. A sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
+    """
+    cfg = config or DecodeConfig()
+    _check_paged_inputs(q, k_cache, v_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    B, Hq, D = q.shape
+    Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    assert cfg.block_n % page_size == 0 and cfg.block_n >= 16
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if B == 0:
+        return out
+    if num_ctas is None:
+        on_gpu = q.is_cuda
+        grid_cap = cfg.ctas_per_sm * _num_sms(q.device.index or 0) if on_gpu else 1 << 30
+    else:
+        grid_cap = max(1, num_ctas)
+    max_context = block_tables.shape[1] * page_size
+    part, num_parts = _decode_plan(B, Hkv, max_context, grid_cap, cfg)
+    split = num_parts > 1
+    if split:
+        part_acc = torch.empty(B, Hq, num_parts, D, device=q.device, dtype=torch.float32)
+        part_m = torch.empty(B, Hq, num_parts, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # unused
+    window = sliding_window or 0
+    num_work = B * Hkv * num_parts
+    _decode_kernel[(min(num_work, grid_cap),)](
+        q, k_cache, v_cache, block_tables, seq_lens,
+        out, part_acc, part_m, part_l,
+        scale * _LOG2E, B, Hkv, num_parts, window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
+        BLOCK_N=cfg.block_n, PARTITION=part, SPLIT=split,
+        NUM_STAGES=cfg.num_stages, PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps,
+    )  # fmt: skip
+    if split:
+        _decode_reduce_kernel[(min(B * Hq, grid_cap),)](
+            part_acc, part_m, part_l, seq_lens, out,
+            B, Hq, num_parts, window,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=D, PARTITION=part, BLOCK_P=min(16, triton.next_power_of_2(num_parts)), num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
+    qk_scale, sliding_window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cp, stride_ch, stride_ct,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M queries of one sequence x one query head, over the key tiles they see."""
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    if tl.program_id(0) < num_m_blocks:
+        # the last query block sees the most keys: run it first to shorten the tail
+        m_blk = num_m_blocks - 1 - tl.program_id(0)
+        seq_len = tl.load(seq_lens_ptr + b)
+        offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_mask = offs_m < q_len
+        q_pos = seq_len - q_len + offs_m  # queries are the last q_len positions of the context
+        q_rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(
+            q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None], other=0.0,
+        )  # fmt: skip
+        first = seq_len - q_len + m_blk * BLOCK_M
+        hi = tl.minimum(first + BLOCK_M, seq_len)  # causal: nothing past the last query
+        lo = 0
+        if sliding_window > 0:
+            lo = tl.maximum(first - sliding_window + 1, 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        kv_base = (h // GROUP).to(tl.int64) * stride_ch
+        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=NUM_STAGES):
+            tok = n0 + offs_n
+            t_mask = tok < hi
+            page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
+            row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
+            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            mask = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
+            if sliding_window > 0:
+                mask &= tok[None, :] > q_pos[:, None] - sliding_window
+            qk = tl.where(mask, qk * qk_scale, float("-inf"))
+            # a row can see no key of this tile (causal edge, window): keep it NaN-free
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(qk - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Triton version of paged_prefill_attention_ref for a whole varlen batch in one launch.
+
+    q: [T, Hq, D]; query_start_loc: [B + 1] int32 and seq_lens: [B] int32 on the device; sequence
+    b's queries q[query_start_loc[b]:query_start_loc[b + 1]] are the last positions of its
+    seq_lens[b]-token context (so query length <= seq_len). max_query_len (host int) sizes the
+    grid; None uses T, always enough but launches idle programs.
+    """
+    _check_paged_inputs(q, k_cache, v_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    T, Hq, D = q.shape
+    Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
+    B = seq_lens.shape[0]
+    assert block_n % page_size == 0
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    max_q = T if max_query_len is None else max_query_len
+    if B == 0 or max_q == 0:
+        return out
+    grid = (triton.cdiv(max_q, block_m), B, Hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        scale * _LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages, PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out

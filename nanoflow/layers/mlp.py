@@ -1,0 +1,82 @@
+"""Gated MLP (gate_up GEMM -> SiLU-and-mul -> down GEMM) and Mixtral's top-k mixture of experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoflow.kernels import activation
+from nanoflow.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, _copy
+from nanoflow.layers.parallel import ParallelState
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, par: ParallelState, use_triton: bool):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden, {0: intermediate, 1: intermediate}, False, dtype, par)
+        self.down_proj = RowParallelLinear(intermediate, hidden, False, dtype, par)
+        self.use_triton = use_triton
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate_up_proj(x)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return activation.silu_and_mul(x) if self.use_triton else activation.silu_and_mul_ref(x)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate_up(x)))
+
+
+class MixtureOfExperts(nn.Module):
+    """Softmax router, top-k experts per token, weights renormalised over the chosen k (Mixtral).
+
+    Each expert's intermediate dimension is split across tensor-parallel ranks, like a dense MLP,
+    so the layer ends with the same single all-reduce.
+    """
+
+    def __init__(
+        self, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype: torch.dtype, par: ParallelState,
+        use_triton: bool,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.par = num_experts, top_k, par
+        inter = par.split(intermediate, "expert intermediate size")
+        self.router = Linear(hidden, num_experts, False, dtype)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
+        self.use_triton = use_triton
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        act = activation.silu_and_mul if self.use_triton else activation.silu_and_mul_ref
+        for e in experts.unique().tolist():
+            rows, slot = torch.where(experts == e)
+            h = act(F.linear(x[rows], self.w13[e]))
+            out.index_add_(0, rows, F.linear(h, self.w2[e]) * weights[rows, slot, None])
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x, *self.route(x))
+
+    def load_expert(self, expert: int, which: str, tensor: torch.Tensor) -> None:
+        """which: 'w1' (gate), 'w3' (up) or 'w2' (down), as named in Mixtral checkpoints."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert index {expert} out of range (num_local_experts={self.num_experts})")
+        inter = self.w2.shape[2]
+        r = self.par.rank
+        if which == "w2":
+            _copy(self.w2.data[expert], tensor.narrow(1, r * inter, inter), f"experts.{expert}.w2")
+        else:
+            off = 0 if which == "w1" else inter
+            _copy(self.w13.data[expert, off : off + inter], tensor.narrow(0, r * inter, inter),
+                  f"experts.{expert}.{which}")

@@ -1,0 +1,1 @@
+"""Model definitions (our own code, never transformers' modeling), their registry and loaders."""

@@ -1,0 +1,83 @@
+"""Build a model from a Hugging Face folder: config via transformers, weights via safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+from tqdm.auto import tqdm
+
+from nanoflow.layers.parallel import ParallelState
+from nanoflow.models.arch import ModelArch
+from nanoflow.models.registry import model_class
+
+
+def load_hf_config(path: str) -> PretrainedConfig:
+    if not os.path.isdir(path):
+        raise ValueError(f"model folder {path!r} does not exist (nanoflow loads local Hugging Face folders; "
+                         "nothing is downloaded)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} has no config.json; expected a Hugging Face model folder")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise ValueError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return [os.path.join(path, n) for n in names]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        found = ", ".join(sorted(os.listdir(path))) or "nothing"
+        raise ValueError(f"no .safetensors weights in {path!r} (found: {found}); nanoflow loads safetensors "
+                         "checkpoints (re-save others with transformers' save_pretrained)")
+    return [os.path.join(path, f) for f in files]
+
+
+def iter_safetensors(files: list[str], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in tqdm(files, desc="Loading safetensors shards", disable=not progress or len(files) < 2):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+def build_model(
+    path: str,
+    hf_config: PretrainedConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    par: ParallelState | None = None,
+    use_triton: bool = False,
+    dummy: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
+    arch = ModelArch.from_hf(hf_config)
+    with torch.device(device):
+        model = model_class(arch)(arch, dtype, max_positions, par, use_triton)
+    if dummy:
+        _init_random(model, seed)
+    else:
+        model.load_weights(iter_safetensors(safetensors_files(path)))
+    return model.eval()
+
+
+def _init_random(model: torch.nn.Module, seed: int) -> None:
+    """Random weights with the checkpoint's shapes: same arithmetic as the real model, for benchmarks."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
