@@ -31,6 +31,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     seed: int = 0
     tokenizer: str | None = None
+    # Benchmarks on random-weight models have no tokenizer: token ids in and out, text stays empty.
+    skip_tokenizer_init: bool = False
     # "auto" reads safetensors; "dummy" builds random weights from config.json alone (benchmarks).
     load_format: str = "auto"
     # Admission projects each request to prompt + min(max_tokens, this) tokens (NanoFlow section 4);

@@ -12,7 +12,7 @@ _CONTEXT_TOKENS = 5
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_token_ids: set[int], max_model_len: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, eos_token_ids: set[int], max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -25,9 +25,12 @@ class OutputProcessor:
         """Adds one sampled token to seq and finishes it if a stop condition holds."""
         seq.output_token_ids.append(token)
         if logprobs is not None:
-            for tok, lp in logprobs.items():
-                lp.decoded_token = self.tokenizer.decode([tok])
-            seq.logprobs = (seq.logprobs or []) + [logprobs]
+            if self.tokenizer is not None:
+                for tok, lp in logprobs.items():
+                    lp.decoded_token = self.tokenizer.decode([tok])
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(logprobs)
         p = seq.params
         n_out = len(seq.output_token_ids)
         if n_out >= p.min_tokens:
@@ -46,6 +49,8 @@ class OutputProcessor:
             seq.finish_reason = "length"
 
     def _detokenize(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
         ids = seq.all_token_ids
         skip = seq.params.skip_special_tokens
         before = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)

@@ -6,8 +6,8 @@ values only through the page table. Cache layout: see rotary.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -94,20 +94,32 @@ def paged_prefill_attention_ref(
 _LOG2E = 1.4426950408889634
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the decode kernel; the defaults are a guess to be tuned on the GPU
     (benchmarks/kernel_check.py sweeps them)."""
 
-    block_n: int = 64  # tokens per step; K+V bytes per step = 2 * block_n * head_dim * elem_size
+    # tokens per step (a power of two, a multiple of page_size); None: 32 KiB of K+V per step,
+    # e.g. 64 for bf16 x head_dim 128
+    block_n: int | None = None
     num_warps: int = 4
     num_stages: int = 3  # software-pipelining depth: ~(num_stages - 1) steps of loads in flight
     partition_size: int | None = None  # tokens per work item; None: chosen from the shapes
     ctas_per_sm: int = 2  # grid size for num_ctas=None is ctas_per_sm * number of SMs
     min_partition: int = 512  # smallest automatic partition: each work item pays a pipeline ramp
+    # flatten the (work item x step) loop nest into one pipelined loop (tl.range(flatten=True)), so
+    # loads of the next work item start before the current one ends; experimental
+    flatten: bool = False
+
+    def resolved(self, head_dim: int, elem_size: int) -> DecodeConfig:
+        """This config with block_n filled in for the given head_dim and element size."""
+        if self.block_n is not None:
+            return self
+        block_n = triton.next_power_of_2(max(1, (32 * 1024) // (2 * head_dim * elem_size)))
+        return dataclasses.replace(self, block_n=min(max(block_n, 16), 128))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -132,12 +144,12 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    qk_scale, num_seqs, num_kv_heads, num_parts, sliding_window,
+    qk_scale, num_seqs, num_kv_heads, num_parts, partition, sliding_window,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     stride_cp, stride_ch, stride_ct,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, kv_head, partition): a capped grid still covers all work.
     All GROUP query heads of a kv head share each K/V tile (rows of one tl.dot, padded to 16)."""
@@ -148,17 +160,15 @@ def _decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
     num_work = num_seqs * num_kv_heads * num_parts
-    for w in tl.range(pid, num_work, nprog):
+    for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
         # partition fastest: neighbouring CTAs share one long sequence's work
         part = w % num_parts
         kvh = (w // num_parts) % num_kv_heads
         b = w // (num_parts * num_kv_heads)
         seq_len = tl.load(seq_lens_ptr + b)
-        start = part * PARTITION
-        end = tl.minimum(start + PARTITION, seq_len)
-        lo = start
-        if sliding_window > 0:
-            lo = tl.maximum(start, seq_len - sliding_window)
+        start = part * partition
+        end = tl.minimum(start + partition, seq_len)
+        lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
         heads = kvh * GROUP + offs_g
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -167,7 +177,7 @@ def _decode_kernel(
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        kv_base = kvh.to(tl.int64) * stride_ch
+        kv_base = tl.cast(kvh, tl.int64) * stride_ch
         # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
         # An empty item (lo >= end) runs zero iterations.
         for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
@@ -203,9 +213,9 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, out_ptr,
-    num_seqs, num_q_heads, num_parts, sliding_window,
+    num_seqs, num_q_heads, num_parts, partition, sliding_window,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """Merges the partitions of each (seq, q head); persistent like the main kernel."""
     pid = tl.program_id(0)
@@ -216,16 +226,14 @@ def _decode_reduce_kernel(
         b = w // num_q_heads
         h = w % num_q_heads
         seq_len = tl.load(seq_lens_ptr + b)
-        lo = 0
-        if sliding_window > 0:
-            lo = tl.maximum(seq_len - sliding_window, 0)
+        lo = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
         # exactly the partitions the main kernel wrote
-        p_lo = lo // PARTITION
-        p_hi = tl.minimum(tl.cdiv(seq_len, PARTITION), num_parts)
+        p_lo = lo // partition
+        p_hi = tl.minimum(tl.cdiv(seq_len, partition), num_parts)
         m = tl.full([], float("-inf"), dtype=tl.float32)
         l_sum = tl.zeros([], dtype=tl.float32)
         acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        base = w.to(tl.int64) * num_parts
+        base = tl.cast(w, tl.int64) * num_parts
         for p0 in tl.range(p_lo, p_hi, BLOCK_P):
             p = p0 + offs_p
             p_mask = p < p_hi
@@ -278,14 +286,14 @@ def paged_decode_attention(
     num_ctas caps the (persistent) grid, e.g. to leave SMs to a concurrent GEMM; None fills the
     GPU. A sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
     """
-    cfg = config or DecodeConfig()
     _check_paged_inputs(q, k_cache, v_cache)
+    cfg = (config or DecodeConfig()).resolved(q.shape[-1], q.element_size())
     if q.stride(-1) != 1:
         q = q.contiguous()
     B, Hq, D = q.shape
     Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    assert cfg.block_n % page_size == 0 and cfg.block_n >= 16
+    assert cfg.block_n % page_size == 0 and cfg.block_n >= 16 and cfg.block_n & (cfg.block_n - 1) == 0
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     assert out.shape == q.shape and out.stride(-1) == 1
@@ -310,19 +318,20 @@ def paged_decode_attention(
     _decode_kernel[(min(num_work, grid_cap),)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_acc, part_m, part_l,
-        scale * _LOG2E, B, Hkv, num_parts, window,
+        scale * _LOG2E, B, Hkv, num_parts, part, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_N=cfg.block_n, PARTITION=part, SPLIT=split,
-        NUM_STAGES=cfg.num_stages, PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, SPLIT=split,
+        NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(min(B * Hq, grid_cap),)](
             part_acc, part_m, part_l, seq_lens, out,
-            B, Hq, num_parts, window,
+            B, Hq, num_parts, part, window,
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, PARTITION=part, BLOCK_P=min(16, triton.next_power_of_2(num_parts)), num_warps=4,
+            HEAD_DIM=D, BLOCK_P=16, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -358,13 +367,11 @@ def _prefill_kernel(
         )  # fmt: skip
         first = seq_len - q_len + m_blk * BLOCK_M
         hi = tl.minimum(first + BLOCK_M, seq_len)  # causal: nothing past the last query
-        lo = 0
-        if sliding_window > 0:
-            lo = tl.maximum(first - sliding_window + 1, 0)
+        lo = tl.where(sliding_window > 0, tl.maximum(first - sliding_window + 1, 0), 0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        kv_base = (h // GROUP).to(tl.int64) * stride_ch
+        kv_base = tl.cast(h // GROUP, tl.int64) * stride_ch
         for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=NUM_STAGES):
             tok = n0 + offs_n
             t_mask = tok < hi
@@ -402,7 +409,7 @@ def paged_prefill_attention(
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
     block_m: int = 64,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -419,7 +426,9 @@ def paged_prefill_attention(
     T, Hq, D = q.shape
     Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
     B = seq_lens.shape[0]
-    assert block_n % page_size == 0
+    if block_n is None:
+        block_n = 64 if q.element_size() <= 2 else 32  # fp32: half the tile, to fit shared memory
+    assert block_n % page_size == 0 and min(block_m, block_n) >= 16
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     assert out.shape == q.shape and out.stride(-1) == 1

@@ -9,6 +9,8 @@ convention of Llama/Mistral/Qwen2 checkpoints).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -45,3 +47,96 @@ def rope_kv_write_ref(
     q = apply_rope_ref(q, cos, sin)
     write_kv_ref(apply_rope_ref(k, cos, sin), v, k_cache, v_cache, slot_mapping)
     return q
+
+
+@triton.jit
+def _rotate_heads(src_ptr, stride_h, heads, cos, sin, offs, mask, HALF: tl.constexpr):
+    """Rotate-half of [heads, D] read at src_ptr: returns the two halves, fp32."""
+    ptrs = src_ptr + heads[:, None] * stride_h + offs[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _rope_kv_write_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    q_out_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ot, stride_oh,
+    stride_cp, stride_ch, stride_ct,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):  # fmt: skip
+    """One token per program: all its q heads, k heads and v heads, so cos/sin load once."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    d_mask = offs < HALF
+    pos = tl.load(positions_ptr + t)
+    # the reference casts cos/sin to the activation dtype first
+    act_dtype = q_ptr.dtype.element_ty
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs, mask=d_mask, other=0.0).to(act_dtype)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs, mask=d_mask, other=0.0).to(act_dtype)
+    cos = cos.to(tl.float32)[None, :]
+    sin = sin.to(tl.float32)[None, :]
+
+    hq = tl.arange(0, BLOCK_HQ)
+    mask = (hq < NUM_Q_HEADS)[:, None] & d_mask[None, :]
+    o1, o2 = _rotate_heads(q_ptr + t * stride_qt, stride_qh, hq, cos, sin, offs, mask, HALF)
+    out = q_out_ptr + t * stride_ot + hq[:, None] * stride_oh + offs[None, :]
+    tl.store(out, o1.to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, o2.to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slot_mapping_ptr + t)
+    if slot >= 0:  # negative slot: a padding token, nothing to cache
+        hk = tl.arange(0, BLOCK_HKV)
+        mask = (hk < NUM_KV_HEADS)[:, None] & d_mask[None, :]
+        k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, hk, cos, sin, offs, mask, HALF)
+        base = (slot // PAGE_SIZE) * stride_cp + (slot % PAGE_SIZE) * stride_ct
+        dst = base + hk[:, None] * stride_ch + offs[None, :]
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=mask)
+        tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=mask)
+        src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + offs[None, :]
+        v1 = tl.load(src, mask=mask, other=0.0)
+        v2 = tl.load(src + HALF, mask=mask, other=0.0)
+        tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Triton version of rope_kv_write_ref: returns rotated q as a new contiguous [T, Hq, D]
+    tensor and writes rotated k and v into the caches at slot_mapping (slots < 0 are skipped).
+
+    q/k/v may be strided views, e.g. slices of a fused qkv output viewed as [T, H, D]; only the
+    last dim must be contiguous. head_dim must be even.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    assert k.shape == v.shape == (T, Hkv, D) and D % 2 == 0
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[1] == Hkv and k_cache.shape[3] == D and k_cache.stride(3) == 1
+    assert cos_sin.shape[-1] == D and cos_sin.stride(-1) == 1
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(T, Hq, D, device=q.device, dtype=q.dtype)
+    if T == 0:
+        return out
+    half = D // 2
+    _rope_kv_write_kernel[(T,)](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
+        out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv, HALF=half,
+        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
+        BLOCK_HALF=triton.next_power_of_2(half), PAGE_SIZE=k_cache.shape[2], num_warps=4,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,165 @@
+"""The engine loop: scheduler step (CPU) -> model runner (one forward + sampling) -> output processor."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from nanoflow.config import PAGE_SIZE, EngineConfig
+from nanoflow.engine.output_processor import OutputProcessor
+from nanoflow.engine.request import Logprob, Request, RequestOutput, Sequence
+from nanoflow.engine.scheduler import Scheduler
+from nanoflow.executor.model_runner import ModelRunner
+from nanoflow.models.arch import ModelArch
+from nanoflow.models.loader import load_hf_config
+from nanoflow.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        hf_config = load_hf_config(config.model)
+        self.arch = ModelArch.from_hf(hf_config)
+        config.resolve(_checkpoint_dtype(hf_config))
+        self.config = config
+        self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
+        if self.max_model_len > self.arch.max_position_embeddings:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
+                             f"({self.arch.max_position_embeddings})")
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        if not config.skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config, hf_config, self.max_model_len)
+        self.scheduler = Scheduler(self.runner.num_pages, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, config.admission_output_tokens)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    # --- requests in and out ---------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None, params: SamplingParams
+    ) -> None:
+        """Queues a request; raises ValueError (and queues nothing) when it can never run."""
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either a prompt or prompt_token_ids is required")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (the engine runs with skip_tokenizer_init)")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = list(prompt_token_ids)
+        self._check_prompt(ids)
+        max_tokens = self.max_model_len - len(ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seq = Sequence(next(self._seq_ids), request_id, i, ids, params, max_tokens, next(self._arrivals), gen)
+            self.output_processor.start(seq)
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, prompt, ids, params, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size}), got {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room for output within "
+                             f"max_model_len={self.max_model_len}")
+        pages = (len(ids) + 1 + PAGE_SIZE - 1) // PAGE_SIZE
+        if pages > self.runner.num_pages:
+            raise ValueError(f"the prompt has {len(ids)} tokens and needs {pages} KV pages, but the whole cache "
+                             f"holds {self.runner.num_pages} pages ({self.runner.num_pages * PAGE_SIZE} tokens)")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request wherever it is and frees its KV pages at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self.output_processor.request_output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- one iteration ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one dense-batch iteration; returns the outputs of requests that made progress."""
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        result = self.runner.execute(sched, self.eos_token_ids)
+        sampled = [s.seq for s in sched.seqs if s.samples]
+        self.scheduler.step_done(sched)
+        touched: dict[str, Request] = {}
+        for row, seq in enumerate(sampled):
+            lp = None
+            if result.logprobs is not None and seq.params.logprobs is not None:
+                chosen, rank, top = result.logprobs[row]
+                lp = {tok: Logprob(val, i + 1) for i, (tok, val) in enumerate(top[: seq.params.logprobs])}
+                lp.setdefault(result.token_ids[row], Logprob(chosen, rank))
+            self.output_processor.append(seq, result.token_ids[row], lp)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for rid, req in touched.items():
+            outputs.append(self.output_processor.request_output(req))
+            if req.finished:
+                del self.requests[rid]
+        return outputs
+
+    # --- introspection (metrics, tests) ----------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return self.scheduler.blocks.num_free
+
+    @property
+    def num_pages(self) -> int:
+        return self.runner.num_pages
+
+
+def _checkpoint_dtype(hf_config) -> torch.dtype | None:
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else None
+
+
+def _eos_token_ids(path: str, hf_config, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
+    """EOS ids as transformers' generate uses them: generation_config.json first, then config.json."""
+    ids: set[int] = set()
+    gen_path = os.path.join(path, "generation_config.json")
+    sources = []
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            sources.append(json.load(f).get("eos_token_id"))
+    sources.append(getattr(hf_config, "eos_token_id", None))
+    for src in sources:
+        if src is not None:
+            ids.update([src] if isinstance(src, int) else src)
+            break
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

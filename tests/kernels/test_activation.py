@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import torch
+
+from nanoflow.kernels.activation import silu_and_mul, silu_and_mul_ref
+
+
+def test_silu_and_mul(device: str, dtype: torch.dtype, assert_rel) -> None:
+    x = torch.randn(7, 2 * 80, device=device, dtype=dtype)  # I not a power of two: masked tail
+    out = torch.full((7, 80), float("nan"), device=device, dtype=dtype)
+    assert silu_and_mul(x, out=out) is out
+    assert_rel(out, silu_and_mul_ref(x), dtype)
+
+
+def test_silu_and_mul_strided_rows(device: str, dtype: torch.dtype, assert_rel) -> None:
+    x = torch.randn(5, 2 * 1100 + 30, device=device, dtype=dtype)[:, : 2 * 1100]  # > one block per row
+    assert_rel(silu_and_mul(x), silu_and_mul_ref(x), dtype)
