@@ -24,12 +24,15 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
     p.add_argument("--seed", type=int, default=0)
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields that add_engine_args defined, besides the model."""
+    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_pages",
+             "gpu_memory_utilization", "tensor_parallel_size", "seed")
+    return {n: getattr(args, n) for n in names}
+
+
 def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfig:
-    return EngineConfig(
-        model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_pages=args.num_kv_pages, gpu_memory_utilization=args.gpu_memory_utilization,
-        tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
+    return EngineConfig(model=model, **engine_kwargs(args))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -37,9 +40,7 @@ def _generate(args: argparse.Namespace) -> int:
     from nanoflow.models.default_model import default_model_path
     from nanoflow.sampling_params import SamplingParams
 
-    config = engine_config_from_args(args, args.model or default_model_path())
-    llm = LLM(**{k: v for k, v in vars(config).items() if k in EngineConfig.__dataclass_fields__
-                 and EngineConfig.__dataclass_fields__[k].init})
+    llm = LLM(args.model or default_model_path(), **engine_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed, n=args.n)
     prompts = args.prompt or ["What is the capital of France?"]

@@ -38,11 +38,17 @@ class EngineConfig:
     # Admission projects each request to prompt + min(max_tokens, this) tokens (NanoFlow section 4);
     # a wrong guess is repaired by preemption, so this trades admission for preemptions.
     admission_output_tokens: int = 1024
-    enforce_eager: bool = True
+    # True: plain PyTorch reference ops, no CUDA graphs (the "sequential" baseline of the bench).
+    # False: Triton kernels and CUDA graphs where a CUDA device is present; the CPU is always eager.
+    enforce_eager: bool = False
     tensor_parallel_size: int = 1
     # Filled in by resolve(): the concrete torch objects the engine runs with.
     torch_dtype: torch.dtype = field(default=torch.float32, init=False)
     torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"), init=False)
+
+    @property
+    def use_fast_path(self) -> bool:
+        return self.torch_device.type == "cuda" and not self.enforce_eager
 
     def resolve(self, checkpoint_dtype: torch.dtype | None) -> EngineConfig:
         """Validate the user's values and pick concrete dtype/device; raises ValueError naming the field."""

@@ -31,7 +31,7 @@ class ModelRunner:
         self.arch = ModelArch.from_hf(hf_config)
         self.max_model_len = max_model_len
         self.model = build_model(config.model, hf_config, self.dtype, self.device, max_model_len, self.par,
-                                 use_triton=False, dummy=config.load_format == "dummy", seed=config.seed)
+                                 use_triton=config.use_fast_path, dummy=config.load_format == "dummy", seed=config.seed)
         self.num_pages = self._decide_num_pages()
         kv_heads = self.arch.num_kv_heads // self.par.size
         shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)

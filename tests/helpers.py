@@ -1,0 +1,98 @@
+"""Tiny real checkpoints for tests: a BPE tokenizer trained offline and random models of each
+supported architecture, written with transformers' save_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "Large language models generate text one token at a time.",
+    "A paged KV cache stores keys and values in fixed-size pages of sixteen tokens.",
+    "Serving throughput is measured in tokens per second on one GPU.",
+    "Hello world! How are you today? I am fine, thank you very much.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000; symbols: + - * / = < > ( ) [ ] { }",
+] * 20
+VOCAB_SIZE = 384
+
+
+def write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def _config(arch: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                          rope_theta=10000.0)
+    elif arch == "llama_tied":
+        cfg = LlamaConfig(**{**common, "tie_word_embeddings": True, "num_key_value_heads": 4})
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, sliding_window=None)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common)
+    elif arch == "mixtral":
+        cfg = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "mixtral")
+
+
+def write_model(path: Path, arch: str, seed: int = 0, with_tokenizer: bool = True, **overrides) -> Path:
+    """A random model of `arch` saved as safetensors. Weights are widened (std 0.1, biases too) so
+    the top-1 logit is rarely a near-tie and greedy comparisons are meaningful."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(path)
+    if with_tokenizer:
+        write_tokenizer(path)
+    return path
+
+
+def tiny_models_root() -> Path:
+    root = Path(os.environ.get("NANOFLOW_TEST_MODELS", "/tmp/nanoflow-test-models"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
