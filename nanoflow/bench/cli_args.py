@@ -4,6 +4,65 @@ from __future__ import annotations
 
 import argparse
 
+# Kept in sync with dummy_models.DUMMY_CONFIGS by a test; listed here so building the parser
+# imports nothing else.
+DUMMY_NAMES = ("llama3-8b", "llama2-7b", "qwen2-7b", "mixtral-8x7b", "llama2-70b")
+COMPARE_CHOICES = ("hf", "sequential")
+
+EXAMPLES = """examples:
+  nanoflow bench --dummy llama3-8b --workload 512x512 --compare hf,sequential
+  nanoflow bench --dummy llama3-8b --workload trace:benchmarks/data/splitwise_azure_conv_2023.csv \\
+      --num-requests 1000 --compare hf,sequential
+  nanoflow bench --model /path/to/hf_folder --workload 32x16 --num-requests 8 --device cpu --dtype float32
+"""
+
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model folder")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EXAMPLES
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="Hugging Face model folder (weights loaded unless "
+                     "--load-format dummy)")
+    src.add_argument("--dummy", default=None, choices=DUMMY_NAMES,
+                     help="a published model's config.json with random weights (nothing downloaded)")
+    p.add_argument("--load-format", default=None, choices=("auto", "dummy"),
+                   help="weights for --model: auto (safetensors) or dummy (random); --dummy forces dummy")
+
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", default="512x512",
+                   help="INPUTxOUTPUT (e.g. 512x512, 1024x512, 512x1024) or trace:FILE (CSV with "
+                   "ContextTokens,GeneratedTokens columns)")
+    w.add_argument("--num-requests", type=int, default=None,
+                   help="requests to run (default 1000; for a trace, its first N rows)")
+    w.add_argument("--num-warmup", type=int, default=16,
+                   help="requests run untimed before each engine run (compile, autotune, graph capture)")
+    w.add_argument("--warmup-max-tokens", type=int, default=32, help="output cap of the warm-up requests")
+
+    c = p.add_argument_group("comparison")
+    c.add_argument("--compare", default="",
+                   help="comma list of baselines run after nanoflow, in this order: hf (Hugging Face "
+                   "generate, static batches), sequential (our engine, eager, PyTorch reference kernels)")
+    c.add_argument("--hf-max-batch", type=int, default=256, help="largest static batch for hf generate")
+    c.add_argument("--hf-num-requests", type=int, default=None,
+                   help="requests for hf generate (default: one batch of the largest size that fits)")
+    c.add_argument("--peak-seconds", type=float, default=2.0,
+                   help="how long to time the 8192^3 bf16 GEMM for the peak rate (after warm-up)")
+    c.add_argument("--peak-tflops", type=float, default=None,
+                   help="use this peak (TFLOP/s) instead of measuring it")
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | "
+                   "float16 | float32; used by every system")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0, help="seeds the prompts, the weights and sampling")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", default="benchmarks/results", help="where the JSON and PNG go")
+    o.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    o.add_argument("--no-tqdm", action="store_true", help="no progress bars")

@@ -49,7 +49,8 @@ class ColumnParallelLinear(Linear):
         if shard is None:
             (shard,) = self.shard_sizes
         size, off = self.shard_sizes[shard], self.shard_offsets[shard]
-        _copy(param.data.narrow(0, off, size), tensor.narrow(0, self.par.rank * size, size), f"{name}[{shard}]")
+        _copy(param.data.narrow(0, off, size), _rank_slice(tensor, 0, size, self.par, f"{name}[{shard}]"),
+              f"{name}[{shard}]")
 
 
 class RowParallelLinear(Linear):
@@ -67,7 +68,15 @@ class RowParallelLinear(Linear):
             _copy(self.bias.data, tensor, name)
             return
         size = self.weight.shape[1]
-        _copy(self.weight.data, tensor.narrow(1, self.par.rank * size, size), name)
+        _copy(self.weight.data, _rank_slice(tensor, 1, size, self.par, name), name)
+
+
+def _rank_slice(tensor: torch.Tensor, dim: int, size: int, par: ParallelState, what: str) -> torch.Tensor:
+    """This rank's `size` entries of the checkpoint tensor along dim, after checking the full extent."""
+    if tensor.dim() <= dim or tensor.shape[dim] != size * par.size:
+        raise ValueError(f"shape mismatch for {what}: checkpoint has {tuple(tensor.shape)}, model expects "
+                         f"{size * par.size} along dimension {dim}")
+    return tensor.narrow(dim, par.rank * size, size)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoflow.kernels import activation
-from nanoflow.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, _copy
+from nanoflow.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, _copy, _rank_slice
 from nanoflow.layers.parallel import ParallelState
 
 
@@ -73,10 +73,9 @@ class MixtureOfExperts(nn.Module):
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert index {expert} out of range (num_local_experts={self.num_experts})")
         inter = self.w2.shape[2]
-        r = self.par.rank
+        what = f"experts.{expert}.{which}"
         if which == "w2":
-            _copy(self.w2.data[expert], tensor.narrow(1, r * inter, inter), f"experts.{expert}.w2")
+            _copy(self.w2.data[expert], _rank_slice(tensor, 1, inter, self.par, what), what)
         else:
             off = 0 if which == "w1" else inter
-            _copy(self.w13.data[expert, off : off + inter], tensor.narrow(0, r * inter, inter),
-                  f"experts.{expert}.{which}")
+            _copy(self.w13.data[expert, off : off + inter], _rank_slice(tensor, 0, inter, self.par, what), what)
