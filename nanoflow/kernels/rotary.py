@@ -89,18 +89,18 @@ def _rope_kv_write_kernel(
     slot = tl.load(slot_mapping_ptr + t)
     if slot >= 0:  # negative slot: a padding token, nothing to cache
         hk = tl.arange(0, BLOCK_HKV)
-        mask = (hk < NUM_KV_HEADS)[:, None] & d_mask[None, :]
-        k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, hk, cos, sin, offs, mask, HALF)
+        kv_mask = (hk < NUM_KV_HEADS)[:, None] & d_mask[None, :]
+        k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, hk, cos, sin, offs, kv_mask, HALF)
         base = (slot // PAGE_SIZE) * stride_cp + (slot % PAGE_SIZE) * stride_ct
         dst = base + hk[:, None] * stride_ch + offs[None, :]
         cache_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=mask)
-        tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=mask)
+        tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=kv_mask)
+        tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=kv_mask)
         src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + offs[None, :]
-        v1 = tl.load(src, mask=mask, other=0.0)
-        v2 = tl.load(src + HALF, mask=mask, other=0.0)
-        tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        v1 = tl.load(src, mask=kv_mask, other=0.0)
+        v2 = tl.load(src + HALF, mask=kv_mask, other=0.0)
+        tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_cache_ptr + dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def rope_kv_write(

@@ -1,0 +1,195 @@
+"""Reporting for `nanoflow bench`: the text table, the JSON file, the PNG chart, and a markdown
+table over one or more result files (for docs/performance.md):
+
+    python -m nanoflow.bench.report benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Result = dict[str, Any]
+
+
+# --- formatting helpers ------------------------------------------------------------------------
+def _num(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _params(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f}B"
+
+
+def _ok(s: dict[str, Any]) -> bool:
+    return s.get("status") == "ok"
+
+
+def _align(rows: list[list[str]], right: Sequence[bool]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) if right[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            .rstrip() for r in rows]
+
+
+def peak_line(result: Result) -> str:
+    peak = result.get("peak")
+    if not peak:
+        return "peak GEMM rate: not measured (no fraction of the optimum)"
+    if peak.get("kind") == "given":
+        src = "given on the command line"
+    else:
+        src = (f"{peak['dtype']} {peak['n']}^3 matmul, median of {peak['samples']} samples over "
+               f"{peak['seconds']:g} s after warm-up")
+        if peak.get("kind") == "cpu-small":
+            src += "; a small CPU measurement, not a real ceiling"
+    return (f"peak GEMM rate: {peak['tflops']:.1f} TFLOP/s ({src}) -> optimum "
+            f"{_num(result.get('optimum_tokens_per_s'))} tokens/s")
+
+
+# --- text table --------------------------------------------------------------------------------
+def format_table(result: Result) -> str:
+    m, w, env = result["model"], result["workload"], result["environment"]
+    lines = [
+        f"model: {m['name']} ({'random weights' if m.get('load_format') == 'dummy' else 'checkpoint'}), "
+        f"{m['architecture']}, {_params(m['num_parameters'])} parameters, {_params(m['active_parameters'])} active",
+        f"workload: {w['name']}: {w['num_requests']} requests (of {w['num_rows']}; skipped "
+        f"{w['num_skipped_too_long']} over max_model_len={w['max_model_len']}, {w['num_skipped_invalid']} "
+        f"empty), input mean {w['input_tokens']['mean']:g}, output mean {w['output_tokens']['mean']:g}",
+        f"device: {env['device_name']} | torch {env['torch']} | triton {env.get('triton') or '-'} | "
+        f"transformers {env['transformers']} | dtype {result['settings']['dtype']}",
+        peak_line(result),
+    ]
+    for name, s in result["systems"].items():
+        kv = s.get("kv_pool")
+        if kv:
+            lines.append(f"KV pool ({name}): {kv['pages']:,} pages = {kv['tokens']:,} tokens = {kv['gib']:.2f} GiB")
+    header = ["system", "requests", "elapsed s", "req/s", "total tok/s", "output tok/s", "% optimum",
+              "peak GiB", "preemptions"]
+    rows = [header]
+    for name, s in result["systems"].items():
+        if not _ok(s):
+            rows.append([name, "error", "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        rows.append([
+            name, str(s["num_requests"]), _num(s["elapsed_s"], 1), _num(s["requests_per_s"], 2),
+            _num(s["total_tokens_per_s"]), _num(s["output_tokens_per_s"]), _pct(s.get("fraction_of_optimum")),
+            _num(s.get("peak_memory_gib"), 1), "-" if s.get("num_preemptions") is None else str(s["num_preemptions"]),
+        ])
+    lines.append("")
+    lines.extend(_align(rows, [False] + [True] * (len(header) - 1)))
+    for name, s in result["systems"].items():
+        if not _ok(s):
+            lines.append(f"{name} failed: {s.get('error', '?')}")
+        elif name == "hf":
+            lines.append(f"hf: batch {s['batch_size']} x {s['num_batches']}, {s['input_len']} in / "
+                         f"{s['output_len']} out ({s['note']})")
+    if result.get("speedups"):
+        lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
+    return "\n".join(lines)
+
+
+# --- files ---------------------------------------------------------------------------------------
+def write_json(result: Result, path: str) -> None:
+    """Write-then-rename, since the bench rewrites the file after every system: a run killed by a
+    timeout leaves the systems it finished, never a truncated file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def plot_result(result: Result, path: str) -> None:
+    """Bar chart of total tokens/s per system, the optimum as a dashed line, % of it on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    systems = [(n, s) for n, s in result["systems"].items() if _ok(s)]
+    optimum = result.get("optimum_tokens_per_s")
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(systems) + 2), 4.5))
+    names = [n for n, _ in systems]
+    rates = [s["total_tokens_per_s"] for _, s in systems]
+    colors = {"nanoflow": "#2a7ab0", "sequential": "#8fb9d6", "hf": "#c9a03d"}
+    bars = ax.bar(names, rates, color=[colors.get(n, "#888888") for n in names])
+    top = max(rates + ([optimum] if optimum else []) + [1.0])
+    for bar, (_, s) in zip(bars, systems, strict=True):
+        label = f"{s['total_tokens_per_s']:,.0f}"
+        if s.get("fraction_of_optimum") is not None:
+            label += f"\n{100 * s['fraction_of_optimum']:.1f}% of optimum"
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01 * top, label, ha="center",
+                va="bottom", fontsize=9)
+    if optimum:
+        peak = result["peak"]
+        ax.axhline(optimum, linestyle="--", color="#b03a2e", linewidth=1.2,
+                   label=f"optimum {optimum:,.0f} tok/s (peak {peak['tflops']:.0f} TFLOP/s)")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, top * 1.22)
+    ax.set_ylabel("total tokens/s (input + output)")
+    m, w, env = result["model"], result["workload"], result["environment"]
+    ax.set_title(f"{m['name']}, {w['name']}, {w['num_requests']} requests\n{env['device_name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- markdown over several results ---------------------------------------------------------------
+MD_HEADER = ["model", "workload", "device", "system", "requests", "total tok/s", "output tok/s", "% of optimum",
+             "vs hf", "vs sequential", "peak TFLOP/s", "date"]
+
+
+def markdown_rows(result: Result) -> Iterable[list[str]]:
+    peak = result.get("peak") or {}
+    base = {n: s["total_tokens_per_s"] for n, s in result["systems"].items() if _ok(s)}
+    for name, s in result["systems"].items():
+        if not _ok(s):
+            continue
+        rate = s["total_tokens_per_s"]
+        yield [
+            result["model"]["name"], result["workload"]["name"], result["environment"]["device_name"], name,
+            str(s["num_requests"]), _num(rate), _num(s["output_tokens_per_s"]), _pct(s.get("fraction_of_optimum")),
+            f"{rate / base['hf']:.2f}x" if "hf" in base and name != "hf" else "-",
+            f"{rate / base['sequential']:.2f}x" if "sequential" in base and name != "sequential" else "-",
+            _num(peak.get("tflops"), 0) + (" (cpu)" if peak.get("kind") == "cpu-small" else ""),
+            result["timestamp"][:10],
+        ]
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    lines = ["| " + " | ".join(MD_HEADER) + " |", "|" + "---|" * len(MD_HEADER)]
+    for r in results:
+        lines.extend("| " + " | ".join(row) + " |" for row in markdown_rows(r))
+    return "\n".join(lines)
+
+
+def load_results(paths: Sequence[str]) -> list[Result]:
+    results = []
+    for p in paths:
+        with open(p) as f:
+            results.append(json.load(f))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nanoflow.bench.report",
+                                description="markdown table of nanoflow bench result JSON files")
+    p.add_argument("files", nargs="+", help="bench_*.json files")
+    args = p.parse_args(argv)
+    print(markdown_table(load_results(args.files)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""`nanoflow bench`: offline throughput, vLLM `bench throughput` style, against the optimum.
+
+One process, one system after another on the same requests: the measured peak GEMM rate first,
+then nanoflow (the engine's fast path), then each --compare baseline, freeing GPU memory between
+them. The JSON is rewritten after every system, so a run cut short keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.metadata
+import logging
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nanoflow.bench import report
+from nanoflow.bench.cli_args import COMPARE_CHOICES
+from nanoflow.bench.dummy_models import dummy_model_dir
+from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s
+from nanoflow.bench.workloads import Workload, build_workload
+from nanoflow.config import PAGE_SIZE, EngineConfig
+from nanoflow.models.arch import ModelArch
+from nanoflow.models.loader import load_hf_config
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "nanoflow-bench/1"
+
+# Engine options per mode. Options this EngineConfig does not have yet are dropped and listed in
+# the result ("unsupported_options"), so the bench keeps working while the engine grows them.
+ENGINE_MODES: dict[str, dict[str, Any]] = {
+    # The fast path: whatever the engine picks on this device (CUDA graphs, Triton kernels, pipeline).
+    "nanoflow": {"enforce_eager": False},
+    # Our own plain mode: eager PyTorch, reference kernels, one op after another.
+    "sequential": {"enforce_eager": True, "use_triton": False},
+}
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+# --- settings ----------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is visible")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """One dtype for every system (the engine's "auto" could follow a float16 checkpoint while HF
+    ran bf16): bfloat16 on the GPU, float32 on the CPU unless asked otherwise."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def parse_compare(spec: str) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in COMPARE_CHOICES]
+    if bad:
+        raise ValueError(f"--compare accepts {', '.join(COMPARE_CHOICES)}; got {', '.join(bad)}")
+    return list(dict.fromkeys(names))  # keep order, drop repeats
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(folder, short name, load_format)."""
+    if args.dummy:
+        return dummy_model_dir(args.dummy), args.dummy, "dummy"
+    if not args.model:
+        raise ValueError("give --model PATH or --dummy NAME")
+    return args.model, os.path.basename(os.path.normpath(args.model)), args.load_format or "auto"
+
+
+def mode_options(mode: str) -> tuple[dict[str, Any], list[str]]:
+    """(options this EngineConfig accepts, names it does not have)."""
+    fields = {f.name for f in dataclasses.fields(EngineConfig) if f.init}
+    wanted = ENGINE_MODES[mode]
+    return {k: v for k, v in wanted.items() if k in fields}, [k for k in wanted if k not in fields]
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-") or "x"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    import nanoflow
+
+    env: dict[str, Any] = {
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine() or "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "nanoflow": nanoflow.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count(),
+                   gpu_memory_gib=round(props.total_memory / 2**30, 2), sm_count=props.multi_processor_count,
+                   compute_capability=f"{props.major}.{props.minor}")
+    env.update(_git_state())
+    return env
+
+
+def _git_state() -> dict[str, Any]:
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None}
+    return {"git_commit": commit or None, "git_dirty": bool(dirty) if commit else None}
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- one engine run ----------------------------------------------------------------------------
+def run_engine(
+    mode: str, model_dir: str, load_format: str, workload: Workload, engine_kwargs: dict[str, Any],
+    device: torch.device, num_warmup: int, warmup_max_tokens: int, use_tqdm: bool,
+) -> dict[str, Any]:
+    from nanoflow.entrypoints.llm import LLM
+    from nanoflow.sampling_params import SamplingParams
+
+    opts, unsupported = mode_options(mode)
+    if unsupported:
+        log.warning("%s mode: this engine has no %s option yet; running without it", mode, ", ".join(unsupported))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir, load_format=load_format, skip_tokenizer_init=True, **engine_kwargs, **opts)
+    init_s = time.perf_counter() - t0
+    try:
+        engine = llm.engine
+        cfg = engine.config
+        runner = engine.runner
+        out: dict[str, Any] = {
+            "status": "ok",
+            "options": opts,
+            "unsupported_options": unsupported,
+            "init_s": init_s,
+            "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
+            "max_model_len": engine.max_model_len,
+            "kv_pool": {"pages": runner.num_pages, "tokens": runner.num_pages * PAGE_SIZE,
+                        "page_bytes": runner.page_bytes, "gib": runner.num_pages * runner.page_bytes / 2**30},
+        }
+
+        def params(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0)
+
+        # Warm-up: compile, autotune and graph capture happen here, not in the timed run. Fresh
+        # prompts of the workload's first lengths, so a prefix cache could not serve the timed run.
+        warm = workload.warmup_requests(num_warmup, warmup_max_tokens)
+        t = time.perf_counter()
+        if warm:
+            llm.generate([{"prompt_token_ids": p} for p, _ in warm], [params(o) for _, o in warm], use_tqdm=False)
+        _sync(device)
+        out["warmup"] = {"num_requests": len(warm), "max_tokens": warmup_max_tokens,
+                         "elapsed_s": time.perf_counter() - t}
+        preempt0 = getattr(engine.scheduler, "num_preemptions", None)
+
+        prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
+        sampling = [params(o) for _, o in workload.requests]
+        _sync(device)
+        t = time.perf_counter()
+        outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
+        _sync(device)
+        elapsed = time.perf_counter() - t
+
+        in_tok = out_tok = failed = mismatched = 0
+        errors: list[str] = []
+        for (prompt, want), o in zip(workload.requests, outputs, strict=True):
+            if o.error:
+                failed += 1
+                errors.append(o.error)
+                continue
+            got = len(o.outputs[0].token_ids)
+            in_tok += len(prompt)
+            out_tok += got
+            mismatched += got != want
+        done = len(outputs) - failed
+        preempt1 = getattr(engine.scheduler, "num_preemptions", None)
+        out.update({
+            "elapsed_s": elapsed,
+            "num_requests": done,
+            "num_failed": failed,
+            "failed_examples": sorted(set(errors))[:3],
+            "output_len_mismatches": mismatched,
+            "input_tokens": in_tok,
+            "output_tokens": out_tok,
+            "requests_per_s": done / elapsed,
+            "total_tokens_per_s": (in_tok + out_tok) / elapsed,
+            "output_tokens_per_s": out_tok / elapsed,
+            "num_preemptions": None if preempt1 is None else preempt1 - preempt0,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        })
+        return out
+    finally:
+        del llm
+
+
+# --- orchestration -----------------------------------------------------------------------------
+def run_bench(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    use_tqdm = not args.no_tqdm
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    compare = parse_compare(args.compare)
+    model_dir, model_name, load_format = resolve_model(args)
+    arch = ModelArch.from_hf(load_hf_config(model_dir))
+    # The engine's own default, needed before it exists: to skip requests that cannot fit.
+    max_model_len = args.max_model_len or arch.max_position_embeddings
+    workload = build_workload(args.workload, args.num_requests, arch.vocab_size, max_model_len, args.seed)
+    dtype_name = str(dtype).removeprefix("torch.")
+    engine_kwargs = {
+        "dtype": dtype_name, "device": str(device), "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "num_kv_pages": args.num_kv_pages, "gpu_memory_utilization": args.gpu_memory_utilization,
+        "tensor_parallel_size": args.tensor_parallel_size, "seed": args.seed,
+    }
+    env = environment(device)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = f"bench_{_safe(model_name)}_{_safe(workload.name)}_{_safe(env['device_name'])}_{stamp}"
+    json_path = os.path.join(args.output_dir, stem + ".json")
+    png_path = None if args.no_plot else os.path.join(args.output_dir, stem + ".png")
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": shlex.join(sys.argv),  # the process's command line (the bench may run inside another tool)
+        "model": {"name": model_name, "path": model_dir, "load_format": load_format,
+                  "architecture": arch.architecture, "num_parameters": arch.num_parameters(),
+                  "active_parameters": arch.active_parameters(), "num_layers": arch.num_layers,
+                  "hidden_size": arch.hidden_size, "num_heads": arch.num_heads, "num_kv_heads": arch.num_kv_heads,
+                  "vocab_size": arch.vocab_size},
+        "workload": workload.summary(),
+        "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "dtype_resolved": dtype_name,
+                     "device_resolved": str(device), "systems": ["nanoflow", *compare],
+                     "max_model_len_effective": max_model_len},
+        "environment": env,
+        "peak": None,
+        "optimum_tokens_per_s": None,
+        "systems": {},
+        "speedups": {},
+        "files": {"json": json_path, "png": png_path},
+    }
+    systems = ["nanoflow", *compare]
+    print(f"nanoflow bench: {model_name} ({arch.num_parameters() / 1e9:.2f}B params), {workload.name}, "
+          f"{len(workload.requests)} requests, systems {', '.join(systems)} on {env['device_name']}", flush=True)
+    stages = tqdm(total=1 + len(systems), desc="bench", unit="stage", disable=not use_tqdm, position=0)
+
+    # The peak first, on a quiet GPU, in this process.
+    stages.set_postfix_str("peak GEMM")
+    if args.peak_tflops is not None:
+        result["peak"] = {"kind": "given", "tflops": args.peak_tflops}
+    elif args.peak_seconds > 0:
+        on_gpu = device.type == "cuda"
+        # A CPU "peak" is only a placeholder that keeps the report's arithmetic running: keep it short.
+        result["peak"] = measure_peak_tflops(device, seconds=args.peak_seconds if on_gpu else min(args.peak_seconds, 0.25),
+                                             warmup_seconds=0.5 if on_gpu else 0.05)
+    if result["peak"]:
+        result["optimum_tokens_per_s"] = optimum_tokens_per_s(result["peak"]["tflops"], arch.active_parameters(),
+                                                              args.tensor_parallel_size)
+    stages.update(1)
+    report.write_json(result, json_path)
+
+    for name in systems:
+        stages.set_postfix_str(name)
+        try:
+            if name == "hf":
+                from nanoflow.bench.hf_baseline import run_hf_baseline
+
+                res = run_hf_baseline(model_dir, workload, dtype, device, args.hf_max_batch, args.hf_num_requests,
+                                      args.seed, use_tqdm)
+            else:
+                res = run_engine(name, model_dir, load_format, workload, engine_kwargs, device, args.num_warmup,
+                                 args.warmup_max_tokens, use_tqdm)
+        except Exception as e:  # one system failing (e.g. out of memory) must not lose the others
+            log.error("%s failed: %s", name, e)
+            res = {"status": "error", "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc(limit=8)}
+        _free_memory(device)
+        if res.get("status") == "ok" and result["optimum_tokens_per_s"]:
+            res["fraction_of_optimum"] = res["total_tokens_per_s"] / result["optimum_tokens_per_s"]
+        result["systems"][name] = res
+        result["speedups"] = speedups(result["systems"])
+        report.write_json(result, json_path)
+        stages.update(1)
+    stages.close()
+
+    if png_path and any(s.get("status") == "ok" for s in result["systems"].values()):
+        try:
+            report.plot_result(result, png_path)
+        except Exception as e:  # a missing matplotlib must not cost the numbers
+            log.error("could not draw %s: %s", png_path, e)
+            result["files"]["png"] = None
+            report.write_json(result, json_path)
+    print()
+    print(report.format_table(result))
+    print(f"\nwrote {json_path}" + (f" and {result['files']['png']}" if result["files"]["png"] else ""))
+    return 0 if all(s.get("status") == "ok" for s in result["systems"].values()) else 1
+
+
+def speedups(systems: dict[str, dict[str, Any]]) -> dict[str, float]:
+    ok = {n: s["total_tokens_per_s"] for n, s in systems.items() if s.get("status") == "ok"}
+    if "nanoflow" not in ok:
+        return {}
+    return {f"nanoflow/{n}": ok["nanoflow"] / ok[n] for n in ("hf", "sequential") if n in ok}
