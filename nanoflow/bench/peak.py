@@ -80,7 +80,8 @@ def _gpu_loop(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, per_sample: int
             return
 
 
-def _cpu_loop(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, seconds: float, out: list[float] | None) -> None:
+def _cpu_loop(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, seconds: float,
+              out: list[float] | None) -> None:
     t0 = time.perf_counter()
     while True:
         t = time.perf_counter()

@@ -26,8 +26,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _params(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f}B"
+def params_str(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _tflops(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}" if x >= 10 else f"{x:.3g}"
 
 
 def _ok(s: dict[str, Any]) -> bool:
@@ -36,8 +45,10 @@ def _ok(s: dict[str, Any]) -> bool:
 
 def _align(rows: list[list[str]], right: Sequence[bool]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) if right[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            .rstrip() for r in rows]
+    def cell(i: int, text: str) -> str:
+        return text.rjust(widths[i]) if right[i] else text.ljust(widths[i])
+
+    return ["  ".join(cell(i, c) for i, c in enumerate(r)).rstrip() for r in rows]
 
 
 def peak_line(result: Result) -> str:
@@ -60,18 +71,20 @@ def format_table(result: Result) -> str:
     m, w, env = result["model"], result["workload"], result["environment"]
     lines = [
         f"model: {m['name']} ({'random weights' if m.get('load_format') == 'dummy' else 'checkpoint'}), "
-        f"{m['architecture']}, {_params(m['num_parameters'])} parameters, {_params(m['active_parameters'])} active",
+        f"{m['architecture']}, {params_str(m['num_parameters'])} parameters, "
+        f"{params_str(m['active_parameters'])} active",
         f"workload: {w['name']}: {w['num_requests']} requests (of {w['num_rows']}; skipped "
         f"{w['num_skipped_too_long']} over max_model_len={w['max_model_len']}, {w['num_skipped_invalid']} "
         f"empty), input mean {w['input_tokens']['mean']:g}, output mean {w['output_tokens']['mean']:g}",
         f"device: {env['device_name']} | torch {env['torch']} | triton {env.get('triton') or '-'} | "
-        f"transformers {env['transformers']} | dtype {result['settings']['dtype']}",
+        f"transformers {env['transformers']} | dtype {result['settings']['dtype_resolved']}",
         peak_line(result),
     ]
     for name, s in result["systems"].items():
         kv = s.get("kv_pool")
         if kv:
-            lines.append(f"KV pool ({name}): {kv['pages']:,} pages = {kv['tokens']:,} tokens = {kv['gib']:.2f} GiB")
+            lines.append(f"KV pool ({name}): {kv['pages']:,} pages = {kv['tokens']:,} tokens = "
+                         f"{kv['gib']:.2f} GiB")
     header = ["system", "requests", "elapsed s", "req/s", "total tok/s", "output tok/s", "% optimum",
               "peak GiB", "preemptions"]
     rows = [header]
@@ -79,10 +92,12 @@ def format_table(result: Result) -> str:
         if not _ok(s):
             rows.append([name, "error", "-", "-", "-", "-", "-", "-", "-"])
             continue
+        preempt = s.get("num_preemptions")
         rows.append([
-            name, str(s["num_requests"]), _num(s["elapsed_s"], 1), _num(s["requests_per_s"], 2),
-            _num(s["total_tokens_per_s"]), _num(s["output_tokens_per_s"]), _pct(s.get("fraction_of_optimum")),
-            _num(s.get("peak_memory_gib"), 1), "-" if s.get("num_preemptions") is None else str(s["num_preemptions"]),
+            name, str(s["num_requests"]), _num(s["elapsed_s"], 2 if s["elapsed_s"] < 10 else 1),
+            _num(s["requests_per_s"], 2), _num(s["total_tokens_per_s"]), _num(s["output_tokens_per_s"]),
+            _pct(s.get("fraction_of_optimum")), _num(s.get("peak_memory_gib"), 1),
+            "-" if preempt is None else str(preempt),
         ])
     lines.append("")
     lines.extend(_align(rows, [False] + [True] * (len(header) - 1)))
@@ -116,6 +131,7 @@ def plot_result(result: Result, path: str) -> None:
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     systems = [(n, s) for n, s in result["systems"].items() if _ok(s)]
     optimum = result.get("optimum_tokens_per_s")
@@ -134,9 +150,11 @@ def plot_result(result: Result, path: str) -> None:
     if optimum:
         peak = result["peak"]
         ax.axhline(optimum, linestyle="--", color="#b03a2e", linewidth=1.2,
-                   label=f"optimum {optimum:,.0f} tok/s (peak {peak['tflops']:.0f} TFLOP/s)")
+                   label=f"optimum {optimum:,.0f} tok/s (peak {peak['tflops']:.3g} TFLOP/s"
+                   + (", small CPU GEMM)" if peak.get("kind") == "cpu-small" else ")"))
         ax.legend(loc="upper right", fontsize=8)
     ax.set_ylim(0, top * 1.22)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_ylabel("total tokens/s (input + output)")
     m, w, env = result["model"], result["workload"], result["environment"]
     ax.set_title(f"{m['name']}, {w['name']}, {w['num_requests']} requests\n{env['device_name']}", fontsize=10)
@@ -146,8 +164,8 @@ def plot_result(result: Result, path: str) -> None:
 
 
 # --- markdown over several results ---------------------------------------------------------------
-MD_HEADER = ["model", "workload", "device", "system", "requests", "total tok/s", "output tok/s", "% of optimum",
-             "vs hf", "vs sequential", "peak TFLOP/s", "date"]
+MD_HEADER = ["model", "workload", "device", "system", "requests", "total tok/s", "output tok/s",
+             "% of optimum", "vs hf", "vs sequential", "peak TFLOP/s", "date"]
 
 
 def markdown_rows(result: Result) -> Iterable[list[str]]:
@@ -159,10 +177,11 @@ def markdown_rows(result: Result) -> Iterable[list[str]]:
         rate = s["total_tokens_per_s"]
         yield [
             result["model"]["name"], result["workload"]["name"], result["environment"]["device_name"], name,
-            str(s["num_requests"]), _num(rate), _num(s["output_tokens_per_s"]), _pct(s.get("fraction_of_optimum")),
+            str(s["num_requests"]), _num(rate), _num(s["output_tokens_per_s"]),
+            _pct(s.get("fraction_of_optimum")),
             f"{rate / base['hf']:.2f}x" if "hf" in base and name != "hf" else "-",
             f"{rate / base['sequential']:.2f}x" if "sequential" in base and name != "sequential" else "-",
-            _num(peak.get("tflops"), 0) + (" (cpu)" if peak.get("kind") == "cpu-small" else ""),
+            _tflops(peak.get("tflops")) + (" (cpu)" if peak.get("kind") == "cpu-small" else ""),
             result["timestamp"][:10],
         ]
 
@@ -186,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanoflow.bench.report",
                                 description="markdown table of nanoflow bench result JSON files")
     p.add_argument("files", nargs="+", help="bench_*.json files")
+    p.add_argument("--plot", action="store_true",
+                   help="also (re)draw the PNG beside each JSON (e.g. for a run cut short by a timeout)")
     args = p.parse_args(argv)
-    print(markdown_table(load_results(args.files)))
+    results = load_results(args.files)
+    print(markdown_table(results))
+    if args.plot:
+        for path, result in zip(args.files, results, strict=True):
+            png = os.path.splitext(path)[0] + ".png"
+            plot_result(result, png)
+            print(f"wrote {png}", file=sys.stderr)
     return 0
 
 

@@ -47,8 +47,8 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "sequential": {"enforce_eager": True, "use_triton": False},
 }
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "device": str(device),
-        "device_name": platform.processor() or platform.machine() or "cpu",
+        "device_name": f"CPU ({platform.machine() or 'unknown'})",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -165,7 +165,8 @@ def run_engine(
 
     opts, unsupported = mode_options(mode)
     if unsupported:
-        log.warning("%s mode: this engine has no %s option yet; running without it", mode, ", ".join(unsupported))
+        log.warning("%s mode: this engine has no %s option yet; running without it", mode,
+                    ", ".join(unsupported))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -194,7 +195,8 @@ def run_engine(
         warm = workload.warmup_requests(num_warmup, warmup_max_tokens)
         t = time.perf_counter()
         if warm:
-            llm.generate([{"prompt_token_ids": p} for p, _ in warm], [params(o) for _, o in warm], use_tqdm=False)
+            llm.generate([{"prompt_token_ids": p} for p, _ in warm], [params(o) for _, o in warm],
+                         use_tqdm=False)
         _sync(device)
         out["warmup"] = {"num_requests": len(warm), "max_tokens": warmup_max_tokens,
                          "elapsed_s": time.perf_counter() - t}
@@ -233,7 +235,8 @@ def run_engine(
             "total_tokens_per_s": (in_tok + out_tok) / elapsed,
             "output_tokens_per_s": out_tok / elapsed,
             "num_preemptions": None if preempt1 is None else preempt1 - preempt0,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                if device.type == "cuda" else None),
         })
         return out
     finally:
@@ -272,8 +275,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "model": {"name": model_name, "path": model_dir, "load_format": load_format,
                   "architecture": arch.architecture, "num_parameters": arch.num_parameters(),
                   "active_parameters": arch.active_parameters(), "num_layers": arch.num_layers,
-                  "hidden_size": arch.hidden_size, "num_heads": arch.num_heads, "num_kv_heads": arch.num_kv_heads,
-                  "vocab_size": arch.vocab_size},
+                  "hidden_size": arch.hidden_size, "num_heads": arch.num_heads,
+                  "num_kv_heads": arch.num_kv_heads, "vocab_size": arch.vocab_size},
         "workload": workload.summary(),
         "settings": {**{k: v for k, v in vars(args).items() if k != "func"}, "dtype_resolved": dtype_name,
                      "device_resolved": str(device), "systems": ["nanoflow", *compare],
@@ -286,8 +289,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "files": {"json": json_path, "png": png_path},
     }
     systems = ["nanoflow", *compare]
-    print(f"nanoflow bench: {model_name} ({arch.num_parameters() / 1e9:.2f}B params), {workload.name}, "
-          f"{len(workload.requests)} requests, systems {', '.join(systems)} on {env['device_name']}", flush=True)
+    print(f"nanoflow bench: {model_name} ({report.params_str(arch.num_parameters())} params), "
+          f"{workload.name}, {len(workload.requests)} requests, systems {', '.join(systems)} on "
+          f"{env['device_name']}", flush=True)
     stages = tqdm(total=1 + len(systems), desc="bench", unit="stage", disable=not use_tqdm, position=0)
 
     # The peak first, on a quiet GPU, in this process.
@@ -297,25 +301,28 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.peak_seconds > 0:
         on_gpu = device.type == "cuda"
         # A CPU "peak" is only a placeholder that keeps the report's arithmetic running: keep it short.
-        result["peak"] = measure_peak_tflops(device, seconds=args.peak_seconds if on_gpu else min(args.peak_seconds, 0.25),
-                                             warmup_seconds=0.5 if on_gpu else 0.05)
+        seconds = args.peak_seconds if on_gpu else min(args.peak_seconds, 0.25)
+        result["peak"] = measure_peak_tflops(device, seconds=seconds, warmup_seconds=0.5 if on_gpu else 0.05)
     if result["peak"]:
-        result["optimum_tokens_per_s"] = optimum_tokens_per_s(result["peak"]["tflops"], arch.active_parameters(),
-                                                              args.tensor_parallel_size)
+        result["optimum_tokens_per_s"] = optimum_tokens_per_s(
+            result["peak"]["tflops"], arch.active_parameters(), args.tensor_parallel_size)
+        _say(use_tqdm, report.peak_line(result))
     stages.update(1)
     report.write_json(result, json_path)
 
     for name in systems:
         stages.set_postfix_str(name)
+        _say(use_tqdm, f"[bench] {name}: running")
+        t_sys = time.perf_counter()
         try:
             if name == "hf":
                 from nanoflow.bench.hf_baseline import run_hf_baseline
 
-                res = run_hf_baseline(model_dir, workload, dtype, device, args.hf_max_batch, args.hf_num_requests,
-                                      args.seed, use_tqdm)
+                res = run_hf_baseline(model_dir, workload, dtype, device, args.hf_max_batch,
+                                      args.hf_num_requests, args.seed, use_tqdm)
             else:
-                res = run_engine(name, model_dir, load_format, workload, engine_kwargs, device, args.num_warmup,
-                                 args.warmup_max_tokens, use_tqdm)
+                res = run_engine(name, model_dir, load_format, workload, engine_kwargs, device,
+                                 args.num_warmup, args.warmup_max_tokens, use_tqdm)
         except Exception as e:  # one system failing (e.g. out of memory) must not lose the others
             log.error("%s failed: %s", name, e)
             res = {"status": "error", "error": f"{type(e).__name__}: {e}",
@@ -324,6 +331,13 @@ def run_bench(args: argparse.Namespace) -> int:
         if res.get("status") == "ok" and result["optimum_tokens_per_s"]:
             res["fraction_of_optimum"] = res["total_tokens_per_s"] / result["optimum_tokens_per_s"]
         result["systems"][name] = res
+        wall = time.perf_counter() - t_sys
+        if res["status"] == "ok":
+            _say(use_tqdm, f"[bench] {name}: {res['total_tokens_per_s']:,.0f} total tok/s, "
+                 f"{res['output_tokens_per_s']:,.0f} output tok/s over {res['num_requests']} requests in "
+                 f"{res['elapsed_s']:.1f} s ({wall:.0f} s with setup)")
+        else:
+            _say(use_tqdm, f"[bench] {name}: {res['error']} ({wall:.0f} s)")
         result["speedups"] = speedups(result["systems"])
         report.write_json(result, json_path)
         stages.update(1)
@@ -340,6 +354,14 @@ def run_bench(args: argparse.Namespace) -> int:
     print(report.format_table(result))
     print(f"\nwrote {json_path}" + (f" and {result['files']['png']}" if result["files"]["png"] else ""))
     return 0 if all(s.get("status") == "ok" for s in result["systems"].values()) else 1
+
+
+def _say(use_tqdm: bool, msg: str) -> None:
+    """A progress line that survives in logs (tee'd output keeps lines, not tqdm redraws)."""
+    if use_tqdm:
+        tqdm.write(msg)
+    else:
+        print(msg, flush=True)
 
 
 def speedups(systems: dict[str, dict[str, Any]]) -> dict[str, float]:

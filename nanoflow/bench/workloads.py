@@ -80,7 +80,8 @@ def parse_workload_spec(spec: str) -> tuple[str, Any]:
     if spec.startswith("trace:"):
         path = spec.removeprefix("trace:")
         if not path:
-            raise ValueError("--workload trace: needs a file, e.g. trace:benchmarks/data/splitwise_azure_conv_2023.csv")
+            raise ValueError("--workload trace: needs a file, e.g. "
+                             "trace:benchmarks/data/splitwise_azure_conv_2023.csv")
         return "trace", path
     m = _FIXED.match(spec)
     if m is None:
@@ -100,7 +101,8 @@ def read_trace(path: str, limit: int | None = None) -> list[tuple[int, int]]:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
         if not {"ContextTokens", "GeneratedTokens"} <= cols:
-            raise ValueError(f"{path}: expected ContextTokens and GeneratedTokens columns, got {sorted(cols)}")
+            raise ValueError(f"{path}: expected ContextTokens and GeneratedTokens columns, "
+                             f"got {sorted(cols)}")
         for i, row in enumerate(reader):
             if limit is not None and len(rows) >= limit:
                 break

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 
 from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine.scheduler import SchedulerOutput
+from nanoflow.executor.cuda_graph import DecodeGraphRunner
 from nanoflow.executor.sampler import Sampler, SamplerOutput, SamplingMetadata
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.parallel import ParallelState
@@ -38,6 +41,12 @@ class ModelRunner:
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.sampler = Sampler(self.device, config.seed)
+        self.graphs: DecodeGraphRunner | None = None
+        if config.use_fast_path:
+            max_pages = -(-max_model_len // PAGE_SIZE)
+            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_pages,
+                                            self.device)
+            self.graphs.capture()
 
     @property
     def page_bytes(self) -> int:
@@ -52,7 +61,9 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         activations = self._profile_activation_bytes()
-        budget = total * self.config.gpu_memory_utilization - (total - free) - activations
+        # CUDA graphs are captured after the pool exists; keep room for their (small) decode activations.
+        graph_reserve = 512 << 20 if self.config.use_fast_path else 0
+        budget = total * self.config.gpu_memory_utilization - (total - free) - activations - graph_reserve
         pages = int(budget // self.page_bytes)
         if pages < 1:
             raise ValueError(
@@ -102,31 +113,33 @@ class ModelRunner:
         self, token_ids: list[list[int]], starts: list[int], seq_lens: list[int], tables: list[list[int]],
         sample_at: list[int], num_decodes: int,
     ) -> ForwardBatch:
-        flat_ids, positions, slots, qstart = [], [], [], [0]
-        for ids, start, table in zip(token_ids, starts, tables, strict=True):
-            flat_ids.extend(ids)
-            pos = range(start, start + len(ids))
-            positions.extend(pos)
-            slots.extend(table[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in pos)
-            qstart.append(qstart[-1] + len(ids))
+        # numpy for the per-token index arithmetic: Python loops over ~2k tokens cost milliseconds.
+        qlens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
+        table = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        seq_of_token = np.repeat(np.arange(len(token_ids)), qlens)
+        qstart = np.zeros(len(token_ids) + 1, dtype=np.int32)
+        np.cumsum(qlens, out=qstart[1:])
+        positions = np.asarray(starts, dtype=np.int64)[seq_of_token] + np.arange(qstart[-1]) - qstart[seq_of_token]
+        slots = table[seq_of_token, positions // PAGE_SIZE].astype(np.int64) * PAGE_SIZE + positions % PAGE_SIZE
+        flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(qstart[-1]))
 
-        def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(data, dtype=dtype, device=dev)
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(self.device, non_blocking=True)
 
         return ForwardBatch(
-            input_ids=tensor(flat_ids, torch.int64),
-            positions=tensor(positions, torch.int64),
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(qstart, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(padded, torch.int32),
-            logits_indices=tensor(sample_at, torch.int64),
+            input_ids=dev(flat_ids),
+            positions=dev(positions),
+            slot_mapping=dev(slots),
+            query_start_loc=dev(qstart),
+            seq_lens=dev(np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=dev(table),
+            logits_indices=dev(np.asarray(sample_at, dtype=np.int64)),
             num_decodes=num_decodes,
             seq_lens_cpu=list(seq_lens),
-            query_lens_cpu=[len(t) for t in token_ids],
+            query_lens_cpu=qlens.tolist(),
         )
 
     def sampling_metadata(self, sched: SchedulerOutput, eos_token_ids: set[int]) -> SamplingMetadata:
@@ -170,7 +183,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, eos_token_ids: set[int]) -> SamplerOutput:
         batch = self.prepare(sched)
-        hidden = self.model(batch, self.kv_caches)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            hidden = self.model(batch, self.kv_caches)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits.shape[0] == 0:
             return SamplerOutput([], None)

@@ -50,13 +50,16 @@ class PagedAttention(nn.Module):
         if nd:
             args = (q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.seq_lens[:nd], self.scale,
                     self.sliding_window)
-            out[:nd] = pa.paged_decode_attention(*args) if self.use_triton else pa.paged_decode_attention_ref(*args)
+            if self.use_triton:
+                pa.paged_decode_attention(*args, out=out[:nd])
+            else:
+                out[:nd] = pa.paged_decode_attention_ref(*args)
         if batch.num_prefills:
             if self.use_triton:
-                out[nd:] = pa.paged_prefill_attention(
+                pa.paged_prefill_attention(
                     q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.query_start_loc[nd:] - nd,
                     batch.seq_lens[nd:], self.scale, self.sliding_window,
-                    max_query_len=max(batch.query_lens_cpu[nd:]))
+                    max_query_len=max(batch.query_lens_cpu[nd:]), out=out[nd:])
             else:
                 out[nd:] = pa.paged_prefill_attention_ref(
                     q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.query_lens_cpu[nd:],

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The one script to run on the GPU machine, in one call: kernel tests, the kernel check, and
+# `nanoflow bench` on the Splitwise trace and on a fixed workload, every step under `timeout` so the
+# whole run ends within GPU_CHECK_TOTAL_S (default 540 s, under the 10-minute limit of one call).
+# Everything is logged (tee) into $OUT; the bench JSON is rewritten after each system it finishes,
+# so a step cut short by its timeout still leaves the systems it completed.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#   GPU_CHECK_STEPS=trace NUM_REQUESTS=1000 bash benchmarks/gpu_check.sh   # one bench, more requests
+#
+# Environment (all optional):
+#   OUT                  where logs and results go (default benchmarks/results/gpu_check_<time>)
+#   GPU_CHECK_STEPS      comma list of: tests, kernels, trace, fixed; "bench" = trace,fixed
+#                        (default tests,kernels,bench)
+#   GPU_CHECK_TOTAL_S    wall-clock budget of the whole script (default 540)
+#   NUM_REQUESTS         requests per bench (default 400; for the trace, its first N rows)
+#   BENCH_MODEL          bench model arguments (default "--dummy llama3-8b")
+#   TRACE                trace CSV (default benchmarks/data/splitwise_azure_conv_2023.csv)
+#   FIXED_WORKLOAD       the fixed workload (default 512x512)
+#   COMPARE              baselines (default hf,sequential)
+#   HF_MAX_BATCH, HF_NUM_REQUESTS   bounds of the Hugging Face baseline (default 256, one batch)
+#   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
+#   TESTS_S, KERNELS_S, TRACE_S, FIXED_S   per-step caps in seconds (default 90, 150, 200, 200)
+
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+
+SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+export OUT=${OUT:-benchmarks/results/gpu_check_$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+STEPS=${GPU_CHECK_STEPS:-tests,kernels,bench}
+STEPS=${STEPS//bench/trace,fixed}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
+NUM_REQUESTS=${NUM_REQUESTS:-400}
+BENCH_MODEL=${BENCH_MODEL:---dummy llama3-8b}
+TRACE=${TRACE:-benchmarks/data/splitwise_azure_conv_2023.csv}
+FIXED_WORKLOAD=${FIXED_WORKLOAD:-512x512}
+COMPARE=${COMPARE:-hf,sequential}
+HF_MAX_BATCH=${HF_MAX_BATCH:-256}
+HF_NUM_REQUESTS=${HF_NUM_REQUESTS:-}
+BENCH_EXTRA=${BENCH_EXTRA:-}
+declare -A CAP=([tests]=${TESTS_S:-90} [kernels]=${KERNELS_S:-150} [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
+# Time kept back for each later step, so an early step cannot eat the whole budget.
+declare -A RESERVE=([tests]=30 [kernels]=60 [trace]=120 [fixed]=120)
+ORDER=(tests kernels trace fixed)
+SUMMARY="$OUT/gpu_check_summary.txt"
+
+wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+# run_step NAME LOG CMD...: runs CMD under the time left for it, appends the outcome to the summary.
+run_step() {
+  local name=$1 log=$2; shift 2
+  local now left reserve=0 later=0 limit rc t0
+  now=$(date +%s)
+  for s in "${ORDER[@]}"; do
+    if [[ $s == "$name" ]]; then later=1; continue; fi
+    if (( later )) && wanted "$s"; then reserve=$(( reserve + RESERVE[$s] )); fi
+  done
+  left=$(( START + TOTAL_S - now - reserve ))
+  limit=$(( CAP[$name] < left ? CAP[$name] : left ))
+  if (( limit < 20 )); then
+    echo "$name: SKIPPED (only ${limit}s left of the ${TOTAL_S}s budget)" | tee -a "$SUMMARY"
+    return 0
+  fi
+  echo "=== $name (limit ${limit}s): $*" | tee "$OUT/$log"
+  t0=$(date +%s)
+  # `timeout` runs programs, not shell functions: a step re-enters this script as `__run FUNC ARGS`.
+  timeout -k 15 "$limit" bash "$SELF" __run "$@" 2>&1 | tee -a "$OUT/$log"
+  rc=$?
+  local verdict=ok
+  if (( rc == 124 || rc == 137 )); then verdict="TIMED OUT"; elif (( rc != 0 )); then verdict="FAILED rc=$rc"; fi
+  echo "$name: $verdict after $(( $(date +%s) - t0 ))s (log $log)" | tee -a "$SUMMARY"
+}
+
+pytest_gpu() {
+  # Kernel tests (GPU cases included), tests/gpu if the lead added it, and tests marked gpu elsewhere.
+  local dirs=(tests/kernels) rc=0
+  [[ -d tests/gpu ]] && dirs+=(tests/gpu)
+  python -m pytest "${dirs[@]}" -q --no-header -p no:cacheprovider || rc=$?
+  local marked
+  marked=$(grep -rlE "pytest\.mark\.gpu|mark\.gpu" tests --include='test_*.py' 2>/dev/null \
+           | grep -vE '^tests/(kernels|gpu)/' || true)
+  if [[ -n $marked ]]; then
+    # shellcheck disable=SC2086  # one path per word
+    python -m pytest $marked -q -m gpu --no-header -p no:cacheprovider || rc=$?
+  fi
+  return $rc
+}
+
+bench() {
+  local hf=(--hf-max-batch "$HF_MAX_BATCH")
+  [[ -n $HF_NUM_REQUESTS ]] && hf+=(--hf-num-requests "$HF_NUM_REQUESTS")
+  # shellcheck disable=SC2086  # BENCH_MODEL and BENCH_EXTRA are argument lists
+  python -m nanoflow.cli bench $BENCH_MODEL "$@" --num-requests "$NUM_REQUESTS" --compare "$COMPARE" \
+    "${hf[@]}" --output-dir "$OUT" --no-tqdm $BENCH_EXTRA
+}
+
+if [[ ${1:-} == __run ]]; then
+  shift
+  "$@"
+  exit $?
+fi
+
+{
+  echo "gpu_check $(date -Is) on $(hostname)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit,clocks.max.sm --format=csv 2>&1 || true
+  python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__)" 2>&1
+  python -c "import triton; print('triton', triton.__version__)" 2>&1 || true
+  echo "steps: $STEPS; budget ${TOTAL_S}s; NUM_REQUESTS=$NUM_REQUESTS; BENCH_MODEL=$BENCH_MODEL"
+} 2>&1 | tee "$OUT/env.log"
+
+: > "$SUMMARY"
+wanted tests && run_step tests tests.log pytest_gpu
+wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT"
+wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
+wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"
+
+echo "=== summary ($(( $(date +%s) - START ))s)"
+cat "$SUMMARY"
+if compgen -G "$OUT/bench_*.json" > /dev/null; then
+  python -m nanoflow.bench.report "$OUT"/bench_*.json 2>&1 | tee "$OUT/bench_table.md"
+fi
+! grep -qE "FAILED|TIMED OUT" "$SUMMARY"

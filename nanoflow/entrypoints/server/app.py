@@ -1,0 +1,204 @@
+"""The FastAPI app (build_app) and the process around it (run_server: uvicorn, signals, exit code)."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from nanoflow.config import EngineConfig
+from nanoflow.entrypoints.server.async_engine import AsyncEngine
+from nanoflow.entrypoints.server.chat import create_chat_completion
+from nanoflow.entrypoints.server.completions import create_completion
+from nanoflow.entrypoints.server.errors import error_response, install_error_handlers, json_response
+from nanoflow.entrypoints.server.metrics import EngineMetrics
+from nanoflow.entrypoints.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from nanoflow.entrypoints.server.serving import ServerContext
+
+log = logging.getLogger(__name__)
+
+# Probes and scrapers must work without the API key.
+_OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+                     "/detokenize"})
+
+
+class _Gate:
+    """Pure ASGI middleware (BaseHTTPMiddleware would break streaming disconnect detection):
+    checks the API key and counts responses by route and status."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: EngineMetrics | None) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in _ROUTES else ("/v1/models/{model}" if path.startswith("/v1/models/") else "other")
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.metrics is not None:
+                self.metrics.http_response(route, message["status"])
+            await send(message)
+
+        if self.api_key is not None and path not in _OPEN_PATHS:
+            problem = self._auth_problem(scope)
+            if problem is not None:
+                resp = error_response(401, problem, "invalid_request_error", code="invalid_api_key")
+                await resp(scope, receive, counting_send)
+                return
+        await self.app(scope, receive, counting_send)
+
+    def _auth_problem(self, scope: Scope) -> str | None:
+        header = b""
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                header = v
+                break
+        if not header:
+            return "You didn't provide an API key: send it as 'Authorization: Bearer KEY'."
+        scheme, _, key = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            return "Incorrect API key provided."
+        return None
+
+
+def _load_tokenizer(engine: AsyncEngine) -> PreTrainedTokenizerBase | None:
+    cfg = engine.engine.config
+    if engine.engine.tokenizer is None:
+        return None
+    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+
+
+def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+              tokenizer: PreTrainedTokenizerBase | None = None) -> FastAPI:
+    """The OpenAI-compatible app. Its lifespan starts the engine thread and stops it at shutdown."""
+    ctx = ServerContext(async_engine, tokenizer if tokenizer is not None else _load_tokenizer(async_engine),
+                        served_model_name)
+    metrics = async_engine.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        # uvicorn has already waited for (or cancelled) the in-flight responses.
+        async_engine.shutdown()
+
+    app = FastAPI(title="nanoflow", description="OpenAI-compatible API", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(ctx, body, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(ctx, body, raw)
+
+    def card() -> ModelCard:
+        return ModelCard(id=served_model_name, root=async_engine.engine.config.model,
+                         max_model_len=async_engine.max_model_len)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> ModelCard:
+        ctx.check_model(model)
+        return card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.healthy:
+            return Response(status_code=200)
+        return error_response(503, "the engine is not running", "service_unavailable_error")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if metrics is None:
+            return error_response(404, "metrics are disabled", "not_found_error")
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        ctx.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError("give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            _, ids = ctx.apply_chat_template(body.messages, body.add_generation_prompt)
+        else:
+            ids = ctx.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=async_engine.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        ctx.check_model(body.model)
+        text = ctx.decode(body.tokens)
+        return json_response(200, DetokenizeResponse(prompt=text).model_dump())
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM/SIGINT mean "shut down gracefully and exit 0".
+
+    Recent uvicorn re-raises the captured signal after its graceful shutdown, which turns a clean
+    stop into exit code 143 / a KeyboardInterrupt; this keeps the graceful part only.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        original = {s: signal.signal(s, self.handle_exit) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, handler in original.items():
+                signal.signal(s, handler)
+
+
+def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+               served_model_name: str | None = None, api_key: str | None = None,
+               graceful_timeout_s: float = 30.0) -> int:
+    """Serves until SIGTERM/SIGINT: then stops accepting, lets in-flight requests finish for up to
+    graceful_timeout_s, aborts the rest, and returns 0."""
+    from nanoflow.engine.engine import LLMEngine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = served_model_name or config.model
+    metrics = EngineMetrics(name)
+    async_engine = AsyncEngine(LLMEngine(config), metrics)
+    app = build_app(async_engine, name, api_key)
+    log.info("serving %s as %r on http://%s:%d (max_model_len=%d, %d KV pages)", config.model, name, host, port,
+             async_engine.max_model_len, async_engine.num_pages)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on",
+                                    timeout_graceful_shutdown=int(graceful_timeout_s)))
+    server.run()
+    async_engine.shutdown()  # idempotent; covers a startup that failed before the lifespan ran
+    return 0 if server.started else 1

@@ -1,0 +1,227 @@
+"""What the completion and chat endpoints share: prompt handling, submitting to the engine,
+streaming several engine requests as one, client-disconnect handling, and SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from transformers import PreTrainedTokenizerBase
+
+from nanoflow.engine.request import CompletionOutput, Logprob, RequestOutput
+from nanoflow.entrypoints.server.async_engine import AsyncEngine, RequestStream
+from nanoflow.entrypoints.server.protocol import ChatMessage, OpenAIError, error_body
+from nanoflow.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_BATCH = 256  # prompts in one completions request
+
+
+@dataclass
+class ServerContext:
+    engine: AsyncEngine
+    # The HTTP side's own tokenizer instance: the engine thread detokenizes with the engine's, and
+    # a tokenizer object is not guaranteed safe to share across threads.
+    tokenizer: PreTrainedTokenizerBase | None
+    model_name: str
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(f"The model `{model}` does not exist.", status=404, param="model",
+                              code="model_not_found")
+
+    def _need_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise OpenAIError("this server runs without a tokenizer: send prompts as token ids", param="prompt")
+        return self.tokenizer
+
+    def encode(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        tok = self._need_tokenizer()
+        try:
+            return list(tok.encode(text, add_special_tokens=add_special_tokens))
+        except Exception as e:  # e.g. lone surrogates the Rust tokenizer cannot take
+            raise OpenAIError(f"the {param} could not be tokenized: {e}", param=param) from e
+
+    def decode(self, ids: list[int], param: str = "tokens") -> str:
+        tok = self._need_tokenizer()
+        bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise OpenAIError(f"token ids must be in [0, {self.engine.vocab_size}), got {bad[:5]}", param=param)
+        return tok.decode(ids)
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[int]]:
+        """The rendered chat prompt and its ids, as LLM.chat builds them."""
+        tok = self._need_tokenizer()
+        if not tok.chat_template:
+            raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            text = tok.apply_chat_template([m.to_template() for m in messages],
+                                           add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as e:  # the template raised (e.g. roles out of order) or failed to render
+            raise OpenAIError(f"the chat template could not render these messages: {e}", param="messages") from e
+        # The template writes its own special tokens (BOS), so encode adds none, as transformers does.
+        return text, self.encode(text, "messages", add_special_tokens=False)
+
+    async def submit(self, request_id: str, inputs: list[tuple[str | None, list[int]]], params: SamplingParams,
+                     param: str) -> list[RequestStream]:
+        """Adds one engine request per prompt; a rejection aborts the ones already added."""
+        streams: list[RequestStream] = []
+        try:
+            for i, (text, ids) in enumerate(inputs):
+                rid = request_id if len(inputs) == 1 else f"{request_id}-{i}"
+                streams.append(await self.engine.add_request(rid, text, ids, params))
+        except ValueError as e:
+            raise OpenAIError(str(e), param=param) from e
+        finally:
+            if len(streams) < len(inputs):
+                for s in streams:
+                    s.abort()
+        return streams
+
+
+@dataclass
+class ChoiceState:
+    """How much of one choice has been sent in a stream."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    finished: bool = False
+    text_offset: int = 0  # completions logprobs: offset of the next token's text
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+def take_delta(state: ChoiceState, out: CompletionOutput) -> Delta | None:
+    """What is new in `out` since the last call, or None when nothing is; outputs are cumulative."""
+    if state.finished:
+        return None
+    n = len(out.token_ids)
+    text = out.text[state.text_sent :]
+    ids = out.token_ids[state.tokens_sent :]
+    # The logprobs list is the engine's live one: slice it to the tokens this output reports.
+    lps = out.logprobs[state.tokens_sent : n] if out.logprobs is not None else None
+    if not text and not ids and out.finish_reason is None:
+        return None
+    state.text_sent += len(text)
+    state.tokens_sent = n
+    state.finished = out.finish_reason is not None
+    return Delta(text, ids, lps, out.finish_reason, out.stop_reason)
+
+
+def usage(outputs: Sequence[RequestOutput | None]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs if o is not None)
+    completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
+    """The final output of each stream (queues buffer the others while one is awaited)."""
+    finals: list[RequestOutput] = []
+    try:
+        for s in streams:
+            last = None
+            async for out in s:
+                last = out
+            assert last is not None and last.finished
+            finals.append(last)
+    finally:
+        for s in streams:
+            s.abort()
+    return finals
+
+
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from all streams as they arrive."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it if the client disconnects first (a non-streaming request must
+    stop generating for nobody too). Waits on the ASGI disconnect message, no polling."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientDisconnected
+
+
+def sse(obj: BaseModel | dict[str, Any]) -> str:
+    body = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj, ensure_ascii=True)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(e: Exception) -> str:
+    log.warning("stream failed: %s", e)
+    return sse(error_body(str(e), "internal_server_error"))
+
+
+def token_text(lp: Logprob | None, token_id: int) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return f"token_id:{token_id}"  # no tokenizer (vLLM's convention)
+
+
+def ranked(d: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The top-k entries by rank (the dict also holds the sampled token, whatever its rank)."""
+    return sorted(((t, lp) for t, lp in d.items() if lp.rank <= k), key=lambda x: x[1].rank)[:k]

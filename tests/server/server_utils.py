@@ -1,0 +1,91 @@
+"""Starting and stopping a real `nanoflow serve` process, and reading its /metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-key"
+MODEL_NAME = "tiny"
+MAX_MODEL_LEN = 256
+NUM_KV_PAGES = 512  # 8192 tokens: the load test's 64 streams fit, the 50 cancelled ones nearly so
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    model_path: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_path: str, log_path: Path, *extra: str, timeout: float = 90.0) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "nanoflow.cli", "serve", model_path, "--port", str(port), "--device", "cpu",
+           "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-pages", str(NUM_KV_PAGES),
+           "--served-model-name", MODEL_NAME, "--api-key", API_KEY, *extra]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", model_path, proc, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server did not become healthy in {timeout}s:\n{server.log()}")
+
+
+def stop_server(server: Server, timeout: float = 30.0) -> int:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    return server.proc.returncode
+
+
+
+
+def scrape(url: str) -> dict[str, float]:
+    """/metrics as {name{labels}: value} (label text kept verbatim)."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10.0).text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric(samples: dict[str, float], name: str) -> float:
+    """Sum of a metric's samples over all label sets."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
