@@ -59,11 +59,11 @@ run_step() {
     if (( later )) && wanted "$s"; then reserve=$(( reserve + RESERVE[$s] )); fi
   done
   left=$(( START + TOTAL_S - now - reserve ))
-  limit=$(( CAP[$name] < left ? CAP[$name] : left ))
-  if (( limit < 20 )); then
-    echo "$name: SKIPPED (only ${limit}s left of the ${TOTAL_S}s budget)" | tee -a "$SUMMARY"
+  if (( left < 20 )); then
+    echo "$name: SKIPPED (only ${left}s left of the ${TOTAL_S}s budget)" | tee -a "$SUMMARY"
     return 0
   fi
+  limit=$(( CAP[$name] < left ? CAP[$name] : left ))
   echo "=== $name (limit ${limit}s): $*" | tee "$OUT/$log"
   t0=$(date +%s)
   # `timeout` runs programs, not shell functions: a step re-enters this script as `__run FUNC ARGS`.

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from nanoflow import LLM, SamplingParams
 
-MAX_TOKENS = 12
+MAX_TOKENS = 24
 
 
 def _prompts(seed: int, n: int = 8) -> list[list[int]]:

@@ -30,7 +30,7 @@ from nanoflow.bench.cli_args import COMPARE_CHOICES
 from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s
 from nanoflow.bench.workloads import Workload, build_workload
-from nanoflow.config import PAGE_SIZE, EngineConfig
+from nanoflow.config import PAGE_SIZE
 from nanoflow.models.arch import ModelArch
 from nanoflow.models.loader import load_hf_config
 
@@ -38,13 +38,12 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "nanoflow-bench/1"
 
-# Engine options per mode. Options this EngineConfig does not have yet are dropped and listed in
-# the result ("unsupported_options"), so the bench keeps working while the engine grows them.
+# Engine options per mode (see EngineConfig.enforce_eager).
 ENGINE_MODES: dict[str, dict[str, Any]] = {
-    # The fast path: whatever the engine picks on this device (CUDA graphs, Triton kernels, pipeline).
+    # The fast path: whatever the engine picks on this device (Triton kernels, CUDA graphs, pipeline).
     "nanoflow": {"enforce_eager": False},
-    # Our own plain mode: eager PyTorch, reference kernels, one op after another.
-    "sequential": {"enforce_eager": True, "use_triton": False},
+    # Our own plain mode: eager PyTorch reference ops, one after another, no CUDA graphs.
+    "sequential": {"enforce_eager": True},
 }
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -88,13 +87,6 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str]:
     if not args.model:
         raise ValueError("give --model PATH or --dummy NAME")
     return args.model, os.path.basename(os.path.normpath(args.model)), args.load_format or "auto"
-
-
-def mode_options(mode: str) -> tuple[dict[str, Any], list[str]]:
-    """(options this EngineConfig accepts, names it does not have)."""
-    fields = {f.name for f in dataclasses.fields(EngineConfig) if f.init}
-    wanted = ENGINE_MODES[mode]
-    return {k: v for k, v in wanted.items() if k in fields}, [k for k in wanted if k not in fields]
 
 
 def _safe(s: str) -> str:
@@ -163,10 +155,7 @@ def run_engine(
     from nanoflow.entrypoints.llm import LLM
     from nanoflow.sampling_params import SamplingParams
 
-    opts, unsupported = mode_options(mode)
-    if unsupported:
-        log.warning("%s mode: this engine has no %s option yet; running without it", mode,
-                    ", ".join(unsupported))
+    opts = ENGINE_MODES[mode]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -179,7 +168,7 @@ def run_engine(
         out: dict[str, Any] = {
             "status": "ok",
             "options": opts,
-            "unsupported_options": unsupported,
+            "fast_path": bool(getattr(cfg, "use_fast_path", not cfg.enforce_eager)),
             "init_s": init_s,
             "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
             "max_model_len": engine.max_model_len,
@@ -328,6 +317,9 @@ def run_bench(args: argparse.Namespace) -> int:
             res = {"status": "error", "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc(limit=8)}
         _free_memory(device)
+        if device.type == "cuda":
+            # Non-zero here means the system leaked GPU memory into the next one's budget.
+            res["memory_allocated_after_free_gib"] = torch.cuda.memory_allocated(device) / 2**30
         if res.get("status") == "ok" and result["optimum_tokens_per_s"]:
             res["fraction_of_optimum"] = res["total_tokens_per_s"] / result["optimum_tokens_per_s"]
         result["systems"][name] = res
