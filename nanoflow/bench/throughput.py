@@ -161,75 +161,82 @@ def run_engine(
     t0 = time.perf_counter()
     llm = LLM(model=model_dir, load_format=load_format, skip_tokenizer_init=True, **engine_kwargs, **opts)
     init_s = time.perf_counter() - t0
-    try:
-        engine = llm.engine
-        cfg = engine.config
-        runner = engine.runner
-        out: dict[str, Any] = {
-            "status": "ok",
-            "options": opts,
-            "fast_path": bool(getattr(cfg, "use_fast_path", not cfg.enforce_eager)),
-            "init_s": init_s,
-            "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
-            "max_model_len": engine.max_model_len,
-            "kv_pool": {"pages": runner.num_pages, "tokens": runner.num_pages * PAGE_SIZE,
-                        "page_bytes": runner.page_bytes, "gib": runner.num_pages * runner.page_bytes / 2**30},
-        }
+    engine = llm.engine
+    cfg = engine.config
+    runner = engine.runner
+    out: dict[str, Any] = {
+        "status": "ok",
+        "options": opts,
+        "fast_path": bool(getattr(cfg, "use_fast_path", not cfg.enforce_eager)),
+        "init_s": init_s,
+        "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
+        "max_model_len": engine.max_model_len,
+        "kv_pool": {"pages": runner.num_pages, "tokens": runner.num_pages * PAGE_SIZE,
+                    "page_bytes": runner.page_bytes, "gib": runner.num_pages * runner.page_bytes / 2**30},
+    }
 
-        def params(n: int) -> SamplingParams:
-            return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0)
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0)
 
-        # Warm-up: compile, autotune and graph capture happen here, not in the timed run. Fresh
-        # prompts of the workload's first lengths, so a prefix cache could not serve the timed run.
-        warm = workload.warmup_requests(num_warmup, warmup_max_tokens)
-        t = time.perf_counter()
-        if warm:
-            llm.generate([{"prompt_token_ids": p} for p, _ in warm], [params(o) for _, o in warm],
-                         use_tqdm=False)
-        _sync(device)
-        out["warmup"] = {"num_requests": len(warm), "max_tokens": warmup_max_tokens,
-                         "elapsed_s": time.perf_counter() - t}
-        preempt0 = getattr(engine.scheduler, "num_preemptions", None)
+    # Warm-up: compile, autotune and graph capture happen here, not in the timed run. Fresh
+    # prompts of the workload's first lengths, so a prefix cache could not serve the timed run.
+    warm = workload.warmup_requests(num_warmup, warmup_max_tokens)
+    t = time.perf_counter()
+    if warm:
+        llm.generate([{"prompt_token_ids": p} for p, _ in warm], [params(o) for _, o in warm],
+                     use_tqdm=False)
+    _sync(device)
+    out["warmup"] = {"num_requests": len(warm), "max_tokens": warmup_max_tokens,
+                     "elapsed_s": time.perf_counter() - t}
+    preempt0 = getattr(engine.scheduler, "num_preemptions", None)
 
-        prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
-        sampling = [params(o) for _, o in workload.requests]
-        _sync(device)
-        t = time.perf_counter()
-        outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
-        _sync(device)
-        elapsed = time.perf_counter() - t
+    prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
+    sampling = [params(o) for _, o in workload.requests]
+    _sync(device)
+    t = time.perf_counter()
+    outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
+    _sync(device)
+    elapsed = time.perf_counter() - t
 
-        in_tok = out_tok = failed = mismatched = 0
-        errors: list[str] = []
-        for (prompt, want), o in zip(workload.requests, outputs, strict=True):
-            if o.error:
-                failed += 1
-                errors.append(o.error)
-                continue
-            got = len(o.outputs[0].token_ids)
-            in_tok += len(prompt)
-            out_tok += got
-            mismatched += got != want
-        done = len(outputs) - failed
-        preempt1 = getattr(engine.scheduler, "num_preemptions", None)
-        out.update({
-            "elapsed_s": elapsed,
-            "num_requests": done,
-            "num_failed": failed,
-            "failed_examples": sorted(set(errors))[:3],
-            "output_len_mismatches": mismatched,
-            "input_tokens": in_tok,
-            "output_tokens": out_tok,
-            "requests_per_s": done / elapsed,
-            "total_tokens_per_s": (in_tok + out_tok) / elapsed,
-            "output_tokens_per_s": out_tok / elapsed,
-            "num_preemptions": None if preempt1 is None else preempt1 - preempt0,
-            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
-                                if device.type == "cuda" else None),
-        })
-        return out
-    finally:
-        del llm
+    in_tok = out_tok = failed = mismatched = 0
+    errors: list[str] = []
+    for (prompt, want), o in zip(workload.requests, outputs, strict=True):
+        if o.error:
+            failed += 1
+            errors.append(o.error)
+            continue
+        got = len(o.outputs[0].token_ids)
+        in_tok += len(prompt)
+        out_tok += got
+        mismatched += got != want
+    done = len(outputs) - failed
+    preempt1 = getattr(engine.scheduler, "num_preemptions", None)
+    out.update({
+        "elapsed_s": elapsed,
+        "num_requests": done,
+        "num_failed": failed,
+        "failed_examples": sorted(set(errors))[:3],
+        "output_len_mismatches": mismatched,
+        "input_tokens": in_tok,
+        "output_tokens": out_tok,
+        "requests_per_s": done / elapsed,
+        "total_tokens_per_s": (in_tok + out_tok) / elapsed,
+        "output_tokens_per_s": out_tok / elapsed,
+        "num_preemptions": None if preempt1 is None else preempt1 - preempt0,
+        "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                            if device.type == "cuda" else None),
+    })
+    _shutdown(llm)
+    return out
+
+
+def _shutdown(llm: Any) -> None:
+    """Stops engine background work, if this engine has any, so its memory can be freed."""
+    for obj in (llm, getattr(llm, "engine", None)):
+        close = getattr(obj, "shutdown", None)
+        if callable(close):
+            close()
+            return
 
 
 # --- orchestration -----------------------------------------------------------------------------

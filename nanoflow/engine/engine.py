@@ -14,7 +14,8 @@ from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine.output_processor import OutputProcessor
 from nanoflow.engine.request import Logprob, Request, RequestOutput, Sequence
 from nanoflow.engine.scheduler import Scheduler
-from nanoflow.executor.model_runner import ModelRunner
+from nanoflow.engine.stats import StepStats
+from nanoflow.executor.model_runner import InFlight, ModelRunner
 from nanoflow.models.arch import ModelArch
 from nanoflow.models.loader import load_hf_config
 from nanoflow.sampling_params import SamplingParams
@@ -42,6 +43,8 @@ class LLMEngine:
                                    self.max_model_len, config.admission_output_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
+        self._pending: InFlight | None = None
+        self.stats = StepStats()
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
 
@@ -105,15 +108,33 @@ class LLMEngine:
 
     # --- one iteration ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one dense-batch iteration; returns the outputs of requests that made progress."""
+        """Launches one dense-batch iteration and, while the GPU runs it, processes the previous
+        one (NanoFlow's asynchronous scheduling: a sequence that stopped is retired one step late).
+        Returns the outputs of requests that made progress in the processed step."""
+        outputs: list[RequestOutput] = []
+        if self._pending is not None and any(s.params.has_penalties for s in self._pending.seqs):
+            # Penalties need every sampled token on the CPU before the next step is prepared.
+            outputs, self._pending = self._process(self._pending), None
         sched = self.scheduler.schedule()
-        if sched.empty:
-            return []
-        result = self.runner.execute(sched, self.eos_token_ids)
-        sampled = [s.seq for s in sched.seqs if s.samples]
-        self.scheduler.step_done(sched)
+        launched = None
+        if not sched.empty:
+            launched = self.runner.launch(sched, self.eos_token_ids, self._pending)
+            self.scheduler.step_done(sched)
+            for seq in launched.seqs:
+                seq.num_inflight += 1
+        if self._pending is not None:
+            outputs += self._process(self._pending)
+        self._pending = launched
+        return outputs
+
+    def _process(self, step: InFlight) -> list[RequestOutput]:
+        result = step.result()
+        self.stats.record(step)
         touched: dict[str, Request] = {}
-        for row, seq in enumerate(sampled):
+        for row, seq in enumerate(step.seqs):
+            seq.num_inflight -= 1
+            if seq.is_finished:  # stopped or aborted while this step ran: its token is dropped
+                continue
             lp = None
             if result.logprobs is not None and seq.params.logprobs is not None:
                 chosen, rank, top = result.logprobs[row]

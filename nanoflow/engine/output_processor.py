@@ -45,7 +45,7 @@ class OutputProcessor:
             self._check_stop_strings(seq, len(new_text))
             if seq.finish_reason:
                 return
-        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if n_out >= seq.max_tokens or len(seq.prompt_token_ids) + n_out >= self.max_model_len:
             seq.finish_reason = "length"
 
     def _detokenize(self, seq: Sequence) -> str:

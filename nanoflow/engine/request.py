@@ -39,6 +39,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    # Tokens sampled on the GPU whose values the CPU has not read yet (asynchronous scheduling):
+    # they count towards the sequence's length, and the next step feeds them from device memory.
+    num_inflight: int = 0
     pages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -50,11 +53,17 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The tokens known on the CPU (in-flight ones excluded)."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def will_finish(self) -> bool:
+        """True when the tokens already sampled reach max_tokens: no further step is needed."""
+        return len(self.output_token_ids) + self.num_inflight >= self.max_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -82,7 +82,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         # Decodes before partial prefills, so a long prompt never starves running sequences.
-        decoding = [s for s in self.running if s.num_computed_tokens == s.num_tokens - 1]
+        # A sequence whose in-flight token is its last (max_tokens or max_model_len) needs no more steps.
+        decoding = [s for s in self.running if s.num_computed_tokens == s.num_tokens - 1 and not s.will_finish
+                    and s.num_tokens < self.max_model_len]
         prefilling = [s for s in self.running if s.num_computed_tokens < s.num_tokens - 1]
         for group, dest in ((decoding, out.decodes), (prefilling, out.prefills)):
             for seq in group:
@@ -129,6 +131,8 @@ class Scheduler:
         projected = sum(self._projected_pages(s) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_inflight:  # preempted this step with a token still on the GPU: next time
+                break
             n = min(seq.num_tokens, budget)
             need = self._projected_pages(seq)
             if self.running and projected + need > self.blocks.num_pages:

@@ -55,6 +55,7 @@ class LLM:
                 log.warning("request %s rejected: %s", rid, e)
                 results[rid] = RequestOutput(rid, text, list(ids or []), [CompletionOutput(0, "", [], "error")],
                                              True, error=str(e))
+        self.engine.stats.reset()
         bar = tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm, unit="req")
         bar.update(len(results))
         n_tokens = 0

@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine.scheduler import SchedulerOutput
 from nanoflow.executor.cuda_graph import DecodeGraphRunner
-from nanoflow.executor.sampler import Sampler, SamplerOutput, SamplingMetadata
+from nanoflow.executor.sampler import SampledTensors, Sampler, SamplerOutput, SamplingMetadata
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.arch import ModelArch
@@ -94,20 +94,34 @@ class ModelRunner:
         return int(peak * 1.1)
 
     # --- per iteration ---------------------------------------------------------------------------
-    def prepare(self, sched: SchedulerOutput) -> ForwardBatch:
+    def prepare(self, sched: SchedulerOutput, prev: InFlight | None = None) -> ForwardBatch:
+        """Flat tensors for the scheduled tokens. A token still in flight from `prev` (the step
+        before, not yet read back by the CPU) is taken from prev's sampled tokens on the device."""
         token_ids, starts, lens, tables, sample_at = [], [], [], [], []
+        fill_at, fill_from = [], []
+        prev_rows = {seq.seq_id: row for row, seq in enumerate(prev.seqs)} if prev else {}
         offset = 0
         for s in sched.seqs:
             seq = s.seq
             start = seq.num_computed_tokens
-            token_ids.append(seq.all_token_ids[start : start + s.num_new_tokens])
+            ids = seq.all_token_ids[start : start + s.num_new_tokens]
+            if len(ids) < s.num_new_tokens:  # the last token is the one sampled by `prev`
+                fill_at.append(offset + len(ids))
+                fill_from.append(prev_rows[seq.seq_id])
+                ids = ids + [0]
+            token_ids.append(ids)
             starts.append(start)
             lens.append(start + s.num_new_tokens)
             tables.append(seq.pages)
             offset += s.num_new_tokens
             if s.samples:
                 sample_at.append(offset - 1)
-        return self._build_batch(token_ids, starts, lens, tables, sample_at, len(sched.decodes))
+        batch = self._build_batch(token_ids, starts, lens, tables, sample_at, len(sched.decodes))
+        if fill_at:
+            idx = torch.tensor(fill_at, dtype=torch.int64).to(self.device, non_blocking=True)
+            rows = torch.tensor(fill_from, dtype=torch.int64).to(self.device, non_blocking=True)
+            batch.input_ids[idx] = prev.sampled.tokens[rows]
+        return batch
 
     def _build_batch(
         self, token_ids: list[list[int]], starts: list[int], seq_lens: list[int], tables: list[list[int]],
@@ -162,7 +176,7 @@ class ModelRunner:
         )
         banned = []
         for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-            if len(seq.output_token_ids) < p.min_tokens:
+            if len(seq.output_token_ids) + seq.num_inflight < p.min_tokens:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
                 if stop_ids:
                     banned.append((row, stop_ids))
@@ -181,13 +195,43 @@ class ModelRunner:
         return meta
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, eos_token_ids: set[int]) -> SamplerOutput:
-        batch = self.prepare(sched)
+    def launch(self, sched: SchedulerOutput, eos_token_ids: set[int], prev: InFlight | None = None) -> InFlight:
+        """Queues one forward and the sampling on the device and returns without waiting for them."""
+        on_gpu = self.device.type == "cuda"
+        start = torch.cuda.Event(enable_timing=True) if on_gpu else None
+        batch = self.prepare(sched, prev)
+        if start is not None:
+            start.record()
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
         else:
             hidden = self.model(batch, self.kv_caches)
+        seqs = [s.seq for s in sched.seqs if s.samples]
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        if logits.shape[0] == 0:
+        sampled = self.sampler(logits, self.sampling_metadata(sched, eos_token_ids)) if seqs else None
+        return InFlight(seqs, sampled, start, on_gpu)
+
+
+class InFlight:
+    """A launched step: its sampled tokens are copied to pinned host memory behind the GPU work,
+    and read (waiting only then) when the engine processes the step."""
+
+    def __init__(self, seqs: list, sampled: SampledTensors | None, start: torch.cuda.Event | None,
+                 on_gpu: bool) -> None:
+        self.seqs, self.sampled, self.start = seqs, sampled, start
+        self.end: torch.cuda.Event | None = None
+        self.host: list[torch.Tensor] = []
+        if sampled is not None:
+            for t in sampled.tensors():
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_gpu)
+                self.host.append(h.copy_(t, non_blocking=on_gpu))
+        if on_gpu:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record()
+
+    def result(self) -> SamplerOutput:
+        if self.end is not None:
+            self.end.synchronize()
+        if self.sampled is None:
             return SamplerOutput([], None)
-        return self.sampler(logits, self.sampling_metadata(sched, eos_token_ids))
+        return SampledTensors.to_output(self.host, self.sampled.num_logprobs)

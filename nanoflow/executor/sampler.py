@@ -39,12 +39,36 @@ class SamplerOutput:
     logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None
 
 
+@dataclass
+class SampledTensors:
+    """The sampler's result still on the device, so the CPU need not wait for it."""
+
+    tokens: torch.Tensor  # [S] int64
+    # (chosen logprob [S], rank [S], top-k logprobs [S, k], top-k ids [S, k]) when requested
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    num_logprobs: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, *(self.logprobs or ())]
+
+    @staticmethod
+    def to_output(host: list[torch.Tensor], num_logprobs: int) -> SamplerOutput:
+        """Host copies of tensors() -> Python lists."""
+        tokens = host[0].tolist()
+        if len(host) == 1:
+            return SamplerOutput(tokens, None)
+        chosen, ranks, vals, ids = (t.tolist() for t in host[1:])
+        lps = [(c, r, list(zip(i[:num_logprobs], v[:num_logprobs], strict=True)))
+               for c, r, i, v in zip(chosen, ranks, ids, vals, strict=True)]
+        return SamplerOutput(tokens, lps)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampledTensors:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs >= 0 else None
         logits = apply_penalties(logits, meta)
@@ -56,8 +80,8 @@ class Sampler:
             tokens = greedy_tokens
         else:
             tokens = torch.where(meta.temperature == 0, greedy_tokens, self._random(logits, meta))
-        token_list = tokens.tolist()
-        return SamplerOutput(token_list, _gather_logprobs(raw_logprobs, tokens, meta.max_num_logprobs))
+        return SampledTensors(tokens, _gather_logprobs(raw_logprobs, tokens, meta.max_num_logprobs),
+                              max(meta.max_num_logprobs, 0))
 
     def _random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         temp = torch.where(meta.temperature == 0, torch.ones_like(meta.temperature), meta.temperature)
@@ -104,12 +128,10 @@ def apply_top_k_top_p_min_p(
 
 def _gather_logprobs(
     raw: torch.Tensor | None, tokens: torch.Tensor, k: int
-) -> list[tuple[float, int, list[tuple[int, float]]]] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     if raw is None:
         return None
     chosen = raw.gather(1, tokens[:, None])
     ranks = (raw > chosen).sum(dim=-1) + 1
     top_vals, top_ids = raw.topk(max(k, 1), dim=-1)
-    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
-    vals_l, ids_l = top_vals[:, :k].tolist(), top_ids[:, :k].tolist()
-    return [(c, r, list(zip(i, v, strict=True))) for c, r, i, v in zip(chosen_l, ranks_l, ids_l, vals_l, strict=True)]
+    return chosen[:, 0], ranks, top_vals, top_ids

@@ -107,12 +107,17 @@ def test_n_and_seed(client):
 
 
 def test_batch_prompts_and_echo(client, llm):
-    resp = client.completions.create(model=MODEL_NAME, prompt=["Hello world", [5, 6, 7]], max_tokens=4, n=2,
-                                     temperature=0, extra_body={"ignore_eos": True})
+    tok = llm.get_tokenizer()
+    resp = client.completions.create(model=MODEL_NAME, prompt=["Hello world", "The quick brown fox"], max_tokens=4,
+                                     n=2, temperature=0, extra_body={"ignore_eos": True})
     # Choice index = prompt index * n + sample index, as OpenAI numbers them.
     assert sorted(c.index for c in resp.choices) == [0, 1, 2, 3]
     assert resp.usage.completion_tokens == 16
-    assert resp.usage.prompt_tokens == len(llm.get_tokenizer().encode("Hello world")) + 3
+    assert resp.usage.prompt_tokens == len(tok.encode("Hello world")) + len(tok.encode("The quick brown fox"))
+    by_ids = client.completions.create(model=MODEL_NAME, prompt=[tok.encode("Hello world"), [5, 6, 7]],
+                                       max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == resp.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(tok.encode("Hello world")) + 3
     echoed = client.completions.create(model=MODEL_NAME, prompt="Hello world", max_tokens=3, temperature=0,
                                        echo=True)
     plain = client.completions.create(model=MODEL_NAME, prompt="Hello world", max_tokens=3, temperature=0)

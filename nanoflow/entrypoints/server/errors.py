@@ -32,8 +32,16 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return json_response(status, error_body(message, type, param, code))
 
 
+def _is_type_label(part: object) -> bool:
+    """pydantic puts the union member tried into loc ('prompt', 'list[int]', 0): not a field."""
+    return isinstance(part, str) and (part in _TYPE_LABELS or "[" in part or part.startswith("function-"))
+
+
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextContentPart"})
+
+
 def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in err.get("loc", ())[1:] if not _is_type_label(x)]  # loc[0] is "body"
     param = loc[0] if loc else None
     kind, msg = err.get("type", ""), err.get("msg", "invalid value")
     if kind == "json_invalid":

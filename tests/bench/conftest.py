@@ -1,0 +1,37 @@
+"""A tiny random Llama checkpoint (no tokenizer: the bench runs on token ids) for the bench tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def bench_tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bench_tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def trace_csv(tmp_path: Path) -> Path:
+    """Six rows: four that fit max_model_len=256, one too long, one with an empty prompt."""
+    path = tmp_path / "trace.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\r\n"
+        "2023-11-16 18:15:46.68,40,8\r\n"
+        "2023-11-16 18:15:50.99,300,20\r\n"  # 320 > 256: skipped
+        "2023-11-16 18:15:51.00,12,30\r\n"
+        "2023-11-16 18:15:52.00,0,5\r\n"  # empty prompt: skipped as invalid
+        "2023-11-16 18:15:53.00,100,100\r\n"
+        "2023-11-16 18:15:54.00,7,1\r\n"
+    )
+    return path

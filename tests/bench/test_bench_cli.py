@@ -1,0 +1,136 @@
+"""End-to-end `nanoflow bench` on the CPU with a tiny checkpoint: every system, JSON, PNG, markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanoflow.bench import report
+from nanoflow.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+CPU_ARGS = ["--device", "cpu", "--dtype", "float32", "--num-kv-pages", "64", "--no-tqdm",
+            "--peak-seconds", "0.05"]
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_parser_knows_the_options() -> None:
+    args = build_parser().parse_args(["bench", "--dummy", "llama3-8b", "--workload", "trace:x.csv",
+                                      "--compare", "hf,sequential", "--num-requests", "7",
+                                      "--max-num-seqs", "64"])
+    assert (args.dummy, args.workload, args.compare, args.num_requests, args.max_num_seqs) == (
+        "llama3-8b", "trace:x.csv", "hf,sequential", 7, 64)
+    assert args.output_dir == "benchmarks/results" and args.hf_max_batch == 256
+
+
+def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
+    """The real entry point in a fresh interpreter, as the GPU script runs it."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "nanoflow.cli", "bench", "--model", bench_tiny_llama, "--workload", "32x16",
+           "--num-requests", "8", "--compare", "hf,sequential", "--output-dir", str(out), *CPU_ARGS]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "total tok/s" in proc.stdout and "speedup: nanoflow/hf" in proc.stdout
+
+    result = json.loads(_only(out, "bench_bench-tiny-llama*_32x16_CPU-*.json").read_text())
+    assert _only(out, "*.png").stat().st_size > 5000
+    assert result["schema"] == "nanoflow-bench/1"
+    assert list(result["systems"]) == ["nanoflow", "hf", "sequential"]
+    assert set(result["speedups"]) == {"nanoflow/hf", "nanoflow/sequential"}
+    assert result["peak"]["kind"] == "cpu-small" and result["optimum_tokens_per_s"] > 0
+    assert result["model"]["num_parameters"] == result["model"]["active_parameters"] > 0
+    assert result["workload"]["num_requests"] == 8 and result["workload"]["num_skipped_too_long"] == 0
+    assert result["settings"]["dtype_resolved"] == "float32" and result["environment"]["torch"]
+    for name, s in result["systems"].items():
+        assert s["status"] == "ok", (name, s)
+        assert s["num_requests"] == 8 and s["output_tokens"] == 8 * 16 and s["input_tokens"] == 8 * 32
+        assert s["output_len_mismatches"] == 0
+        tokens = s["input_tokens"] + s["output_tokens"]
+        assert s["total_tokens_per_s"] == pytest.approx(tokens / s["elapsed_s"])
+        assert 0 < s["fraction_of_optimum"]
+    for name in ("nanoflow", "sequential"):
+        s = result["systems"][name]
+        assert s["kv_pool"] == {"pages": 64, "tokens": 1024, "page_bytes": s["kv_pool"]["page_bytes"],
+                                "gib": pytest.approx(64 * s["kv_pool"]["page_bytes"] / 2**30)}
+        assert s["num_preemptions"] == 0 and s["warmup"]["num_requests"] == 8
+    assert result["systems"]["sequential"]["options"] == {"enforce_eager": True}
+    assert result["systems"]["hf"]["batch_size"] == 8 and result["systems"]["hf"]["input_len"] == 32
+
+    md = report.markdown_table([result])
+    assert md.count("\n") == 1 + 3 and "| bench_tiny_llama" in md
+
+
+def test_trace_run_in_process(bench_tiny_llama: str, trace_csv: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", bench_tiny_llama, "--workload", f"trace:{trace_csv}",
+               "--output-dir", str(out), "--no-plot", "--num-warmup", "2", *CPU_ARGS])
+    assert rc == 0
+    result = json.loads(_only(out, "bench_*_trace-trace_*.json").read_text())
+    w = result["workload"]
+    counts = (w["num_rows"], w["num_requests"], w["num_skipped_too_long"], w["num_skipped_invalid"])
+    assert counts == (6, 4, 1, 1)
+    s = result["systems"]["nanoflow"]
+    assert s["output_tokens"] == 8 + 30 + 100 + 1 and s["input_tokens"] == 40 + 12 + 100 + 7
+    assert s["warmup"]["num_requests"] == 2 and result["speedups"] == {} and result["files"]["png"] is None
+    assert "skipped 1 over max_model_len=256, 1 empty" in capsys.readouterr().out
+
+
+def test_a_failing_system_keeps_the_others(bench_tiny_llama: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import nanoflow.bench.hf_baseline as hf
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(hf, "run_hf_baseline", boom)
+    rc = main(["bench", "--model", bench_tiny_llama, "--workload", "16x4", "--num-requests", "3",
+               "--compare", "hf", "--output-dir", str(tmp_path), *CPU_ARGS])
+    assert rc == 1
+    result = json.loads(_only(tmp_path, "*.json").read_text())
+    assert result["systems"]["nanoflow"]["status"] == "ok"
+    assert result["systems"]["hf"]["status"] == "error" and "simulated" in result["systems"]["hf"]["error"]
+    assert result["speedups"] == {}
+    assert _only(tmp_path, "*.png").is_file()  # the chart shows what did finish
+    assert "hf failed: RuntimeError" in report.format_table(result)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compare", "vllm"], "--compare accepts"),
+    (["--workload", "512"], "--workload must be"),
+    (["--dtype", "int8"], "--dtype must be"),
+])
+def test_bad_arguments(bench_tiny_llama: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                       argv: list[str], message: str) -> None:
+    rc = main(["bench", "--model", bench_tiny_llama, "--output-dir", str(tmp_path), "--device", "cpu", *argv])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--output-dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert "--model PATH or --dummy NAME" in capsys.readouterr().err
+
+
+def test_report_module_plots_and_tabulates(bench_tiny_llama: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--model", bench_tiny_llama, "--workload", "8x4", "--num-requests", "2", "--no-plot",
+               "--output-dir", str(tmp_path), *CPU_ARGS])
+    assert rc == 0
+    path = _only(tmp_path, "*.json")
+    capsys.readouterr()
+    assert report.main([str(path), str(path), "--plot"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("| model | workload |") and md.count("| nanoflow |") == 2
+    assert path.with_suffix(".png").is_file()
