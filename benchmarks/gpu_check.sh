@@ -17,9 +17,10 @@
 #   BENCH_MODEL          bench model arguments (default "--dummy llama3-8b")
 #   TRACE                trace CSV (default benchmarks/data/splitwise_azure_conv_2023.csv)
 #   FIXED_WORKLOAD       the fixed workload (default 512x512)
-#   COMPARE              baselines (default hf,sequential)
+#   COMPARE              baselines, run in this order after nanoflow (default sequential,hf)
 #   HF_MAX_BATCH, HF_NUM_REQUESTS   bounds of the Hugging Face baseline (default 256, one batch)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
+#   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
 #   TESTS_S, KERNELS_S, TRACE_S, FIXED_S   per-step caps in seconds (default 90, 150, 200, 200)
 
 set -u -o pipefail
@@ -37,10 +38,13 @@ NUM_REQUESTS=${NUM_REQUESTS:-400}
 BENCH_MODEL=${BENCH_MODEL:---dummy llama3-8b}
 TRACE=${TRACE:-benchmarks/data/splitwise_azure_conv_2023.csv}
 FIXED_WORKLOAD=${FIXED_WORKLOAD:-512x512}
-COMPARE=${COMPARE:-hf,sequential}
+# sequential before hf: if a step runs out of time, the same-run comparison with our own eager
+# mode is the one to keep (gpu-facts.md already has HF figures).
+COMPARE=${COMPARE:-sequential,hf}
 HF_MAX_BATCH=${HF_MAX_BATCH:-256}
 HF_NUM_REQUESTS=${HF_NUM_REQUESTS:-}
 BENCH_EXTRA=${BENCH_EXTRA:-}
+KERNEL_CHECK_ARGS=${KERNEL_CHECK_ARGS:-}
 declare -A CAP=([tests]=${TESTS_S:-90} [kernels]=${KERNELS_S:-150} [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
 # Time kept back for each later step, so an early step cannot eat the whole budget.
 declare -A RESERVE=([tests]=30 [kernels]=60 [trace]=120 [fixed]=120)
@@ -71,6 +75,7 @@ run_step() {
   rc=$?
   local verdict=ok
   if (( rc == 124 || rc == 137 )); then verdict="TIMED OUT"; elif (( rc != 0 )); then verdict="FAILED rc=$rc"; fi
+  (( rc != 0 )) && echo  # a killed step may leave its last line unfinished
   echo "$name: $verdict after $(( $(date +%s) - t0 ))s (log $log)" | tee -a "$SUMMARY"
 }
 
@@ -115,7 +120,8 @@ fi
 
 : > "$SUMMARY"
 wanted tests && run_step tests tests.log pytest_gpu
-wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT"
+# shellcheck disable=SC2086  # KERNEL_CHECK_ARGS is an argument list
+wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT" $KERNEL_CHECK_ARGS
 wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
 wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"
 

@@ -76,17 +76,19 @@ def run_hf_baseline(
     batch = max(1, min(max_batch, estimate))
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def generate(model: torch.nn.Module, bs: int, new_tokens: int) -> int:
+    def generate(model: torch.nn.Module, bs: int, new_tokens: int) -> tuple[float, int]:
+        """(seconds, new tokens per row) of one generate call; prompt creation is not timed."""
         ids = torch.randint(0, arch.vocab_size, (bs, input_len), generator=gen).to(device)
         mask = torch.ones_like(ids)
         if on_gpu:
             torch.cuda.synchronize(device)
+        t = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
         if on_gpu:
             torch.cuda.synchronize(device)
-        return int(out.shape[1] - input_len)
+        return time.perf_counter() - t, int(out.shape[1] - input_len)
 
     # Warm-up: cuBLAS handles, SDPA kernel choice, allocator pools.
     generate(model, min(2, batch), min(4, output_len))
@@ -97,27 +99,30 @@ def run_hf_baseline(
         bs = min(batch, limit)
         num_batches = max(1, limit // bs)  # whole batches only: a small tail batch would understate HF
         elapsed, new_tokens, mismatches = 0.0, 0, 0
+        bar = tqdm(total=num_batches * bs, desc=f"hf generate (batch {bs})", unit="req", disable=not use_tqdm,
+                   leave=False)
+        oom = False
         try:
-            bar = tqdm(total=num_batches * bs, desc=f"hf generate (batch {bs})", unit="req",
-                       disable=not use_tqdm, leave=False)
             for _ in range(num_batches):
-                t = time.perf_counter()
-                got = generate(model, bs, output_len)
-                elapsed += time.perf_counter() - t
+                seconds, got = generate(model, bs, output_len)
+                elapsed += seconds
                 new_tokens += got * bs
                 mismatches += bs if got != output_len else 0
                 bar.update(bs)
-            bar.close()
-            break
         except torch.OutOfMemoryError:
-            bar.close()
-            retries += 1
-            if bs == 1 or retries > _MAX_OOM_RETRIES:
+            if bs == 1 or retries >= _MAX_OOM_RETRIES:
                 raise
-            batch = max(1, bs * 3 // 4)
-            log.warning("hf generate ran out of memory at batch %d; retrying at %d", bs, batch)
-            gc.collect()
-            torch.cuda.empty_cache()
+            oom = True
+        finally:
+            bar.close()
+        if not oom:
+            break
+        # Out here the failed call's frames (and its partial KV cache) are gone, so memory can be freed.
+        retries += 1
+        batch = max(1, bs * 3 // 4)
+        log.warning("hf generate ran out of memory at batch %d; retrying at %d", bs, batch)
+        gc.collect()
+        torch.cuda.empty_cache()
 
     n = num_batches * bs
     in_tokens = n * input_len

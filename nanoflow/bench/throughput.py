@@ -223,6 +223,8 @@ def run_engine(
         "total_tokens_per_s": (in_tok + out_tok) / elapsed,
         "output_tokens_per_s": out_tok / elapsed,
         "num_preemptions": None if preempt1 is None else preempt1 - preempt0,
+        # GPU busy inside steps vs idle between them (CUDA events; generate() resets them per call).
+        "step_stats": engine.stats.summary(),
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                             if device.type == "cuda" else None),
     })
@@ -323,10 +325,13 @@ def run_bench(args: argparse.Namespace) -> int:
             log.error("%s failed: %s", name, e)
             res = {"status": "error", "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc(limit=8)}
-        _free_memory(device)
-        if device.type == "cuda":
-            # Non-zero here means the system leaked GPU memory into the next one's budget.
-            res["memory_allocated_after_free_gib"] = torch.cuda.memory_allocated(device) / 2**30
+        try:
+            _free_memory(device)
+            if device.type == "cuda":
+                # Non-zero here means the system leaked GPU memory into the next one's budget.
+                res["memory_allocated_after_free_gib"] = torch.cuda.memory_allocated(device) / 2**30
+        except Exception as e:  # e.g. a sticky CUDA error: record it, let the next systems report theirs
+            res["cleanup_error"] = f"{type(e).__name__}: {e}"
         if res.get("status") == "ok" and result["optimum_tokens_per_s"]:
             res["fraction_of_optimum"] = res["total_tokens_per_s"] / result["optimum_tokens_per_s"]
         result["systems"][name] = res

@@ -38,7 +38,8 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "nanoflow.cli", "bench", "--model", bench_tiny_llama, "--workload", "32x16",
            "--num-requests", "8", "--compare", "hf,sequential", "--output-dir", str(out), *CPU_ARGS]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "total tok/s" in proc.stdout and "speedup: nanoflow/hf" in proc.stdout
@@ -134,3 +135,22 @@ def test_report_module_plots_and_tabulates(bench_tiny_llama: str, tmp_path: Path
     md = capsys.readouterr().out
     assert md.startswith("| model | workload |") and md.count("| nanoflow |") == 2
     assert path.with_suffix(".png").is_file()
+
+
+def test_dummy_path_with_a_shrunken_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dummy: config.json written, random weights in the engine (load_format=dummy) and in HF."""
+    from nanoflow.bench import dummy_models
+
+    tiny = {**dummy_models.DUMMY_CONFIGS["llama3-8b"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+            "max_position_embeddings": 256}
+    monkeypatch.setitem(dummy_models.DUMMY_CONFIGS, "llama3-8b", tiny)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the config folder goes under the temp dir
+    out = tmp_path / "out"
+    rc = main(["bench", "--dummy", "llama3-8b", "--workload", "100x40", "--num-requests", "3",
+               "--compare", "hf", "--output-dir", str(out), "--no-plot", *CPU_ARGS])
+    assert rc == 0
+    result = json.loads(_only(out, "bench_llama3-8b_100x40_*.json").read_text())
+    assert result["model"]["load_format"] == "dummy" and result["model"]["vocab_size"] == 300
+    assert result["model"]["path"].startswith(str(tmp_path))
+    assert all(s["status"] == "ok" for s in result["systems"].values())
