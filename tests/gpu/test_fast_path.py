@@ -25,7 +25,8 @@ def test_fast_path_matches_eager_bf16(tiny_model, arch):
     runs = {}
     for eager in (True, False):
         llm = LLM(path, dtype="bfloat16", max_model_len=512, max_num_batched_tokens=256, enforce_eager=eager,
-                  gpu_memory_utilization=0.3)
+                  num_kv_pages=2048,
+
         runs[eager] = llm.generate(prompts, params, use_tqdm=False)
         del llm
     same = total = 0
@@ -52,7 +53,7 @@ def test_llama3_8b_shaped_teacher_forcing(tmp_path):
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
     hf.save_pretrained(tmp_path)
     prompts = _prompts(8, 128256, seed=1)
-    llm = LLM(str(tmp_path), skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.5)
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, max_model_len=1024, num_kv_pages=4096)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1), use_tqdm=False)
     del llm
