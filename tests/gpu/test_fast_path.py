@@ -25,8 +25,7 @@ def test_fast_path_matches_eager_bf16(tiny_model, arch):
     runs = {}
     for eager in (True, False):
         llm = LLM(path, dtype="bfloat16", max_model_len=512, max_num_batched_tokens=256, enforce_eager=eager,
-                  num_kv_pages=2048,
-
+                  num_kv_pages=2048)
         runs[eager] = llm.generate(prompts, params, use_tqdm=False)
         del llm
     same = total = 0
