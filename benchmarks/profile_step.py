@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--warm-steps", type=int, default=40)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cprofile", action="store_true", help="also print where the CPU time of a step goes")
     args = ap.parse_args()
     path = dummy_model_dir(args.dummy)
     llm = LLM(path, load_format="dummy", skip_tokenizer_init=True, enforce_eager=args.eager)
@@ -58,6 +59,17 @@ def main() -> None:
     sched = eng.scheduler
     batch = {"running": len(sched.running), "waiting": len(sched.waiting),
              "mean_context": sum(s.num_tokens for s in sched.running) / max(1, len(sched.running))}
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prof_cpu = cProfile.Profile()
+        prof_cpu.enable()
+        for _ in range(args.steps):
+            eng.step()
+        torch.cuda.synchronize()
+        prof_cpu.disable()
+        pstats.Stats(prof_cpu).sort_stats("tottime").print_stats(25)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             eng.step()

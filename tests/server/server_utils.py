@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,16 +77,20 @@ def stop_server(server: Server, timeout: float = 30.0) -> int:
 
 
 
-def scrape(url: str) -> dict[str, float]:
-    """/metrics as {name{labels}: value} (label text kept verbatim)."""
-    out = {}
+_SAMPLE = re.compile(r"^([^{\s]+)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """/metrics as (name, labels, value) samples."""
+    out = []
     for line in httpx.get(f"{url}/metrics", timeout=10.0).text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
+        m = _SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            out.append((m[1], dict(_LABEL.findall(m[2] or "")), float(m[3])))
     return out
 
 
-def metric(samples: dict[str, float], name: str) -> float:
-    """Sum of a metric's samples over all label sets."""
-    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+def metric(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    """Sum of a metric's samples over the label sets that match `labels`."""
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
