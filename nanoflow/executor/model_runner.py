@@ -118,8 +118,7 @@ class ModelRunner:
                 sample_at.append(offset - 1)
         batch = self._build_batch(token_ids, starts, lens, tables, sample_at, len(sched.decodes))
         if fill_at:
-            idx = torch.tensor(fill_at, dtype=torch.int64).to(self.device, non_blocking=True)
-            rows = torch.tensor(fill_from, dtype=torch.int64).to(self.device, non_blocking=True)
+            idx, rows = self.upload(np.asarray(fill_at, dtype=np.int64), np.asarray(fill_from, dtype=np.int64))
             batch.input_ids[idx] = prev.sampled.tokens[rows]
         return batch
 
@@ -140,21 +139,35 @@ class ModelRunner:
         slots = table[seq_of_token, positions // PAGE_SIZE].astype(np.int64) * PAGE_SIZE + positions % PAGE_SIZE
         flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(qstart[-1]))
 
-        def dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(self.device, non_blocking=True)
-
+        ids, pos, slot, logit_idx = self.upload(flat_ids, positions, slots, np.asarray(sample_at, dtype=np.int64))
+        qs, lens, bt = self.upload(qstart, np.asarray(seq_lens, dtype=np.int32), table)
         return ForwardBatch(
-            input_ids=dev(flat_ids),
-            positions=dev(positions),
-            slot_mapping=dev(slots),
-            query_start_loc=dev(qstart),
-            seq_lens=dev(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=dev(table),
-            logits_indices=dev(np.asarray(sample_at, dtype=np.int64)),
+            input_ids=ids,
+            positions=pos,
+            slot_mapping=slot,
+            query_start_loc=qs,
+            seq_lens=lens,
+            block_tables=bt,
+            logits_indices=logit_idx,
             num_decodes=num_decodes,
             seq_lens_cpu=list(seq_lens),
             query_lens_cpu=qlens.tolist(),
         )
+
+    def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """Host arrays of one dtype -> device tensors, in one copy from pinned memory. A copy from
+        pageable memory would make the CPU wait for the GPU work queued before it, which would
+        undo the overlap of scheduling with the previous step."""
+        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        host = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        out, off = [], 0
+        for a in arrays:
+            out.append(dev[off : off + a.size].view(a.shape))
+            off += a.size
+        return out
 
     def sampling_metadata(self, sched: SchedulerOutput, eos_token_ids: set[int]) -> SamplingMetadata:
         seqs = [s.seq for s in sched.seqs if s.samples]
@@ -162,13 +175,15 @@ class ModelRunner:
         dev, V = self.device, self.arch.vocab_size
 
         def f32(vals: list) -> torch.Tensor:
-            return torch.tensor(vals, dtype=torch.float32, device=dev)
+            return self.upload(np.asarray(vals, dtype=np.float32))[0]
 
+        temperature, top_p, min_p = self.upload(*(np.asarray([getattr(p, k) for p in params], dtype=np.float32)
+                                                  for k in ("temperature", "top_p", "min_p")))
         meta = SamplingMetadata(
-            temperature=f32([p.temperature for p in params]),
-            top_p=f32([p.top_p for p in params]),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else V for p in params], dtype=torch.int64, device=dev),
-            min_p=f32([p.min_p for p in params]),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=self.upload(np.asarray([p.top_k if p.top_k > 0 else V for p in params], dtype=np.int64))[0],
+            min_p=min_p,
             generators=[s.generator for s in seqs],
             all_greedy=all(p.greedy for p in params),
             any_top_p_k_min_p=any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params),

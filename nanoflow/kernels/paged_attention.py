@@ -140,7 +140,9 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     assert page_size & (page_size - 1) == 0, "page_size must be a power of two"
 
 
-@triton.jit
+# Batch-dependent integers are not specialised on (== 1, multiple of 16): otherwise every new mix
+# of batch size and context split would compile another variant in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "num_parts", "partition", "sliding_window"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -210,7 +212,7 @@ def _decode_kernel(
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_parts", "partition", "sliding_window"])
 def _decode_reduce_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, out_ptr,
     num_seqs, num_q_heads, num_parts, partition, sliding_window,

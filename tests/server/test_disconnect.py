@@ -1,0 +1,74 @@
+"""Clients that hang up mid-stream: their requests are aborted inside the engine at once and every
+KV page comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from server_utils import MODEL_NAME, metric, scrape
+
+STREAMS = 50
+MAX_TOKENS = 200  # far more than is read: the requests are still generating when the clients leave
+
+
+async def _open_and_leave(client: httpx.AsyncClient, i: int, chat: bool) -> int:
+    if chat:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Tell me a story {i}"}]}
+    else:
+        path, body = "/v1/completions", {"prompt": f"Once upon a time {i}"}
+    body |= {"model": MODEL_NAME, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+    chunks = 0
+    async with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                assert line != "data: [DONE]", "the request finished before the client left"
+                chunks += 1
+                if chunks == 3:
+                    break
+    # Leaving the block closes the connection mid-stream.
+    return chunks
+
+
+def _wait_idle(url: str, timeout: float) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(url)
+        idle = (metric(m, "nanoflow:num_requests_running") == 0 and metric(m, "nanoflow:num_requests_waiting") == 0
+                and metric(m, "nanoflow:kv_pages_free") == metric(m, "nanoflow:kv_pages_total"))
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def test_cancelled_streams_free_everything(server):
+    aborted_before = metric(scrape(server.url), "nanoflow:request_success_total", finished_reason="abort")
+    tokens_before = metric(scrape(server.url), "nanoflow:generation_tokens_total")
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=STREAMS)
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60.0, limits=limits) as c:
+            return await asyncio.gather(*(_open_and_leave(c, i, chat=i % 2 == 1) for i in range(STREAMS)))
+
+    assert all(n == 3 for n in asyncio.run(run()))
+    left = time.monotonic()
+    m = _wait_idle(server.url, timeout=10.0)
+    freed_after = time.monotonic() - left
+    assert metric(m, "nanoflow:num_requests_running") == 0
+    assert metric(m, "nanoflow:num_requests_waiting") == 0
+    assert metric(m, "nanoflow:kv_pages_free") == metric(m, "nanoflow:kv_pages_total") > 0
+    assert metric(m, "nanoflow:kv_cache_usage_perc") == 0
+    # Aborted, not run to completion: every request counted as aborted, and far fewer tokens were
+    # generated than 50 x 200.
+    aborted = metric(m, "nanoflow:request_success_total", finished_reason="abort") - aborted_before
+    assert aborted == STREAMS
+    generated = metric(m, "nanoflow:generation_tokens_total") - tokens_before
+    assert generated < STREAMS * MAX_TOKENS / 2, generated
+    print(f"\n{STREAMS} cancelled streams: engine idle {freed_after * 1000:.0f} ms after the last client left, "
+          f"{generated:.0f} tokens generated of {STREAMS * MAX_TOKENS}")
+    # And the server still serves.
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers,
+                   json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
