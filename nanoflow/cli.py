@@ -15,7 +15,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="dense token budget per iteration (default 2048 on GPU, 512 on CPU)")
     p.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")

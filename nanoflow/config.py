@@ -25,7 +25,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 256
+    max_num_seqs: int = 1024
     max_num_batched_tokens: int | None = None
     num_kv_pages: int | None = None
     gpu_memory_utilization: float = 0.9
