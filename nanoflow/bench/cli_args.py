@@ -55,7 +55,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "float16 | float32; used by every system")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-seqs", type=int, default=1024)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
     e.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
