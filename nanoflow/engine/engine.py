@@ -107,14 +107,15 @@ class LLMEngine:
         return bool(self.requests)
 
     # --- one iteration ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Launches one dense-batch iteration and, while the GPU runs it, processes the previous
         one (NanoFlow's asynchronous scheduling: a sequence that stopped is retired one step late).
-        Returns the outputs of requests that made progress in the processed step."""
+        Returns the outputs of requests that made progress in the processed step (only those that
+        finished with finished_only, which spares offline runs a copy of every output per step)."""
         outputs: list[RequestOutput] = []
         if self._pending is not None and any(s.params.has_penalties for s in self._pending.seqs):
             # Penalties need every sampled token on the CPU before the next step is prepared.
-            outputs, self._pending = self._process(self._pending), None
+            outputs, self._pending = self._process(self._pending, finished_only), None
         sched = self.scheduler.schedule()
         launched = None
         if not sched.empty:
@@ -123,11 +124,11 @@ class LLMEngine:
             for seq in launched.seqs:
                 seq.num_inflight += 1
         if self._pending is not None:
-            outputs += self._process(self._pending)
+            outputs += self._process(self._pending, finished_only)
         self._pending = launched
         return outputs
 
-    def _process(self, step: InFlight) -> list[RequestOutput]:
+    def _process(self, step: InFlight, finished_only: bool) -> list[RequestOutput]:
         result = step.result()
         self.stats.record(step)
         touched: dict[str, Request] = {}
@@ -146,9 +147,11 @@ class LLMEngine:
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for rid, req in touched.items():
-            outputs.append(self.output_processor.request_output(req))
             if req.finished:
                 del self.requests[rid]
+            elif finished_only:
+                continue
+            outputs.append(self.output_processor.request_output(req))
         return outputs
 
     # --- introspection (metrics, tests) ----------------------------------------------------------

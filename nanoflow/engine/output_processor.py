@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from nanoflow.engine.request import Logprob, Request, RequestOutput, Sequence, CompletionOutput
+from nanoflow.engine.request import CompletionOutput, Logprob, Request, RequestOutput, Sequence
 
 # Tokens of prompt context decoded beside new tokens, so tokenizers that drop a leading space
 # when a piece is decoded alone (sentencepiece) still produce the right text.
@@ -51,16 +51,16 @@ class OutputProcessor:
     def _detokenize(self, seq: Sequence) -> str:
         if self.tokenizer is None:
             return ""
-        ids = seq.all_token_ids
+        ids = seq.token_slice(seq.prefix_offset)
         skip = seq.params.skip_special_tokens
-        before = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        before = self.tokenizer.decode(ids[: seq.read_offset - seq.prefix_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(ids, skip_special_tokens=skip)
         # A trailing U+FFFD means a multi-byte character is split across tokens: wait for the rest.
         if len(full) <= len(before) or full.endswith("\ufffd"):
             return ""
         new = full[len(before) :]
         seq.text += new
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.prefix_offset + len(ids)
         return new
 
     @staticmethod

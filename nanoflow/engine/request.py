@@ -60,6 +60,16 @@ class Sequence:
         """The tokens known on the CPU (in-flight ones excluded)."""
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, stop: int | None = None) -> list[int]:
+        """all_token_ids[start:stop] without building the whole list (called per step per sequence)."""
+        n_prompt = len(self.prompt_token_ids)
+        stop = len(self.prompt_token_ids) + len(self.output_token_ids) if stop is None else stop
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt : stop - n_prompt]
+        if stop <= n_prompt:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n_prompt]
+
     @property
     def will_finish(self) -> bool:
         """True when the tokens already sampled reach max_tokens: no further step is needed."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from nanoflow.config import PAGE_SIZE
 from nanoflow.engine.kv_cache import BlockManager
-from nanoflow.engine.request import Sequence, SeqStatus
+from nanoflow.engine.request import SeqStatus, Sequence
 
 
 @dataclass

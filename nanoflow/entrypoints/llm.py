@@ -60,7 +60,7 @@ class LLM:
         bar.update(len(results))
         n_tokens = 0
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(finished_only=True):
                 if out.finished:
                     results[out.request_id] = out
                     bar.update(1)

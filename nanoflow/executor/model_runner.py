@@ -104,7 +104,7 @@ class ModelRunner:
         for s in sched.seqs:
             seq = s.seq
             start = seq.num_computed_tokens
-            ids = seq.all_token_ids[start : start + s.num_new_tokens]
+            ids = seq.token_slice(start, min(start + s.num_new_tokens, seq.num_tokens - seq.num_inflight))
             if len(ids) < s.num_new_tokens:  # the last token is the one sampled by `prev`
                 fill_at.append(offset + len(ids))
                 fill_from.append(prev_rows[seq.seq_id])

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
 from tqdm.auto import tqdm
+from transformers import AutoConfig, PretrainedConfig
 
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.arch import ModelArch

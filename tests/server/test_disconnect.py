@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 from server_utils import MODEL_NAME, metric, scrape
 
 STREAMS = 50
@@ -15,7 +16,8 @@ MAX_TOKENS = 200  # far more than is read: the requests are still generating whe
 
 async def _open_and_leave(client: httpx.AsyncClient, i: int, chat: bool) -> int:
     if chat:
-        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Tell me a story {i}"}]}
+        messages = [{"role": "user", "content": f"Tell me a story {i}"}]
+        path, body = "/v1/chat/completions", {"messages": messages}
     else:
         path, body = "/v1/completions", {"prompt": f"Once upon a time {i}"}
     body |= {"model": MODEL_NAME, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
@@ -36,20 +38,21 @@ def _wait_idle(url: str, timeout: float) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = scrape(url)
-        idle = (metric(m, "nanoflow:num_requests_running") == 0 and metric(m, "nanoflow:num_requests_waiting") == 0
-                and metric(m, "nanoflow:kv_pages_free") == metric(m, "nanoflow:kv_pages_total"))
+        busy = metric(m, "nanoflow:num_requests_running") + metric(m, "nanoflow:num_requests_waiting")
+        idle = busy == 0 and metric(m, "nanoflow:kv_pages_free") == metric(m, "nanoflow:kv_pages_total")
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.05)
 
 
-def test_cancelled_streams_free_everything(server):
+def test_cancelled_streams_free_everything(server, capsys):
     aborted_before = metric(scrape(server.url), "nanoflow:request_success_total", finished_reason="abort")
     tokens_before = metric(scrape(server.url), "nanoflow:generation_tokens_total")
 
     async def run() -> list[int]:
         limits = httpx.Limits(max_connections=STREAMS)
-        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60.0, limits=limits) as c:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60.0,
+                                     limits=limits) as c:
             return await asyncio.gather(*(_open_and_leave(c, i, chat=i % 2 == 1) for i in range(STREAMS)))
 
     assert all(n == 3 for n in asyncio.run(run()))
@@ -66,9 +69,21 @@ def test_cancelled_streams_free_everything(server):
     assert aborted == STREAMS
     generated = metric(m, "nanoflow:generation_tokens_total") - tokens_before
     assert generated < STREAMS * MAX_TOKENS / 2, generated
-    print(f"\n{STREAMS} cancelled streams: engine idle {freed_after * 1000:.0f} ms after the last client left, "
-          f"{generated:.0f} tokens generated of {STREAMS * MAX_TOKENS}")
+    with capsys.disabled():
+        print(f"\n{STREAMS} cancelled streams: engine idle {freed_after * 1000:.0f} ms after clients left, "
+              f"{generated:.0f} of {STREAMS * MAX_TOKENS} tokens generated")
     # And the server still serves.
     r = httpx.post(f"{server.url}/v1/completions", headers=server.headers,
                    json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_non_streaming_client_timeout_aborts(server):
+    """A non-streaming client that gives up is noticed through the ASGI disconnect message."""
+    aborted_before = metric(scrape(server.url), "nanoflow:request_success_total", finished_reason="abort")
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 240, "n": 64, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=0.3)
+    m = _wait_idle(server.url, timeout=10.0)
+    assert metric(m, "nanoflow:kv_pages_free") == metric(m, "nanoflow:kv_pages_total")
+    assert metric(m, "nanoflow:request_success_total", finished_reason="abort") == aborted_before + 1

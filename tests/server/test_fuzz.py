@@ -14,7 +14,8 @@ from server_utils import MODEL_NAME
 
 EXAMPLES = 300
 
-_text = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(["Hello world", "The quick", "\n", " "])
+_text = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ["Hello world", "The quick", "\n", " "])
 _junk = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=8), st.lists(st.integers(-5, 500), max_size=4), st.dictionaries(st.text(max_size=4),
@@ -25,9 +26,8 @@ _prompt = st.one_of(_text, st.lists(st.integers(-2, 400), min_size=0, max_size=1
                     st.lists(st.lists(st.integers(0, 383), min_size=1, max_size=6), min_size=1, max_size=2))
 _message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "robot"])},
-    optional={"content": st.one_of(_text, st.none(),
-                                   st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
-                                                                   "text": _text}), max_size=2)),
+    optional={"content": st.one_of(_text, st.none(), st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image_url"]), "text": _text}), max_size=2)),
               "name": _text},
 )
 _stop = st.one_of(_text, st.lists(_text, max_size=3), st.none())
@@ -58,7 +58,8 @@ _VALID_COMPLETION = {**_VALID, "prompt": st.one_of(_text.filter(str.strip),
                      "logprobs": st.integers(0, 5) | st.none(), "echo": st.booleans()}
 _VALID_CHAT = {**_VALID, "messages": st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant"]), "content": _text}), min_size=1, max_size=3),
-    "max_completion_tokens": st.integers(1, 6), "logprobs": st.booleans(), "add_generation_prompt": st.booleans()}
+    "max_completion_tokens": st.integers(1, 6), "logprobs": st.booleans(),
+    "add_generation_prompt": st.booleans()}
 # Hostile values: out of range, unsupported, unknown; each field may also get junk of any type.
 _HOSTILE = {
     "model": st.sampled_from([MODEL_NAME, "other-model", ""]),
@@ -103,7 +104,8 @@ def requests(draw) -> tuple[str, bytes]:
     else:  # one to three hostile fields on top of valid ones
         for name in sorted(draw(st.sets(st.sampled_from(sorted(valid)), max_size=4))):
             body[name] = draw(valid[name])
-        for name in sorted(draw(st.sets(st.sampled_from(sorted(hostile) + [required]), min_size=1, max_size=3))):
+        bad = draw(st.sets(st.sampled_from(sorted(hostile) + [required]), min_size=1, max_size=3))
+        for name in sorted(bad):
             body[name] = draw(_junk if draw(st.booleans()) else hostile[name])
     if "stream" not in body and draw(st.integers(0, 2)) == 0:
         body["stream"] = True

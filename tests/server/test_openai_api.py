@@ -108,8 +108,8 @@ def test_n_and_seed(client):
 
 def test_batch_prompts_and_echo(client, llm):
     tok = llm.get_tokenizer()
-    resp = client.completions.create(model=MODEL_NAME, prompt=["Hello world", "The quick brown fox"], max_tokens=4,
-                                     n=2, temperature=0, extra_body={"ignore_eos": True})
+    resp = client.completions.create(model=MODEL_NAME, prompt=["Hello world", "The quick brown fox"],
+                                     max_tokens=4, n=2, temperature=0, extra_body={"ignore_eos": True})
     # Choice index = prompt index * n + sample index, as OpenAI numbers them.
     assert sorted(c.index for c in resp.choices) == [0, 1, 2, 3]
     assert resp.usage.completion_tokens == 16
@@ -135,8 +135,8 @@ def test_stop_string(client):
                                      temperature=0, stop=[stop], extra_body={"ignore_eos": True})
     assert resp.choices[0].text == base[:cut] and resp.choices[0].finish_reason == "stop"
     texts, finish, _ = _stream_text(client.completions.create(
-        model=MODEL_NAME, prompt="Paris is the capital of", max_tokens=24, temperature=0, stop=stop, stream=True,
-        extra_body={"ignore_eos": True}))
+        model=MODEL_NAME, prompt="Paris is the capital of", max_tokens=24, temperature=0, stop=stop,
+        stream=True, extra_body={"ignore_eos": True}))
     assert texts == {0: base[:cut]} and finish == {0: "stop"}
 
 
@@ -174,7 +174,8 @@ def test_extra_sampling_params_and_lengths(client):
     resp = client.chat.completions.create(
         model=MODEL_NAME, messages=CHATS[1], max_completion_tokens=7, temperature=0.8, top_p=0.9,
         presence_penalty=0.5, frequency_penalty=0.5, seed=1,
-        extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.2, "ignore_eos": True, "min_tokens": 2})
+        extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.2, "ignore_eos": True,
+                    "min_tokens": 2})
     assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 7
     # max_tokens omitted in chat: generation may run up to max_model_len.
     resp = client.chat.completions.create(model=MODEL_NAME, messages=CHATS[0], temperature=0,

@@ -13,7 +13,7 @@ import pytest
 from server_utils import MODEL_NAME, start_server
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
 def test_signal_drains_in_flight_streams_and_exits_0(model_path, tmp_path, sig):
     srv = start_server(model_path, tmp_path / "server.log")
     try:

@@ -26,6 +26,7 @@ from nanoflow.entrypoints.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     OpenAIError,
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 
 # Probes and scrapers must work without the API key.
 _OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-                     "/detokenize"})
+_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                     "/tokenize", "/detokenize"})
 
 
 class _Gate:
@@ -54,7 +55,10 @@ class _Gate:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in _ROUTES else ("/v1/models/{model}" if path.startswith("/v1/models/") else "other")
+        # A bounded label set: unknown paths (scanners, typos) all count as "other".
+        route = path if path in _ROUTES else "other"
+        if path.startswith("/v1/models/"):
+            route = "/v1/models/{model}"
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start" and self.metrics is not None:
@@ -108,11 +112,13 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     install_error_handlers(app)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
 
-    @app.post("/v1/completions")
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
+
+    @app.post("/v1/completions", responses=errors)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(ctx, body, raw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=errors)
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(ctx, body, raw)
 
@@ -142,7 +148,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=errors)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -153,7 +159,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
             ids = ctx.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=async_engine.max_model_len)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=errors)
     async def detokenize(body: DetokenizeRequest) -> Response:
         ctx.check_model(body.model)
         text = ctx.decode(body.tokens)
@@ -195,8 +201,8 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     metrics = EngineMetrics(name)
     async_engine = AsyncEngine(LLMEngine(config), metrics)
     app = build_app(async_engine, name, api_key)
-    log.info("serving %s as %r on http://%s:%d (max_model_len=%d, %d KV pages)", config.model, name, host, port,
-             async_engine.max_model_len, async_engine.num_pages)
+    log.info("serving %s as %r on http://%s:%d (max_model_len=%d, %d KV pages)", config.model, name, host,
+             port, async_engine.max_model_len, async_engine.num_pages)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on",
                                     timeout_graceful_shutdown=int(graceful_timeout_s)))
     server.run()

@@ -34,13 +34,34 @@ class EngineStepError(RuntimeError):
     """A step raised inside the engine; the requests in flight then were failed with this."""
 
 
+class _Mailbox:
+    """A latest-value slot, used on the event loop only. Outputs are cumulative, so a newer one
+    replaces an unread older one: a stalled client holds one output, not one per step."""
+
+    def __init__(self) -> None:
+        self._item: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if not isinstance(self._item, BaseException):  # an error is final
+            self._item = item
+            self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while self._item is None:
+            self._ready.clear()
+            await self._ready.wait()
+        item, self._item = self._item, None
+        return item
+
+
 @dataclass(eq=False)
 class _Stream:
-    """One engine request as the engine thread sees it; the queue belongs to `loop`."""
+    """One engine request as the engine thread sees it; mailbox and future belong to `loop`."""
 
     request_id: str
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    mailbox: _Mailbox
     accepted: asyncio.Future
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -62,10 +83,7 @@ class _Abort:
 
 class RequestStream:
     """Async iterator over one request's cumulative outputs; ends after the finished one.
-
-    Outputs are cumulative, so when the consumer falls behind it skips straight to the newest one
-    queued: a slow client costs fewer, larger chunks instead of a growing backlog.
-    """
+    A consumer that falls behind skips straight to the newest output: fewer, larger chunks."""
 
     def __init__(self, engine: AsyncEngine, stream: _Stream) -> None:
         self._engine = engine
@@ -82,10 +100,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        queue = self._stream.queue
-        item = await queue.get()
-        while not queue.empty():
-            item = queue.get_nowait()
+        item = await self._stream.mailbox.get()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -133,7 +148,8 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.dead is None and self._thread is not None and self._thread.is_alive() and not self._stopping
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.dead is None and not self._stopping
 
     # --- requests (event-loop side) --------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
@@ -141,7 +157,7 @@ class AsyncEngine:
         """Queues a request; returns once the engine accepted it. Raises the engine's ValueError
         when it rejected the request (prompt too long, bad token ids, ...)."""
         loop = asyncio.get_running_loop()
-        stream = _Stream(request_id, loop, asyncio.Queue(), loop.create_future())
+        stream = _Stream(request_id, loop, _Mailbox(), loop.create_future())
         self._submit(_Add(stream, prompt, prompt_token_ids, params))
         try:
             await stream.accepted
@@ -211,7 +227,7 @@ class AsyncEngine:
             stream = self._streams.pop(cmd.request_id, None)
             if stream is not None:
                 if out is not None:
-                    self._post(stream.loop, stream.queue.put_nowait, out)
+                    self._post(stream.loop, stream.mailbox.put, out)
                 self._finished(stream, "abort")
             return
         s = cmd.stream
@@ -246,7 +262,7 @@ class AsyncEngine:
             if stream.first_token_at is None and n > 0:
                 stream.first_token_at = now
             stream.num_generated = n
-            self._post(stream.loop, stream.queue.put_nowait, out)
+            self._post(stream.loop, stream.mailbox.put, out)
             if out.finished:
                 del self._streams[out.request_id]
                 self._finished(stream, out.outputs[0].finish_reason or "stop",
@@ -270,18 +286,23 @@ class AsyncEngine:
             except Exception:
                 log.exception("abort of %s failed", rid)
                 continue
-            stream = self._streams.pop(rid, None)
-            if stream is not None and graceful and out is not None:
-                self._post(stream.loop, stream.queue.put_nowait, out)
+            stream = self._streams.get(rid) if graceful and out is not None else None
+            if stream is not None:
+                del self._streams[rid]
+                self._post(stream.loop, stream.mailbox.put, out)
                 self._finished(stream, "abort")
-        self._fail_streams(error)
+        self._fail_streams(error)  # the streams left get `error`
 
     def _fail_streams(self, error: BaseException) -> None:
         for stream in self._streams.values():
-            self._post(stream.loop, stream.queue.put_nowait, error)
+            self._post(stream.loop, stream.mailbox.put, error)
             self._finished(stream, "error")
         self._streams.clear()
-        # Adds still queued (behind a stop, or after a crash) are refused, not left waiting forever.
+        if isinstance(error, EngineDeadError):
+            self._refuse_pending(error)
+
+    def _refuse_pending(self, error: BaseException) -> None:
+        """Adds still queued behind a stop or a crash are refused, not left waiting forever."""
         with self._cv:
             leftover = [c for c in self._commands if isinstance(c, _Add)]
             self._commands = deque(c for c in self._commands if not isinstance(c, _Add))

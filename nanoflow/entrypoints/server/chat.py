@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from nanoflow.engine.request import Logprob, RequestOutput
 from nanoflow.entrypoints.server.async_engine import EngineDeadError, EngineStepError, RequestStream
@@ -28,6 +28,7 @@ from nanoflow.entrypoints.server.serving import (
     SSE_DONE,
     ChoiceState,
     ClientDisconnected,
+    EngineStreamingResponse,
     ServerContext,
     collect,
     ranked,
@@ -49,12 +50,14 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     (stream,) = await ctx.submit(request_id, [(text, ids)], params, "messages")
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_stream(ctx, req, stream, request_id, created, include_usage),
-                                 media_type="text/event-stream")
+        gen = _stream(ctx, req, stream, request_id, created, include_usage)
+        return EngineStreamingResponse(gen, [stream])
     try:
         (final,) = await until_disconnect(raw, collect([stream]))
     except ClientDisconnected:
-        return Response(status_code=499)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    finally:
+        stream.abort()
     choices = []
     for o in final.outputs:
         lp = _logprobs(o.token_ids, o.logprobs[: len(o.token_ids)], req.top_logprobs or 0) \
@@ -69,7 +72,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 async def _stream(ctx: ServerContext, req: ChatCompletionRequest, stream: RequestStream, request_id: str,
                   created: int, include_usage: bool) -> AsyncIterator[str]:
     def chunk(choice: ChatChunkChoice) -> str:
-        return sse(ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name, choices=[choice]))
+        return sse(ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name,
+                                       choices=[choice]))
 
     states = [ChoiceState() for _ in range(req.n)]
     final: RequestOutput | None = None
@@ -83,10 +87,12 @@ async def _stream(ctx: ServerContext, req: ChatCompletionRequest, stream: Reques
                 d = take_delta(states[o.index], o)
                 if d is None or (not d.text and d.finish_reason is None and d.logprobs is None):
                     continue
-                lp = _logprobs(d.token_ids, d.logprobs, req.top_logprobs or 0) if d.logprobs is not None else None
+                lp = None
+                if d.logprobs is not None:
+                    lp = _logprobs(d.token_ids, d.logprobs, req.top_logprobs or 0)
                 delta = DeltaMessage(content=d.text) if d.text or d.finish_reason is None else DeltaMessage()
-                yield chunk(ChatChunkChoice(index=o.index, delta=delta, logprobs=lp, finish_reason=d.finish_reason,
-                                            stop_reason=d.stop_reason))
+                yield chunk(ChatChunkChoice(index=o.index, delta=delta, logprobs=lp,
+                                            finish_reason=d.finish_reason, stop_reason=d.stop_reason))
         if include_usage:
             yield sse(ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name, choices=[],
                                           usage=UsageInfo(**usage([final]))))
@@ -105,6 +111,6 @@ def _logprobs(ids: list[int], lps: list[dict[int, Logprob]], k: int) -> ChatLogp
         tok = token_text(chosen, tid)
         top = [TopLogprob(token=token_text(lp, t), logprob=lp.logprob, bytes=list(token_text(lp, t).encode()))
                for t, lp in ranked(d, k)]
-        content.append(TokenLogprob(token=tok, logprob=chosen.logprob if chosen is not None else float("-inf"),
-                                    bytes=list(tok.encode()), top_logprobs=top))
+        logprob = chosen.logprob if chosen is not None else float("-inf")
+        content.append(TokenLogprob(token=tok, logprob=logprob, bytes=list(tok.encode()), top_logprobs=top))
     return ChatLogprobs(content=content)

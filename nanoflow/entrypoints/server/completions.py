@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from nanoflow.engine.request import Logprob, RequestOutput
 from nanoflow.entrypoints.server.async_engine import EngineDeadError, EngineStepError, RequestStream
@@ -21,9 +21,11 @@ from nanoflow.entrypoints.server.protocol import (
 )
 from nanoflow.entrypoints.server.serving import (
     MAX_BATCH,
+    MAX_SEQUENCES,
     SSE_DONE,
     ChoiceState,
     ClientDisconnected,
+    EngineStreamingResponse,
     ServerContext,
     collect,
     merge,
@@ -43,6 +45,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     prompts = req.prompts()
     if len(prompts) > MAX_BATCH:
         raise OpenAIError(f"at most {MAX_BATCH} prompts per request, got {len(prompts)}", param="prompt")
+    if len(prompts) * req.n > MAX_SEQUENCES:
+        raise OpenAIError(f"prompts x n must be at most {MAX_SEQUENCES}, got {len(prompts) * req.n}",
+                          param="n")
     inputs: list[tuple[str | None, list[int]]] = []
     for p in prompts:
         if isinstance(p, str):
@@ -51,16 +56,20 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
             inputs.append((None, list(p)))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = await ctx.submit(request_id, inputs, params, "prompt")
     echo = [_echo_text(ctx, text, ids) if req.echo else "" for text, ids in inputs]
+    # Nothing may raise between submit and handing the streams to a response that aborts them.
+    streams = await ctx.submit(request_id, inputs, params, "prompt")
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         gen = _stream(ctx, req, streams, request_id, created, echo, include_usage)
-        return StreamingResponse(gen, media_type="text/event-stream")
+        return EngineStreamingResponse(gen, streams)
     try:
         finals = await until_disconnect(raw, collect(streams))
     except ClientDisconnected:
-        return Response(status_code=499)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    finally:
+        for s in streams:
+            s.abort()
     choices = []
     for i, out in enumerate(finals):
         for o in out.outputs:
@@ -116,7 +125,8 @@ async def _stream(ctx: ServerContext, req: CompletionRequest, streams: list[Requ
             s.abort()
 
 
-def _logprobs(ids: list[int], lps: list[dict[int, Logprob]], offset: int, k: int | None) -> CompletionLogprobs:
+def _logprobs(ids: list[int], lps: list[dict[int, Logprob]], offset: int, k: int | None
+              ) -> CompletionLogprobs:
     out = CompletionLogprobs()
     for tid, d in zip(ids, lps, strict=False):
         chosen = d.get(tid)

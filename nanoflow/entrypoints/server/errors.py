@@ -50,7 +50,9 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "missing":
-        return (f"Missing required parameter: '{'.'.join(loc)}'." if loc else "The request body is required."), param
+        if not loc:
+            return "The request body is required.", None
+        return f"Missing required parameter: '{'.'.join(loc)}'.", param
     where = ".".join(loc) if loc else "body"
     return f"Invalid value for '{where}': {msg}.", param
 

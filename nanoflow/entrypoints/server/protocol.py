@@ -9,7 +9,7 @@ sends them through `extra_body`.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -20,6 +20,7 @@ from nanoflow.sampling_params import SamplingParams
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
 # n sequences are built eagerly per request: a bound keeps one request from flooding the engine.
 MAX_N = 128
+MAX_STOP = 64
 _TOP_K_MAX = 2**31 - 1  # the sampler puts top_k in an int64 tensor
 
 
@@ -58,7 +59,8 @@ class _SamplingFields(_Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    # Stop strings are checked after every token: a bound keeps one request from slowing the batch.
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -72,7 +74,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=1024)] | None = None
     skip_special_tokens: bool = True
 
     def _check_common(self, vocab_size: int) -> None:
@@ -182,7 +184,7 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tool_choice not in (None, "none", "auto"):
             raise OpenAIError("tool_choice is not supported", param="tool_choice")
         if self.response_format is not None and self.response_format.get("type") != "text":
-            raise OpenAIError("only response_format {\"type\": \"text\"} is supported", param="response_format")
+            raise OpenAIError('only response_format {"type": "text"} is supported', param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

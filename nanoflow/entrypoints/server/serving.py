@@ -4,6 +4,7 @@ streaming several engine requests as one, client-disconnect handling, and SSE fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -12,6 +13,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from nanoflow.engine.request import CompletionOutput, Logprob, RequestOutput
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256  # prompts in one completions request
+MAX_SEQUENCES = 1024  # prompts x n: every sequence is built up front, so one request stays bounded
 
 
 @dataclass
@@ -40,7 +44,8 @@ class ServerContext:
 
     def _need_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
-            raise OpenAIError("this server runs without a tokenizer: send prompts as token ids", param="prompt")
+            raise OpenAIError("this server runs without a tokenizer: send prompts as token ids",
+                              param="prompt")
         return self.tokenizer
 
     def encode(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
@@ -54,10 +59,12 @@ class ServerContext:
         tok = self._need_tokenizer()
         bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
         if bad:
-            raise OpenAIError(f"token ids must be in [0, {self.engine.vocab_size}), got {bad[:5]}", param=param)
+            raise OpenAIError(f"token ids must be in [0, {self.engine.vocab_size}), got {bad[:5]}",
+                              param=param)
         return tok.decode(ids)
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[int]]:
+    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool
+                            ) -> tuple[str, list[int]]:
         """The rendered chat prompt and its ids, as LLM.chat builds them."""
         tok = self._need_tokenizer()
         if not tok.chat_template:
@@ -66,12 +73,13 @@ class ServerContext:
             text = tok.apply_chat_template([m.to_template() for m in messages],
                                            add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as e:  # the template raised (e.g. roles out of order) or failed to render
-            raise OpenAIError(f"the chat template could not render these messages: {e}", param="messages") from e
+            raise OpenAIError(f"the chat template could not render these messages: {e}",
+                              param="messages") from e
         # The template writes its own special tokens (BOS), so encode adds none, as transformers does.
         return text, self.encode(text, "messages", add_special_tokens=False)
 
-    async def submit(self, request_id: str, inputs: list[tuple[str | None, list[int]]], params: SamplingParams,
-                     param: str) -> list[RequestStream]:
+    async def submit(self, request_id: str, inputs: list[tuple[str | None, list[int]]],
+                     params: SamplingParams, param: str) -> list[RequestStream]:
         """Adds one engine request per prompt; a rejection aborts the ones already added."""
         streams: list[RequestStream] = []
         try:
@@ -130,52 +138,58 @@ def usage(outputs: Sequence[RequestOutput | None]) -> dict[str, int]:
 
 
 async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
-    """The final output of each stream (queues buffer the others while one is awaited)."""
+    """The final output of each stream (the others' mailboxes hold their latest meanwhile)."""
     finals: list[RequestOutput] = []
-    try:
-        for s in streams:
-            last = None
-            async for out in s:
-                last = out
-            assert last is not None and last.finished
-            finals.append(last)
-    finally:
-        for s in streams:
-            s.abort()
+    for s in streams:
+        last = None
+        async for out in s:
+            last = out
+        assert last is not None and last.finished
+        finals.append(last)
     return finals
 
 
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(stream index, output) from all streams as they arrive."""
+    """(stream index, output) from all streams as they arrive. The next output of a stream is only
+    awaited after its previous one was consumed, so a stalled client buffers nothing here."""
     if len(streams) == 1:
         async for out in streams[0]:
             yield 0, out
         return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, s: RequestStream) -> None:
-        try:
-            async for out in s:
-                queue.put_nowait((i, out))
-        except Exception as e:
-            queue.put_nowait((i, e))
-        finally:
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    pending = {asyncio.ensure_future(s.__anext__()): i for i, s in enumerate(streams)}
     try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, out
+                pending[asyncio.ensure_future(streams[i].__anext__())] = i
     finally:
-        for t in tasks:
-            t.cancel()
+        for task in pending:
+            task.cancel()
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """SSE over engine requests. Whatever ends the response (done, error, client gone, even
+    before the body generator first ran) aborts the engine requests that are still running."""
+
+    def __init__(self, content: AsyncIterator[str], streams: list[RequestStream]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self._streams:
+                s.abort()
+            # Also finalize the body generator now (cancels merge()'s pump tasks) instead of at GC.
+            with contextlib.suppress(RuntimeError):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 class ClientDisconnected(Exception):
