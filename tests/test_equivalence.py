@@ -50,7 +50,7 @@ def test_greedy_matches_transformers(tiny_model, arch):
         budget_seen = []
         schedule = llm.engine.scheduler.schedule
 
-        def recording_schedule():
+        def recording_schedule(schedule=schedule, budget_seen=budget_seen):
             out = schedule()
             budget_seen.append(out.num_tokens)
             return out

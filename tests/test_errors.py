@@ -37,7 +37,8 @@ def test_shape_mismatch_and_missing_tensor(tiny_model, tmp_path):
     path = _copy(tiny_model("llama"), tmp_path / "m")
     f = os.path.join(path, "model.safetensors")
     tensors = load_file(f)
-    tensors["model.layers.0.self_attn.o_proj.weight"] = tensors["model.layers.0.self_attn.o_proj.weight"][:, :8].contiguous()
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = tensors[name][:, :8].contiguous()
     save_file(tensors, f)
     with pytest.raises(ValueError, match="shape mismatch"):
         LLM(path)

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from nanoflow.config import PAGE_SIZE
-from nanoflow.engine.request import Sequence, SeqStatus
+from nanoflow.engine.request import SeqStatus, Sequence
 from nanoflow.engine.scheduler import Scheduler
 from nanoflow.sampling_params import SamplingParams
 
