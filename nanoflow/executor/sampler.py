@@ -89,11 +89,9 @@ class Sampler:
         if meta.any_top_p_k_min_p:
             logits = apply_top_k_top_p_min_p(logits, meta.top_k, meta.top_p, meta.min_p)
         probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, g in enumerate(meta.generators) if g is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator)
+        # One batched draw for the unseeded rows; seeded rows overwrite theirs from their own
+        # generators. No host-side index tensors: those would make the CPU wait for the GPU.
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, g in enumerate(meta.generators):
             if g is not None:
                 noise[i].exponential_(generator=g)

@@ -70,6 +70,16 @@ def test_64_concurrent_streaming_clients(server, capsys):
         metric(before, "nanoflow:request_success_total", finished_reason="length")
     assert done == len(results)
     assert metric(after, "nanoflow:kv_pages_free") == metric(after, "nanoflow:kv_pages_total")
+
+    def grew(name: str) -> float:
+        return metric(after, name) - metric(before, name)
+
+    assert grew("nanoflow:generation_tokens_total") == sum(want for want, _, _ in results)
+    assert grew("nanoflow:prompt_tokens_total") > 0
+    assert grew("nanoflow:time_to_first_token_seconds_count") == len(results)
+    assert grew("nanoflow:e2e_request_latency_seconds_count") == len(results)
+    assert grew("nanoflow:time_per_output_token_seconds_count") == len(results)  # all have > 1 token
+    assert grew("nanoflow:http_requests_total") >= len(results)
     ttfts = sorted(t for _, _, t in results)
     p50 = statistics.median(ttfts)
     p99 = ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]

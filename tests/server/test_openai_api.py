@@ -118,6 +118,12 @@ def test_batch_prompts_and_echo(client, llm):
                                        max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == resp.choices[0].text
     assert by_ids.usage.prompt_tokens == len(tok.encode("Hello world")) + 3
+    # Streamed, the batch's engine requests are merged into one SSE stream.
+    texts, finish, usage = _stream_text(client.completions.create(
+        model=MODEL_NAME, prompt=["Hello world", "The quick brown fox"], max_tokens=4, n=2, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert texts == {c.index: c.text for c in resp.choices}
+    assert finish == dict.fromkeys(range(4), "length") and usage.completion_tokens == 16
     echoed = client.completions.create(model=MODEL_NAME, prompt="Hello world", max_tokens=3, temperature=0,
                                        echo=True)
     plain = client.completions.create(model=MODEL_NAME, prompt="Hello world", max_tokens=3, temperature=0)

@@ -18,7 +18,7 @@ def test_signal_drains_in_flight_streams_and_exits_0(model_path, tmp_path, sig):
     srv = start_server(model_path, tmp_path / "server.log")
     try:
         results: dict[int, list[dict]] = {}
-        first_chunk = threading.Barrier(5)
+        first_chunk = threading.Barrier(5, timeout=60)  # a failed stream breaks it instead of hanging
 
         def stream(i: int) -> None:
             body = {"model": MODEL_NAME, "prompt": f"story {i}", "max_tokens": 240, "ignore_eos": True,

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nanoflow.config import EngineConfig
+from nanoflow.engine.engine import LLMEngine
 from nanoflow.entrypoints.server.async_engine import AsyncEngine
 from nanoflow.entrypoints.server.chat import create_chat_completion
 from nanoflow.entrypoints.server.completions import create_completion
@@ -194,8 +195,6 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
                graceful_timeout_s: float = 30.0) -> int:
     """Serves until SIGTERM/SIGINT: then stops accepting, lets in-flight requests finish for up to
     graceful_timeout_s, aborts the rest, and returns 0."""
-    from nanoflow.engine.engine import LLMEngine
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = served_model_name or config.model
     metrics = EngineMetrics(name)

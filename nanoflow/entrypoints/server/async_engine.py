@@ -3,8 +3,9 @@
 The engine is not thread safe, so only the engine thread touches it. Requests come in and are
 aborted through a command deque that the thread drains between steps; when there is neither a
 command nor unfinished work it sleeps on a Condition (no polling). Outputs go back to each
-request's asyncio.Queue through loop.call_soon_threadsafe, batched to one call per iteration so a
-step with 256 running requests costs one event-loop wakeup, not 256.
+request's mailbox (a latest-value slot on the event loop) through loop.call_soon_threadsafe,
+batched to one call per iteration so a step with 256 running requests costs one event-loop
+wakeup, not 256.
 """
 
 from __future__ import annotations

@@ -49,7 +49,6 @@ class _Lenient(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(_Strict):
