@@ -45,7 +45,7 @@ def main() -> None:
     rng = random.Random(0)
     for i in range(args.num_requests):
         ids = [rng.randrange(100, 30000) for _ in range(args.prompt_len)]
-        eng.add_request(str(i), None, ids, SamplingParams(max_tokens=4096, ignore_eos=True))
+        eng.add_request(str(i), None, ids, SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True))
     for _ in range(args.warm_steps):
         eng.step()
     torch.cuda.synchronize()

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import weakref
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -15,6 +16,7 @@ from nanoflow.engine.output_processor import OutputProcessor
 from nanoflow.engine.request import Logprob, Request, RequestOutput, Sequence
 from nanoflow.engine.scheduler import Scheduler
 from nanoflow.engine.stats import StepStats
+from nanoflow.executor.distributed import TensorParallelGroup, check_tensor_parallel
 from nanoflow.executor.model_runner import InFlight, ModelRunner
 from nanoflow.models.arch import ModelArch
 from nanoflow.models.loader import load_hf_config
@@ -33,12 +35,26 @@ class LLMEngine:
         if self.max_model_len > self.arch.max_position_embeddings:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                              f"({self.arch.max_position_embeddings})")
+        check_tensor_parallel(self.arch, config.tensor_parallel_size, config.torch_device)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         if not config.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, hf_config, self.max_model_len)
+        # Tensor parallel: this process is rank 0; the other ranks run nanoflow.executor.distributed.
+        self.tp: TensorParallelGroup | None = None
+        if config.tensor_parallel_size > 1:
+            self.tp = TensorParallelGroup.start(config, hf_config, self.max_model_len)
+            weakref.finalize(self, self.tp.shutdown)  # also at interpreter exit
+        try:
+            self.runner = ModelRunner(config, hf_config, self.max_model_len, self.tp.par if self.tp else None)
+        except BaseException as e:
+            if self.tp is not None:
+                try:
+                    self.tp.check_workers(e)
+                finally:
+                    self.tp.abort()
+            raise
         self.scheduler = Scheduler(self.runner.num_pages, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.admission_output_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -113,13 +129,20 @@ class LLMEngine:
         Returns the outputs of requests that made progress in the processed step (only those that
         finished with finished_only, which spares offline runs a copy of every output per step)."""
         outputs: list[RequestOutput] = []
+        if self.tp is not None:
+            self.tp.check_workers()
         if self._pending is not None and any(s.params.has_penalties for s in self._pending.seqs):
             # Penalties need every sampled token on the CPU before the next step is prepared.
             outputs, self._pending = self._process(self._pending, finished_only), None
         sched = self.scheduler.schedule()
         launched = None
         if not sched.empty:
-            launched = self.runner.launch(sched, self.eos_token_ids, self._pending)
+            try:
+                launched = self.runner.launch(sched, self.eos_token_ids, self._pending)
+            except Exception as e:
+                if self.tp is not None:
+                    self.tp.check_workers(e)  # a collective failed: name the worker that died
+                raise
             self.scheduler.step_done(sched)
             for seq in launched.seqs:
                 seq.num_inflight += 1
@@ -153,6 +176,11 @@ class LLMEngine:
                 continue
             outputs.append(self.output_processor.request_output(req))
         return outputs
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (if any); idempotent. The engine cannot step afterwards."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # --- introspection (metrics, tests) ----------------------------------------------------------
     @property

@@ -25,6 +25,10 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model or default_model_path(), **kwargs))
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stops the engine's tensor-parallel worker processes (also done at interpreter exit)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -1,9 +1,15 @@
-"""Model runner: owns the model and the KV-cache tensors; one call = one forward of the dense batch."""
+"""Model runner: owns the model and the KV-cache tensors; one call = one forward of the dense batch.
+
+With tensor parallelism every rank has a runner holding its shard of the model and KV cache. Rank 0
+(the engine's) plans each step, broadcasts the plan, and samples; the others (executor.distributed)
+build the same batch from the plan and run the same forward, meeting rank 0 in its collectives.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,14 +41,14 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.model = build_model(config.model, hf_config, self.dtype, self.device, max_model_len, self.par,
                                  use_triton=config.use_fast_path, dummy=config.load_format == "dummy", seed=config.seed)
-        self.num_pages = self._decide_num_pages()
+        self.num_pages = self.par.min(self._decide_num_pages())  # the same pool (page ids) on every rank
         kv_heads = self.arch.num_kv_heads // self.par.size
         shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphRunner | None = None
-        if config.use_fast_path:
+        if config.use_fast_path and self.par.size == 1:  # graphs with NCCL collectives: not tried yet
             max_pages = -(-max_model_len // PAGE_SIZE)
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_pages,
                                             self.device)
@@ -94,9 +100,9 @@ class ModelRunner:
         return int(peak * 1.1)
 
     # --- per iteration ---------------------------------------------------------------------------
-    def prepare(self, sched: SchedulerOutput, prev: InFlight | None = None) -> ForwardBatch:
-        """Flat tensors for the scheduled tokens. A token still in flight from `prev` (the step
-        before, not yet read back by the CPU) is taken from prev's sampled tokens on the device."""
+    def plan(self, sched: SchedulerOutput, prev: InFlight | None = None) -> StepPlan:
+        """The scheduled tokens as host lists. A token still in flight from `prev` (the step before,
+        not yet read back by the CPU) is a placeholder, filled from prev's sampled tokens by build()."""
         token_ids, starts, lens, tables, sample_at = [], [], [], [], []
         fill_at, fill_from = [], []
         prev_rows = {seq.seq_id: row for row, seq in enumerate(prev.seqs)} if prev else {}
@@ -116,11 +122,32 @@ class ModelRunner:
             offset += s.num_new_tokens
             if s.samples:
                 sample_at.append(offset - 1)
-        batch = self._build_batch(token_ids, starts, lens, tables, sample_at, len(sched.decodes))
-        if fill_at:
-            idx, rows = self.upload(np.asarray(fill_at, dtype=np.int64), np.asarray(fill_from, dtype=np.int64))
-            batch.input_ids[idx] = prev.sampled.tokens[rows]
+        return StepPlan(token_ids, starts, lens, tables, sample_at, len(sched.decodes), fill_at, fill_from)
+
+    def build(self, plan: StepPlan, prev: InFlight | None = None) -> ForwardBatch:
+        """Flat device tensors for a plan. The in-flight tokens come from prev's sampled tokens on
+        the device; only rank 0 has those, and it broadcasts them to the other ranks (prev=None)."""
+        batch = self._build_batch(plan.token_ids, plan.starts, plan.seq_lens, plan.tables, plan.sample_at,
+                                  plan.num_decodes)
+        if plan.fill_at:
+            idx, rows = self.upload(np.asarray(plan.fill_at, dtype=np.int64),
+                                    np.asarray(plan.fill_from, dtype=np.int64))
+            if prev is not None:
+                tokens = prev.sampled.tokens[rows]
+            else:
+                tokens = torch.empty(len(plan.fill_at), dtype=torch.int64, device=self.device)
+            batch.input_ids[idx] = self.par.broadcast(tokens)
         return batch
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """The model forward and the logits of the rows that sample (None when none does)."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            hidden = self.model(batch, self.kv_caches)
+        if batch.logits_indices.shape[0] == 0:
+            return None
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
     def _build_batch(
         self, token_ids: list[list[int]], starts: list[int], seq_lens: list[int], tables: list[list[int]],
@@ -214,17 +241,29 @@ class ModelRunner:
         """Queues one forward and the sampling on the device and returns without waiting for them."""
         on_gpu = self.device.type == "cuda"
         start = torch.cuda.Event(enable_timing=True) if on_gpu else None
-        batch = self.prepare(sched, prev)
+        plan = self.plan(sched, prev)
+        self.par.broadcast_object(plan)  # tensor parallel: the other ranks run the same step
+        batch = self.build(plan, prev)
         if start is not None:
             start.record()
-        if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
-        else:
-            hidden = self.model(batch, self.kv_caches)
+        logits = self.forward(batch)
         seqs = [s.seq for s in sched.seqs if s.samples]
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
         sampled = self.sampler(logits, self.sampling_metadata(sched, eos_token_ids)) if seqs else None
         return InFlight(seqs, sampled, start, on_gpu)
+
+
+@dataclass
+class StepPlan:
+    """One iteration's batch as host lists: what rank 0 broadcasts to the other tensor-parallel ranks."""
+
+    token_ids: list[list[int]]  # per sequence; a token still in flight from the step before is 0 here
+    starts: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+    sample_at: list[int]
+    num_decodes: int
+    fill_at: list[int]  # flat positions of the in-flight tokens
+    fill_from: list[int]  # their rows in the previous step's sampled tokens
 
 
 class InFlight:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoflow.layers.linear import _copy
+from nanoflow.layers.linear import CheckpointTensor, _copy
 from nanoflow.layers.parallel import ParallelState
 
 
@@ -26,13 +26,13 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.clamp(0, self.shard - 1), self.weight) * inside[:, None].to(self.weight.dtype)
         return self.par.all_reduce(out)
 
-    def load(self, name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
+    def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         if tensor.shape[0] != self.vocab_size:
             raise ValueError(f"shape mismatch for {name}: checkpoint vocabulary {tensor.shape[0]} vs config "
                              f"vocab_size {self.vocab_size}")
-        rows = tensor[self.start : self.start + self.shard]
-        _copy(self.weight.data[: rows.shape[0]], rows, name)
-        self.weight.data[rows.shape[0] :].zero_()
+        n = max(0, min(self.shard, self.vocab_size - self.start))  # the last rank's tail is padding
+        _copy(self.weight.data[:n], tensor.narrow(0, self.start, n), name)
+        self.weight.data[n:].zero_()
 
 
 class LMHead(VocabParallelEmbedding):

@@ -4,6 +4,9 @@ Column-parallel layers split the output dimension across ranks, row-parallel one
 dimension (their partial outputs are summed by an all-reduce op that the caller runs). Fused
 layers (qkv, gate_up) hold several checkpoint tensors stacked along the output dimension, so one
 GEMM replaces several.
+
+Checkpoint tensors arrive as LazyTensors: narrowing one to a rank's slice reads nothing, and
+`_copy` reads just that slice from the file, so no process ever holds a whole sharded tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def load(self, name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
+    def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         param = self.weight if name == "weight" else self.bias
         _copy(param.data, tensor, name)
 
@@ -44,7 +47,7 @@ class ColumnParallelLinear(Linear):
             off += v
         super().__init__(in_features, off, bias, dtype)
 
-    def load(self, name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
+    def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         param = self.weight if name == "weight" else self.bias
         if shard is None:
             (shard,) = self.shard_sizes
@@ -63,7 +66,7 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias if self.par.rank == 0 else None)
 
-    def load(self, name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
+    def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         if name == "bias":
             _copy(self.bias.data, tensor, name)
             return
@@ -71,7 +74,47 @@ class RowParallelLinear(Linear):
         _copy(self.weight.data, _rank_slice(tensor, 1, size, self.par, name), name)
 
 
-def _rank_slice(tensor: torch.Tensor, dim: int, size: int, par: ParallelState, what: str) -> torch.Tensor:
+class LazyTensor:
+    """A checkpoint tensor not read yet. narrow() and integer indexing (as on a torch.Tensor) only
+    narrow the region; read() loads that region alone. `source` is a safetensors slice (get_slice),
+    valid while its file is open, i.e. while the loader's iteration is at this tensor."""
+
+    def __init__(self, source, index: tuple | None = None, shape: tuple[int, ...] | None = None) -> None:
+        self._source = source
+        full = tuple(source.get_shape())
+        self._index = index if index is not None else tuple(slice(0, n) for n in full)
+        self.shape = torch.Size(shape if shape is not None else full)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
+        if not (0 <= start and length >= 0 and start + length <= self.shape[dim]):
+            raise IndexError(f"narrow({dim}, {start}, {length}) out of range for shape {tuple(self.shape)}")
+        pos = self._positions()[dim]
+        base = self._index[pos].start
+        index = self._index[:pos] + (slice(base + start, base + start + length),) + self._index[pos + 1 :]
+        return LazyTensor(self._source, index, (*self.shape[:dim], length, *self.shape[dim + 1 :]))
+
+    def __getitem__(self, i: int) -> LazyTensor:
+        if not isinstance(i, int) or not 0 <= i < self.shape[0]:
+            raise IndexError(f"LazyTensor supports an integer index in [0, {self.shape[0]}), got {i!r}")
+        pos = self._positions()[0]
+        index = self._index[:pos] + (self._index[pos].start + i,) + self._index[pos + 1 :]
+        return LazyTensor(self._source, index, tuple(self.shape[1:]))
+
+    def read(self) -> torch.Tensor:
+        return self._source[self._index] if self._index else self._source[:]
+
+    def _positions(self) -> list[int]:
+        """Where in the source's index each of this view's dimensions sits (integer indices drop one)."""
+        return [i for i, ix in enumerate(self._index) if isinstance(ix, slice)]
+
+
+CheckpointTensor = torch.Tensor | LazyTensor
+
+
+def _rank_slice(tensor: CheckpointTensor, dim: int, size: int, par: ParallelState, what: str) -> CheckpointTensor:
     """This rank's `size` entries of the checkpoint tensor along dim, after checking the full extent."""
     if tensor.dim() <= dim or tensor.shape[dim] != size * par.size:
         raise ValueError(f"shape mismatch for {what}: checkpoint has {tuple(tensor.shape)}, model expects "
@@ -79,8 +122,8 @@ def _rank_slice(tensor: torch.Tensor, dim: int, size: int, par: ParallelState, w
     return tensor.narrow(dim, par.rank * size, size)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+def _copy(dst: torch.Tensor, src: CheckpointTensor, what: str) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"shape mismatch for {what}: checkpoint has {tuple(src.shape)}, model expects "
                          f"{tuple(dst.shape)}")
-    dst.copy_(src)
+    dst.copy_(src.read() if isinstance(src, LazyTensor) else src)

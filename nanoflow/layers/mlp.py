@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoflow.kernels import activation
-from nanoflow.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, _copy, _rank_slice
+from nanoflow.layers.linear import (
+    CheckpointTensor,
+    ColumnParallelLinear,
+    Linear,
+    RowParallelLinear,
+    _copy,
+    _rank_slice,
+)
 from nanoflow.layers.parallel import ParallelState
 
 
@@ -68,7 +75,7 @@ class MixtureOfExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, *self.route(x))
 
-    def load_expert(self, expert: int, which: str, tensor: torch.Tensor) -> None:
+    def load_expert(self, expert: int, which: str, tensor: CheckpointTensor) -> None:
         """which: 'w1' (gate), 'w3' (up) or 'w2' (down), as named in Mixtral checkpoints."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert index {expert} out of range (num_local_experts={self.num_experts})")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from nanoflow.kernels import rms_norm as k
+from nanoflow.layers.linear import CheckpointTensor, _copy
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +26,7 @@ class RMSNorm(nn.Module):
         fn = k.fused_add_rms_norm if self.use_triton else k.fused_add_rms_norm_ref
         return fn(x, residual, self.weight, self.eps)
 
-    def load(self, name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
+    def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         if tensor.shape != self.weight.shape:
             raise ValueError(f"shape mismatch for norm weight: {tuple(tensor.shape)} vs {tuple(self.weight.shape)}")
-        self.weight.data.copy_(tensor)
+        _copy(self.weight.data, tensor, name)

@@ -1,8 +1,15 @@
-"""Which tensor-parallel rank a layer is built for; world size 1 is the plain single-device case."""
+"""Which tensor-parallel rank a layer is built for; world size 1 is the plain single-device case.
+
+Device collectives (all-reduce, all-gather, broadcast of device tensors) run on the default
+process group (NCCL on GPUs, gloo on the CPU). Host-side messages (each step's batch description,
+the KV page count) run on `control_group`, a gloo group: on GPUs they never wait for the device.
+Starting and stopping the processes is nanoflow.executor.distributed's job.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -12,6 +19,7 @@ import torch.distributed as dist
 class ParallelState:
     rank: int = 0
     size: int = 1
+    control_group: Any = field(default=None, compare=False, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -24,6 +32,28 @@ class ParallelState:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x, in place on every rank."""
+        if self.size > 1:
+            dist.broadcast(x, src=0)
+        return x
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's picklable obj (the other ranks pass None), returned on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        return box[0]
+
+    def min(self, value: int) -> int:
+        """The smallest of every rank's value (e.g. KV pages that fit on every GPU)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control_group)
+        return int(t.item())
 
     def split(self, total: int, what: str) -> int:
         if total % self.size:

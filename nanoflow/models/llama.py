@@ -16,7 +16,7 @@ from torch import nn
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.attention import PagedAttention
 from nanoflow.layers.embedding import LMHead, VocabParallelEmbedding
-from nanoflow.layers.linear import ColumnParallelLinear, RowParallelLinear
+from nanoflow.layers.linear import CheckpointTensor, ColumnParallelLinear, RowParallelLinear
 from nanoflow.layers.mlp import GatedMLP, MixtureOfExperts
 from nanoflow.layers.norm import RMSNorm
 from nanoflow.layers.parallel import ParallelState
@@ -100,8 +100,9 @@ class LlamaForCausalLM(nn.Module):
     _EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight")
     _FUSED_EXPERTS = re.compile(r"mlp\.experts\.(gate_up_proj|down_proj)")
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads checkpoint tensors by their transformers names; raises on unknown or missing ones."""
+    def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> None:
+        """Loads checkpoint tensors by their transformers names; raises on unknown or missing ones.
+        Each layer copies only this rank's part of a tensor (a LazyTensor reads only that part)."""
         for p in self.parameters():
             p.data.fill_(float("nan"))  # anything still NaN afterwards was missing from the checkpoint
         for name, tensor in weights:
@@ -110,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
             if torch.isnan(p).any():
                 raise ValueError(f"checkpoint is missing weights for parameter {pname!r}")
 
-    def _load_one(self, name: str, tensor: torch.Tensor) -> None:
+    def _load_one(self, name: str, tensor: CheckpointTensor) -> None:
         if name.endswith("rotary_emb.inv_freq"):
             return
         if name == "model.embed_tokens.weight":
@@ -138,9 +139,9 @@ class LlamaForCausalLM(nn.Module):
                 if f.group(1) == "down_proj":
                     layer.mlp.load_expert(e, "w2", tensor[e])
                 else:
-                    gate, up = tensor[e].chunk(2, dim=0)
-                    layer.mlp.load_expert(e, "w1", gate)
-                    layer.mlp.load_expert(e, "w3", up)
+                    half = tensor.shape[1] // 2
+                    layer.mlp.load_expert(e, "w1", tensor[e].narrow(0, 0, half))
+                    layer.mlp.load_expert(e, "w3", tensor[e].narrow(0, half, half))
             return
         module_name, _, param = rest.rpartition(".")
         if module_name not in self._LAYER_MAP or param not in ("weight", "bias"):

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
+from nanoflow.layers.linear import LazyTensor
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.arch import ModelArch
 from nanoflow.models.registry import model_class
@@ -45,11 +46,13 @@ def safetensors_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def iter_safetensors(files: list[str], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[str], progress: bool = True) -> Iterator[tuple[str, LazyTensor]]:
+    """(name, LazyTensor) for every checkpoint tensor: nothing is read until the model copies a
+    (rank's) slice of it, so a tensor-parallel rank reads only its own shards from the files."""
     for file in tqdm(files, desc="Loading safetensors shards", disable=not progress or len(files) < 2):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                yield name, LazyTensor(f.get_slice(name))
 
 
 def build_model(
@@ -69,7 +72,7 @@ def build_model(
     if dummy:
         _init_random(model, seed)
     else:
-        model.load_weights(iter_safetensors(safetensors_files(path)))
+        model.load_weights(iter_safetensors(safetensors_files(path), progress=par is None or par.rank == 0))
     return model.eval()
 
 

@@ -1,0 +1,186 @@
+"""Tensor parallelism's processes: start the ranks, join their process groups, run the worker loop.
+
+Rank 0 is the engine's own process: it schedules, samples and processes outputs. Ranks 1..N-1 each
+hold a ModelRunner with their shard of the weights and of the KV cache; per step they receive the
+plan that rank 0 broadcasts and run the same forward, meeting rank 0 in its collectives. Only rank 0
+has the sampled tokens: the plan carries what is known on the host, and rank 0 broadcasts the
+tokens still in flight on the device, so the engine's asynchronous scheduling is kept.
+
+Two ways to start the ranks:
+- the engine spawns ranks 1..N-1 (torch.multiprocessing, one per GPU of this host; gloo on the CPU);
+- torchrun (env://, also across hosts) starts every rank with the same program: on ranks other than
+  0, creating the engine runs the worker loop instead, and exits the process once rank 0 shuts down.
+
+A worker that dies makes rank 0 fail loudly: it checks its spawned workers before each step, names
+a dead one when a collective fails, and every collective has a timeout (NANOFLOW_TP_TIMEOUT_S).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import PretrainedConfig
+
+from nanoflow.config import EngineConfig
+from nanoflow.layers.parallel import ParallelState
+from nanoflow.models.arch import ModelArch
+
+log = logging.getLogger(__name__)
+
+# Collectives inside a step; a hung or dead peer turns into an error after this long.
+TIMEOUT_S = float(os.environ.get("NANOFLOW_TP_TIMEOUT_S", 600))
+# Workers wait for rank 0's next step on the control group for as long as the engine idles.
+_IDLE_TIMEOUT = datetime.timedelta(days=3650)
+
+
+def check_tensor_parallel(arch: ModelArch, size: int, device: torch.device) -> None:
+    """Raises ValueError for a size the model or the machine cannot be split into, before any
+    process starts."""
+    par = ParallelState(0, size)
+    par.split(arch.num_heads, "num_attention_heads")
+    par.split(arch.num_kv_heads, "num_key_value_heads")
+    par.split(arch.intermediate_size, "intermediate_size")
+    if size > 1 and device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"with tensor_parallel_size > 1 use device='cuda', not {str(device)!r}: rank r runs "
+                             "on cuda:r (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        if local > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size ({local} on this host) exceeds the {torch.cuda.device_count()} "
+                             "visible GPU(s)")
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class TensorParallelGroup:
+    """Rank 0's handle on the other ranks: liveness checks and shutdown."""
+
+    def __init__(self, par: ParallelState, processes: list[Any], owns_group: bool) -> None:
+        self.par, self.processes, self.owns_group = par, processes, owns_group
+        self._closed = False
+
+    @classmethod
+    def start(cls, config: EngineConfig, hf_config: PretrainedConfig, max_model_len: int) -> TensorParallelGroup:
+        """Starts (or, under torchrun, joins) the ranks. On a torchrun rank other than 0 this runs the
+        worker loop and then exits the process."""
+        size = config.tensor_parallel_size
+        if launched_by_torchrun():
+            world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+            if world != size:
+                raise ValueError(f"torchrun started {world} processes but tensor_parallel_size is {size}")
+            par, owns = _join(rank, size, "env://", config)
+            if rank != 0:
+                run_worker(config, hf_config, max_model_len, par, owns)
+                raise SystemExit(0)
+            return cls(par, [], owns)
+        if dist.is_initialized():
+            raise ValueError("a torch.distributed process group already exists in this process (another "
+                             "tensor-parallel engine?): shut that engine down first")
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        init_method = f"tcp://{addr}:{os.environ.get('MASTER_PORT') or _free_port(addr)}"
+        ctx = mp.get_context("spawn")
+        processes = []
+        for rank in range(1, size):
+            p = ctx.Process(target=_worker_main, name=f"nanoflow-tp{rank}", daemon=True,
+                            args=(rank, size, init_method, config, hf_config, max_model_len,
+                                  torch.get_num_threads()))
+            p.start()
+            processes.append(p)
+        group = cls(ParallelState(0, size), processes, True)
+        try:
+            group.par, group.owns_group = _join(0, size, init_method, config)
+        except BaseException as e:
+            try:
+                group.check_workers(e)
+            finally:
+                group.abort()
+            raise
+        return group
+
+    def check_workers(self, cause: BaseException | None = None) -> None:
+        """Raises RuntimeError naming a spawned worker that is no longer running."""
+        for rank, p in enumerate(self.processes, start=1):
+            if not p.is_alive():
+                raise RuntimeError(f"tensor-parallel worker rank {rank} (pid {p.pid}) died with exit code "
+                                   f"{p.exitcode}; its error, if any, is printed above") from cause
+
+    def shutdown(self) -> None:
+        """Stops the workers and leaves the process groups; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.par.broadcast_object(None)  # the workers' loop ends
+            dist.barrier(group=self.par.control_group)
+        except Exception as e:  # a worker already gone: nothing to tell it
+            log.warning("tensor-parallel shutdown: %s", e)
+        for p in self.processes:
+            p.join(timeout=30)
+        self.abort()
+
+    def abort(self) -> None:
+        """Kills the spawned workers at once and leaves the process groups (a failed start)."""
+        self._closed = True
+        for p in self.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def run_worker(
+    config: EngineConfig, hf_config: PretrainedConfig, max_model_len: int, par: ParallelState, owns_group: bool
+) -> None:
+    """A rank other than 0: builds its shard, then runs each step rank 0 broadcasts, until told to stop."""
+    from nanoflow.executor.model_runner import ModelRunner  # the runner imports the engine's modules
+
+    torch.manual_seed(config.seed)
+    runner = ModelRunner(config, hf_config, max_model_len, par)
+    with torch.inference_mode():
+        while (plan := par.broadcast_object(None)) is not None:
+            runner.forward(runner.build(plan))
+    dist.barrier(group=par.control_group)
+    if owns_group:
+        dist.destroy_process_group()
+
+
+def _join(rank: int, size: int, init_method: str, config: EngineConfig) -> tuple[ParallelState, bool]:
+    """Joins the default process group (NCCL on GPUs, gloo on the CPU) and a gloo control group."""
+    if config.torch_device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        config.torch_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(config.torch_device)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if config.torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    elif dist.get_world_size() != size:
+        raise ValueError(f"the existing process group has {dist.get_world_size()} ranks, but tensor_parallel_size "
+                         f"is {size}")
+    control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+    return ParallelState(rank, size, control), owns
+
+
+def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, hf_config: PretrainedConfig,
+                 max_model_len: int, num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+    par, owns = _join(rank, size, init_method, config)
+    run_worker(config, hf_config, max_model_len, par, owns)
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
