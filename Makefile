@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 default-model: install
-	$(PY) -m nanoflow.models.default_model
+	$(PY) -c "from nanoflow.models.default_model import prepare_default_model as p; print(p())"
 
 demo: default-model
 	$(VENV)/bin/nanoflow generate --prompt "What is the capital of France?"

@@ -106,3 +106,13 @@ def test_abort_frees_pages(tiny_model):
     assert out.outputs[0].finish_reason == "abort"
     eng.abort_request("b")
     assert eng.num_free_pages == eng.num_pages and not eng.has_unfinished_requests()
+
+
+def test_sequence_outgrowing_the_whole_pool_stops_with_length(tiny_model):
+    """A lone sequence that needs more pages than the pool has ends with "length" instead of being
+    preempted and recomputed forever."""
+    llm = LLM(tiny_model("llama"), max_model_len=256, num_kv_pages=2)
+    out = llm.generate({"prompt_token_ids": [5] * 20}, SamplingParams(max_tokens=100, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) >= 11
+    assert llm.engine.num_free_pages == llm.engine.num_pages

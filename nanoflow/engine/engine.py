@@ -135,6 +135,11 @@ class LLMEngine:
             # Penalties need every sampled token on the CPU before the next step is prepared.
             outputs, self._pending = self._process(self._pending, finished_only), None
         sched = self.scheduler.schedule()
+        for seq in sched.capped:
+            req = self.requests[seq.request_id]
+            if req.finished:
+                del self.requests[seq.request_id]
+                outputs.append(self.output_processor.request_output(req))
         launched = None
         if not sched.empty:
             try:

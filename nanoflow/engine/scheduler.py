@@ -33,6 +33,7 @@ class SchedulerOutput:
     decodes: list[ScheduledSeq] = field(default_factory=list)
     prefills: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    capped: list[Sequence] = field(default_factory=list)  # finished: the KV pool cannot hold them
 
     @property
     def seqs(self) -> list[ScheduledSeq]:
@@ -104,6 +105,12 @@ class Scheduler:
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Allocates pages for n more tokens of seq, preempting newer sequences if needed."""
         while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+            if self.running == [seq] and seq.num_computed_tokens + n > self.blocks.num_pages * PAGE_SIZE:
+                # Alone and still too long for the whole pool: recomputing it would loop forever.
+                seq.finish_reason = "length"
+                self.finish(seq)
+                out.capped.append(seq)
+                return False
             victim = self.running[-1]
             self._preempt(victim, out)
             if victim is seq:
