@@ -3,12 +3,13 @@ same greedy tokens as one process; bad sizes are clear errors; each rank reads o
 
 import multiprocessing
 import random
+import shutil
 
 import pytest
 import torch
 from helpers import VOCAB_SIZE
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.executor.distributed import check_tensor_parallel
@@ -73,6 +74,18 @@ def test_bad_sizes_are_clear_errors(tiny_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="exceeds the 1 visible GPU"):
         check_tensor_parallel(arch, 2, torch.device("cuda"))
+
+
+def test_failed_start_is_the_checkpoint_error(tiny_model, tmp_path):
+    """Every rank fails to load a bad checkpoint: rank 0 raises its own ValueError, no worker is left."""
+    path = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"][:, :64].clone()
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match="shape mismatch for weight"):
+        LLM(str(path), tensor_parallel_size=2)
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])

@@ -51,7 +51,8 @@ class LLMEngine:
         except BaseException as e:
             if self.tp is not None:
                 try:
-                    self.tp.check_workers(e)
+                    if isinstance(e, RuntimeError):  # a failed collective: name a worker that died
+                        self.tp.check_workers(e)
                 finally:
                     self.tp.abort()
             raise
@@ -144,9 +145,9 @@ class LLMEngine:
         if not sched.empty:
             try:
                 launched = self.runner.launch(sched, self.eos_token_ids, self._pending)
-            except Exception as e:
+            except RuntimeError as e:
                 if self.tp is not None:
-                    self.tp.check_workers(e)  # a collective failed: name the worker that died
+                    self.tp.check_workers(e)  # a failed collective: name a worker that died
                 raise
             self.scheduler.step_done(sched)
             for seq in launched.seqs:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import multiprocessing.connection
 import os
+import signal
 import socket
 from typing import Any
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 TIMEOUT_S = float(os.environ.get("NANOFLOW_TP_TIMEOUT_S", 600))
 # Workers wait for rank 0's next step on the control group for as long as the engine idles.
 _IDLE_TIMEOUT = datetime.timedelta(days=3650)
+_SHUTDOWN_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def check_tensor_parallel(arch: ModelArch, size: int, device: torch.device) -> None:
@@ -88,11 +91,11 @@ class TensorParallelGroup:
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         init_method = f"tcp://{addr}:{os.environ.get('MASTER_PORT') or _free_port(addr)}"
         ctx = mp.get_context("spawn")
+        threads = max(1, torch.get_num_threads() // size)  # CPU ranks compute at once: share the cores
         processes = []
         for rank in range(1, size):
             p = ctx.Process(target=_worker_main, name=f"nanoflow-tp{rank}", daemon=True,
-                            args=(rank, size, init_method, config, hf_config, max_model_len,
-                                  torch.get_num_threads()))
+                            args=(rank, size, init_method, config, hf_config, max_model_len, threads))
             p.start()
             processes.append(p)
         group = cls(ParallelState(0, size), processes, True)
@@ -107,7 +110,10 @@ class TensorParallelGroup:
         return group
 
     def check_workers(self, cause: BaseException | None = None) -> None:
-        """Raises RuntimeError naming a spawned worker that is no longer running."""
+        """Raises RuntimeError naming a spawned worker that is no longer running. With a cause (a
+        failed collective), first gives a dying worker a moment to be reaped."""
+        if cause is not None and self.processes:
+            multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout=2.0)
         for rank, p in enumerate(self.processes, start=1):
             if not p.is_alive():
                 raise RuntimeError(f"tensor-parallel worker rank {rank} (pid {p.pid}) died with exit code "
@@ -120,11 +126,11 @@ class TensorParallelGroup:
         self._closed = True
         try:
             self.par.broadcast_object(None)  # the workers' loop ends
-            dist.barrier(group=self.par.control_group)
-        except Exception as e:  # a worker already gone: nothing to tell it
+            dist.monitored_barrier(group=self.par.control_group, timeout=_SHUTDOWN_TIMEOUT)
+        except Exception as e:  # a worker already gone or stuck: the spawned ones are killed below
             log.warning("tensor-parallel shutdown: %s", e)
         for p in self.processes:
-            p.join(timeout=30)
+            p.join(timeout=_SHUTDOWN_TIMEOUT.total_seconds())
         self.abort()
 
     def abort(self) -> None:
@@ -150,7 +156,7 @@ def run_worker(
     with torch.inference_mode():
         while (plan := par.broadcast_object(None)) is not None:
             runner.forward(runner.build(plan))
-    dist.barrier(group=par.control_group)
+    dist.monitored_barrier(group=par.control_group, timeout=_SHUTDOWN_TIMEOUT)
     if owns_group:
         dist.destroy_process_group()
 
@@ -175,6 +181,8 @@ def _join(rank: int, size: int, init_method: str, config: EngineConfig) -> tuple
 
 def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, hf_config: PretrainedConfig,
                  max_model_len: int, num_threads: int) -> None:
+    # Ctrl-C reaches the whole process group: let rank 0 alone handle it (and then stop the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(num_threads)
     par, owns = _join(rank, size, init_method, config)
     run_worker(config, hf_config, max_model_len, par, owns)

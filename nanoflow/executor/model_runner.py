@@ -48,7 +48,9 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphRunner | None = None
-        if config.use_fast_path and self.par.size == 1:  # graphs with NCCL collectives: not tried yet
+        # Not captured: MoE routing picks experts on the host (a sync, illegal in a graph); graphs
+        # with NCCL collectives have not been tried yet.
+        if config.use_fast_path and self.par.size == 1 and not self.arch.is_moe:
             max_pages = -(-max_model_len // PAGE_SIZE)
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_pages,
                                             self.device)

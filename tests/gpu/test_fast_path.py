@@ -18,25 +18,26 @@ def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
-def test_fast_path_matches_eager_bf16(tiny_model, arch):
+def test_fast_path_matches_eager_fp32(tiny_model, arch):
+    """Same arithmetic precision on both paths (fp32: Triton dots in IEEE mode, no TF32), so the
+    Triton kernels and CUDA graphs must reproduce the reference path's greedy tokens."""
     path = tiny_model(arch)
     prompts = [{"prompt_token_ids": p} for p in _prompts(16, 380)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     runs = {}
     for eager in (True, False):
-        llm = LLM(path, dtype="bfloat16", max_model_len=512, max_num_batched_tokens=256, enforce_eager=eager,
+        llm = LLM(path, dtype="float32", max_model_len=512, max_num_batched_tokens=256, enforce_eager=eager,
                   num_kv_pages=2048)
         runs[eager] = llm.generate(prompts, params, use_tqdm=False)
         del llm
     same = total = 0
     for a, b in zip(runs[True], runs[False], strict=True):
         ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
-        # bf16 rounding differs between kernels: compare up to the first divergence only.
+        # Summation order still differs between kernels: count tokens up to the first divergence.
         n = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=False)) if x != y), len(ta))
         same += n
         total += len(ta)
-    # Tiny random models have near-ties that bf16 rounding flips; the 8B-shaped test below is the strict one.
-    assert same / total >= 0.75, f"fast path agrees with eager on only {same}/{total} leading tokens"
+    assert same / total >= 0.95, f"fast path agrees with eager on only {same}/{total} leading tokens"
 
 
 def test_llama3_8b_shaped_teacher_forcing(tmp_path):
