@@ -146,6 +146,8 @@ class AsyncEngine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.engine.shutdown()  # stops tensor-parallel workers, if any
 
     @property
     def healthy(self) -> bool:
