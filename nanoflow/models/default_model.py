@@ -54,6 +54,9 @@ def prepare_default_model() -> str:
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.load_state_dict(gguf_model.state_dict(), strict=False)
     model.tie_weights()
+    # The GGUF tokenizer asks for WordPiece-style space clean-up, which transformers refuses (with a
+    # warning on every decode) for this BPE tokenizer anyway.
+    tokenizer.clean_up_tokenization_spaces = False
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
