@@ -57,6 +57,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=1024)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--admission-output-tokens", type=int, default=1024,
+                   help="admission projects each request to prompt + min(max_tokens, this) tokens")
     e.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     e.add_argument("--tensor-parallel-size", type=int, default=1)

@@ -260,6 +260,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "num_kv_pages": args.num_kv_pages, "gpu_memory_utilization": args.gpu_memory_utilization,
         "tensor_parallel_size": args.tensor_parallel_size, "seed": args.seed,
+        "admission_output_tokens": args.admission_output_tokens,
     }
     env = environment(device)
     stamp = time.strftime("%Y%m%d-%H%M%S")
