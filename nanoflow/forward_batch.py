@@ -8,6 +8,7 @@ sequence's chunk contiguous. Imports nothing of ours, so any layer may depend on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -37,3 +38,12 @@ class ForwardBatch:
     @property
     def num_prefills(self) -> int:
         return self.num_seqs - self.num_decodes
+
+    # Prefill-only views for the prefill attention kernel; cached so every layer reuses one copy.
+    @cached_property
+    def prefill_query_start_loc(self) -> torch.Tensor:
+        return self.query_start_loc[self.num_decodes :] - self.num_decodes
+
+    @cached_property
+    def max_prefill_query_len(self) -> int:
+        return max(self.query_lens_cpu[self.num_decodes :], default=0)

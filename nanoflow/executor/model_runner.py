@@ -91,7 +91,7 @@ class ModelRunner:
         caches = [(kv[0], kv[1])] * self.arch.num_layers
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        batch = self._build_batch([list(range(n))], [0], [n], [list(range(pages))], [n - 1], 0)
+        batch = self._build_batch(StepPlan([list(range(n))], [0], [n], [list(range(pages))], [n - 1], 0, [], []))
         batch.input_ids.zero_()
         with torch.inference_mode():
             self.model.compute_logits(self.model(batch, caches)[batch.logits_indices])
@@ -129,8 +129,7 @@ class ModelRunner:
     def build(self, plan: StepPlan, prev: InFlight | None = None) -> ForwardBatch:
         """Flat device tensors for a plan. The in-flight tokens come from prev's sampled tokens on
         the device; only rank 0 has those, and it broadcasts them to the other ranks (prev=None)."""
-        batch = self._build_batch(plan.token_ids, plan.starts, plan.seq_lens, plan.tables, plan.sample_at,
-                                  plan.num_decodes)
+        batch = self._build_batch(plan)
         if plan.fill_at:
             idx, rows = self.upload(np.asarray(plan.fill_at, dtype=np.int64),
                                     np.asarray(plan.fill_from, dtype=np.int64))
@@ -151,11 +150,9 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden[batch.logits_indices])
 
-    def _build_batch(
-        self, token_ids: list[list[int]], starts: list[int], seq_lens: list[int], tables: list[list[int]],
-        sample_at: list[int], num_decodes: int,
-    ) -> ForwardBatch:
+    def _build_batch(self, plan: StepPlan) -> ForwardBatch:
         # numpy for the per-token index arithmetic: Python loops over ~2k tokens cost milliseconds.
+        token_ids, tables = plan.token_ids, plan.tables
         qlens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
         width = max(len(t) for t in tables)
         table = np.zeros((len(tables), width), dtype=np.int32)
@@ -164,12 +161,13 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(len(token_ids)), qlens)
         qstart = np.zeros(len(token_ids) + 1, dtype=np.int32)
         np.cumsum(qlens, out=qstart[1:])
-        positions = np.asarray(starts, dtype=np.int64)[seq_of_token] + np.arange(qstart[-1]) - qstart[seq_of_token]
+        positions = np.asarray(plan.starts, dtype=np.int64)[seq_of_token] + np.arange(qstart[-1]) - qstart[seq_of_token]
         slots = table[seq_of_token, positions // PAGE_SIZE].astype(np.int64) * PAGE_SIZE + positions % PAGE_SIZE
         flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(qstart[-1]))
 
-        ids, pos, slot, logit_idx = self.upload(flat_ids, positions, slots, np.asarray(sample_at, dtype=np.int64))
-        qs, lens, bt = self.upload(qstart, np.asarray(seq_lens, dtype=np.int32), table)
+        ids, pos, slot, logit_idx = self.upload(flat_ids, positions, slots,
+                                                np.asarray(plan.sample_at, dtype=np.int64))
+        qs, lens, bt = self.upload(qstart, np.asarray(plan.seq_lens, dtype=np.int32), table)
         return ForwardBatch(
             input_ids=ids,
             positions=pos,
@@ -178,8 +176,8 @@ class ModelRunner:
             seq_lens=lens,
             block_tables=bt,
             logits_indices=logit_idx,
-            num_decodes=num_decodes,
-            seq_lens_cpu=list(seq_lens),
+            num_decodes=plan.num_decodes,
+            seq_lens_cpu=list(plan.seq_lens),
             query_lens_cpu=qlens.tolist(),
         )
 
@@ -198,16 +196,15 @@ class ModelRunner:
             off += a.size
         return out
 
-    def sampling_metadata(self, sched: SchedulerOutput, eos_token_ids: set[int]) -> SamplingMetadata:
-        seqs = [s.seq for s in sched.seqs if s.samples]
+    def _upload_params(self, params: list, *names: str) -> list[torch.Tensor]:
+        """One fp32 device tensor per SamplingParams field, in one copy."""
+        return self.upload(*(np.asarray([getattr(p, k) for p in params], dtype=np.float32) for k in names))
+
+    def sampling_metadata(self, seqs: list, eos_token_ids: set[int]) -> SamplingMetadata:
+        """Per-row sampling settings of the sequences that sample this step (one row each)."""
         params = [s.params for s in seqs]
         dev, V = self.device, self.arch.vocab_size
-
-        def f32(vals: list) -> torch.Tensor:
-            return self.upload(np.asarray(vals, dtype=np.float32))[0]
-
-        temperature, top_p, min_p = self.upload(*(np.asarray([getattr(p, k) for p in params], dtype=np.float32)
-                                                  for k in ("temperature", "top_p", "min_p")))
+        temperature, top_p, min_p = self._upload_params(params, "temperature", "top_p", "min_p")
         meta = SamplingMetadata(
             temperature=temperature,
             top_p=top_p,
@@ -233,9 +230,8 @@ class ModelRunner:
                 counts[row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
                 seen[row, torch.tensor(seq.all_token_ids, dtype=torch.int64, device=dev)] = True
             meta.output_counts, meta.seen_mask = counts, seen
-            meta.presence = f32([p.presence_penalty for p in params])
-            meta.frequency = f32([p.frequency_penalty for p in params])
-            meta.repetition = f32([p.repetition_penalty for p in params])
+            meta.presence, meta.frequency, meta.repetition = self._upload_params(
+                params, "presence_penalty", "frequency_penalty", "repetition_penalty")
         return meta
 
     @torch.inference_mode()
@@ -250,7 +246,7 @@ class ModelRunner:
             start.record()
         logits = self.forward(batch)
         seqs = [s.seq for s in sched.seqs if s.samples]
-        sampled = self.sampler(logits, self.sampling_metadata(sched, eos_token_ids)) if seqs else None
+        sampled = self.sampler(logits, self.sampling_metadata(seqs, eos_token_ids)) if seqs else None
         return InFlight(seqs, sampled, start, on_gpu)
 
 

@@ -27,16 +27,14 @@ from nanoflow.entrypoints.server.protocol import (
 from nanoflow.entrypoints.server.serving import (
     SSE_DONE,
     ChoiceState,
-    ClientDisconnected,
     EngineStreamingResponse,
     ServerContext,
-    collect,
+    collect_final,
     ranked,
     sse,
     sse_error,
     take_delta,
     token_text,
-    until_disconnect,
     usage,
 )
 
@@ -52,12 +50,10 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         gen = _stream(ctx, req, stream, request_id, created, include_usage)
         return EngineStreamingResponse(gen, [stream])
-    try:
-        (final,) = await until_disconnect(raw, collect([stream]))
-    except ClientDisconnected:
+    finals = await collect_final(raw, [stream])
+    if finals is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    finally:
-        stream.abort()
+    (final,) = finals
     choices = []
     for o in final.outputs:
         lp = _logprobs(o.token_ids, o.logprobs[: len(o.token_ids)], req.top_logprobs or 0) \

@@ -24,17 +24,15 @@ from nanoflow.entrypoints.server.serving import (
     MAX_SEQUENCES,
     SSE_DONE,
     ChoiceState,
-    ClientDisconnected,
     EngineStreamingResponse,
     ServerContext,
-    collect,
+    collect_final,
     merge,
     ranked,
     sse,
     sse_error,
     take_delta,
     token_text,
-    until_disconnect,
     usage,
 )
 
@@ -63,13 +61,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         gen = _stream(ctx, req, streams, request_id, created, echo, include_usage)
         return EngineStreamingResponse(gen, streams)
-    try:
-        finals = await until_disconnect(raw, collect(streams))
-    except ClientDisconnected:
+    finals = await collect_final(raw, streams)
+    if finals is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    finally:
-        for s in streams:
-            s.abort()
     choices = []
     for i, out in enumerate(finals):
         for o in out.outputs:

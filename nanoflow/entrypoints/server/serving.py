@@ -217,6 +217,18 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected
 
 
+async def collect_final(request: Request, streams: list[RequestStream]) -> list[RequestOutput] | None:
+    """Final outputs of a non-streaming request, or None when the client left first. Either way
+    the streams are aborted afterwards, so nothing keeps generating for nobody."""
+    try:
+        return await until_disconnect(request, collect(streams))
+    except ClientDisconnected:
+        return None
+    finally:
+        for s in streams:
+            s.abort()
+
+
 def sse(obj: BaseModel | dict[str, Any]) -> str:
     body = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj, ensure_ascii=True)
     return f"data: {body}\n\n"
