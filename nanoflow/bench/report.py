@@ -163,6 +163,38 @@ def plot_result(result: Result, path: str) -> None:
     plt.close(fig)
 
 
+def plot_steps(result: Result, path: str, system: str = "nanoflow") -> bool:
+    """Per-step view of one engine run over its GPU time: tokens and decodes per step (does the
+    dense budget stay full?) and GPU ms per step. False when the run kept no timeline."""
+    tl = result["systems"].get(system, {}).get("step_timeline")
+    if not tl or not tl.get("tokens"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, clock = [], 0.0
+    for busy, idle in zip(tl["gpu_busy_ms"], tl["gpu_idle_ms"], strict=True):
+        clock += (busy + idle) / 1000
+        t.append(clock)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    top.plot(t, tl["tokens"], linewidth=0.7, label="tokens per step", color="#2a7ab0")
+    top.plot(t, tl["decodes"], linewidth=0.7, label="decodes per step", color="#c9a03d")
+    top.plot(t, tl["running"], linewidth=0.7, label="running sequences", color="#6a9a4a")
+    top.set_ylabel("count")
+    top.legend(loc="upper right", fontsize=8)
+    bottom.plot(t, tl["gpu_busy_ms"], linewidth=0.7, color="#2a7ab0", label="GPU ms per step")
+    bottom.set_ylabel("GPU ms per step")
+    bottom.set_xlabel("GPU time (s)")
+    m, w = result["model"], result["workload"]
+    top.set_title(f"{system}: {m['name']}, {w['name']}, {w['num_requests']} requests", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # --- markdown over several results ---------------------------------------------------------------
 MD_HEADER = ["model", "workload", "device", "system", "requests", "total tok/s", "output tok/s",
              "% of optimum", "vs hf", "vs sequential", "peak TFLOP/s", "date"]

@@ -192,6 +192,7 @@ def run_engine(
 
     prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
     sampling = [params(o) for _, o in workload.requests]
+    engine.stats.keep_timeline = True
     _sync(device)
     t = time.perf_counter()
     outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
@@ -225,6 +226,7 @@ def run_engine(
         "num_preemptions": None if preempt1 is None else preempt1 - preempt0,
         # GPU busy inside steps vs idle between them (CUDA events; generate() resets them per call).
         "step_stats": engine.stats.summary(),
+        "step_timeline": engine.stats.timeline_columns(),
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                             if device.type == "cuda" else None),
     })
@@ -351,6 +353,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if png_path and any(s.get("status") == "ok" for s in result["systems"].values()):
         try:
             report.plot_result(result, png_path)
+            steps_png = png_path.removesuffix(".png") + "_steps.png"
+            if report.plot_steps(result, steps_png):
+                result["files"]["steps_png"] = steps_png
+                report.write_json(result, json_path)
         except Exception as e:  # a missing matplotlib must not cost the numbers
             log.error("could not draw %s: %s", png_path, e)
             result["files"]["png"] = None

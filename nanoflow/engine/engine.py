@@ -15,7 +15,7 @@ from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine.output_processor import OutputProcessor
 from nanoflow.engine.request import Logprob, Request, RequestOutput, Sequence
 from nanoflow.engine.scheduler import Scheduler
-from nanoflow.engine.stats import StepStats
+from nanoflow.engine.stats import StepShape, StepStats
 from nanoflow.executor.distributed import TensorParallelGroup, check_tensor_parallel
 from nanoflow.executor.model_runner import InFlight, ModelRunner
 from nanoflow.models.arch import ModelArch
@@ -149,6 +149,9 @@ class LLMEngine:
                 if self.tp is not None:
                     self.tp.check_workers(e)  # a failed collective: name a worker that died
                 raise
+            launched.shape = StepShape(sched.num_tokens, len(sched.decodes),
+                                       sum(s.seq.num_computed_tokens for s in sched.decodes),
+                                       len(self.scheduler.running), len(self.scheduler.waiting))
             self.scheduler.step_done(sched)
             for seq in launched.seqs:
                 seq.num_inflight += 1
@@ -159,7 +162,7 @@ class LLMEngine:
 
     def _process(self, step: InFlight, finished_only: bool) -> list[RequestOutput]:
         result = step.result()
-        self.stats.record(step)
+        self.stats.record(step, step.shape)
         touched: dict[str, Request] = {}
         for row, seq in enumerate(step.seqs):
             seq.num_inflight -= 1

@@ -6,30 +6,55 @@ from dataclasses import dataclass, field
 
 import torch
 
+STEP_FIELDS = ("tokens", "decodes", "decode_context_tokens", "running", "waiting", "gpu_busy_ms", "gpu_idle_ms")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step computed, taken when it was scheduled."""
+    num_tokens: int
+    num_decodes: int
+    decode_context_tokens: int  # KV tokens the decode attention reads (per layer)
+    num_running: int
+    num_waiting: int
+
 
 @dataclass
 class StepStats:
     steps: int = 0
     gpu_busy_ms: float = 0.0
     gpu_idle_ms: float = 0.0  # from the end of one step's GPU work to the start of the next
+    # One row per step (STEP_FIELDS), so a benchmark can show ramp-up, steady state and tail.
+    keep_timeline: bool = False  # off in servers: it grows by a row per step
+    timeline: list[tuple[float, ...]] = field(default_factory=list, repr=False)
     _last_end: torch.cuda.Event | None = field(default=None, repr=False)
 
-    def record(self, step) -> None:
-        """step: a processed InFlight (its end event has completed)."""
+    def record(self, step, shape: StepShape) -> None:
+        """step: a processed InFlight (its end event has completed); shape: what it computed."""
         self.steps += 1
-        if step.start is None or step.end is None:
-            return
-        self.gpu_busy_ms += step.start.elapsed_time(step.end)
-        if self._last_end is not None:
-            self.gpu_idle_ms += max(0.0, self._last_end.elapsed_time(step.start))
-        self._last_end = step.end
+        busy = idle = 0.0
+        if step.start is not None and step.end is not None:
+            busy = step.start.elapsed_time(step.end)
+            if self._last_end is not None:
+                idle = max(0.0, self._last_end.elapsed_time(step.start))
+            self._last_end = step.end
+        self.gpu_busy_ms += busy
+        self.gpu_idle_ms += idle
+        if self.keep_timeline:
+            self.timeline.append((shape.num_tokens, shape.num_decodes, shape.decode_context_tokens, shape.num_running,
+                                  shape.num_waiting, round(busy, 3), round(idle, 3)))
 
     def reset(self) -> None:
         self.steps, self.gpu_busy_ms, self.gpu_idle_ms, self._last_end = 0, 0.0, 0.0, None
+        self.timeline = []
+
+    def timeline_columns(self) -> dict[str, list]:
+        return {name: [row[i] for row in self.timeline] for i, name in enumerate(STEP_FIELDS)}
 
     def summary(self) -> dict:
         total = self.gpu_busy_ms + self.gpu_idle_ms
         return {"steps": self.steps, "gpu_busy_ms": round(self.gpu_busy_ms, 2),
                 "gpu_idle_ms": round(self.gpu_idle_ms, 2),
                 "gpu_idle_per_step_ms": round(self.gpu_idle_ms / max(1, self.steps - 1), 3),
+                "mean_tokens_per_step": round(sum(r[0] for r in self.timeline) / max(1, len(self.timeline)), 1),
                 "gpu_idle_fraction": round(self.gpu_idle_ms / total, 4) if total else None}

@@ -272,6 +272,7 @@ class InFlight:
                  on_gpu: bool) -> None:
         self.seqs, self.sampled, self.start = seqs, sampled, start
         self.end: torch.cuda.Event | None = None
+        self.shape = None  # the engine's StepShape of this step, for its statistics
         self.host: list[torch.Tensor] = []
         if sampled is not None:
             for t in sampled.tensors():

@@ -45,7 +45,8 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
     assert "total tok/s" in proc.stdout and "speedup: nanoflow/hf" in proc.stdout
 
     result = json.loads(_only(out, "bench_bench-tiny-llama*_32x16_CPU-*.json").read_text())
-    assert _only(out, "*.png").stat().st_size > 5000
+    assert _only(out, "*[0-9].png").stat().st_size > 5000
+    assert _only(out, "*_steps.png").stat().st_size > 5000  # the per-step timeline of the nanoflow run
     assert result["schema"] == "nanoflow-bench/1"
     assert list(result["systems"]) == ["nanoflow", "hf", "sequential"]
     assert set(result["speedups"]) == {"nanoflow/hf", "nanoflow/sequential"}
@@ -65,6 +66,9 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         assert s["kv_pool"] == {"pages": 64, "tokens": 1024, "page_bytes": s["kv_pool"]["page_bytes"],
                                 "gib": pytest.approx(64 * s["kv_pool"]["page_bytes"] / 2**30)}
         assert s["num_preemptions"] == 0 and s["warmup"]["num_requests"] == 8
+        timeline = s["step_timeline"]
+        assert sum(timeline["tokens"]) == 8 * (32 + 16 - 1)  # the last token is sampled, never fed back
+        assert len(timeline["tokens"]) == s["step_stats"]["steps"] and max(timeline["tokens"]) <= 512
     assert result["systems"]["sequential"]["options"] == {"enforce_eager": True}
     assert result["systems"]["hf"]["batch_size"] == 8 and result["systems"]["hf"]["input_len"] == 32
 
@@ -103,7 +107,7 @@ def test_a_failing_system_keeps_the_others(bench_tiny_llama: str, tmp_path: Path
     assert result["systems"]["nanoflow"]["status"] == "ok"
     assert result["systems"]["hf"]["status"] == "error" and "simulated" in result["systems"]["hf"]["error"]
     assert result["speedups"] == {}
-    assert _only(tmp_path, "*.png").is_file()  # the chart shows what did finish
+    assert _only(tmp_path, "*[0-9].png").is_file()  # the chart shows what did finish
     assert "hf failed: RuntimeError" in report.format_table(result)
 
 
