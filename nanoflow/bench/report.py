@@ -105,8 +105,9 @@ def format_table(result: Result) -> str:
         if not _ok(s):
             lines.append(f"{name} failed: {s.get('error', '?')}")
         elif name == "hf":
-            lines.append(f"hf: batch {s['batch_size']} x {s['num_batches']}, {s['input_len']} in / "
-                         f"{s['output_len']} out ({s['note']})")
+            batches = f"{s['num_batches']} batch{'es' if s['num_batches'] != 1 else ''}"
+            lines.append(f"hf: {batches} of up to {s['batch_size']}, {s['padding_efficiency']:.0%} of the "
+                         f"computed tokens real ({s['note']})")
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     return "\n".join(lines)

@@ -320,7 +320,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 from nanoflow.bench.hf_baseline import run_hf_baseline
 
                 res = run_hf_baseline(model_dir, workload, dtype, device, args.hf_max_batch,
-                                      args.hf_num_requests, args.seed, use_tqdm)
+                                      args.hf_num_requests, args.seed, use_tqdm,
+                                      max_seconds=args.hf_max_seconds, shape=args.hf_shape)
             else:
                 res = run_engine(name, model_dir, load_format, workload, engine_kwargs, device,
                                  args.num_warmup, args.warmup_max_tokens, use_tqdm)

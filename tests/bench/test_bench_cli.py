@@ -31,6 +31,12 @@ def test_parser_knows_the_options() -> None:
     assert (args.dummy, args.workload, args.compare, args.num_requests, args.max_num_seqs) == (
         "llama3-8b", "trace:x.csv", "hf,sequential", 7, 64)
     assert args.output_dir == "benchmarks/results" and args.hf_max_batch == 256
+    assert (args.hf_num_requests, args.hf_max_seconds, args.hf_shape) == (None, 60.0, "requests")
+    args = build_parser().parse_args(["bench", "--hf-num-requests", "64", "--hf-max-seconds", "0",
+                                      "--hf-shape", "mean"])
+    assert (args.hf_num_requests, args.hf_max_seconds, args.hf_shape) == (64, 0.0, "mean")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--hf-shape", "median"])
 
 
 def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
@@ -70,7 +76,9 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         assert sum(timeline["tokens"]) == 8 * (32 + 16 - 1)  # the last token is sampled, never fed back
         assert len(timeline["tokens"]) == s["step_stats"]["steps"] and max(timeline["tokens"]) <= 512
     assert result["systems"]["sequential"]["options"] == {"enforce_eager": True}
-    assert result["systems"]["hf"]["batch_size"] == 8 and result["systems"]["hf"]["input_len"] == 32
+    hf = result["systems"]["hf"]
+    assert (hf["batch_sizes"], hf["shape"], hf["padding_efficiency"]) == ([8], "requests", 1)
+    assert hf["padded_tokens"] == 8 * (32 + 16) and "hf: 1 batch of up to 8, 100% of the computed" in proc.stdout
 
     md = report.markdown_table([result])
     assert md.count("\n") == 1 + 3 and "| bench_tiny_llama" in md
