@@ -48,7 +48,7 @@ class Shapes:
     intermediate: int = 14336
     tokens: int = 2048  # dense batch for the norm / activation / rope kernels
     decode_cases: tuple[tuple[int, int], ...] = ((256, 1024), (64, 4096))  # (batch, context)
-    ctas: tuple[int | None, ...] = (None, 16, 32, 66)
+    ctas: tuple[int | None, ...] = (None, 16, 32, 48, 66)
     prefill: tuple[int, int, int] = (4, 512, 1024)  # sequences, new tokens each, context each
     page_size: int = 16
 
@@ -363,12 +363,11 @@ class Runner:
             return [DecodeConfig(block_n=16, partition_size=32), DecodeConfig(block_n=32)]
         if self.args.no_sweep:
             return []
-        return [
-            DecodeConfig(block_n=bn, num_warps=w, num_stages=st)
-            for bn in (32, 64, 128)
-            for w in (4, 8)
-            for st in (2, 3, 4)
-        ]
+        # K/V tiles in flight per CTA ~ (num_stages - 2) / 2 (the page-table load takes its own
+        # stages), so a capped grid needs deep pipelines: 32 CTAs x ~100 KB in flight ~ 2.5 TB/s.
+        shapes = [(32, 4, 4), (64, 3, 4), (64, 4, 8), (128, 4, 8), (32, 8, 4), (32, 12, 4), (64, 6, 4), (64, 6, 8),
+                  (64, 8, 8), (64, 10, 8), (64, 12, 8), (128, 6, 8), (128, 8, 8)]
+        return [DecodeConfig(block_n=bn, num_warps=w, num_stages=st) for bn, st, w in shapes]
 
     def prefill_timing(self) -> dict[str, Any]:
         torch, pa, s = self.torch, self.k.pa, self.s

@@ -96,14 +96,16 @@ _LOG2E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of the decode kernel; the defaults are a guess to be tuned on the GPU
-    (benchmarks/kernel_check.py sweeps them)."""
+    """Launch parameters of the decode kernel. Defaults: the best full-grid shape of the H100
+    sweep in benchmarks/kernel_check.py (2.87-2.89 TB/s at 256 x 1024 and 64 x 4096)."""
 
-    # tokens per step (a power of two, a multiple of page_size); None: 32 KiB of K+V per step,
-    # e.g. 64 for bf16 x head_dim 128
+    # tokens per step (a power of two, a multiple of page_size); None: 64 KiB of K+V per step,
+    # e.g. 128 for bf16 x head_dim 128
     block_n: int | None = None
-    num_warps: int = 4
-    num_stages: int = 3  # software-pipelining depth: ~(num_stages - 1) steps of loads in flight
+    num_warps: int = 8
+    # software-pipelining depth. The page-table load takes stages of its own, so only about
+    # (num_stages - 2) / 2 K/V steps are in flight: capped grids want 8 (~200 KiB of shared memory).
+    num_stages: int = 4
     partition_size: int | None = None  # tokens per work item; None: chosen from the shapes
     ctas_per_sm: int = 2  # grid size for num_ctas=None is ctas_per_sm * number of SMs
     min_partition: int = 512  # smallest automatic partition: each work item pays a pipeline ramp
@@ -115,7 +117,7 @@ class DecodeConfig:
         """This config with block_n filled in for the given head_dim and element size."""
         if self.block_n is not None:
             return self
-        block_n = triton.next_power_of_2(max(1, (32 * 1024) // (2 * head_dim * elem_size)))
+        block_n = triton.next_power_of_2(max(1, (64 * 1024) // (2 * head_dim * elem_size)))
         return dataclasses.replace(self, block_n=min(max(block_n, 16), 128))
 
 
