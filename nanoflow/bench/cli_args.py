@@ -7,8 +7,9 @@ import argparse
 # Kept in sync with dummy_models.DUMMY_CONFIGS by a test; listed here so building the parser
 # imports nothing else.
 DUMMY_NAMES = ("llama3-8b", "llama2-7b", "qwen2-7b", "mixtral-8x7b", "llama2-70b")
-COMPARE_CHOICES = ("hf", "sequential")
-HF_SHAPES = ("requests", "mean")  # see nanoflow/bench/hf_baseline.py
+# hf: the workload's own requests in padded static batches; hf-mean: equal-length requests at the
+# workload's mean lengths (no padding, kinder to HF); see nanoflow/bench/hf_baseline.py
+COMPARE_CHOICES = ("hf", "hf-mean", "sequential")
 
 EXAMPLES = """examples:
   nanoflow bench --dummy llama3-8b --workload 512x512 --compare hf,sequential
@@ -42,7 +43,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("comparison")
     c.add_argument("--compare", default="",
                    help="comma list of baselines run after nanoflow, in this order: hf (Hugging Face "
-                   "generate, static batches), sequential (our engine, eager, PyTorch reference kernels)")
+                   "generate on the same requests, padded static batches), hf-mean (HF generate on "
+                   "equal-length requests at the workload's mean lengths: no padding, kinder to HF), "
+                   "sequential (our engine, eager, PyTorch reference kernels)")
     c.add_argument("--hf-max-batch", type=int, default=256,
                    help="largest static batch for hf generate (on a GPU free memory may cap it lower)")
     c.add_argument("--hf-num-requests", type=int, default=None,
@@ -50,9 +53,6 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "--hf-max-seconds)")
     c.add_argument("--hf-max-seconds", type=float, default=60.0,
                    help="no new hf batch starts after this many seconds (one always runs; 0: no cap)")
-    c.add_argument("--hf-shape", default="requests", choices=HF_SHAPES,
-                   help="requests: the workload's own requests in padded static batches (vLLM's run_hf); "
-                   "mean: equal-length requests at the workload's mean lengths, no padding (kinder to hf)")
     c.add_argument("--peak-seconds", type=float, default=2.0,
                    help="how long to time the 8192^3 bf16 GEMM for the peak rate (after warm-up)")
     c.add_argument("--peak-tflops", type=float, default=None,

@@ -13,7 +13,7 @@ Same config.json as the engine run, random weights (the rate does not depend on 
 attention. The rate is per token, so whole batches from the start of the workload are enough: up to
 --hf-num-requests requests, and no new batch after --hf-max-seconds.
 
---hf-shape mean is the kinder variant kept for comparison: every request takes the workload's mean
+`--compare hf-mean` (shape "mean") is the kinder variant kept for comparison: every request takes the workload's mean
 prompt and output lengths, so nothing is padded. On a fixed workload (512x512) the two are the same.
 """
 
@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from nanoflow.bench.cli_args import HF_SHAPES
 from nanoflow.bench.workloads import Workload
 from nanoflow.models.arch import ModelArch
 
@@ -123,8 +122,8 @@ def run_hf_baseline(
     max_seconds <= 0 means no time cap."""
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy: only when the baseline runs
 
-    if shape not in HF_SHAPES:
-        raise ValueError(f"--hf-shape must be one of {', '.join(HF_SHAPES)}, got {shape!r}")
+    if shape not in ("requests", "mean"):
+        raise ValueError(f"shape must be 'requests' or 'mean', got {shape!r}")
     if max_batch < 1:
         raise ValueError(f"--hf-max-batch must be at least 1, got {max_batch}")
     requests = list(workload.requests[:num_requests] if num_requests else workload.requests)

@@ -104,9 +104,9 @@ def format_table(result: Result) -> str:
     for name, s in result["systems"].items():
         if not _ok(s):
             lines.append(f"{name} failed: {s.get('error', '?')}")
-        elif name == "hf":
+        elif name in ("hf", "hf-mean"):
             batches = f"{s['num_batches']} batch{'es' if s['num_batches'] != 1 else ''}"
-            lines.append(f"hf: {batches} of up to {s['batch_size']}, {s['padding_efficiency']:.0%} of the "
+            lines.append(f"{name}: {batches} of up to {s['batch_size']}, {s['padding_efficiency']:.0%} of the "
                          f"computed tokens real ({s['note']})")
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
@@ -139,7 +139,7 @@ def plot_result(result: Result, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(systems) + 2), 4.5))
     names = [n for n, _ in systems]
     rates = [s["total_tokens_per_s"] for _, s in systems]
-    colors = {"nanoflow": "#2a7ab0", "sequential": "#8fb9d6", "hf": "#c9a03d"}
+    colors = {"nanoflow": "#2a7ab0", "sequential": "#8fb9d6", "hf": "#c9a03d", "hf-mean": "#e3c98a"}
     bars = ax.bar(names, rates, color=[colors.get(n, "#888888") for n in names])
     top = max(rates + ([optimum] if optimum else []) + [1.0])
     for bar, (_, s) in zip(bars, systems, strict=True):
@@ -198,7 +198,8 @@ def plot_steps(result: Result, path: str, system: str = "nanoflow") -> bool:
 
 # --- markdown over several results ---------------------------------------------------------------
 MD_HEADER = ["model", "workload", "device", "system", "requests", "total tok/s", "output tok/s",
-             "% of optimum", "vs hf", "vs sequential", "peak TFLOP/s", "date"]
+             "% of optimum", "vs hf", "vs hf-mean", "vs sequential", "peak TFLOP/s", "date"]
+BASELINES = ("hf", "hf-mean", "sequential")
 
 
 def markdown_rows(result: Result) -> Iterable[list[str]]:
@@ -212,8 +213,7 @@ def markdown_rows(result: Result) -> Iterable[list[str]]:
             result["model"]["name"], result["workload"]["name"], result["environment"]["device_name"], name,
             str(s["num_requests"]), _num(rate), _num(s["output_tokens_per_s"]),
             _pct(s.get("fraction_of_optimum")),
-            f"{rate / base['hf']:.2f}x" if "hf" in base and name != "hf" else "-",
-            f"{rate / base['sequential']:.2f}x" if "sequential" in base and name != "sequential" else "-",
+            *(f"{rate / base[b]:.2f}x" if b in base and name != b else "-" for b in BASELINES),
             _tflops(peak.get("tflops")) + (" (cpu)" if peak.get("kind") == "cpu-small" else ""),
             result["timestamp"][:10],
         ]

@@ -316,12 +316,13 @@ def run_bench(args: argparse.Namespace) -> int:
         _say(use_tqdm, f"[bench] {name}: running")
         t_sys = time.perf_counter()
         try:
-            if name == "hf":
+            if name in ("hf", "hf-mean"):
                 from nanoflow.bench.hf_baseline import run_hf_baseline
 
                 res = run_hf_baseline(model_dir, workload, dtype, device, args.hf_max_batch,
                                       args.hf_num_requests, args.seed, use_tqdm,
-                                      max_seconds=args.hf_max_seconds, shape=args.hf_shape)
+                                      max_seconds=args.hf_max_seconds,
+                                      shape="mean" if name == "hf-mean" else "requests")
             else:
                 res = run_engine(name, model_dir, load_format, workload, engine_kwargs, device,
                                  args.num_warmup, args.warmup_max_tokens, use_tqdm)
@@ -380,4 +381,4 @@ def speedups(systems: dict[str, dict[str, Any]]) -> dict[str, float]:
     ok = {n: s["total_tokens_per_s"] for n, s in systems.items() if s.get("status") == "ok"}
     if "nanoflow" not in ok:
         return {}
-    return {f"nanoflow/{n}": ok["nanoflow"] / ok[n] for n in ("hf", "sequential") if n in ok}
+    return {f"nanoflow/{n}": ok["nanoflow"] / ok[n] for n in ("hf", "hf-mean", "sequential") if n in ok}

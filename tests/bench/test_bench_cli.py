@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nanoflow.bench import report
+from nanoflow.bench.throughput import parse_compare
 from nanoflow.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,12 +32,12 @@ def test_parser_knows_the_options() -> None:
     assert (args.dummy, args.workload, args.compare, args.num_requests, args.max_num_seqs) == (
         "llama3-8b", "trace:x.csv", "hf,sequential", 7, 64)
     assert args.output_dir == "benchmarks/results" and args.hf_max_batch == 256
-    assert (args.hf_num_requests, args.hf_max_seconds, args.hf_shape) == (None, 60.0, "requests")
-    args = build_parser().parse_args(["bench", "--hf-num-requests", "64", "--hf-max-seconds", "0",
-                                      "--hf-shape", "mean"])
-    assert (args.hf_num_requests, args.hf_max_seconds, args.hf_shape) == (64, 0.0, "mean")
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "--hf-shape", "median"])
+    assert (args.hf_num_requests, args.hf_max_seconds) == (None, 60.0)
+    args = build_parser().parse_args(["bench", "--hf-num-requests", "64", "--hf-max-seconds", "0"])
+    assert (args.hf_num_requests, args.hf_max_seconds) == (64, 0.0)
+    assert parse_compare("hf,hf-mean,sequential,hf") == ["hf", "hf-mean", "sequential"]
+    with pytest.raises(ValueError, match="--compare accepts"):
+        parse_compare("hf,median")
 
 
 def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
