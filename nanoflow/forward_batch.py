@@ -39,10 +39,20 @@ class ForwardBatch:
     def num_prefills(self) -> int:
         return self.num_seqs - self.num_decodes
 
-    # Prefill-only views for the prefill attention kernel; cached so every layer reuses one copy.
+    # Prefill-only metadata for the prefill attention kernel, cached so every layer reuses one copy.
+    # Copies, not views: a view starting at row num_decodes has an alignment that changes with the
+    # batch, and Triton would compile a kernel variant for each alignment it meets.
     @cached_property
     def prefill_query_start_loc(self) -> torch.Tensor:
         return self.query_start_loc[self.num_decodes :] - self.num_decodes
+
+    @cached_property
+    def prefill_seq_lens(self) -> torch.Tensor:
+        return self.seq_lens[self.num_decodes :].clone()
+
+    @cached_property
+    def prefill_block_tables(self) -> torch.Tensor:
+        return self.block_tables[self.num_decodes :].clone()
 
     @cached_property
     def max_prefill_query_len(self) -> int:

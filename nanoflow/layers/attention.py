@@ -57,8 +57,8 @@ class PagedAttention(nn.Module):
         if batch.num_prefills:
             if self.use_triton:
                 pa.paged_prefill_attention(
-                    q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.prefill_query_start_loc,
-                    batch.seq_lens[nd:], self.scale, self.sliding_window,
+                    q[nd:], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_query_start_loc,
+                    batch.prefill_seq_lens, self.scale, self.sliding_window,
                     max_query_len=batch.max_prefill_query_len, out=out[nd:])
             else:
                 out[nd:] = pa.paged_prefill_attention_ref(
