@@ -20,6 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
                    help="dense token budget per iteration (default 2048 on GPU, 512 on CPU)")
     p.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
 
@@ -27,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The EngineConfig fields that add_engine_args defined, besides the model."""
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_pages",
-             "gpu_memory_utilization", "tensor_parallel_size", "seed")
+             "gpu_memory_utilization", "kv_cache_dtype", "tensor_parallel_size", "seed")
     return {n: getattr(args, n) for n in names}
 
 

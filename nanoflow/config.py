@@ -18,6 +18,18 @@ _DTYPES = {
     "half": torch.float16,
 }
 
+# The KV cache's storage types besides "auto" (the model dtype). K and V are cast on store and read
+# back in the model dtype, so the model and its activations never see fp8.
+# The per-tensor KV scale is 1.0 (K and V are stored as they are, no multiply), which is vLLM's
+# default when a checkpoint ships no KV scales: e4m3 rounds with the same relative error (<= 1/16,
+# 3 mantissa bits) over its whole normal range (2^-6 .. 448), and post-RoPE K and V of common
+# models typically sit inside it, so a scale would only matter at the edges; values beyond +-448
+# saturate, as in vLLM. A calibrated scale would need calibration data the engine does not have.
+_KV_CACHE_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+}
+
 
 @dataclass
 class EngineConfig:
@@ -42,8 +54,12 @@ class EngineConfig:
     # False: Triton kernels and CUDA graphs where a CUDA device is present; the CPU is always eager.
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
+    # twice the tokens fit in the same memory and decode attention reads half the bytes.
+    kv_cache_dtype: str = "auto"
     # Filled in by resolve(): the concrete torch objects the engine runs with.
     torch_dtype: torch.dtype = field(default=torch.float32, init=False)
+    torch_kv_cache_dtype: torch.dtype = field(default=torch.float32, init=False)
     torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"), init=False)
 
     @property
@@ -70,6 +86,7 @@ class EngineConfig:
             self.torch_dtype = _DTYPES[self.dtype]
         else:
             raise ValueError(f"dtype must be one of 'auto', {', '.join(sorted(set(_DTYPES)))}; got {self.dtype!r}")
+        self.torch_kv_cache_dtype = self._resolve_kv_cache_dtype()
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 2048 if on_gpu else 512
         _positive("max_num_seqs", self.max_num_seqs)
@@ -85,6 +102,18 @@ class EngineConfig:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         return self
+
+    def _resolve_kv_cache_dtype(self) -> torch.dtype:
+        if self.kv_cache_dtype == "auto":
+            return self.torch_dtype
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of 'auto', {', '.join(_KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.use_fast_path and torch.cuda.get_device_capability(self.torch_device) < (8, 9):
+            # Triton converts float8e4nv with instructions of sm89 and later only.
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs a GPU of compute capability >= 8.9 "
+                             "(Ada, Hopper) for the Triton kernels; use enforce_eager=True or kv_cache_dtype='auto'")
+        return _KV_CACHE_DTYPES[self.kv_cache_dtype]
 
 
 def _positive(name: str, value: int) -> None:

@@ -96,3 +96,16 @@ def tiny_models_root() -> Path:
     root = Path(os.environ.get("NANOFLOW_TEST_MODELS", "/tmp/nanoflow-test-models"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def teacher_forced_agreement(llm, prompts: list[list[int]], continuations: list[list[int]]) -> float:
+    """Fraction of positions where llm's greedy next token, given the prompt and the continuation up to
+    there, is the continuation's token. Unlike comparing free-running outputs, one flipped token
+    does not change every later position."""
+    from nanoflow import SamplingParams
+
+    forced = [{"prompt_token_ids": p + c[:i]} for p, c in zip(prompts, continuations, strict=True)
+              for i in range(len(c))]
+    want = [t for c in continuations for t in c]
+    outs = llm.generate(forced, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    return sum(o.outputs[0].token_ids[0] == w for o, w in zip(outs, want, strict=True)) / len(want)

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+from nanoflow.cli import build_parser, engine_config_from_args, engine_kwargs
+
 
 def test_generate_cli(tiny_model):
     r = subprocess.run([sys.executable, "-m", "nanoflow.cli", "generate", tiny_model("llama"), "--prompt", "Hello",
@@ -15,3 +19,16 @@ def test_cli_reports_errors_clearly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nanoflow.cli", "generate", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_kv_cache_dtype_option():
+    parser = build_parser()
+    for cmd in ("generate", "serve"):
+        args = parser.parse_args([cmd, "m", "--kv-cache-dtype", "fp8"])
+        assert engine_kwargs(args)["kv_cache_dtype"] == "fp8"
+        assert engine_config_from_args(args, "m").kv_cache_dtype == "fp8"
+        assert engine_kwargs(parser.parse_args([cmd]))["kv_cache_dtype"] == "auto"
+    assert parser.parse_args(["bench", "--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
+    assert parser.parse_args(["bench"]).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--kv-cache-dtype", "int8"])

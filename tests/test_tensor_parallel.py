@@ -51,6 +51,21 @@ def test_two_ranks_match_one(tiny_model, arch):
     llm.shutdown()  # idempotent
 
 
+def test_two_ranks_fp8_kv_cache(tiny_model):
+    """Rank 1 builds its runner from the resolved config, so its KV heads are stored in fp8 too: were
+    they not, its heads' attention would differ from the one-process fp8 run and so would the tokens."""
+    path = tiny_model("llama")
+    prompts = _prompts(2)
+    settings = dict(max_model_len=256, max_num_batched_tokens=64, kv_cache_dtype="fp8")
+    expected = _greedy(LLM(path, **settings), prompts)
+    llm = LLM(path, tensor_parallel_size=2, **settings)
+    try:
+        assert llm.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+        assert _greedy(llm, prompts) == expected
+    finally:
+        llm.shutdown()
+
+
 def test_dead_worker_fails_loudly(tiny_model):
     llm = LLM(tiny_model("llama"), max_model_len=256, tensor_parallel_size=2)
     try:

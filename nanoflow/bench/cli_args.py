@@ -69,6 +69,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="admission projects each request to prompt + min(max_tokens, this) tokens")
     e.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
     e.add_argument("--tensor-parallel-size", type=int, default=1)
     e.add_argument("--seed", type=int, default=0, help="seeds the prompts, the weights and sampling")
 

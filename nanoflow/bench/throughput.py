@@ -263,6 +263,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "num_kv_pages": args.num_kv_pages, "gpu_memory_utilization": args.gpu_memory_utilization,
         "tensor_parallel_size": args.tensor_parallel_size, "seed": args.seed,
         "admission_output_tokens": args.admission_output_tokens,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     env = environment(device)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -36,6 +36,7 @@ class ModelRunner:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.torch_kv_cache_dtype  # the model dtype, or fp8 (kernels widen on load)
         self.par = par or ParallelState()
         self.arch = ModelArch.from_hf(hf_config)
         self.max_model_len = max_model_len
@@ -44,7 +45,7 @@ class ModelRunner:
         self.num_pages = self.par.min(self._decide_num_pages())  # the same pool (page ids) on every rank
         kv_heads = self.arch.num_kv_heads // self.par.size
         shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphRunner | None = None
@@ -59,7 +60,7 @@ class ModelRunner:
     @property
     def page_bytes(self) -> int:
         kv_heads = self.arch.num_kv_heads // self.par.size
-        return self.arch.num_layers * 2 * kv_heads * PAGE_SIZE * self.arch.head_dim * self.dtype.itemsize
+        return self.arch.num_layers * 2 * kv_heads * PAGE_SIZE * self.arch.head_dim * self.kv_dtype.itemsize
 
     def _decide_num_pages(self) -> int:
         if self.config.num_kv_pages is not None:
@@ -78,8 +79,8 @@ class ModelRunner:
                 f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
                 f"activations need {activations / 2**30:.1f} GiB; raise gpu_memory_utilization or lower "
                 "max_num_batched_tokens")
-        log.info("KV cache: %d pages (%.1f GiB, %d tokens)", pages, pages * self.page_bytes / 2**30,
-                 pages * PAGE_SIZE)
+        log.info("KV cache: %d pages (%.1f GiB, %d tokens, %s)", pages, pages * self.page_bytes / 2**30,
+                 pages * PAGE_SIZE, str(self.kv_dtype).removeprefix("torch."))
         return pages
 
     def _profile_activation_bytes(self) -> int:
@@ -87,7 +88,9 @@ class ModelRunner:
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         pages = -(-n // PAGE_SIZE)
         kv_heads = self.arch.num_kv_heads // self.par.size
-        kv = torch.empty((2, pages, kv_heads, PAGE_SIZE, self.arch.head_dim), dtype=self.dtype, device=self.device)
+        # the cache's own dtype: the eager path's widened K/V copies are part of the peak
+        kv = torch.empty((2, pages, kv_heads, PAGE_SIZE, self.arch.head_dim), dtype=self.kv_dtype,
+                         device=self.device)
         caches = [(kv[0], kv[1])] * self.arch.num_layers
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)

@@ -1,7 +1,9 @@
 """Attention over the paged KV cache: decode (one query per sequence) and chunked prefill.
 
 The new tokens' K/V are already in the cache (rope_kv_write runs first), so both read keys and
-values only through the page table. Cache layout: see rotary.py.
+values only through the page table. Cache layout: see rotary.py. The cache is in q's dtype or
+float8_e4m3fn (EngineConfig.kv_cache_dtype); fp8 K/V tiles are converted to q's dtype right after
+the load, so the dots and the fp32 accumulation are those of a 16/32-bit cache.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def paged_decode_attention_ref(
     """q: [B, Hq, D], one query per sequence at position seq_lens - 1. Returns [B, Hq, D]."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
-    k = _gather_pages(k_cache, block_tables.long())  # [B, Hkv, N, D]
-    v = _gather_pages(v_cache, block_tables.long())
+    # gather first, convert after: only the pages read are widened
+    k = _gather_pages(k_cache, block_tables.long()).to(q.dtype)  # [B, Hkv, N, D]
+    v = _gather_pages(v_cache, block_tables.long()).to(q.dtype)
     qg = q.view(B, Hkv, Hq // Hkv, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, N]
     pos = torch.arange(k.shape[2], device=q.device)
@@ -44,6 +47,10 @@ def paged_decode_attention_ref(
     if sliding_window is not None:
         valid &= pos[None, :] >= lens - sliding_window
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    # Slots past a sequence's length, and page 0 behind the table's padding, may never have been
+    # written: leftover memory can hold inf or NaN (in fp8 the bytes 0x7f/0xff are NaN), and a
+    # masked slot still adds 0 * v = NaN to probs @ v. v is a gathered copy, not the cache.
+    v.masked_fill_(~valid[:, None, :, None], 0)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).reshape(B, Hq, D)
 
@@ -66,8 +73,8 @@ def paged_prefill_attention_ref(
     start = 0
     for i, (qlen, ctx) in enumerate(zip(query_lens, seq_lens, strict=True)):
         pages = block_tables[i, : (ctx + page_size - 1) // page_size].long()
-        k = _gather_pages(k_cache, pages)[:, :ctx]  # [Hkv, ctx, D]
-        v = _gather_pages(v_cache, pages)[:, :ctx]
+        k = _gather_pages(k_cache, pages)[:, :ctx].to(q.dtype)  # [Hkv, ctx, D]
+        v = _gather_pages(v_cache, pages)[:, :ctx].to(q.dtype)
         k = k.repeat_interleave(Hq // Hkv, dim=0)
         v = v.repeat_interleave(Hq // Hkv, dim=0)
         qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
@@ -136,7 +143,10 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache: [pages, kv_heads, page, D]"
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     assert k_cache.shape[-1] == D and q.shape[-2] % k_cache.shape[1] == 0
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype"
+    assert k_cache.dtype == v_cache.dtype, "k and v caches must share a dtype"
+    assert q.dtype in (torch.bfloat16, torch.float16, torch.float32), f"q must be bf16, fp16 or fp32, not {q.dtype}"
+    cache_ok = k_cache.dtype in (q.dtype, torch.float8_e4m3fn)
+    assert cache_ok, f"the cache must be in q's dtype ({q.dtype}) or float8_e4m3fn, not {k_cache.dtype}"
     assert D >= 16 and D & (D - 1) == 0, "head_dim must be a power of two >= 16"
     page_size = k_cache.shape[2]
     assert page_size & (page_size - 1) == 0, "page_size must be a power of two"
@@ -189,8 +199,9 @@ def _decode_kernel(
             t_mask = (tok >= lo) & (tok < end)
             page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
             row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
-            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+            # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
+            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N], fp32
             qk = tl.where(t_mask[None, :], qk * qk_scale, float("-inf"))
             # every step holds >= 1 valid token, so m_new is finite
@@ -291,6 +302,8 @@ def paged_decode_attention(
     GPU. A sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
     """
     _check_paged_inputs(q, k_cache, v_cache)
+    # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
+    # load): an fp8 cache keeps the tile shape of its model dtype and halves the bytes per step
     cfg = (config or DecodeConfig()).resolved(q.shape[-1], q.element_size())
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -381,7 +394,8 @@ def _prefill_kernel(
             t_mask = tok < hi
             page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
             row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
-            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+            # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
+            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             mask = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
             if sliding_window > 0:
@@ -393,7 +407,7 @@ def _prefill_kernel(
             alpha = tl.exp2(m_i - m_ref)
             p = tl.exp2(qk - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -4,6 +4,8 @@ Cache layout (all kernels): [num_pages, num_kv_heads, page_size, head_dim], so o
 is a contiguous page_size x head_dim tile. A token's slot is page * page_size + offset.
 cos_sin: [max_positions, head_dim] with cos in the first half and sin in the second (rotate-half
 convention of Llama/Mistral/Qwen2 checkpoints).
+The cache may be float8_e4m3fn while q/k/v are 16/32-bit (EngineConfig.kv_cache_dtype): K and V
+are rounded to it once, on store, saturating at +-448 (scale 1.0, see nanoflow/config.py).
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos + rotated * sin
 
 
+FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded for a cache of `dtype`. fp8 saturates like the GPU's cvt.satfinite: torch versions
+    differ on whether an out-of-range cast gives NaN or +-448, and one NaN key poisons every query."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return x.to(dtype)
+
+
 def write_kv_ref(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     page_size = k_cache.shape[2]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-    k_cache[pages, :, offsets] = k.to(k_cache.dtype)
-    v_cache[pages, :, offsets] = v.to(v_cache.dtype)
+    k_cache[pages, :, offsets] = to_cache_dtype(k, k_cache.dtype)
+    v_cache[pages, :, offsets] = to_cache_dtype(v, v_cache.dtype)
 
 
 def rope_kv_write_ref(
@@ -45,7 +58,13 @@ def rope_kv_write_ref(
     cs = cos_sin[positions]
     cos, sin = cs.chunk(2, dim=-1)
     q = apply_rope_ref(q, cos, sin)
-    write_kv_ref(apply_rope_ref(k, cos, sin), v, k_cache, v_cache, slot_mapping)
+    if k_cache.dtype == k.dtype:
+        k = apply_rope_ref(k, cos, sin)
+    else:
+        # a narrower cache (fp8): rotate in fp32 from the same rounded cos/sin as the Triton kernel,
+        # so K is rounded once, on store, not first to the activation dtype and then again
+        k = apply_rope_ref(k.float(), cos.to(k.dtype), sin.to(k.dtype))
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
     return q
 
 
@@ -66,6 +85,7 @@ def _rope_kv_write_kernel(
     stride_cp, stride_ch, stride_ct,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):  # fmt: skip
     """One token per program: all its q heads, k heads and v heads, so cos/sin load once."""
     t = tl.program_id(0).to(tl.int64)
@@ -93,14 +113,20 @@ def _rope_kv_write_kernel(
         k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, hk, cos, sin, offs, kv_mask, HALF)
         base = (slot // PAGE_SIZE) * stride_cp + (slot % PAGE_SIZE) * stride_ct
         dst = base + hk[:, None] * stride_ch + offs[None, :]
-        cache_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=kv_mask)
-        tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=kv_mask)
         src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + offs[None, :]
         v1 = tl.load(src, mask=kv_mask, other=0.0)
         v2 = tl.load(src + HALF, mask=kv_mask, other=0.0)
-        tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(v_cache_ptr + dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+        if SATURATE > 0:  # fp8 cache: clamp explicitly rather than rely on the backend's conversion
+            k1 = tl.minimum(tl.maximum(k1, -SATURATE), SATURATE)
+            k2 = tl.minimum(tl.maximum(k2, -SATURATE), SATURATE)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -SATURATE), SATURATE)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -SATURATE), SATURATE)
+        # one rounding, fp32 (k) or the activation dtype (v) straight to the cache dtype
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=kv_mask)
+        tl.store(k_cache_ptr + dst + HALF, k2.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + dst, v1.to(cache_dtype), mask=kv_mask)
+        tl.store(v_cache_ptr + dst + HALF, v2.to(cache_dtype), mask=kv_mask)
 
 
 def rope_kv_write(
@@ -115,6 +141,7 @@ def rope_kv_write(
 ) -> torch.Tensor:
     """Triton version of rope_kv_write_ref: returns rotated q as a new contiguous [T, Hq, D]
     tensor and writes rotated k and v into the caches at slot_mapping (slots < 0 are skipped).
+    The caches are in q's dtype or float8_e4m3fn.
 
     q/k/v may be strided views, e.g. slices of a fused qkv output viewed as [T, H, D]; only the
     last dim must be contiguous. head_dim must be even.
@@ -123,6 +150,7 @@ def rope_kv_write(
     Hkv = k.shape[1]
     assert k.shape == v.shape == (T, Hkv, D) and D % 2 == 0
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, torch.float8_e4m3fn)
     assert k_cache.shape[1] == Hkv and k_cache.shape[3] == D and k_cache.stride(3) == 1
     assert cos_sin.shape[-1] == D and cos_sin.stride(-1) == 1
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -137,6 +165,7 @@ def rope_kv_write(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=Hq, NUM_KV_HEADS=Hkv, HALF=half,
         BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
-        BLOCK_HALF=triton.next_power_of_2(half), PAGE_SIZE=k_cache.shape[2], num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), PAGE_SIZE=k_cache.shape[2],
+        SATURATE=FP8_E4M3_MAX if k_cache.dtype == torch.float8_e4m3fn else 0.0, num_warps=4,
     )  # fmt: skip
     return out

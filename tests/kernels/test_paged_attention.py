@@ -141,3 +141,103 @@ def test_prefill(case: tuple, pass_max_len: bool, device: str, dtype: torch.dtyp
     q32, k32, v32 = _f32(q, k_cache, v_cache)
     ref = paged_prefill_attention_ref(q32, k32, v32, tables, qlens, lens, D**-0.5, window)
     assert_rel(out, ref, dtype)
+
+
+# --- fp8 (e4m3) KV cache: the kernels widen K/V to q's dtype on load. Triton's interpreter loads
+# fp8 exactly (it only mis-rounds fp8 stores), so these run on the CPU too.
+
+FP8 = torch.float8_e4m3fn
+
+
+def _poison_unwritten(cache: torch.Tensor, tables: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """A copy of a cache with every slot no sequence wrote set to NaN (fp8: byte 0x7f), as leftover
+    memory may be: no path may read it into a result."""
+    written = torch.zeros(cache.shape[0], cache.shape[2], dtype=torch.bool, device=cache.device)
+    for row, n in zip(tables.tolist(), lens, strict=True):
+        for pos in range(n):
+            written[row[pos // PAGE], pos % PAGE] = True
+    out = cache.clone()
+    if cache.dtype == FP8:
+        out.view(torch.uint8).masked_fill_(~written[:, None, :, None], 0x7F)
+    else:
+        out.masked_fill_(~written[:, None, :, None], float("nan"))
+    return out
+
+
+def test_decode_ignores_unwritten_slots(device: str, dtype: torch.dtype, assert_rel) -> None:
+    """Slots past seq_len and page 0 behind the table's padding are read by the reference's gather
+    (and masked): NaN there must not reach the output, on either path."""
+    lens = [1, 17, 40, 70]
+    k_cache, v_cache, tables = _paged_cache(lens, 2, 64, dtype, device)
+    kp, vp = _poison_unwritten(k_cache, tables, lens), _poison_unwritten(v_cache, tables, lens)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), 8, 64, device=device, dtype=dtype)
+    q32, k32, v32 = _f32(q, k_cache, v_cache)
+    ref = paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 0.125)
+    assert torch.equal(paged_decode_attention_ref(q32, *_f32(kp, vp), tables, seq_lens, 0.125), ref)
+    assert_rel(paged_decode_attention(q, kp, vp, tables, seq_lens, 0.125), ref, dtype)
+
+
+@pytest.mark.parametrize("name", ["gqa4-d128-split-capped", "mha-d64-window-capped"])
+def test_decode_fp8_cache(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
+    Hq, Hkv, D, lens, window, cfg, num_ctas = DECODE_CASES[name]
+    k_cache, v_cache, tables = _paged_cache(lens, Hkv, D, dtype, device)
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), Hq, D, device=device, dtype=dtype)
+    kp, vp = _poison_unwritten(k8, tables, lens), _poison_unwritten(v8, tables, lens)
+    out = paged_decode_attention(q, kp, vp, tables, seq_lens, D**-0.5, window, num_ctas=num_ctas, config=cfg)
+    assert out.dtype == dtype
+    # the reference sees the same fp8-rounded K/V, widened: only the attention arithmetic differs
+    q32, k32, v32 = _f32(q, k8, v8)
+    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, D**-0.5, window), dtype)
+
+
+@pytest.mark.parametrize("name", ["gqa4-d128-chunked", "gqa4-d64-chunked-window"])
+def test_prefill_fp8_cache(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
+    Hq, Hkv, D, qlens, lens, window, blocks = PREFILL_CASES[name]
+    k_cache, v_cache, tables = _paged_cache(lens, Hkv, D, dtype, device)
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    q = torch.randn(sum(qlens), Hq, D, device=device, dtype=dtype)
+    starts = torch.tensor([0, *itertools.accumulate(qlens)], device=device, dtype=torch.int32)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    kp, vp = _poison_unwritten(k8, tables, lens), _poison_unwritten(v8, tables, lens)
+    out = paged_prefill_attention(q, kp, vp, tables, starts, seq_lens, D**-0.5, window, max_query_len=max(qlens),
+                                  **blocks)
+    q32, k32, v32 = _f32(q, k8, v8)
+    assert_rel(out, paged_prefill_attention_ref(q32, k32, v32, tables, qlens, lens, D**-0.5, window), dtype)
+
+
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_refs_fp8_cache_equal_widened_cache(qdtype: torch.dtype) -> None:
+    """The eager path with an fp8 cache is attention over a q-dtype cache holding the same values
+    (and ignores NaN bytes in slots not written yet)."""
+    Hq, Hkv, D, qlens, lens = 8, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33]
+    k_cache, v_cache, tables = _paged_cache(lens, Hkv, D, torch.float32, "cpu")
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    kw, vw = k8.to(qdtype), v8.to(qdtype)
+    k8, v8 = _poison_unwritten(k8, tables, lens), _poison_unwritten(v8, tables, lens)
+    q = torch.randn(sum(qlens), Hq, D, dtype=qdtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    for window in (None, 7):
+        got = paged_prefill_attention_ref(q, k8, v8, tables, qlens, lens, D**-0.5, window)
+        assert got.dtype == qdtype
+        assert torch.equal(got, paged_prefill_attention_ref(q, kw, vw, tables, qlens, lens, D**-0.5, window))
+        qd = q[: len(lens)]
+        got = paged_decode_attention_ref(qd, k8, v8, tables, seq_lens, D**-0.5, window)
+        assert torch.equal(got, paged_decode_attention_ref(qd, kw, vw, tables, seq_lens, D**-0.5, window))
+
+
+def test_fp8_cache_rejected_for_other_dtypes(device: str) -> None:
+    k8 = torch.zeros(2, 2, PAGE, 32, device=device, dtype=FP8)
+    q = torch.zeros(1, 2, 32, device=device).to(FP8)
+    with pytest.raises(AssertionError, match="q must be"):
+        paged_decode_attention(q, k8, k8, torch.zeros(1, 2, device=device, dtype=torch.int32),
+                               torch.ones(1, device=device, dtype=torch.int32), 0.1)
+    with pytest.raises(AssertionError, match="share a dtype"):
+        paged_decode_attention(q.float(), k8, k8.float(), torch.zeros(1, 2, device=device, dtype=torch.int32),
+                               torch.ones(1, device=device, dtype=torch.int32), 0.1)
+    with pytest.raises(AssertionError, match="or float8_e4m3fn"):
+        paged_prefill_attention(q.float(), k8.half(), k8.half(), torch.zeros(1, 2, device=device, dtype=torch.int32),
+                                torch.tensor([0, 1], device=device, dtype=torch.int32),
+                                torch.ones(1, device=device, dtype=torch.int32), 0.1)

@@ -56,3 +56,57 @@ def test_rope_kv_write_skips_negative_slots(device: str, dtype: torch.dtype, ass
     assert_rel(q_out, q_ref, dtype)
     assert_rel(k_cache, k_ref, dtype)
     assert torch.equal(v_cache, v_ref)
+
+
+# --- fp8 (e4m3) cache: K/V are rounded once, on store, saturating at +-448.
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rope_kv_write_ref_fp8_rounds_once_and_saturates(act_dtype: torch.dtype) -> None:
+    T, Hq, Hkv, D, page_size, num_pages = 11, 4, 2, 32, 16, 2
+    q = torch.randn(T, Hq, D, dtype=act_dtype)
+    k = torch.randn(T, Hkv, D, dtype=act_dtype)
+    v = torch.randn(T, Hkv, D, dtype=act_dtype)
+    v[0, 0, :4] = torch.tensor([1000.0, -1000.0, 449.0, 300.0])  # beyond e4m3's 448: saturate, not NaN
+    positions = torch.randint(0, 200, (T,))
+    slots = torch.randperm(num_pages * page_size)[:T]
+    # cos/sin already on the activation grid, so the fp32 reference below rotates with the same values
+    cos_sin = _cos_sin(256, D, "cpu").to(act_dtype).float()
+    k8 = torch.zeros(num_pages, Hkv, page_size, D, dtype=FP8)
+    v8 = torch.zeros_like(k8)
+    q_out = rope_kv_write_ref(q, k, v, positions, cos_sin, k8, v8, slots)
+    k32, v32 = torch.zeros_like(k8, dtype=torch.float32), torch.zeros_like(k8, dtype=torch.float32)
+    q_ref = rope_kv_write_ref(q.float(), k.float(), v.float(), positions, cos_sin, k32, v32, slots)
+    assert q_out.dtype == act_dtype and torch.equal(q_out, rope_kv_write_ref(q, k, v, positions, cos_sin,
+                                                                                k32.clone(), v32.clone(), slots))
+    assert torch.allclose(q_out.float(), q_ref, rtol=1e-2, atol=1e-2)
+    # one rounding: fp32 rotation straight to fp8 (bf16 first would differ in a few elements)
+    assert torch.equal(k8.float(), k32.clamp(-448, 448).to(FP8).float())
+    assert torch.equal(v8.float(), v32.clamp(-448, 448).to(FP8).float())
+    assert v8.float()[slots[0] // page_size, 0, slots[0] % page_size, :4].tolist() == [448.0, -448.0, 448.0, 288.0]
+
+
+def test_rope_kv_write_fp8_cache_matches_ref(device: str, dtype: torch.dtype) -> None:
+    """Triton kernel vs reference with an fp8 cache. The identity rotation (cos 1, sin 0) and inputs on
+    the fp8 grid make the stores exact: Triton's interpreter mis-rounds fp8 stores (a mantissa
+    carry into the exponent is lost), so its rounding is checked on the GPU only (tests/gpu)."""
+    T, Hq, Hkv, D, page_size, num_pages = 11, 8, 2, 64, 16, 4
+    q = torch.randn(T, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(T, Hkv, D, device=device).to(FP8).to(dtype)
+    v = torch.randn(T, Hkv, D, device=device).to(FP8).to(dtype)
+    v[0, 0, 0], k[1, 1, 1] = 1000.0, -1000.0  # saturated in both paths
+    positions = torch.randint(0, 8, (T,), device=device)
+    cos_sin = torch.cat([torch.ones(8, D // 2), torch.zeros(8, D // 2)], dim=-1).to(device)
+    slots = torch.randperm(num_pages * page_size, device=device)[:T]
+    slots[3] = -1  # a padding token writes nothing
+    k8 = torch.randn(num_pages, Hkv, page_size, D, device=device).to(FP8)
+    v8 = torch.randn_like(k8, dtype=torch.float32).to(FP8)
+    k_ref, v_ref = k8.clone(), v8.clone()
+    keep = slots >= 0
+    rope_kv_write_ref(q[keep], k[keep], v[keep], positions[keep], cos_sin, k_ref, v_ref, slots[keep])
+    q_out = rope_kv_write(q, k, v, positions, cos_sin, k8, v8, slots)
+    assert torch.equal(q_out, q)
+    assert torch.equal(k8.float(), k_ref.float()) and torch.equal(v8.float(), v_ref.float())
+    assert k8.float().abs().max() == 448.0 and v8.float().abs().max() == 448.0
