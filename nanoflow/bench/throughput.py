@@ -8,6 +8,7 @@ them. The JSON is rewritten after every system, so a run cut short keeps what it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.metadata
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -147,6 +149,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def triton_compiles() -> Iterator[list[str]]:
+    """Collects the Triton kernel variants compiled inside the block: each one stalls the engine for
+    ~1 s, so a timed run should compile none (the warm-up must have met every specialisation)."""
+    found: list[str] = []
+    try:
+        from triton import knobs
+    except ImportError:  # an older Triton without knobs: report nothing rather than fail the bench
+        yield found
+        return
+    old = knobs.runtime.jit_post_compile_hook
+
+    def hook(*, repr: str, **_: Any) -> None:
+        found.append(repr)
+
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield found
+    finally:
+        knobs.runtime.jit_post_compile_hook = old
+
+
 # --- one engine run ----------------------------------------------------------------------------
 def run_engine(
     mode: str, model_dir: str, load_format: str, workload: Workload, engine_kwargs: dict[str, Any],
@@ -195,9 +219,13 @@ def run_engine(
     engine.stats.keep_timeline = True
     _sync(device)
     t = time.perf_counter()
-    outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
-    _sync(device)
+    with triton_compiles() as compiled:
+        outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
+        _sync(device)
     elapsed = time.perf_counter() - t
+    if compiled:
+        log.warning("%d Triton kernel variants were compiled during the timed run, e.g. %s", len(compiled),
+                    compiled[0][:300])
 
     in_tok = out_tok = failed = mismatched = 0
     errors: list[str] = []
@@ -227,6 +255,7 @@ def run_engine(
         # GPU busy inside steps vs idle between them (CUDA events; generate() resets them per call).
         "step_stats": engine.stats.summary(),
         "step_timeline": engine.stats.timeline_columns(),
+        "triton_compiles_during_run": {"count": len(compiled), "examples": [c[:400] for c in compiled[:5]]},
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                             if device.type == "cuda" else None),
     })

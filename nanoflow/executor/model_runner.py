@@ -157,7 +157,8 @@ class ModelRunner:
         # numpy for the per-token index arithmetic: Python loops over ~2k tokens cost milliseconds.
         token_ids, tables = plan.token_ids, plan.tables
         qlens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
-        width = max(len(t) for t in tables)
+        # a multiple of 16 pages, so the row stride Triton sees keeps one specialisation
+        width = -(-max(len(t) for t in tables) // 16) * 16
         table = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             table[i, : len(t)] = t
@@ -188,16 +189,21 @@ class ModelRunner:
         """Host arrays of one dtype -> device tensors, in one copy from pinned memory. A copy from
         pageable memory would make the CPU wait for the GPU work queued before it, which would
         undo the overlap of scheduling with the previous step."""
-        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        # Every array starts 16-byte aligned: Triton specialises kernels on pointer alignment, so
+        # offsets that vary with the batch size would compile new kernel variants mid-run (~1 s each).
+        align = max(1, 16 // arrays[0].itemsize)
+        offsets, off = [], 0
+        for a in arrays:
+            offsets.append(off)
+            off += -(-a.size // align) * align
+        flat = np.zeros(off, dtype=arrays[0].dtype)
+        for a, o in zip(arrays, offsets, strict=True):
+            flat[o : o + a.size] = a.reshape(-1)
         host = torch.from_numpy(flat)
         if self.device.type == "cuda":
             host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)
-        out, off = [], 0
-        for a in arrays:
-            out.append(dev[off : off + a.size].view(a.shape))
-            off += a.size
-        return out
+        return [dev[o : o + a.size].view(a.shape) for a, o in zip(arrays, offsets, strict=True)]
 
     def _upload_params(self, params: list, *names: str) -> list[torch.Tensor]:
         """One fp32 device tensor per SamplingParams field, in one copy."""

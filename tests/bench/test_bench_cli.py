@@ -167,3 +167,16 @@ def test_dummy_path_with_a_shrunken_config(tmp_path: Path, monkeypatch: pytest.M
     assert result["model"]["load_format"] == "dummy" and result["model"]["vocab_size"] == 300
     assert result["model"]["path"].startswith(str(tmp_path))
     assert all(s["status"] == "ok" for s in result["systems"].values())
+
+
+def test_triton_compiles_are_collected_and_the_hook_restored() -> None:
+    from triton import knobs
+
+    from nanoflow.bench.throughput import triton_compiles
+
+    before = knobs.runtime.jit_post_compile_hook
+    with triton_compiles() as found:
+        knobs.runtime.jit_post_compile_hook(key=None, repr="_decode_kernel[num_warps=8](...)", fn=None,
+                                            compile={}, is_manual_warmup=False, already_compiled=False)
+    assert found == ["_decode_kernel[num_warps=8](...)"]
+    assert knobs.runtime.jit_post_compile_hook is before
