@@ -357,6 +357,62 @@ class Runner:
                 self.table.append((f"decode {name} {key} flatten", f"{t.get('tbps', float('nan')):.2f} TB/s"))
         return res
 
+    def fp8_cache(self) -> dict[str, Any]:
+        """Decode (all SMs) and prefill attention over a float8_e4m3fn cache: half the bytes of bf16,
+        so the same context should take about half the time; checked against the reference."""
+        torch, pa, s = self.torch, self.k.pa, self.s
+        fp8 = torch.float8_e4m3fn
+        res: dict[str, Any] = {}
+        for b, ctx in s.decode_cases:
+            res[f"decode {b}x{ctx}"] = self._fp8_decode_case(b, ctx)
+        n, new, ctx = s.prefill
+        k16, v16, tables, seq_lens = self.paged_cache([ctx] * n)
+        k8, v8 = k16.to(fp8), v16.to(fp8)
+        q = torch.randn(n * new, s.num_q_heads, s.head_dim, device=self.dev, dtype=self.dtype)
+        qsl = torch.arange(0, (n + 1) * new, new, device=self.dev, dtype=torch.int32)
+        run = lambda kc, vc: pa.paged_prefill_attention(q, kc, vc, tables, qsl, seq_lens, 0.08, max_query_len=new)
+        ref = pa.paged_prefill_attention_ref(q, k8, v8, tables, [new] * n, [ctx] * n, 0.08)
+        t8, t16 = self.bench(lambda: run(k8, v8)), self.bench(lambda: run(k16, v16))
+        res["prefill"] = {"fp8_us": t8 * 1e3, "bf16_us": t16 * 1e3, "rel_err_vs_ref": rel_err(run(k8, v8), ref)}
+        print(f"   fp8 prefill {n}x{new}/{ctx}: {t8 * 1e3:.0f} us vs bf16 cache {t16 * 1e3:.0f} us", flush=True)
+        self.table.append((f"fp8 prefill {n}x{new}/{ctx}", f"{t8 * 1e3:.0f} us, bf16 {t16 * 1e3:.0f} us, rel_err "
+                           f"{res['prefill']['rel_err_vs_ref']:.1e}"))
+        return res
+
+    def _fp8_decode_case(self, b: int, ctx: int) -> dict[str, Any]:
+        torch, pa, s = self.torch, self.k.pa, self.s
+        fp8 = torch.float8_e4m3fn
+        k16, v16, tables, seq_lens = self.paged_cache([ctx] * b)
+        k8, v8 = k16.to(fp8), v16.to(fp8)
+        q = torch.randn(b, s.num_q_heads, s.head_dim, device=self.dev, dtype=self.dtype)
+        out = torch.empty_like(q)
+        nbytes = self.kv_bytes([ctx] * b) // (self.torch.finfo(self.dtype).bits // 8)  # 1 byte per value
+        ref = pa.paged_decode_attention_ref(q, k8, v8, tables, seq_lens, 0.08)
+        cfgs = [pa.DecodeConfig()] if self.cpu else [
+            pa.DecodeConfig(), pa.DecodeConfig(block_n=256), pa.DecodeConfig(num_stages=6),
+            pa.DecodeConfig(block_n=256, num_stages=6), pa.DecodeConfig(block_n=64, num_warps=4, num_stages=6)]
+        trials = []
+        for cfg in cfgs:
+            fn = lambda cfg=cfg: pa.paged_decode_attention(q, k8, v8, tables, seq_lens, 0.08, out=out, config=cfg)
+            try:
+                ms = self.bench(fn)
+            except Exception as e:  # e.g. shared memory for the widest tiles
+                trials.append({"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            fn()
+            trials.append({"config": dataclasses.asdict(cfg), "us": ms * 1e3, "tbps": nbytes / ms / 1e9,
+                           "rel_err_vs_ref": rel_err(out, ref)})
+        ok = [t for t in trials if "tbps" in t]
+        best = max(ok, key=lambda t: t["tbps"]) if ok else {}
+        bf16_ms = self.bench(lambda: pa.paged_decode_attention(q, k16, v16, tables, seq_lens, 0.08, out=out))
+        if best:
+            print(f"   fp8 decode {b}x{ctx}: default {ok[0]['us']:.0f} us, best {best['us']:.0f} us "
+                  f"({best['tbps']:.2f} TB/s of fp8 cache, rel_err {best['rel_err_vs_ref']:.1e}) vs bf16 cache "
+                  f"{bf16_ms * 1e3:.0f} us; {best['config']}", flush=True)  # fmt: skip
+            self.table.append((f"fp8 decode {b}x{ctx}", f"{best['us']:.0f} us ({best['tbps']:.2f} TB/s), bf16 "
+                               f"{bf16_ms * 1e3:.0f} us, rel_err {best['rel_err_vs_ref']:.1e}"))
+        return {"trials": trials, "best": best, "same_context_bf16_us": bf16_ms * 1e3}
+
     def _decode_sweep(self) -> list[Any]:
         DecodeConfig = self.k.pa.DecodeConfig
         if self.cpu:
@@ -508,6 +564,8 @@ class Runner:
         self.section("correctness", self.correctness)
         self.section("decode_timing", self.decode_timing)
         self.section("prefill_timing", self.prefill_timing)
+        if self.cpu or self.torch.cuda.get_device_capability() >= (8, 9):
+            self.section("fp8_cache", self.fp8_cache)
         self.section("small_kernels", self.small_kernels)
         if not self.cpu and not self.args.no_overlap:
             self.section("overlap", self.overlap)
