@@ -9,7 +9,7 @@ import argparse
 DUMMY_NAMES = ("llama3-8b", "llama2-7b", "qwen2-7b", "mixtral-8x7b", "llama2-70b")
 # hf: the workload's own requests in padded static batches; hf-mean: equal-length requests at the
 # workload's mean lengths (no padding, kinder to HF); see nanoflow/bench/hf_baseline.py
-COMPARE_CHOICES = ("hf", "hf-mean", "sequential")
+COMPARE_CHOICES = ("nanoflow-fp8", "hf", "hf-mean", "sequential")
 
 EXAMPLES = """examples:
   nanoflow bench --dummy llama3-8b --workload 512x512 --compare hf,sequential
@@ -42,7 +42,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     c = p.add_argument_group("comparison")
     c.add_argument("--compare", default="",
-                   help="comma list of baselines run after nanoflow, in this order: hf (Hugging Face "
+                   help="comma list of systems run after nanoflow, in this order: nanoflow-fp8 (our fast "
+                   "path with --kv-cache-dtype fp8), hf (Hugging Face "
                    "generate on the same requests, padded static batches), hf-mean (HF generate on "
                    "equal-length requests at the workload's mean lengths: no padding, kinder to HF), "
                    "sequential (our engine, eager, PyTorch reference kernels)")

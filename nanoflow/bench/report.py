@@ -139,7 +139,8 @@ def plot_result(result: Result, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(systems) + 2), 4.5))
     names = [n for n, _ in systems]
     rates = [s["total_tokens_per_s"] for _, s in systems]
-    colors = {"nanoflow": "#2a7ab0", "sequential": "#8fb9d6", "hf": "#c9a03d", "hf-mean": "#e3c98a"}
+    colors = {"nanoflow": "#2a7ab0", "nanoflow-fp8": "#1d5580", "sequential": "#8fb9d6", "hf": "#c9a03d",
+              "hf-mean": "#e3c98a"}
     bars = ax.bar(names, rates, color=[colors.get(n, "#888888") for n in names])
     top = max(rates + ([optimum] if optimum else []) + [1.0])
     for bar, (_, s) in zip(bars, systems, strict=True):

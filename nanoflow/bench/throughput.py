@@ -46,6 +46,8 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "nanoflow": {"enforce_eager": False},
     # Our own plain mode: eager PyTorch reference ops, one after another, no CUDA graphs.
     "sequential": {"enforce_eager": True},
+    # The fast path with the KV cache in fp8 (e4m3): twice the sequences, half the bytes per decode.
+    "nanoflow-fp8": {"enforce_eager": False, "kv_cache_dtype": "fp8"},
 }
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -183,7 +185,7 @@ def run_engine(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    llm = LLM(model=model_dir, load_format=load_format, skip_tokenizer_init=True, **engine_kwargs, **opts)
+    llm = LLM(model=model_dir, load_format=load_format, skip_tokenizer_init=True, **{**engine_kwargs, **opts})
     init_s = time.perf_counter() - t0
     engine = llm.engine
     cfg = engine.config
@@ -409,6 +411,5 @@ def _say(use_tqdm: bool, msg: str) -> None:
 
 def speedups(systems: dict[str, dict[str, Any]]) -> dict[str, float]:
     ok = {n: s["total_tokens_per_s"] for n, s in systems.items() if s.get("status") == "ok"}
-    if "nanoflow" not in ok:
-        return {}
-    return {f"nanoflow/{n}": ok["nanoflow"] / ok[n] for n in ("hf", "hf-mean", "sequential") if n in ok}
+    return {f"{ours}/{n}": ok[ours] / ok[n] for ours in ("nanoflow", "nanoflow-fp8") if ours in ok
+            for n in ("hf", "hf-mean", "sequential") if n in ok}

@@ -101,6 +101,19 @@ def test_trace_run_in_process(bench_tiny_llama: str, trace_csv: Path, tmp_path: 
     assert "skipped 1 over max_model_len=256, 1 empty" in capsys.readouterr().out
 
 
+def test_fp8_kv_system(bench_tiny_llama: str, tmp_path: Path) -> None:
+    """--compare nanoflow-fp8: the same engine with the KV cache in fp8, on the same requests."""
+    rc = main(["bench", "--model", bench_tiny_llama, "--workload", "16x8", "--num-requests", "4", "--compare",
+               "nanoflow-fp8", "--output-dir", str(tmp_path), "--no-plot", "--num-warmup", "1", *CPU_ARGS])
+    assert rc == 0
+    result = json.loads(_only(tmp_path, "bench_*.json").read_text())
+    fp8, base = result["systems"]["nanoflow-fp8"], result["systems"]["nanoflow"]
+    assert fp8["engine_config"]["kv_cache_dtype"] == "fp8" and base["engine_config"]["kv_cache_dtype"] == "auto"
+    assert fp8["kv_pool"]["page_bytes"] * 4 == base["kv_pool"]["page_bytes"]  # fp32 model on the CPU
+    assert fp8["output_tokens"] == 4 * 8 and fp8["output_len_mismatches"] == 0
+    assert result["speedups"] == {}
+
+
 def test_a_failing_system_keeps_the_others(bench_tiny_llama: str, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import nanoflow.bench.hf_baseline as hf
