@@ -387,10 +387,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if png_path and any(s.get("status") == "ok" for s in result["systems"].values()):
         try:
             report.plot_result(result, png_path)
-            steps_png = png_path.removesuffix(".png") + "_steps.png"
-            if report.plot_steps(result, steps_png):
-                result["files"]["steps_png"] = steps_png
-                report.write_json(result, json_path)
+            for name in systems:  # one per-step timeline per engine run (nanoflow's is plain _steps.png)
+                suffix = "_steps.png" if name == "nanoflow" else f"_steps_{name}.png"
+                steps_png = png_path.removesuffix(".png") + suffix
+                if report.plot_steps(result, steps_png, system=name):
+                    result["files"][f"steps_png_{name}"] = steps_png
+            report.write_json(result, json_path)
         except Exception as e:  # a missing matplotlib must not cost the numbers
             log.error("could not draw %s: %s", png_path, e)
             result["files"]["png"] = None
