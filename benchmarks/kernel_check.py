@@ -388,9 +388,8 @@ class Runner:
         out = torch.empty_like(q)
         nbytes = self.kv_bytes([ctx] * b) // (self.torch.finfo(self.dtype).bits // 8)  # 1 byte per value
         ref = pa.paged_decode_attention_ref(q, k8, v8, tables, seq_lens, 0.08)
-        cfgs = [pa.DecodeConfig()] if self.cpu else [
-            pa.DecodeConfig(), pa.DecodeConfig(block_n=256), pa.DecodeConfig(num_stages=6),
-            pa.DecodeConfig(block_n=256, num_stages=6), pa.DecodeConfig(block_n=64, num_warps=4, num_stages=6)]
+        shapes = [] if self.cpu else [(128, 8, 4), (256, 8, 4), (128, 8, 6), (256, 8, 6), (64, 4, 8), (32, 4, 8)]
+        cfgs = [pa.DecodeConfig()] + [pa.DecodeConfig(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in shapes]
         trials = []
         for cfg in cfgs:
             fn = lambda cfg=cfg: pa.paged_decode_attention(q, k8, v8, tables, seq_lens, 0.08, out=out, config=cfg)
