@@ -8,6 +8,14 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #   GPU_CHECK_STEPS=trace NUM_REQUESTS=1000 bash benchmarks/gpu_check.sh   # one bench, more requests
 #
+# The published runs (docs/performance.md) do not fit one 10-minute call; they were, one call each:
+#   GPU_CHECK_STEPS=tests,kernels bash benchmarks/gpu_check.sh
+#   GPU_CHECK_STEPS=trace NUM_REQUESTS=1500 COMPARE=nanoflow-fp8,hf,hf-mean TRACE_S=560 \
+#       GPU_CHECK_TOTAL_S=585 bash benchmarks/gpu_check.sh
+#   GPU_CHECK_STEPS=fixed NUM_REQUESTS=1500 COMPARE=nanoflow-fp8,hf FIXED_S=560 GPU_CHECK_TOTAL_S=585 \
+#       bash benchmarks/gpu_check.sh
+#   GPU_CHECK_STEPS=fixed NUM_REQUESTS=200 COMPARE=sequential bash benchmarks/gpu_check.sh
+#
 # Environment (all optional):
 #   OUT                  where logs and results go (default benchmarks/results/gpu_check_<time>)
 #   GPU_CHECK_STEPS      comma list of: tests, kernels, trace, fixed; "bench" = trace,fixed
@@ -17,7 +25,8 @@
 #   BENCH_MODEL          bench model arguments (default "--dummy llama3-8b")
 #   TRACE                trace CSV (default benchmarks/data/splitwise_azure_conv_2023.csv)
 #   FIXED_WORKLOAD       the fixed workload (default 512x512)
-#   COMPARE              baselines, run in this order after nanoflow (default sequential,hf)
+#   COMPARE              systems run in this order after nanoflow (default sequential,hf): any of
+#                        nanoflow-fp8, hf, hf-mean, sequential
 #   HF_MAX_BATCH, HF_NUM_REQUESTS   bounds of the Hugging Face baseline (default 256, one batch)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
