@@ -162,7 +162,7 @@ class LLMEngine:
 
     def _process(self, step: InFlight, finished_only: bool) -> list[RequestOutput]:
         result = step.result()
-        self.stats.record(step, step.shape)
+        self.stats.record(step)
         touched: dict[str, Request] = {}
         for row, seq in enumerate(step.seqs):
             seq.num_inflight -= 1

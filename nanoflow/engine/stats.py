@@ -29,8 +29,8 @@ class StepStats:
     timeline: list[tuple[float, ...]] = field(default_factory=list, repr=False)
     _last_end: torch.cuda.Event | None = field(default=None, repr=False)
 
-    def record(self, step, shape: StepShape) -> None:
-        """step: a processed InFlight (its end event has completed); shape: what it computed."""
+    def record(self, step) -> None:
+        """step: a processed InFlight (its end event has completed), with the StepShape of what it computed."""
         self.steps += 1
         busy = idle = 0.0
         if step.start is not None and step.end is not None:
@@ -41,6 +41,7 @@ class StepStats:
         self.gpu_busy_ms += busy
         self.gpu_idle_ms += idle
         if self.keep_timeline:
+            shape: StepShape = step.shape
             self.timeline.append((shape.num_tokens, shape.num_decodes, shape.decode_context_tokens, shape.num_running,
                                   shape.num_waiting, round(busy, 3), round(idle, 3)))
 
@@ -56,5 +57,6 @@ class StepStats:
         return {"steps": self.steps, "gpu_busy_ms": round(self.gpu_busy_ms, 2),
                 "gpu_idle_ms": round(self.gpu_idle_ms, 2),
                 "gpu_idle_per_step_ms": round(self.gpu_idle_ms / max(1, self.steps - 1), 3),
-                "mean_tokens_per_step": round(sum(r[0] for r in self.timeline) / max(1, len(self.timeline)), 1),
+                "mean_tokens_per_step": (round(sum(r[0] for r in self.timeline) / len(self.timeline), 1)
+                                         if self.timeline else None),
                 "gpu_idle_fraction": round(self.gpu_idle_ms / total, 4) if total else None}
