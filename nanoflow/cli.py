@@ -9,27 +9,33 @@ import sys
 from nanoflow.config import EngineConfig
 
 
-def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
-    p.add_argument("model", nargs="?" if model_optional else None, default=None,
-                   help="Hugging Face model folder (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positional_model: bool = True) -> None:
+    """The EngineConfig options, shared by generate, serve and bench (which names its model with
+    --model / --dummy instead of the positional argument)."""
+    if positional_model:
+        p.add_argument("model", nargs="?", default=None,
+                       help="Hugging Face model folder (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | "
+                   "float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="dense token budget per iteration (default 2048 on GPU, 512 on CPU)")
+    p.add_argument("--admission-output-tokens", type=int, default=1024,
+                   help="admission projects each request to prompt + min(max_tokens, this) tokens")
     p.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The EngineConfig fields that add_engine_args defined, besides the model."""
-    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_pages",
-             "gpu_memory_utilization", "kv_cache_dtype", "tensor_parallel_size", "seed")
+    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "admission_output_tokens",
+             "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype", "tensor_parallel_size", "seed")
     return {n: getattr(args, n) for n in names}
 
 

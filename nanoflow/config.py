@@ -8,7 +8,7 @@ import torch
 
 PAGE_SIZE = 16
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -82,10 +82,10 @@ class EngineConfig:
             self.torch_dtype = (checkpoint_dtype or torch.bfloat16) if on_gpu else torch.float32
             if self.torch_dtype == torch.float32 and on_gpu:
                 self.torch_dtype = torch.bfloat16
-        elif self.dtype in _DTYPES:
-            self.torch_dtype = _DTYPES[self.dtype]
+        elif self.dtype in DTYPES:
+            self.torch_dtype = DTYPES[self.dtype]
         else:
-            raise ValueError(f"dtype must be one of 'auto', {', '.join(sorted(set(_DTYPES)))}; got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of 'auto', {', '.join(sorted(set(DTYPES)))}; got {self.dtype!r}")
         self.torch_kv_cache_dtype = self._resolve_kv_cache_dtype()
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 2048 if on_gpu else 512

@@ -1,8 +1,11 @@
-"""Arguments of `nanoflow bench` (kept apart so the CLI can build its parser without heavy imports)."""
+"""Arguments of `nanoflow bench` (kept apart from the bench itself, so the CLI builds its parser
+without importing the harness, transformers or matplotlib)."""
 
 from __future__ import annotations
 
 import argparse
+
+from nanoflow.cli import add_engine_args
 
 # Kept in sync with dummy_models.DUMMY_CONFIGS by a test; listed here so building the parser
 # imports nothing else.
@@ -59,21 +62,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--peak-tflops", type=float, default=None,
                    help="use this peak (TFLOP/s) instead of measuring it")
 
-    e = p.add_argument_group("engine")
-    e.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | "
-                   "float16 | float32; used by every system")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--max-num-seqs", type=int, default=1024)
-    e.add_argument("--max-num-batched-tokens", type=int, default=None)
-    e.add_argument("--admission-output-tokens", type=int, default=1024,
-                   help="admission projects each request to prompt + min(max_tokens, this) tokens")
-    e.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    e.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                   help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
-    e.add_argument("--tensor-parallel-size", type=int, default=1)
-    e.add_argument("--seed", type=int, default=0, help="seeds the prompts, the weights and sampling")
+    # one definition with generate/serve; --dtype and --device also apply to the HF baseline
+    add_engine_args(p.add_argument_group("engine"), positional_model=False)
 
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default="benchmarks/results", help="where the JSON and PNG go")

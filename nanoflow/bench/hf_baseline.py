@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nanoflow.bench.peak import sync
 from nanoflow.bench.workloads import Workload
 from nanoflow.models.arch import ModelArch
 
@@ -90,12 +91,12 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[list[int]], new_tok
     """(seconds, generated ids [batch, new]) of one generate call; building the inputs is not timed."""
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t, out[:, ids.shape[1]:]
 
 
@@ -106,11 +107,6 @@ def _generate_or_oom(*args: Any) -> tuple[float, torch.Tensor] | None:
         return generate_batch(*args)
     except torch.OutOfMemoryError:
         return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_hf_baseline(
@@ -145,7 +141,7 @@ def run_hf_baseline(
     model.generation_config.pad_token_id = pad_id
     init_s = time.perf_counter() - t0
 
-    _sync(device)
+    sync(device)
     free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
     budget_scale = 1.0
 

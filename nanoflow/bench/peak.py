@@ -17,6 +17,12 @@ GPU_N = 8192
 CPU_N = 512  # a CPU "peak" only keeps the report's arithmetic exercised; it is labelled as such
 
 
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on the CPU): around every timed region."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_peak_tflops(
     device: torch.device, seconds: float = 2.0, warmup_seconds: float = 0.5, n: int | None = None,
     dtype: torch.dtype | None = None,

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nanoflow import cli
 from nanoflow.bench import report
 from nanoflow.bench.cli_args import COMPARE_CHOICES
 from nanoflow.bench.dummy_models import dummy_model_dir
-from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s
+from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s, sync
 from nanoflow.bench.workloads import Workload, build_workload
-from nanoflow.config import PAGE_SIZE
+from nanoflow.config import DTYPES, PAGE_SIZE
 from nanoflow.models.arch import ModelArch
 from nanoflow.models.loader import load_hf_config
 
@@ -49,10 +50,6 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     # The fast path with the KV cache in fp8 (e4m3): twice the sequences, half the bytes per decode.
     "nanoflow-fp8": {"enforce_eager": False, "kv_cache_dtype": "fp8"},
 }
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-
 
 # --- settings ----------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
@@ -71,9 +68,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     ran bf16): bfloat16 on the GPU, float32 on the CPU unless asked otherwise."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def parse_compare(spec: str) -> list[str]:
@@ -141,14 +138,9 @@ def _git_state() -> dict[str, Any]:
 
 def _free_memory(device: torch.device) -> None:
     gc.collect()
+    sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -193,7 +185,7 @@ def run_engine(
     out: dict[str, Any] = {
         "status": "ok",
         "options": opts,
-        "fast_path": bool(getattr(cfg, "use_fast_path", not cfg.enforce_eager)),
+        "fast_path": cfg.use_fast_path,
         "init_s": init_s,
         "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
         "max_model_len": engine.max_model_len,
@@ -211,19 +203,19 @@ def run_engine(
     if warm:
         llm.generate([{"prompt_token_ids": p} for p, _ in warm], [params(o) for _, o in warm],
                      use_tqdm=False)
-    _sync(device)
+    sync(device)
     out["warmup"] = {"num_requests": len(warm), "max_tokens": warmup_max_tokens,
                      "elapsed_s": time.perf_counter() - t}
-    preempt0 = getattr(engine.scheduler, "num_preemptions", None)
+    preempt0 = engine.scheduler.num_preemptions
 
     prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
     sampling = [params(o) for _, o in workload.requests]
     engine.stats.keep_timeline = True
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     with triton_compiles() as compiled:
         outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
-        _sync(device)
+        sync(device)
     elapsed = time.perf_counter() - t
     if compiled:
         log.warning("%d Triton kernel variants were compiled during the timed run, e.g. %s", len(compiled),
@@ -241,7 +233,6 @@ def run_engine(
         out_tok += got
         mismatched += got != want
     done = len(outputs) - failed
-    preempt1 = getattr(engine.scheduler, "num_preemptions", None)
     out.update({
         "elapsed_s": elapsed,
         "num_requests": done,
@@ -253,7 +244,7 @@ def run_engine(
         "requests_per_s": done / elapsed,
         "total_tokens_per_s": (in_tok + out_tok) / elapsed,
         "output_tokens_per_s": out_tok / elapsed,
-        "num_preemptions": None if preempt1 is None else preempt1 - preempt0,
+        "num_preemptions": engine.scheduler.num_preemptions - preempt0,
         # GPU busy inside steps vs idle between them (CUDA events; generate() resets them per call).
         "step_stats": engine.stats.summary(),
         "step_timeline": engine.stats.timeline_columns(),
@@ -261,17 +252,8 @@ def run_engine(
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                             if device.type == "cuda" else None),
     })
-    _shutdown(llm)
+    llm.shutdown()  # tensor-parallel workers, if any, so the next system gets their memory
     return out
-
-
-def _shutdown(llm: Any) -> None:
-    """Stops engine background work, if this engine has any, so its memory can be freed."""
-    for obj in (llm, getattr(llm, "engine", None)):
-        close = getattr(obj, "shutdown", None)
-        if callable(close):
-            close()
-            return
 
 
 # --- orchestration -----------------------------------------------------------------------------
@@ -288,14 +270,7 @@ def run_bench(args: argparse.Namespace) -> int:
     max_model_len = args.max_model_len or arch.max_position_embeddings
     workload = build_workload(args.workload, args.num_requests, arch.vocab_size, max_model_len, args.seed)
     dtype_name = str(dtype).removeprefix("torch.")
-    engine_kwargs = {
-        "dtype": dtype_name, "device": str(device), "max_model_len": args.max_model_len,
-        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-        "num_kv_pages": args.num_kv_pages, "gpu_memory_utilization": args.gpu_memory_utilization,
-        "tensor_parallel_size": args.tensor_parallel_size, "seed": args.seed,
-        "admission_output_tokens": args.admission_output_tokens,
-        "kv_cache_dtype": args.kv_cache_dtype,
-    }
+    engine_kwargs = {**cli.engine_kwargs(args), "dtype": dtype_name, "device": str(device)}
     env = environment(device)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = f"bench_{_safe(model_name)}_{_safe(workload.name)}_{_safe(env['device_name'])}_{stamp}"

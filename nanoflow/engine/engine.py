@@ -149,9 +149,10 @@ class LLMEngine:
                 if self.tp is not None:
                     self.tp.check_workers(e)  # a failed collective: name a worker that died
                 raise
-            launched.shape = StepShape(sched.num_tokens, len(sched.decodes),
-                                       sum(s.seq.num_computed_tokens for s in sched.decodes),
-                                       len(self.scheduler.running), len(self.scheduler.waiting))
+            if self.stats.keep_timeline:  # an O(decodes) sum per step: only when someone reads it
+                launched.shape = StepShape(sched.num_tokens, len(sched.decodes),
+                                           sum(s.seq.num_computed_tokens for s in sched.decodes),
+                                           len(self.scheduler.running), len(self.scheduler.waiting))
             self.scheduler.step_done(sched)
             for seq in launched.seqs:
                 seq.num_inflight += 1

@@ -30,7 +30,8 @@ class StepStats:
     _last_end: torch.cuda.Event | None = field(default=None, repr=False)
 
     def record(self, step) -> None:
-        """step: a processed InFlight (its end event has completed), with the StepShape of what it computed."""
+        """step: a processed InFlight (its end event has completed); with keep_timeline its .shape
+        (a StepShape) says what it computed."""
         self.steps += 1
         busy = idle = 0.0
         if step.start is not None and step.end is not None:
@@ -40,8 +41,8 @@ class StepStats:
             self._last_end = step.end
         self.gpu_busy_ms += busy
         self.gpu_idle_ms += idle
-        if self.keep_timeline:
-            shape: StepShape = step.shape
+        shape: StepShape | None = step.shape
+        if self.keep_timeline and shape is not None:  # None: launched before the timeline was switched on
             self.timeline.append((shape.num_tokens, shape.num_decodes, shape.decode_context_tokens, shape.num_running,
                                   shape.num_waiting, round(busy, 3), round(idle, 3)))
 

@@ -47,8 +47,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     created = int(time.time())
     (stream,) = await ctx.submit(request_id, [(text, ids)], params, "messages")
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        gen = _stream(ctx, req, stream, request_id, created, include_usage)
+        gen = _stream(ctx, req, stream, request_id, created, req.include_usage)
         return EngineStreamingResponse(gen, [stream])
     finals = await collect_final(raw, [stream])
     if finals is None:

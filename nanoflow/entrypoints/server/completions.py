@@ -58,8 +58,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     # Nothing may raise between submit and handing the streams to a response that aborts them.
     streams = await ctx.submit(request_id, inputs, params, "prompt")
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        gen = _stream(ctx, req, streams, request_id, created, echo, include_usage)
+        gen = _stream(ctx, req, streams, request_id, created, echo, req.include_usage)
         return EngineStreamingResponse(gen, streams)
     finals = await collect_final(raw, streams)
     if finals is None:

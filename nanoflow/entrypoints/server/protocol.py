@@ -76,6 +76,11 @@ class _SamplingFields(_Strict):
     stop_token_ids: Annotated[list[int], Field(max_length=1024)] | None = None
     skip_special_tokens: bool = True
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
     def _check_common(self, vocab_size: int) -> None:
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
