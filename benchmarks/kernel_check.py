@@ -268,15 +268,20 @@ class Runner:
         sweep = self._decode_sweep()
         return {f"{b}x{ctx}": self._decode_case(b, ctx, sweep) for b, ctx in self.s.decode_cases}
 
-    def _decode_timer(self, b: int, ctx: int) -> tuple[Callable[..., dict[str, Any]], Callable[[], Any]]:
+    def _decode_timer(self, b: int, ctx: int, cache_dtype: Any = None
+                      ) -> tuple[Callable[..., dict[str, Any]], Callable[[], Any]]:
         """time_cfg(config, num_ctas) on b sequences of ctx tokens (with verify=True it also checks
-        the output against the reference), and the reference as a function."""
+        the output against the reference), and the reference as a function. cache_dtype: the KV
+        cache's, e.g. float8_e4m3fn (default: the dtype of q)."""
         torch, pa, s = self.torch, self.k.pa, self.s
         lens = [ctx] * b
         k_cache, v_cache, tables, seq_lens = self.paged_cache(lens)
+        if cache_dtype is not None:
+            k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
         q = torch.randn(b, s.num_q_heads, s.head_dim, device=self.dev, dtype=self.dtype)
         out = torch.empty_like(q)
-        nbytes = self.kv_bytes(lens)  # K and V of every context token, read once
+        # K and V of every context token, read once, in the cache's bytes
+        nbytes = self.kv_bytes(lens) * k_cache.element_size() // q.element_size()
 
         ref = lambda: pa.paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.08)
         ref_out: list[Any] = []
@@ -380,37 +385,21 @@ class Runner:
         return res
 
     def _fp8_decode_case(self, b: int, ctx: int) -> dict[str, Any]:
-        torch, pa, s = self.torch, self.k.pa, self.s
-        fp8 = torch.float8_e4m3fn
-        k16, v16, tables, seq_lens = self.paged_cache([ctx] * b)
-        k8, v8 = k16.to(fp8), v16.to(fp8)
-        q = torch.randn(b, s.num_q_heads, s.head_dim, device=self.dev, dtype=self.dtype)
-        out = torch.empty_like(q)
-        nbytes = self.kv_bytes([ctx] * b) // (self.torch.finfo(self.dtype).bits // 8)  # 1 byte per value
-        ref = pa.paged_decode_attention_ref(q, k8, v8, tables, seq_lens, 0.08)
+        pa = self.k.pa
+        time_cfg, _ = self._decode_timer(b, ctx, self.torch.float8_e4m3fn)
         shapes = [] if self.cpu else [(128, 8, 4), (256, 8, 4), (128, 8, 6), (256, 8, 6), (64, 4, 8), (32, 4, 8)]
         cfgs = [pa.DecodeConfig()] + [pa.DecodeConfig(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in shapes]
-        trials = []
-        for cfg in cfgs:
-            fn = lambda cfg=cfg: pa.paged_decode_attention(q, k8, v8, tables, seq_lens, 0.08, out=out, config=cfg)
-            try:
-                ms = self.bench(fn)
-            except Exception as e:  # e.g. shared memory for the widest tiles
-                trials.append({"config": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"})
-                continue
-            fn()
-            trials.append({"config": dataclasses.asdict(cfg), "us": ms * 1e3, "tbps": nbytes / ms / 1e9,
-                           "rel_err_vs_ref": rel_err(out, ref)})
+        trials = [time_cfg(cfg, None, verify=True) for cfg in cfgs]
         ok = [t for t in trials if "tbps" in t]
         best = max(ok, key=lambda t: t["tbps"]) if ok else {}
-        bf16_ms = self.bench(lambda: pa.paged_decode_attention(q, k16, v16, tables, seq_lens, 0.08, out=out))
+        bf16_us = self._decode_timer(b, ctx)[0](pa.DecodeConfig(), None).get("us", float("nan"))
         if best:
             print(f"   fp8 decode {b}x{ctx}: default {ok[0]['us']:.0f} us, best {best['us']:.0f} us "
                   f"({best['tbps']:.2f} TB/s of fp8 cache, rel_err {best['rel_err_vs_ref']:.1e}) vs bf16 cache "
-                  f"{bf16_ms * 1e3:.0f} us; {best['config']}", flush=True)  # fmt: skip
+                  f"{bf16_us:.0f} us; {best['config']}", flush=True)  # fmt: skip
             self.table.append((f"fp8 decode {b}x{ctx}", f"{best['us']:.0f} us ({best['tbps']:.2f} TB/s), bf16 "
-                               f"{bf16_ms * 1e3:.0f} us, rel_err {best['rel_err_vs_ref']:.1e}"))
-        return {"trials": trials, "best": best, "same_context_bf16_us": bf16_ms * 1e3}
+                               f"{bf16_us:.0f} us, rel_err {best['rel_err_vs_ref']:.1e}"))
+        return {"trials": trials, "best": best, "same_context_bf16_us": bf16_us}
 
     def _decode_sweep(self) -> list[Any]:
         DecodeConfig = self.k.pa.DecodeConfig

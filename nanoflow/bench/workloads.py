@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,6 @@ class Workload:
     max_model_len: int | None = None
     vocab_size: int = 2  # prompts are drawn from [0, vocab_size)
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_lens(self) -> list[int]:
@@ -62,7 +61,6 @@ class Workload:
             "output_tokens": _stats(outs),
             "total_input_tokens": sum(ins),
             "total_output_tokens": sum(outs),
-            **self.extra,
         }
 
 
