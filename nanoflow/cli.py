@@ -28,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
+    p.add_argument("--cuda-graph-max-tokens", type=int, default=None,
+                   help="largest iteration replayed from a CUDA graph (default: the token budget; 0: none)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
 
@@ -35,7 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The EngineConfig fields that add_engine_args defined, besides the model."""
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "admission_output_tokens",
-             "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype", "tensor_parallel_size", "seed")
+             "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype", "cuda_graph_max_tokens",
+             "tensor_parallel_size", "seed")
     return {n: getattr(args, n) for n in names}
 
 

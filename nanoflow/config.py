@@ -53,6 +53,9 @@ class EngineConfig:
     # True: plain PyTorch reference ops, no CUDA graphs (the "sequential" baseline of the bench).
     # False: Triton kernels and CUDA graphs where a CUDA device is present; the CPU is always eager.
     enforce_eager: bool = False
+    # Largest iteration (in tokens) replayed from a CUDA graph on the fast path; None: the token
+    # budget, so full dense iterations are graphs too; 0: no graphs.
+    cuda_graph_max_tokens: int | None = None
     tensor_parallel_size: int = 1
     # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
     # twice the tokens fit in the same memory and decode attention reads half the bytes.
@@ -89,6 +92,12 @@ class EngineConfig:
         self.torch_kv_cache_dtype = self._resolve_kv_cache_dtype()
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 2048 if on_gpu else 512
+        if self.cuda_graph_max_tokens is None:
+            self.cuda_graph_max_tokens = self.max_num_batched_tokens
+        graph_tokens = self.cuda_graph_max_tokens
+        if not isinstance(graph_tokens, int) or isinstance(graph_tokens, bool) or graph_tokens < 0:
+            raise ValueError(f"cuda_graph_max_tokens must be a non-negative integer, got {graph_tokens!r}")
+        self.cuda_graph_max_tokens = min(self.cuda_graph_max_tokens, self.max_num_batched_tokens)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("admission_output_tokens", self.admission_output_tokens)

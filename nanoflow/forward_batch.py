@@ -8,7 +8,6 @@ sequence's chunk contiguous. Imports nothing of ours, so any layer may depend on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -26,6 +25,13 @@ class ForwardBatch:
     # Host copies for code that must not synchronise with the device to learn shapes.
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
+    # What the Triton attention kernels read instead of host counts, so that one CUDA graph serves
+    # every batch of its size bucket: the decode count on the device, the rows the decode kernel
+    # may cover (>= num_decodes: a graph's capacity), and the prefill kernel's work list
+    # (kernels.paged_attention.prefill_tiles; rows of -1 are idle).
+    decode_count: torch.Tensor  # [1] int32
+    decode_rows: int
+    prefill_tiles: torch.Tensor  # [N, 2] int32
 
     @property
     def num_tokens(self) -> int:
@@ -38,22 +44,3 @@ class ForwardBatch:
     @property
     def num_prefills(self) -> int:
         return self.num_seqs - self.num_decodes
-
-    # Prefill-only metadata for the prefill attention kernel, cached so every layer reuses one copy.
-    # Copies, not views: a view starting at row num_decodes has an alignment that changes with the
-    # batch, and Triton would compile a kernel variant for each alignment it meets.
-    @cached_property
-    def prefill_query_start_loc(self) -> torch.Tensor:
-        return self.query_start_loc[self.num_decodes :] - self.num_decodes
-
-    @cached_property
-    def prefill_seq_lens(self) -> torch.Tensor:
-        return self.seq_lens[self.num_decodes :].clone()
-
-    @cached_property
-    def prefill_block_tables(self) -> torch.Tensor:
-        return self.block_tables[self.num_decodes :].clone()
-
-    @cached_property
-    def max_prefill_query_len(self) -> int:
-        return max(self.query_lens_cpu[self.num_decodes :], default=0)

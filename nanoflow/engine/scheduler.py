@@ -2,7 +2,8 @@
 
 Each iteration carries at most `max_num_batched_tokens` tokens: every running decode first, then
 prefill chunks topping the batch up (a prompt may span several iterations). Waiting requests are
-admitted first-come-first-served while the projected page use of everything running still fits.
+admitted first-come-first-served while the projected peak page use of everything running still fits
+(`projected_peak_pages`: each sequence grows to its expected length and frees its pages when done).
 When pages run out anyway, the newest running sequence is preempted: its pages are freed and it
 is recomputed later from its prompt and the tokens it had produced, so its output is unchanged.
 """
@@ -12,9 +13,30 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from nanoflow.config import PAGE_SIZE
 from nanoflow.engine.kv_cache import BlockManager
 from nanoflow.engine.request import SeqStatus, Sequence
+
+
+def projected_peak_pages(tokens: np.ndarray, remaining: np.ndarray) -> int:
+    """Peak page use over the coming steps if each sequence i, holding tokens[i] now, grows by one
+    token per step for remaining[i] steps and then frees its pages.
+
+    Summing every sequence's own peak instead would assume they all peak together: sequences that
+    started together then also finish together, and the batch runs in waves of full decode steps
+    followed by prefill-only steps. Use only rises between finishes, so the peak is at one of the
+    times t = remaining[j]: with the sequences sorted by remaining, longest first, the ones alive at
+    t are a prefix, and use(t) <= sum(tokens + t + PAGE_SIZE - 1) / PAGE_SIZE over that prefix.
+    """
+    if tokens.size == 0:
+        return 0
+    order = np.argsort(-remaining, kind="stable")
+    t = remaining[order]
+    alive_tokens = np.cumsum(tokens[order] + PAGE_SIZE - 1)
+    alive = np.arange(1, t.size + 1)
+    return int(((alive_tokens + alive * t) // PAGE_SIZE).max())
 
 
 @dataclass
@@ -129,20 +151,22 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def _projected_pages(self, seq: Sequence) -> int:
-        remaining = seq.max_tokens - len(seq.output_token_ids)
-        total = min(seq.num_tokens + min(remaining, self.admission_output_tokens), self.max_model_len)
-        return (total + PAGE_SIZE - 1) // PAGE_SIZE
+    def _projection(self, seq: Sequence) -> tuple[int, int]:
+        """(tokens now, tokens still to come) as admission plans for them; outputs are capped at
+        admission_output_tokens, a guess that preemption repairs when a sequence runs longer."""
+        remaining = min(seq.max_tokens - len(seq.output_token_ids) - seq.num_inflight, self.admission_output_tokens,
+                        self.max_model_len - seq.num_tokens)
+        return seq.num_tokens, max(remaining, 0)
 
     def _admit(self, budget: int, out: SchedulerOutput) -> int:
-        projected = sum(self._projected_pages(s) for s in self.running)
+        planned = [self._projection(s) for s in self.running]
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_inflight:  # preempted this step with a token still on the GPU: next time
                 break
             n = min(seq.num_tokens, budget)
-            need = self._projected_pages(seq)
-            if self.running and projected + need > self.blocks.num_pages:
+            tokens, remaining = np.array([*planned, self._projection(seq)]).T
+            if self.running and projected_peak_pages(tokens, remaining) > self.blocks.num_pages:
                 break
             if not self.blocks.can_allocate(seq, n):
                 break
@@ -151,7 +175,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             (out.decodes if n == 1 and seq.num_tokens == 1 else out.prefills).append(ScheduledSeq(seq, n))
-            projected += need
+            planned.append(self._projection(seq))
             budget -= n
         return budget
 

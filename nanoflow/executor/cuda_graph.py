@@ -1,10 +1,12 @@
-"""CUDA graphs of the whole model forward for decode-only iterations, one per batch-size bucket.
+"""CUDA graphs of the whole model forward, one per token-count bucket and kind (decode-only, mixed).
 
-A decode iteration launches ~15 kernels per layer for one token per sequence: at small and medium
-batch the GPU would wait on Python launching them. Each bucket's graph reads static input and
-metadata buffers; a batch is copied into them (padding rows write nowhere: slot -1) and replayed.
-Mixed iterations (decodes + prefill chunks) run eagerly: at the full token budget their kernels are
-long enough to hide the launches.
+An iteration launches ~15 kernels per layer; below a few hundred tokens the GPU would wait on Python
+launching them. With the fixed dense token budget every full iteration has the same token count,
+so one graph serves all of them, and smaller ones replay the next bucket up. Each graph reads
+static input and metadata buffers; a batch is copied into them and padded: padding tokens write no
+K/V (slot -1), the decode kernel reads the decode count from the device, and the prefill kernel's
+spare tiles are idle (-1). Outside MoE and tensor parallelism (not captured), every Triton-path
+forward of a batch that fits a bucket is a replay.
 """
 
 from __future__ import annotations
@@ -13,74 +15,123 @@ import logging
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from nanoflow.forward_batch import ForwardBatch
+from nanoflow.kernels.paged_attention import PREFILL_BLOCK_M
 
 log = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
+# Prefill tiles a mixed graph holds beyond its tokens' own blocks: one partial block per prefill
+# chunk, so batches of up to this many chunks fit (the dense budget rarely has more than a few).
+SPARE_TILES = 32
+# Above this many tokens the launches are hidden behind the kernels, and the padding rows'
+# GEMM work is what a bucket costs: take a graph only if it pads by at most 1/16.
+SMALL_BATCH = 512
 
-def graph_buckets(max_batch: int) -> list[int]:
-    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-    return [s for s in sizes if s < max_batch] + [max_batch]
+
+def token_buckets(max_tokens: int) -> list[int]:
+    small = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, SMALL_BATCH]
+    sizes = {s for s in (*small, *range(768, max_tokens, 256)) if s < max_tokens}
+    return sorted(sizes | {max_tokens})
 
 
-class DecodeGraphRunner:
-    def __init__(self, model: nn.Module, kv_caches: list[KVCache], max_batch: int, max_pages: int,
+def tile_capacity(num_tokens: int) -> int:
+    return -(-num_tokens // PREFILL_BLOCK_M) + SPARE_TILES
+
+
+class GraphRunner:
+    def __init__(self, model: nn.Module, kv_caches: list[KVCache], max_tokens: int, max_seqs: int, max_pages: int,
                  device: torch.device) -> None:
-        self.model, self.kv_caches = model, kv_caches
-        self.max_batch, self.max_pages = max_batch, max_pages
-        self.buckets = graph_buckets(max_batch)
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.buckets = token_buckets(max_tokens)
+        self.max_seqs = min(max_seqs, max_tokens)
+        self.max_pages = max_pages
         z = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        self.input_ids = z(max_batch)
-        self.positions = z(max_batch)
-        self.slot_mapping = z(max_batch)
-        self.seq_lens = z(max_batch, dtype=torch.int32)
-        self.block_tables = z(max_batch, max_pages, dtype=torch.int32)
-        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.input_ids = z(max_tokens)
+        self.positions = z(max_tokens)
+        self.slot_mapping = z(max_tokens)
+        self.query_start_loc = z(self.max_seqs + 1, dtype=torch.int32)
+        self.seq_lens = z(self.max_seqs, dtype=torch.int32)
+        self.block_tables = z(self.max_seqs, max_pages, dtype=torch.int32)
+        self.decode_count = z(1, dtype=torch.int32)
+        self.tiles = z(tile_capacity(max_tokens), 2, dtype=torch.int32)
+        # (bucket, mixed) -> the captured graph (on the CPU, where nothing is captured: None) and its output
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.num_replays = 0
 
-    def _static_batch(self, bs: int) -> ForwardBatch:
+    def _static_batch(self, num_tokens: int, mixed: bool) -> ForwardBatch:
+        rows = min(num_tokens, self.max_seqs)
+        tiles = tile_capacity(num_tokens) if mixed else 0
         return ForwardBatch(
-            input_ids=self.input_ids[:bs], positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
-            query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs], logits_indices=self.positions[:0], num_decodes=bs,
-            seq_lens_cpu=[1] * bs, query_lens_cpu=[1] * bs)
+            input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens],
+            slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens, block_tables=self.block_tables, logits_indices=self.positions[:0],
+            num_decodes=rows, seq_lens_cpu=[1] * rows, query_lens_cpu=[1] * rows, decode_count=self.decode_count,
+            decode_rows=rows, prefill_tiles=self.tiles[:tiles])
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        self.slot_mapping.fill_(-1)  # capture runs must not write into live pages
-        self.seq_lens.fill_(1)
-        pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool memory
-            batch = self._static_batch(bs)
-            for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
+    def capture(self, decode_only_max: int) -> None:
+        """Captures a mixed graph per bucket and a decode-only one (no prefill launch) per bucket of
+        at most decode_only_max tokens (the most decodes a batch can have)."""
+        # The capture runs must compute nothing and write no live page.
+        self.slot_mapping.fill_(-1)
+        self.decode_count.zero_()
+        self.tiles.fill_(-1)
+        on_gpu = self.device.type == "cuda"
+        pool = torch.cuda.graph_pool_handle() if on_gpu else None
+        keys = [(b, mixed) for b in reversed(self.buckets) for mixed in (True, False) if mixed or b <= decode_only_max]
+        # largest first, so the smaller graphs reuse its memory in the shared pool
+        for key in tqdm(keys, desc="CUDA graphs", disable=not on_gpu, leave=False):
+            batch = self._static_batch(*key)
+            if not on_gpu:
+                self.graphs[key] = None
+                continue
+            for _ in range(2):  # warm-up: Triton compiles outside the capture
                 self.model(batch, self.kv_caches)
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(batch, self.kv_caches)
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.buckets)
+                self.outputs[key] = self.model(batch, self.kv_caches)
+            self.graphs[key] = graph
+        if on_gpu:
+            torch.cuda.synchronize(self.device)
+        log.info("captured %d CUDA graphs (token buckets %s)", len(self.graphs), self.buckets)
 
-    def can_run(self, batch: ForwardBatch) -> bool:
-        return (batch.num_prefills == 0 and batch.num_decodes <= self.max_batch
-                and batch.block_tables.shape[1] <= self.max_pages and bool(self.graphs))
+    def select(self, batch: ForwardBatch) -> tuple[int, bool] | None:
+        """The graph that can run this batch, or None (run it eagerly)."""
+        n = batch.num_tokens
+        bucket = next((b for b in self.buckets if b >= n), None)
+        if bucket is None or batch.num_seqs > self.max_seqs or batch.block_tables.shape[1] > self.max_pages:
+            return None
+        if bucket > SMALL_BATCH and (bucket - n) * 16 > n:
+            return None
+        mixed = batch.prefill_tiles.shape[0] > 0
+        if mixed and batch.prefill_tiles.shape[0] > tile_capacity(bucket):
+            return None
+        return (bucket, mixed) if (bucket, mixed) in self.graphs else None
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        bs = batch.num_decodes
-        bucket = next(b for b in self.buckets if b >= bs)
-        width = batch.block_tables.shape[1]
-        self.input_ids[:bs].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:bs].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:bs].copy_(batch.slot_mapping, non_blocking=True)
-        self.seq_lens[:bs].copy_(batch.seq_lens, non_blocking=True)
-        self.block_tables[:bs, :width].copy_(batch.block_tables, non_blocking=True)
-        if bucket > bs:  # padding rows: write nothing, attend to one (harmless) position
-            self.slot_mapping[bs:bucket].fill_(-1)
-            self.seq_lens[bs:bucket].fill_(1)
-        self.graphs[bucket].replay()
-        return self.outputs[bucket][:bs]
+    def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor:
+        bucket, mixed = key
+        n, seqs, width = batch.num_tokens, batch.num_seqs, batch.block_tables.shape[1]
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
+        self.slot_mapping[n:bucket].fill_(-1)
+        self.query_start_loc[: seqs + 1].copy_(batch.query_start_loc, non_blocking=True)
+        self.seq_lens[:seqs].copy_(batch.seq_lens, non_blocking=True)
+        self.block_tables[:seqs, :width].copy_(batch.block_tables, non_blocking=True)
+        self.decode_count.copy_(batch.decode_count, non_blocking=True)
+        if mixed:
+            num_tiles = batch.prefill_tiles.shape[0]
+            self.tiles[:num_tiles].copy_(batch.prefill_tiles, non_blocking=True)
+            self.tiles[num_tiles : tile_capacity(bucket)].fill_(-1)
+        graph = self.graphs[key]
+        self.num_replays += 1
+        if graph is None:  # the CPU: run the forward the graph would replay, on the same buffers
+            return self.model(self._static_batch(*key), self.kv_caches)[:n]
+        graph.replay()
+        return self.outputs[key][:n]

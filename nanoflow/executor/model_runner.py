@@ -17,9 +17,10 @@ from transformers import PretrainedConfig
 
 from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine.scheduler import SchedulerOutput
-from nanoflow.executor.cuda_graph import DecodeGraphRunner
+from nanoflow.executor.cuda_graph import GraphRunner
 from nanoflow.executor.sampler import SampledTensors, Sampler, SamplerOutput, SamplingMetadata
 from nanoflow.forward_batch import ForwardBatch
+from nanoflow.kernels.paged_attention import prefill_tiles
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.arch import ModelArch
 from nanoflow.models.loader import build_model
@@ -48,14 +49,18 @@ class ModelRunner:
         self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.sampler = Sampler(self.device, config.seed)
-        self.graphs: DecodeGraphRunner | None = None
+        self.graphs: GraphRunner | None = None
+        if self._use_graphs:
+            self.graphs = GraphRunner(self.model, self.kv_caches, config.cuda_graph_max_tokens, config.max_num_seqs,
+                                      -(-max_model_len // PAGE_SIZE), self.device)
+            self.graphs.capture(decode_only_max=config.max_num_seqs)
+
+    @property
+    def _use_graphs(self) -> bool:
         # Not captured: MoE routing picks experts on the host (a sync, illegal in a graph); graphs
         # with NCCL collectives have not been tried yet.
-        if config.use_fast_path and self.par.size == 1 and not self.arch.is_moe:
-            max_pages = -(-max_model_len // PAGE_SIZE)
-            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_pages,
-                                            self.device)
-            self.graphs.capture()
+        return (self.config.use_fast_path and bool(self.config.cuda_graph_max_tokens) and self.par.size == 1
+                and not self.arch.is_moe)
 
     @property
     def page_bytes(self) -> int:
@@ -70,8 +75,9 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         activations = self._profile_activation_bytes()
-        # CUDA graphs are captured after the pool exists; keep room for their (small) decode activations.
-        graph_reserve = 512 << 20 if self.config.use_fast_path else 0
+        # CUDA graphs are captured after the pool exists, into a memory pool of their own: keep room
+        # for one more forward's activations (the largest graph's; the others share its memory).
+        graph_reserve = activations if self._use_graphs else 0
         budget = total * self.config.gpu_memory_utilization - (total - free) - activations - graph_reserve
         pages = int(budget // self.page_bytes)
         if pages < 1:
@@ -145,8 +151,9 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """The model forward and the logits of the rows that sample (None when none does)."""
-        if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
+        key = self.graphs.select(batch) if self.graphs is not None else None
+        if key is not None:
+            hidden = self.graphs.run(batch, key)
         else:
             hidden = self.model(batch, self.kv_caches)
         if batch.logits_indices.shape[0] == 0:
@@ -169,9 +176,12 @@ class ModelRunner:
         slots = table[seq_of_token, positions // PAGE_SIZE].astype(np.int64) * PAGE_SIZE + positions % PAGE_SIZE
         flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(qstart[-1]))
 
+        seq_lens = np.asarray(plan.seq_lens, dtype=np.int32)
+        nd = plan.num_decodes
+        tiles = prefill_tiles(qlens[nd:], seq_lens[nd:], first_seq=nd)
         ids, pos, slot, logit_idx = self.upload(flat_ids, positions, slots,
                                                 np.asarray(plan.sample_at, dtype=np.int64))
-        qs, lens, bt = self.upload(qstart, np.asarray(plan.seq_lens, dtype=np.int32), table)
+        qs, lens, bt, count, tiles = self.upload(qstart, seq_lens, table, np.array([nd], dtype=np.int32), tiles)
         return ForwardBatch(
             input_ids=ids,
             positions=pos,
@@ -180,9 +190,12 @@ class ModelRunner:
             seq_lens=lens,
             block_tables=bt,
             logits_indices=logit_idx,
-            num_decodes=plan.num_decodes,
+            num_decodes=nd,
             seq_lens_cpu=list(plan.seq_lens),
             query_lens_cpu=qlens.tolist(),
+            decode_count=count,
+            decode_rows=nd,
+            prefill_tiles=tiles,
         )
 
     def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:

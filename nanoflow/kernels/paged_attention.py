@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -169,11 +170,11 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 # Batch-dependent integers are not specialised on (== 1, multiple of 16): otherwise every new mix
 # of batch size and context split would compile another variant in the middle of serving.
-@triton.jit(do_not_specialize=["num_seqs", "num_parts", "partition", "sliding_window"])
+@triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_seqs_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    qk_scale, num_seqs, num_kv_heads, num_parts, partition, sliding_window,
+    qk_scale, num_kv_heads, num_parts, partition, sliding_window,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     stride_cp, stride_ch, stride_ct,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -188,7 +189,7 @@ def _decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
-    num_work = num_seqs * num_kv_heads * num_parts
+    num_work = tl.load(num_seqs_ptr) * num_kv_heads * num_parts
     for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
         # partition fastest: neighbouring CTAs share one long sequence's work
         part = w % num_parts
@@ -242,10 +243,10 @@ def _decode_kernel(
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_parts", "partition", "sliding_window"])
+@triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
 def _decode_reduce_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, out_ptr,
-    num_seqs, num_q_heads, num_parts, partition, sliding_window,
+    part_acc_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, num_seqs_ptr, out_ptr,
+    num_q_heads, num_parts, partition, sliding_window,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
@@ -254,7 +255,7 @@ def _decode_reduce_kernel(
     nprog = tl.num_programs(0)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_p = tl.arange(0, BLOCK_P)
-    for w in tl.range(pid, num_seqs * num_q_heads, nprog):
+    for w in tl.range(pid, tl.load(num_seqs_ptr) * num_q_heads, nprog):
         b = w // num_q_heads
         h = w % num_q_heads
         seq_len = tl.load(seq_lens_ptr + b)
@@ -311,12 +312,15 @@ def paged_decode_attention(
     num_ctas: int | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    num_seqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of paged_decode_attention_ref. q: [B, Hq, D] (last dim contiguous);
     block_tables: [B, max_pages] int32; seq_lens: [B] int32, 0 <= seq_len <= max_pages * page_size.
 
     num_ctas caps the (persistent) grid, e.g. to leave SMs to a concurrent GEMM; None fills the
-    GPU. A sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
+    GPU. num_seqs ([1] int32 on the device, <= B) computes only the first num_seqs rows and leaves
+    the others untouched: a CUDA graph captured for B rows then serves every smaller batch. A
+    sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
     """
     _check_paged_inputs(q, k_cache, v_cache)
     # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
@@ -348,11 +352,13 @@ def paged_decode_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     window = sliding_window or 0
+    if num_seqs is None:
+        num_seqs = torch.full((1,), B, dtype=torch.int32, device=q.device)
     num_work = B * Hkv * num_parts
     _decode_kernel[(min(num_work, grid_cap),)](
-        q, k_cache, v_cache, block_tables, seq_lens,
+        q, k_cache, v_cache, block_tables, seq_lens, num_seqs,
         out, part_acc, part_m, part_l,
-        scale * _LOG2E, B, Hkv, num_parts, part, window,
+        scale * _LOG2E, Hkv, num_parts, part, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
@@ -363,17 +369,34 @@ def paged_decode_attention(
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(min(B * Hq, grid_cap),)](
-            part_acc, part_m, part_l, seq_lens, out,
-            B, Hq, num_parts, part, window,
+            part_acc, part_m, part_l, seq_lens, num_seqs, out,
+            Hq, num_parts, part, window,
             out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_P=16, num_warps=4,
         )  # fmt: skip
     return out
 
 
+PREFILL_BLOCK_M = 64  # queries per prefill program (prefill_tiles and the kernel must agree)
+
+
+def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, first_seq: int = 0,
+                  block_m: int = PREFILL_BLOCK_M) -> np.ndarray:
+    """The prefill kernel's work list for sequences first_seq, first_seq + 1, ... with these query
+    and context lengths: [N, 2] int32 rows of (sequence, query block), the blocks that see the most
+    keys first, so the longest programs start early and the launch ends with short ones."""
+    query_lens, seq_lens = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
+    blocks = -(-query_lens // block_m)
+    seq = np.repeat(np.arange(query_lens.size), blocks)
+    blk = np.arange(seq.size) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    keys = seq_lens[seq] - query_lens[seq] + np.minimum((blk + 1) * block_m, query_lens[seq])
+    order = np.argsort(-keys, kind="stable")
+    return np.stack((seq[order] + first_seq, blk[order]), 1).astype(np.int32)
+
+
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, tiles_ptr, out_ptr,
     qk_scale, sliding_window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cp, stride_ch, stride_ct,
@@ -381,15 +404,16 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_M queries of one sequence x one query head, over the key tiles they see."""
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + b)
-    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
-    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
-    if tl.program_id(0) < num_m_blocks:
-        # the last query block sees the most keys: run it first to shorten the tail
-        m_blk = num_m_blocks - 1 - tl.program_id(0)
+    """One program: one query head x the tile's BLOCK_M queries of one sequence, over the key tiles
+    they see. A tile is (sequence, query block); tiles past their sequence's queries are idle."""
+    h = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = tl.load(tiles_ptr + 2 * tile)
+    m_blk = tl.load(tiles_ptr + 2 * tile + 1)
+    b_safe = tl.maximum(b, 0)
+    q_start = tl.load(query_start_loc_ptr + b_safe)
+    q_len = tl.load(query_start_loc_ptr + b_safe + 1) - q_start
+    if (b >= 0) & (m_blk < tl.cdiv(q_len, BLOCK_M)):
         seq_len = tl.load(seq_lens_ptr + b)
         offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -447,7 +471,8 @@ def paged_prefill_attention(
     sliding_window: int | None = None,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
-    block_m: int = 64,
+    tiles: torch.Tensor | None = None,
+    block_m: int = PREFILL_BLOCK_M,
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -456,8 +481,12 @@ def paged_prefill_attention(
 
     q: [T, Hq, D]; query_start_loc: [B + 1] int32 and seq_lens: [B] int32 on the device; sequence
     b's queries q[query_start_loc[b]:query_start_loc[b + 1]] are the last positions of its
-    seq_lens[b]-token context (so query length <= seq_len). max_query_len (host int) sizes the
-    grid; None uses T, always enough but launches idle programs.
+    seq_lens[b]-token context (so query length <= seq_len); out gets those rows only.
+
+    tiles: [N, 2] int32 on the device, one program (per query head) each: (sequence, query block of
+    block_m queries), from prefill_tiles() with the same block_m; rows with sequence -1 are idle
+    (a CUDA graph's spare capacity). None: every sequence x every block up to max_query_len (host
+    int; None uses T, always enough but launches idle programs).
     """
     _check_paged_inputs(q, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -471,12 +500,16 @@ def paged_prefill_attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     assert out.shape == q.shape and out.stride(-1) == 1
-    max_q = T if max_query_len is None else max_query_len
-    if B == 0 or max_q == 0:
+    if tiles is None:
+        max_q = T if max_query_len is None else max_query_len
+        nm = triton.cdiv(max_q, block_m)
+        seqs, blocks = (torch.arange(n, dtype=torch.int32, device=q.device) for n in (B, nm))
+        tiles = torch.stack((seqs.repeat_interleave(nm), blocks.repeat(B)), 1)
+    assert tiles.dtype == torch.int32 and tiles.is_contiguous() and tiles.shape[1:] == (2,)
+    if tiles.shape[0] == 0:
         return out
-    grid = (triton.cdiv(max_q, block_m), B, Hq)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+    _prefill_kernel[(Hq, tiles.shape[0])](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles, out,
         scale * _LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

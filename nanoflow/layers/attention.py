@@ -46,22 +46,22 @@ class PagedAttention(nn.Module):
         """q: [T, Hq, D] -> [T, Hq * D]; decode tokens and prefill chunks go to their own kernels."""
         k_cache, v_cache = kv_cache
         out = torch.empty_like(q)
+        if self.use_triton:
+            rows = batch.decode_rows
+            if rows:
+                pa.paged_decode_attention(q[:rows], k_cache, v_cache, batch.block_tables[:rows], batch.seq_lens[:rows],
+                                          self.scale, self.sliding_window, out=out[:rows], num_seqs=batch.decode_count)
+            if batch.prefill_tiles.shape[0]:
+                pa.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
+                                           batch.seq_lens, self.scale, self.sliding_window, out=out,
+                                           tiles=batch.prefill_tiles)
+            return out.view(q.shape[0], -1)
         nd = batch.num_decodes
         if nd:
-            args = (q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.seq_lens[:nd], self.scale,
-                    self.sliding_window)
-            if self.use_triton:
-                pa.paged_decode_attention(*args, out=out[:nd])
-            else:
-                out[:nd] = pa.paged_decode_attention_ref(*args)
+            out[:nd] = pa.paged_decode_attention_ref(q[:nd], k_cache, v_cache, batch.block_tables[:nd],
+                                                     batch.seq_lens[:nd], self.scale, self.sliding_window)
         if batch.num_prefills:
-            if self.use_triton:
-                pa.paged_prefill_attention(
-                    q[nd:], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_query_start_loc,
-                    batch.prefill_seq_lens, self.scale, self.sliding_window,
-                    max_query_len=batch.max_prefill_query_len, out=out[nd:])
-            else:
-                out[nd:] = pa.paged_prefill_attention_ref(
-                    q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.query_lens_cpu[nd:],
-                    batch.seq_lens_cpu[nd:], self.scale, self.sliding_window)
+            out[nd:] = pa.paged_prefill_attention_ref(
+                q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.query_lens_cpu[nd:],
+                batch.seq_lens_cpu[nd:], self.scale, self.sliding_window)
         return out.view(q.shape[0], -1)

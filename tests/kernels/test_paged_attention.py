@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from nanoflow.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_prefill_attention,
     paged_prefill_attention_ref,
+    prefill_tiles,
 )
 
 PAGE = 16
@@ -75,6 +77,20 @@ def test_decode_empty_sequence_gives_zeros(cfg: DecodeConfig, device: str) -> No
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.2)
     assert torch.allclose(out[1], ref[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(), SPLIT16], ids=["one", "split"])
+def test_decode_num_seqs_on_device_leaves_other_rows(cfg: DecodeConfig, device: str, assert_rel) -> None:
+    """A CUDA graph captured for 5 rows serving a batch of 3: rows 3 and 4 are not touched."""
+    lens = [40, 1, 70, 17, 33]
+    k_cache, v_cache, tables = _paged_cache(lens, 2, 64, torch.float32, device)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), 8, 64, device=device)
+    out = torch.full_like(q, float("nan"))
+    n = torch.tensor([3], device=device, dtype=torch.int32)
+    paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, num_ctas=2, out=out, config=cfg, num_seqs=n)
+    assert out[3:].isnan().all()
+    assert_rel(out[:3], paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.125)[:3], torch.float32)
 
 
 def test_decode_plan_splits_long_contexts_only() -> None:
@@ -141,6 +157,40 @@ def test_prefill(case: tuple, pass_max_len: bool, device: str, dtype: torch.dtyp
     q32, k32, v32 = _f32(q, k_cache, v_cache)
     ref = paged_prefill_attention_ref(q32, k32, v32, tables, qlens, lens, D**-0.5, window)
     assert_rel(out, ref, dtype)
+
+
+def test_prefill_tiles_cover_every_block_once_longest_first() -> None:
+    qlens, lens = np.array([1, 130, 64, 5]), np.array([10, 200, 64, 5])
+    tiles = prefill_tiles(qlens, lens, first_seq=3, block_m=64)
+    assert tiles.dtype == np.int32 and tiles.shape == (1 + 3 + 1 + 1, 2)
+    assert sorted(map(tuple, tiles.tolist())) == [(3, 0), (4, 0), (4, 1), (4, 2), (5, 0), (6, 0)]
+    keys = [lens[b - 3] - qlens[b - 3] + min((m + 1) * 64, qlens[b - 3]) for b, m in tiles.tolist()]
+    assert keys == sorted(keys, reverse=True) and tuple(tiles[0]) == (4, 2)
+    assert prefill_tiles(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("name", ["gqa4-d128-chunked", "gqa4-d64-chunked-window"])
+def test_prefill_mixed_batch_with_tiles(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
+    """The engine's layout: decode rows first, then the prefill chunks, one q for all; the prefill
+    kernel runs the host-built tiles (plus idle ones, a graph's spare capacity) and writes only the
+    prefill rows."""
+    Hq, Hkv, D, qlens, lens, window, blocks = PREFILL_CASES[name]
+    dec_lens = [9, 33]
+    all_q, all_lens = [1, 1, *qlens], [*dec_lens, *lens]
+    k_cache, v_cache, tables = _paged_cache(all_lens, Hkv, D, dtype, device)
+    q = torch.randn(sum(all_q), Hq, D, device=device, dtype=dtype)
+    starts = torch.tensor([0, *itertools.accumulate(all_q)], device=device, dtype=torch.int32)
+    seq_lens = torch.tensor(all_lens, device=device, dtype=torch.int32)
+    bm = blocks.get("block_m", 64)
+    tiles = np.concatenate([prefill_tiles(np.array(qlens), np.array(lens), first_seq=2, block_m=bm),
+                            np.full((3, 2), -1, dtype=np.int32)])
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, k_cache, v_cache, tables, starts, seq_lens, D**-0.5, window, out=out,
+                            tiles=torch.from_numpy(tiles).to(device), **blocks)
+    assert out[:2].isnan().all()
+    q32, k32, v32 = _f32(q, k_cache, v_cache)
+    ref = paged_prefill_attention_ref(q32[2:], k32, v32, tables[2:], qlens, lens, D**-0.5, window)
+    assert_rel(out[2:], ref, dtype)
 
 
 # --- fp8 (e4m3) KV cache: the kernels widen K/V to q's dtype on load. Triton's interpreter loads

@@ -1,0 +1,87 @@
+"""The CUDA-graph runner's static buffers and padding against the plain forward of the same batch.
+
+A graph replays the forward of its static batch; on the CPU nothing is captured and the runner
+runs that same forward on the same buffers (Triton interpreted), so everything but the capture is
+checked here: bucket choice, copying and padding a batch in, the device-side decode count, idle
+prefill tiles. tests/gpu/test_fast_path.py checks real replays against the eager path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from nanoflow.config import EngineConfig
+from nanoflow.executor.cuda_graph import GraphRunner, token_buckets
+from nanoflow.executor.model_runner import ModelRunner, StepPlan
+from nanoflow.layers.parallel import ParallelState
+from nanoflow.models.loader import build_model
+
+
+def _plan(decodes: list[int], prefills: list[tuple[int, int]], first_page: int = 0) -> StepPlan:
+    """decodes: context lengths (one new token each); prefills: (tokens already cached, chunk length)."""
+    token_ids, starts, lens, tables, sample_at = [], [], [], [], []
+    page = first_page
+    for done, new in [(n - 1, 1) for n in decodes] + prefills:
+        token_ids.append([(7 * (done + i)) % 300 + 3 for i in range(new)])
+        starts.append(done)
+        lens.append(done + new)
+        pages = -(-(done + new) // 16)
+        tables.append(list(range(page, page + pages)))
+        page += pages
+        sample_at.append(sum(map(len, token_ids)) - 1)
+    return StepPlan(token_ids, starts, lens, tables, sample_at, len(decodes), [], [])
+
+
+@pytest.fixture(scope="module")
+def runner_and_graphs(tiny_model):
+    path = tiny_model("llama")
+    hf = AutoConfig.from_pretrained(path)
+    cfg = EngineConfig(model=path, num_kv_pages=64, max_num_batched_tokens=64, max_model_len=256).resolve(None)
+    runner = ModelRunner(cfg, hf, 256)  # the CPU: reference ops, no graphs
+    torch.manual_seed(0)
+    runner.kv_cache.copy_(torch.randn_like(runner.kv_cache))  # contexts the new tokens attend to
+    fast = build_model(path, hf, torch.float32, torch.device("cpu"), 256, ParallelState(), use_triton=True)
+    graphs = GraphRunner(fast, runner.kv_caches, max_tokens=64, max_seqs=8, max_pages=16, device=torch.device("cpu"))
+    graphs.capture(decode_only_max=8)
+    return runner, fast, graphs
+
+
+# Padding rows carry whatever attention's output buffer held (nothing computes them): they may
+# overflow in the norms, harmlessly, as every op is row-wise and no real row reads them.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("decodes,prefills,bucket,mixed", [
+    ([20, 5, 40], [], 4, False),
+    ([20, 5], [(16, 17), (0, 9)], 32, True),
+    ([], [(0, 33)], 48, True),
+    ([33, 1, 17, 64, 2, 9, 100], [(0, 1)], 8, True),
+])
+def test_replay_equals_forward(runner_and_graphs, decodes, prefills, bucket, mixed) -> None:
+    runner, fast, graphs = runner_and_graphs
+    batch = runner._build_batch(_plan(decodes, prefills))
+    key = graphs.select(batch)
+    assert key == (bucket, mixed)
+    with torch.inference_mode():
+        want = fast(batch, runner.kv_caches)
+        got = graphs.run(batch, key)
+        ref = runner.model(batch, runner.kv_caches)  # the plain PyTorch path
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batches_that_fit_no_graph_run_eagerly(runner_and_graphs) -> None:
+    runner, _, graphs = runner_and_graphs
+    too_many_seqs = runner._build_batch(_plan([3] * 9, []))
+    assert graphs.select(too_many_seqs) is None
+    # 40 one-token prefill chunks need more prefill tiles than a graph keeps spare
+    many_chunks = runner._build_batch(_plan([], [(0, 1)] * 40 + [(0, 2)]))
+    assert graphs.select(many_chunks) is None
+
+
+def test_token_buckets() -> None:
+    assert token_buckets(48) == [1, 2, 4, 8, 16, 24, 32, 48]
+    big = token_buckets(2048)
+    assert big[-7:] == [512, 768, 1024, 1280, 1536, 1792, 2048] and big == sorted(set(big))
+    assert token_buckets(600)[-2:] == [512, 600]
