@@ -207,6 +207,7 @@ def run_engine(
     out["warmup"] = {"num_requests": len(warm), "max_tokens": warmup_max_tokens,
                      "elapsed_s": time.perf_counter() - t}
     preempt0 = engine.scheduler.num_preemptions
+    replays0 = runner.graphs.num_replays if runner.graphs else 0
 
     prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
     sampling = [params(o) for _, o in workload.requests]
@@ -245,6 +246,7 @@ def run_engine(
         "total_tokens_per_s": (in_tok + out_tok) / elapsed,
         "output_tokens_per_s": out_tok / elapsed,
         "num_preemptions": engine.scheduler.num_preemptions - preempt0,
+        "cuda_graph_steps": (runner.graphs.num_replays if runner.graphs else 0) - replays0,
         # GPU busy inside steps vs idle between them (CUDA events; generate() resets them per call).
         "step_stats": engine.stats.summary(),
         "step_timeline": engine.stats.timeline_columns(),
