@@ -3,6 +3,11 @@
 Fills the engine with long requests until the batch is a steady mix of decodes plus a prefill chunk
 at the full token budget, then profiles a few steps and prints the kernels grouped by op.
     python benchmarks/profile_step.py --out DIR [--dummy llama3-8b] [--eager]
+    python benchmarks/profile_step.py --out DIR --num-requests 440 --prompt-len 512 --max-tokens 512 \
+        --warm-steps 250   # a KV-limited decode-only step of 512x512
+
+The steps run without CUDA graphs by default (--cuda-graph-max-tokens 0) so that the profiler
+attributes every kernel to its op; the wall time per step is then that of the eager launches.
 """
 
 from __future__ import annotations
@@ -36,19 +41,23 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=600)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--warm-steps", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cuda-graph-max-tokens", type=int, default=0)
     ap.add_argument("--cprofile", action="store_true", help="also print where the CPU time of a step goes")
     args = ap.parse_args()
     path = dummy_model_dir(args.dummy)
-    llm = LLM(path, load_format="dummy", skip_tokenizer_init=True, enforce_eager=args.eager)
+    llm = LLM(path, load_format="dummy", skip_tokenizer_init=True, enforce_eager=args.eager,
+              cuda_graph_max_tokens=args.cuda_graph_max_tokens)
     eng = llm.engine
     rng = random.Random(0)
     for i in range(args.num_requests):
         ids = [rng.randrange(100, 30000) for _ in range(args.prompt_len)]
-        eng.add_request(str(i), None, ids, SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True))
+        eng.add_request(str(i), None, ids, SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True))
     for _ in range(args.warm_steps):
         eng.step()
     torch.cuda.synchronize()
+    eng.stats.keep_timeline = True
     eng.stats.reset()
     t = time.perf_counter()
     for _ in range(args.steps):
@@ -58,6 +67,7 @@ def main() -> None:
     stats = eng.stats.summary()
     sched = eng.scheduler
     batch = {"running": len(sched.running), "waiting": len(sched.waiting),
+             "tokens_per_step": stats.get("mean_tokens_per_step"),
              "mean_context": sum(s.num_tokens for s in sched.running) / max(1, len(sched.running))}
     if args.cprofile:
         import cProfile

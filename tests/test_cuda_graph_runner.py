@@ -80,6 +80,18 @@ def test_batches_that_fit_no_graph_run_eagerly(runner_and_graphs) -> None:
     assert graphs.select(many_chunks) is None
 
 
+def test_a_slower_small_bucket_is_skipped(runner_and_graphs) -> None:
+    """cuBLAS can be slower at 448 rows than at 512: the batch pads up to the faster bucket."""
+    runner, _, graphs = runner_and_graphs
+    batch = runner._build_batch(_plan([20, 5, 40], []))
+    saved = graphs.replay_ms[(4, False)]
+    try:
+        graphs.replay_ms[(4, False)] = 100.0
+        assert graphs.select(batch) == (8, False)
+    finally:
+        graphs.replay_ms[(4, False)] = saved
+
+
 def test_token_buckets() -> None:
     assert token_buckets(48) == [1, 2, 4, 8, 16, 24, 32, 48]
     big = token_buckets(2048)
