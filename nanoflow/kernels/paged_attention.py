@@ -486,7 +486,7 @@ def paged_prefill_attention(
     tiles: [N, 2] int32 on the device, one program (per query head) each: (sequence, query block of
     block_m queries), from prefill_tiles() with the same block_m; rows with sequence -1 are idle
     (a CUDA graph's spare capacity). None: every sequence x every block up to max_query_len (host
-    int; None uses T, always enough but launches idle programs).
+    int; None uses T, always enough but launches idle programs), last blocks first.
     """
     _check_paged_inputs(q, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -503,8 +503,10 @@ def paged_prefill_attention(
     if tiles is None:
         max_q = T if max_query_len is None else max_query_len
         nm = triton.cdiv(max_q, block_m)
-        seqs, blocks = (torch.arange(n, dtype=torch.int32, device=q.device) for n in (B, nm))
-        tiles = torch.stack((seqs.repeat_interleave(nm), blocks.repeat(B)), 1)
+        # the last blocks of every sequence (the most keys) first, like prefill_tiles
+        seqs = torch.arange(B, dtype=torch.int32, device=q.device)
+        blocks = torch.arange(nm - 1, -1, -1, dtype=torch.int32, device=q.device)
+        tiles = torch.stack((seqs.repeat(nm), blocks.repeat_interleave(B)), 1)
     assert tiles.dtype == torch.int32 and tiles.is_contiguous() and tiles.shape[1:] == (2,)
     if tiles.shape[0] == 0:
         return out
