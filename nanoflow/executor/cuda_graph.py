@@ -22,14 +22,13 @@ from torch import nn
 from tqdm import tqdm
 
 from nanoflow.forward_batch import ForwardBatch
-from nanoflow.kernels.paged_attention import PREFILL_BLOCK_M
 
 log = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
-# Prefill tiles a mixed graph holds beyond its tokens' own blocks: one partial block per prefill
-# chunk, so batches of up to this many chunks fit (the dense budget rarely has more than a few).
+# Prefill tiles a mixed graph holds beyond its tokens' own query blocks: one partial block per
+# prefill chunk, so batches of up to this many chunks fit (the dense budget rarely has more than a few).
 SPARE_TILES = 32
 # Above this many tokens the launches are hidden behind the kernels, and the padding rows'
 # GEMM work is what a bucket costs: take a graph only if it pads by at most 1/16.
@@ -42,14 +41,11 @@ def token_buckets(max_tokens: int) -> list[int]:
     return sorted(sizes | {max_tokens})
 
 
-def tile_capacity(num_tokens: int) -> int:
-    return -(-num_tokens // PREFILL_BLOCK_M) + SPARE_TILES
-
-
 class GraphRunner:
     def __init__(self, model: nn.Module, kv_caches: list[KVCache], max_tokens: int, max_seqs: int, max_pages: int,
-                 device: torch.device) -> None:
+                 prefill_block_q: int, device: torch.device) -> None:
         self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.prefill_block_q = prefill_block_q
         self.buckets = token_buckets(max_tokens)
         self.max_seqs = min(max_seqs, max_tokens)
         self.max_pages = max_pages
@@ -61,7 +57,7 @@ class GraphRunner:
         self.seq_lens = z(self.max_seqs, dtype=torch.int32)
         self.block_tables = z(self.max_seqs, max_pages, dtype=torch.int32)
         self.decode_count = z(1, dtype=torch.int32)
-        self.tiles = z(tile_capacity(max_tokens), 2, dtype=torch.int32)
+        self.tiles = z(self.tile_capacity(max_tokens), 2, dtype=torch.int32)
         # (bucket, mixed) -> the captured graph (on the CPU, where nothing is captured: None) and its output
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
@@ -70,9 +66,12 @@ class GraphRunner:
         self.replay_ms: dict[tuple[int, bool], float] = {}
         self.num_replays = 0
 
+    def tile_capacity(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.prefill_block_q) + SPARE_TILES
+
     def _static_batch(self, num_tokens: int, mixed: bool) -> ForwardBatch:
         rows = min(num_tokens, self.max_seqs)
-        tiles = tile_capacity(num_tokens) if mixed else 0
+        tiles = self.tile_capacity(num_tokens) if mixed else 0
         return ForwardBatch(
             input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens],
             slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc,
@@ -126,7 +125,7 @@ class GraphRunner:
         tiles = batch.prefill_tiles.shape[0]
         mixed = tiles > 0
         fits = [(b, mixed) for b in self.buckets
-                if b >= n and (b <= SMALL_BATCH or (b - n) * 16 <= n) and tiles <= tile_capacity(b)]
+                if b >= n and (b <= SMALL_BATCH or (b - n) * 16 <= n) and tiles <= self.tile_capacity(b)]
         fits = [key for key in fits if key in self.graphs]
         return min(fits, key=self.replay_ms.__getitem__) if fits else None
 
@@ -144,7 +143,7 @@ class GraphRunner:
         if mixed:
             num_tiles = batch.prefill_tiles.shape[0]
             self.tiles[:num_tiles].copy_(batch.prefill_tiles, non_blocking=True)
-            self.tiles[num_tiles : tile_capacity(bucket)].fill_(-1)
+            self.tiles[num_tiles : self.tile_capacity(bucket)].fill_(-1)
         graph = self.graphs[key]
         self.num_replays += 1
         if graph is None:  # the CPU: run the forward the graph would replay, on the same buffers

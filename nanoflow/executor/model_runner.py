@@ -20,7 +20,7 @@ from nanoflow.engine.scheduler import SchedulerOutput
 from nanoflow.executor.cuda_graph import GraphRunner
 from nanoflow.executor.sampler import SampledTensors, Sampler, SamplerOutput, SamplingMetadata
 from nanoflow.forward_batch import ForwardBatch
-from nanoflow.kernels.paged_attention import prefill_tiles
+from nanoflow.kernels.paged_attention import prefill_block_q, prefill_tiles
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.arch import ModelArch
 from nanoflow.models.loader import build_model
@@ -41,6 +41,8 @@ class ModelRunner:
         self.par = par or ParallelState()
         self.arch = ModelArch.from_hf(hf_config)
         self.max_model_len = max_model_len
+        # queries per prefill attention program (all query heads of a kv head share its rows)
+        self.prefill_block_q = prefill_block_q(self.arch.num_heads // self.arch.num_kv_heads)
         self.model = build_model(config.model, hf_config, self.dtype, self.device, max_model_len, self.par,
                                  use_triton=config.use_fast_path, dummy=config.load_format == "dummy", seed=config.seed)
         self.num_pages = self.par.min(self._decide_num_pages())  # the same pool (page ids) on every rank
@@ -52,7 +54,7 @@ class ModelRunner:
         self.graphs: GraphRunner | None = None
         if self._use_graphs:
             self.graphs = GraphRunner(self.model, self.kv_caches, config.cuda_graph_max_tokens, config.max_num_seqs,
-                                      -(-max_model_len // PAGE_SIZE), self.device)
+                                      -(-max_model_len // PAGE_SIZE), self.prefill_block_q, self.device)
             self.graphs.capture(decode_only_max=config.max_num_seqs)
 
     @property
@@ -178,7 +180,7 @@ class ModelRunner:
 
         seq_lens = np.asarray(plan.seq_lens, dtype=np.int32)
         nd = plan.num_decodes
-        tiles = prefill_tiles(qlens[nd:], seq_lens[nd:], first_seq=nd)
+        tiles = prefill_tiles(qlens[nd:], seq_lens[nd:], nd, self.prefill_block_q)
         ids, pos, slot, logit_idx = self.upload(flat_ids, positions, slots,
                                                 np.asarray(plan.sample_at, dtype=np.int64))
         qs, lens, bt, count, tiles = self.upload(qstart, seq_lens, table, np.array([nd], dtype=np.int32), tiles)

@@ -377,19 +377,24 @@ def paged_decode_attention(
     return out
 
 
-PREFILL_BLOCK_M = 64  # queries per prefill program (prefill_tiles and the kernel must agree)
+PREFILL_BLOCK_M = 64  # MMA rows per prefill program: the query heads of one kv head x its queries
 
 
-def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, first_seq: int = 0,
-                  block_m: int = PREFILL_BLOCK_M) -> np.ndarray:
+def prefill_block_q(group: int, block_m: int = PREFILL_BLOCK_M) -> int:
+    """Queries per prefill program (and per tile of prefill_tiles) when each program holds all
+    `group` query heads of a kv head (padded to a power of two) in its block_m rows."""
+    return max(1, block_m // triton.next_power_of_2(group))
+
+
+def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, first_seq: int, block_q: int) -> np.ndarray:
     """The prefill kernel's work list for sequences first_seq, first_seq + 1, ... with these query
-    and context lengths: [N, 2] int32 rows of (sequence, query block), the blocks that see the most
-    keys first, so the longest programs start early and the launch ends with short ones."""
+    and context lengths: [N, 2] int32 rows of (sequence, block of block_q queries), the blocks that
+    see the most keys first, so the longest programs start early and the launch ends with short ones."""
     query_lens, seq_lens = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
-    blocks = -(-query_lens // block_m)
+    blocks = -(-query_lens // block_q)
     seq = np.repeat(np.arange(query_lens.size), blocks)
     blk = np.arange(seq.size) - np.repeat(np.cumsum(blocks) - blocks, blocks)
-    keys = seq_lens[seq] - query_lens[seq] + np.minimum((blk + 1) * block_m, query_lens[seq])
+    keys = seq_lens[seq] - query_lens[seq] + np.minimum((blk + 1) * block_q, query_lens[seq])
     order = np.argsort(-keys, kind="stable")
     return np.stack((seq[order] + first_seq, blk[order]), 1).astype(np.int32)
 
@@ -400,40 +405,44 @@ def _prefill_kernel(
     qk_scale, sliding_window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cp, stride_ch, stride_ct,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr,
 ):  # fmt: skip
-    """One program: one query head x the tile's BLOCK_M queries of one sequence, over the key tiles
-    they see. A tile is (sequence, query block); tiles past their sequence's queries are idle."""
-    h = tl.program_id(0)
+    """One program: the GROUP query heads of one kv head x the tile's BLOCK_Q queries of one
+    sequence, as the GROUP_PAD * BLOCK_Q rows of one MMA, so every K/V tile read serves all heads
+    of the group (row r: head r // BLOCK_Q, query r % BLOCK_Q). A tile is (sequence, query block);
+    tiles past their sequence's queries are idle."""
+    kvh = tl.program_id(0)
     tile = tl.program_id(1)
     b = tl.load(tiles_ptr + 2 * tile)
     m_blk = tl.load(tiles_ptr + 2 * tile + 1)
     b_safe = tl.maximum(b, 0)
     q_start = tl.load(query_start_loc_ptr + b_safe)
     q_len = tl.load(query_start_loc_ptr + b_safe + 1) - q_start
-    if (b >= 0) & (m_blk < tl.cdiv(q_len, BLOCK_M)):
+    if (b >= 0) & (m_blk < tl.cdiv(q_len, BLOCK_Q)):
         seq_len = tl.load(seq_lens_ptr + b)
-        offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, GROUP_PAD * BLOCK_Q)
+        offs_m = m_blk * BLOCK_Q + offs_r % BLOCK_Q  # query index in the sequence's chunk
+        heads = kvh * GROUP + offs_r // BLOCK_Q
         offs_d = tl.arange(0, HEAD_DIM)
         offs_n = tl.arange(0, BLOCK_N)
-        m_mask = offs_m < q_len
+        m_mask = (offs_m < q_len) & (offs_r // BLOCK_Q < GROUP)
         q_pos = seq_len - q_len + offs_m  # queries are the last q_len positions of the context
         q_rows = (q_start + offs_m).to(tl.int64)
         q = tl.load(
-            q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
             mask=m_mask[:, None], other=0.0,
         )  # fmt: skip
         if FP16_DOTS:
             q = q.to(tl.float16)
-        first = seq_len - q_len + m_blk * BLOCK_M
-        hi = tl.minimum(first + BLOCK_M, seq_len)  # causal: nothing past the last query
+        first = seq_len - q_len + m_blk * BLOCK_Q
+        hi = tl.minimum(first + BLOCK_Q, seq_len)  # causal: nothing past the last query
         lo = tl.where(sliding_window > 0, tl.maximum(first - sliding_window + 1, 0), 0)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        kv_base = tl.cast(h // GROUP, tl.int64) * stride_ch
+        m_i = tl.full([GROUP_PAD * BLOCK_Q], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD * BLOCK_Q], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD * BLOCK_Q, HEAD_DIM], dtype=tl.float32)
+        kv_base = tl.cast(kvh, tl.int64) * stride_ch
         for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=NUM_STAGES):
             tok = n0 + offs_n
             t_mask = tok < hi
@@ -456,7 +465,7 @@ def _prefill_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
@@ -483,10 +492,11 @@ def paged_prefill_attention(
     b's queries q[query_start_loc[b]:query_start_loc[b + 1]] are the last positions of its
     seq_lens[b]-token context (so query length <= seq_len); out gets those rows only.
 
-    tiles: [N, 2] int32 on the device, one program (per query head) each: (sequence, query block of
-    block_m queries), from prefill_tiles() with the same block_m; rows with sequence -1 are idle
-    (a CUDA graph's spare capacity). None: every sequence x every block up to max_query_len (host
-    int; None uses T, always enough but launches idle programs), last blocks first.
+    Each program computes block_m rows: all query heads of one kv head x prefill_block_q(group,
+    block_m) queries. tiles: [N, 2] int32 on the device, one program per kv head each: (sequence,
+    query block), from prefill_tiles() with that block_q; rows with sequence -1 are idle (a CUDA
+    graph's spare capacity). None: every sequence x every block up to max_query_len (host int;
+    None uses T, always enough but launches idle programs), last blocks first.
     """
     _check_paged_inputs(q, k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -500,9 +510,11 @@ def paged_prefill_attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     assert out.shape == q.shape and out.stride(-1) == 1
+    group = Hq // Hkv
+    block_q = prefill_block_q(group, block_m)
     if tiles is None:
         max_q = T if max_query_len is None else max_query_len
-        nm = triton.cdiv(max_q, block_m)
+        nm = triton.cdiv(max_q, block_q)
         # the last blocks of every sequence (the most keys) first, like prefill_tiles
         seqs = torch.arange(B, dtype=torch.int32, device=q.device)
         blocks = torch.arange(nm - 1, -1, -1, dtype=torch.int32, device=q.device)
@@ -510,13 +522,13 @@ def paged_prefill_attention(
     assert tiles.dtype == torch.int32 and tiles.is_contiguous() and tiles.shape[1:] == (2,)
     if tiles.shape[0] == 0:
         return out
-    _prefill_kernel[(Hq, tiles.shape[0])](
+    _prefill_kernel[(Hkv, tiles.shape[0])](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles, out,
         scale * _LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages, PRECISION=_dot_precision(q.dtype),
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=D, PAGE_SIZE=page_size,
+        BLOCK_Q=block_q, BLOCK_N=block_n, NUM_STAGES=num_stages, PRECISION=_dot_precision(q.dtype),
         FP16_DOTS=_fp16_dots(q, k_cache),
         num_warps=num_warps,
     )  # fmt: skip

@@ -13,6 +13,7 @@ from nanoflow.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_prefill_attention,
     paged_prefill_attention_ref,
+    prefill_block_q,
     prefill_tiles,
 )
 
@@ -138,6 +139,7 @@ PREFILL_CASES = {
     "mha-d64-full": (4, 4, 64, [17, 40], [17, 40], None, {}),
     "gqa4-d128-chunked": (8, 2, 128, [5, 20, 1, 33], [5, 40, 17, 33], None, {"block_m": 16, "block_n": 16}),
     "gqa4-d64-chunked-window": (8, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33], 7, {"block_m": 16, "block_n": 32}),
+    "gqa3-d64-chunked": (6, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33], None, {"block_m": 32, "block_n": 16}),
 }
 
 
@@ -161,15 +163,16 @@ def test_prefill(case: tuple, pass_max_len: bool, device: str, dtype: torch.dtyp
 
 def test_prefill_tiles_cover_every_block_once_longest_first() -> None:
     qlens, lens = np.array([1, 130, 64, 5]), np.array([10, 200, 64, 5])
-    tiles = prefill_tiles(qlens, lens, first_seq=3, block_m=64)
+    tiles = prefill_tiles(qlens, lens, first_seq=3, block_q=64)
     assert tiles.dtype == np.int32 and tiles.shape == (1 + 3 + 1 + 1, 2)
     assert sorted(map(tuple, tiles.tolist())) == [(3, 0), (4, 0), (4, 1), (4, 2), (5, 0), (6, 0)]
     keys = [lens[b - 3] - qlens[b - 3] + min((m + 1) * 64, qlens[b - 3]) for b, m in tiles.tolist()]
     assert keys == sorted(keys, reverse=True) and tuple(tiles[0]) == (4, 2)
-    assert prefill_tiles(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).shape == (0, 2)
+    assert prefill_tiles(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 0, 16).shape == (0, 2)
+    assert [prefill_block_q(g) for g in (1, 4, 7, 8)] == [64, 16, 8, 8]
 
 
-@pytest.mark.parametrize("name", ["gqa4-d128-chunked", "gqa4-d64-chunked-window"])
+@pytest.mark.parametrize("name", ["gqa4-d128-chunked", "gqa4-d64-chunked-window", "gqa3-d64-chunked"])
 def test_prefill_mixed_batch_with_tiles(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
     """The engine's layout: decode rows first, then the prefill chunks, one q for all; the prefill
     kernel runs the host-built tiles (plus idle ones, a graph's spare capacity) and writes only the
@@ -181,8 +184,8 @@ def test_prefill_mixed_batch_with_tiles(name: str, device: str, dtype: torch.dty
     q = torch.randn(sum(all_q), Hq, D, device=device, dtype=dtype)
     starts = torch.tensor([0, *itertools.accumulate(all_q)], device=device, dtype=torch.int32)
     seq_lens = torch.tensor(all_lens, device=device, dtype=torch.int32)
-    bm = blocks.get("block_m", 64)
-    tiles = np.concatenate([prefill_tiles(np.array(qlens), np.array(lens), first_seq=2, block_m=bm),
+    bq = prefill_block_q(Hq // Hkv, blocks.get("block_m", 64))
+    tiles = np.concatenate([prefill_tiles(np.array(qlens), np.array(lens), first_seq=2, block_q=bq),
                             np.full((3, 2), -1, dtype=np.int32)])
     out = torch.full_like(q, float("nan"))
     paged_prefill_attention(q, k_cache, v_cache, tables, starts, seq_lens, D**-0.5, window, out=out,
