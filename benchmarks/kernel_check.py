@@ -425,9 +425,10 @@ class Runner:
         keys = n * sum(p + 1 for p in range(ctx - new, ctx))
         flops = 4 * keys * s.num_q_heads * s.head_dim
         res: dict[str, Any] = {"flops": flops, "configs": []}
-        blocks = [(64, 64, 4, 2)]  # (block_m, block_n, num_warps, num_stages); the first is the default
+        blocks = [(64, 64, 4, 3)]  # (block_m, block_n, num_warps, num_stages); the first is the default
         if not self.cpu:
-            blocks += [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 8, 2)]
+            blocks += [(64, 64, 4, 2), (64, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 4),
+                       (64, 128, 8, 2)]
         for bm, bn, warps, stages in blocks:
             fn = lambda bm=bm, bn=bn, warps=warps, stages=stages: pa.paged_prefill_attention(
                 q, k_cache, v_cache, tables, starts, seq_lens, 0.08, max_query_len=new, out=out,

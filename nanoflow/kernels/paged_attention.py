@@ -484,7 +484,7 @@ def paged_prefill_attention(
     block_m: int = PREFILL_BLOCK_M,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,  # H100 sweep with GQA packing: 136 us at 3 stages vs 145 at 2 (kernel_check)
 ) -> torch.Tensor:
     """Triton version of paged_prefill_attention_ref for a whole varlen batch in one launch.
 
