@@ -124,9 +124,8 @@ class GraphRunner:
             return None
         tiles = batch.prefill_tiles.shape[0]
         mixed = tiles > 0
-        fits = [(b, mixed) for b in self.buckets
-                if b >= n and (b <= SMALL_BATCH or (b - n) * 16 <= n) and tiles <= self.tile_capacity(b)]
-        fits = [key for key in fits if key in self.graphs]
+        fits = [(b, mixed) for b in self.buckets if (b, mixed) in self.graphs and b >= n
+                and (b <= SMALL_BATCH or (b - n) * 16 <= n) and tiles <= self.tile_capacity(b)]
         return min(fits, key=self.replay_ms.__getitem__) if fits else None
 
     def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor:
