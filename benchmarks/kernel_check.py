@@ -405,10 +405,6 @@ class Runner:
         DecodeConfig = self.k.pa.DecodeConfig
         if self.cpu:
             return [DecodeConfig(block_n=16, partition_size=32), DecodeConfig(block_n=32)]
-        if self.args.two_items:  # the same shapes with one and with two work items per loop
-            shapes = [(128, 4, 8), (64, 6, 4), (64, 8, 4), (128, 8, 4), (64, 8, 8)]
-            return [DecodeConfig(block_n=bn, num_stages=st, num_warps=w, items=i)
-                    for bn, st, w in shapes for i in (1, 2)]
         if self.args.no_sweep:
             return []
         # K/V tiles in flight per CTA ~ (num_stages - 2) / 2 (the page-table load takes its own
@@ -581,7 +577,6 @@ def main() -> None:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1")
     p.add_argument("--no-sweep", action="store_true", help="decode: time the default config only")
     p.add_argument("--no-overlap", action="store_true", help="skip the decode || GEMM measurement")
-    p.add_argument("--two-items", action="store_true", help="decode: sweep shapes with 1 and 2 work items per loop")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     args = p.parse_args()
     if args.cpu_smoke:

@@ -122,9 +122,6 @@ class DecodeConfig:
     # flatten the (work item x step) loop nest into one pipelined loop (tl.range(flatten=True)), so
     # loads of the next work item start before the current one ends; experimental
     flatten: bool = False
-    # work items per loop iteration (1 or 2): two independent chains for one CTA's warps to
-    # interleave when it has an SM to itself (capped grids); experimental
-    items: int = 1
 
     def resolved(self, head_dim: int, elem_size: int, fp8_cache: bool = False) -> DecodeConfig:
         """This config with the None fields filled in for the head_dim, q's element size and cache."""
@@ -171,68 +168,6 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     assert page_size & (page_size - 1) == 0, "page_size must be a power of two"
 
 
-@triton.jit
-def _decode_item(w, num_work, seq_lens_ptr, num_kv_heads, num_parts, partition, sliding_window, BLOCK_N: tl.constexpr):
-    """Work item w -> (sequence, kv head, partition, first token, end, BLOCK_N-aligned start). An
-    item past num_work is empty (end 0)."""
-    # partition fastest: neighbouring CTAs share one long sequence's work
-    part = w % num_parts
-    kvh = (w // num_parts) % num_kv_heads
-    b = tl.where(w < num_work, w // (num_parts * num_kv_heads), 0)
-    seq_len = tl.where(w < num_work, tl.load(seq_lens_ptr + b), 0)
-    start = part * partition
-    end = tl.minimum(start + partition, seq_len)
-    lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
-    # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down
-    return b, kvh, part, lo, end, (lo // BLOCK_N) * BLOCK_N
-
-
-@triton.jit
-def _decode_tile(
-    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kv_base, tok, t_mask, qk_scale,
-    stride_bt, stride_cp, stride_ct, offs_d, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-    MAY_BE_EMPTY: tl.constexpr,
-):  # fmt: skip
-    """One BLOCK_N-token step of the online softmax for the query group q of one work item."""
-    page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
-    row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
-    # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
-    k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
-    v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N], fp32
-    qk = tl.where(t_mask[None, :], qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MAY_BE_EMPTY:  # a step with no valid token (the shorter of two interleaved items): no NaN
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:  # every step holds >= 1 valid token, so m_new is finite
-        m_ref = m_new
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(qk - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _decode_store(
-    acc, m_i, l_i, b, heads, part, lo, end, g_mask, offs_d, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    num_kv_heads, num_parts, stride_ob, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
-):  # fmt: skip
-    if SPLIT:
-        # unnormalised partials; the reduce kernel recomputes which partitions are non-empty
-        row_p = (b * num_kv_heads * GROUP + heads) * num_parts + part
-        keep = g_mask & (lo < end)
-        tl.store(part_acc_ptr + row_p[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
-        tl.store(part_m_ptr + row_p, m_i, mask=keep)
-        tl.store(part_l_ptr + row_p, l_i, mask=keep)
-    else:
-        # an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets zeros, not NaN
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-
-
 # Batch-dependent integers are not specialised on (== 1, multiple of 16): otherwise every new mix
 # of batch size and context split would compile another variant in the middle of serving.
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
@@ -243,13 +178,11 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     stride_cp, stride_ch, stride_ct,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ITEMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, kv_head, partition): a capped grid still covers all work.
-    All GROUP query heads of a kv head share each K/V tile (rows of one tl.dot, padded to 16).
-    ITEMS=2 runs two work items side by side in one loop (independent chains of loads, dots and
-    softmax for the warps to interleave), for CTAs that have an SM to themselves."""
+    All GROUP query heads of a kv head share each K/V tile (rows of one tl.dot, padded to 16)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_g = tl.arange(0, BLOCK_G)
@@ -257,55 +190,57 @@ def _decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
     num_work = tl.load(num_seqs_ptr) * num_kv_heads * num_parts
-    for w in tl.range(pid * ITEMS, num_work, nprog * ITEMS, num_stages=NUM_STAGES, flatten=FLATTEN):
-        b, kvh, part, lo, end, lo_al = _decode_item(w, num_work, seq_lens_ptr, num_kv_heads, num_parts, partition,
-                                                    sliding_window, BLOCK_N)
+    for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
+        # partition fastest: neighbouring CTAs share one long sequence's work
+        part = w % num_parts
+        kvh = (w // num_parts) % num_kv_heads
+        b = w // (num_parts * num_kv_heads)
+        seq_len = tl.load(seq_lens_ptr + b)
+        start = part * partition
+        end = tl.minimum(start + partition, seq_len)
+        lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
         heads = kvh * GROUP + offs_g
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None],
-                    other=0.0)
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_mask[:, None], other=0.0,
+        )  # fmt: skip
         if FP16_DOTS:
             q = q.to(tl.float16)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
         kv_base = tl.cast(kvh, tl.int64) * stride_ch
-        if ITEMS == 1:
-            # An empty item (lo >= end) runs zero iterations.
-            for n0 in tl.range(lo_al, end, BLOCK_N, num_stages=NUM_STAGES):
-                tok = n0 + offs_n
-                m_i, l_i, acc = _decode_tile(
-                    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kv_base, tok,
-                    (tok >= lo) & (tok < end), qk_scale, stride_bt, stride_cp, stride_ct, offs_d, PAGE_SIZE,
-                    PRECISION, False)  # fmt: skip
+        # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
+        # An empty item (lo >= end) runs zero iterations.
+        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
+            tok = n0 + offs_n
+            t_mask = (tok >= lo) & (tok < end)
+            page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
+            row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
+            # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
+            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N], fp32
+            qk = tl.where(t_mask[None, :], qk * qk_scale, float("-inf"))
+            # every step holds >= 1 valid token, so m_new is finite
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if SPLIT:
+            # unnormalised partials; the reduce kernel recomputes which partitions are non-empty
+            row_p = (b * num_kv_heads * GROUP + heads) * num_parts + part
+            keep = g_mask & (lo < end)
+            tl.store(part_acc_ptr + row_p[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
+            tl.store(part_m_ptr + row_p, m_i, mask=keep)
+            tl.store(part_l_ptr + row_p, l_i, mask=keep)
         else:
-            b2, kvh2, part2, lo2, end2, lo2_al = _decode_item(w + 1, num_work, seq_lens_ptr, num_kv_heads, num_parts,
-                                                              partition, sliding_window, BLOCK_N)
-            heads2 = kvh2 * GROUP + offs_g
-            q2 = tl.load(q_ptr + b2 * stride_qb + heads2[:, None] * stride_qh + offs_d[None, :],
-                         mask=g_mask[:, None], other=0.0)
-            if FP16_DOTS:
-                q2 = q2.to(tl.float16)
-            m2 = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-            l2 = tl.zeros([BLOCK_G], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-            kv_base2 = tl.cast(kvh2, tl.int64) * stride_ch
-            steps = tl.maximum(end - lo_al, end2 - lo2_al)
-            for n0 in tl.range(0, steps, BLOCK_N, num_stages=NUM_STAGES):
-                tok = lo_al + n0 + offs_n
-                tok2 = lo2_al + n0 + offs_n
-                m_i, l_i, acc = _decode_tile(
-                    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kv_base, tok,
-                    (tok >= lo) & (tok < end), qk_scale, stride_bt, stride_cp, stride_ct, offs_d, PAGE_SIZE,
-                    PRECISION, True)  # fmt: skip
-                m2, l2, acc2 = _decode_tile(
-                    q2, m2, l2, acc2, k_cache_ptr, v_cache_ptr, block_tables_ptr, b2, kv_base2, tok2,
-                    (tok2 >= lo2) & (tok2 < end2), qk_scale, stride_bt, stride_cp, stride_ct, offs_d, PAGE_SIZE,
-                    PRECISION, True)  # fmt: skip
-            _decode_store(acc2, m2, l2, b2, heads2, part2, lo2, end2, g_mask & (w + 1 < num_work), offs_d, out_ptr,
-                          part_acc_ptr, part_m_ptr, part_l_ptr, num_kv_heads, num_parts, stride_ob, stride_oh,
-                          GROUP, HEAD_DIM, SPLIT)
-        _decode_store(acc, m_i, l_i, b, heads, part, lo, end, g_mask, offs_d, out_ptr, part_acc_ptr, part_m_ptr,
-                      part_l_ptr, num_kv_heads, num_parts, stride_ob, stride_oh, GROUP, HEAD_DIM, SPLIT)
+            # an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets zeros, not NaN
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
@@ -420,15 +355,14 @@ def paged_decode_attention(
     if num_seqs is None:
         num_seqs = torch.full((1,), B, dtype=torch.int32, device=q.device)
     num_work = B * Hkv * num_parts
-    assert cfg.items in (1, 2), "DecodeConfig.items must be 1 or 2"
-    _decode_kernel[(min(triton.cdiv(num_work, cfg.items), grid_cap),)](
+    _decode_kernel[(min(num_work, grid_cap),)](
         q, k_cache, v_cache, block_tables, seq_lens, num_seqs,
         out, part_acc, part_m, part_l,
         scale * _LOG2E, Hkv, num_parts, part, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_N=cfg.block_n, SPLIT=split, ITEMS=cfg.items,
+        BLOCK_N=cfg.block_n, SPLIT=split,
         NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=_dot_precision(q.dtype),
         FP16_DOTS=_fp16_dots(q, k_cache),
         num_warps=cfg.num_warps,

@@ -50,10 +50,6 @@ DECODE_CASES = {
     "gqa4-d128-split-capped": (8, 2, 128, [1, 17, 40, 70], None, SPLIT16, 3),
     "gqa4-d64-window-split": (8, 2, 64, [1, 17, 40, 70], 20, SPLIT32, 5),
     "mha-d64-window-capped": (4, 4, 64, [1, 33, 9, 70], 7, DecodeConfig(block_n=32), 2),
-    # two work items per loop: different lengths (one runs out first), an odd number of items
-    "gqa4-d128-split-two-items": (8, 2, 128, [1, 17, 40, 70, 3], None, DecodeConfig(block_n=16, partition_size=32,
-                                                                                     items=2), 3),
-    "mqa-d64-window-two-items-odd": (4, 1, 64, [1, 33, 70], 7, DecodeConfig(block_n=32, items=2), 2),
 }
 
 
