@@ -104,11 +104,11 @@ _LOG2E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of the decode kernel. None means the default for the cache's dtype: the
-    best full-grid shape of the H100 sweeps in benchmarks/kernel_check.py, i.e. 128-token steps x 8
-    warps x 4 stages for a 16-bit cache (2.87-2.89 TB/s at 256 x 1024 and 64 x 4096) and 64 x 4 x 6
-    for fp8 (1.93-1.97 TB/s of fp8 bytes, 1.4x faster than the same context in bf16; the 16-bit
-    shape reached 1.52 there, its tiles being converted by too few warps per load in flight)."""
+    """Launch parameters of the decode kernel. None means the default for the cache's dtype, from
+    the H100 sweeps of benchmarks/kernel_check.py: 128-token steps x 4 warps x 8 stages for a 16-bit
+    cache (2.83 / 2.71 TB/s at 256 x 1024 and 64 x 4096 on all SMs, 1.14 / 1.37 on 32 CTAs) and
+    64 x 4 x 6 for fp8 (1.93-1.97 TB/s of fp8 bytes, 1.4x faster than the same context in bf16; a
+    16-bit shape reached 1.52 there, its tiles being converted by too few warps per load in flight)."""
 
     # tokens per step (a power of two, a multiple of page_size)
     block_n: int | None = None
@@ -130,7 +130,9 @@ class DecodeConfig:
         else:
             # 64 KiB of K+V per step: 128 tokens for bf16 x head_dim 128, 64 for fp32
             block_n = min(max(triton.next_power_of_2(max(1, (64 * 1024) // (2 * head_dim * elem_size))), 16), 128)
-            warps, stages = 8, 4
+            # 16-bit: 8 stages keep ~3 K/V steps in flight; as fast as 8 warps x 4 stages on all SMs
+            # and 1.3-1.5x faster on capped grids (H100, kernel_check_h100_20261125_two_items.json)
+            warps, stages = (4, 8) if elem_size <= 2 else (8, 4)
         return dataclasses.replace(
             self, block_n=self.block_n or block_n, num_warps=self.num_warps or warps,
             num_stages=self.num_stages or stages)
