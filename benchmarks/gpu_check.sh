@@ -27,7 +27,8 @@
 #   FIXED_WORKLOAD       the fixed workload (default 512x512)
 #   COMPARE              systems run in this order after nanoflow (default sequential,hf): any of
 #                        nanoflow-fp8, hf, hf-mean, sequential
-#   HF_MAX_BATCH, HF_NUM_REQUESTS   bounds of the Hugging Face baseline (default 256, one batch)
+#   HF_MAX_BATCH, HF_NUM_REQUESTS   bounds of the Hugging Face baseline (default: the largest batch
+#                        free memory holds, all requests within --hf-max-seconds)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
 #   TESTS_S, KERNELS_S, TRACE_S, FIXED_S   per-step caps in seconds (default 90, 150, 200, 200)
@@ -50,7 +51,7 @@ FIXED_WORKLOAD=${FIXED_WORKLOAD:-512x512}
 # sequential before hf: if a step runs out of time, the same-run comparison with our own eager
 # mode is the one to keep (gpu-facts.md already has HF figures).
 COMPARE=${COMPARE:-sequential,hf}
-HF_MAX_BATCH=${HF_MAX_BATCH:-256}
+HF_MAX_BATCH=${HF_MAX_BATCH:-}
 HF_NUM_REQUESTS=${HF_NUM_REQUESTS:-}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 KERNEL_CHECK_ARGS=${KERNEL_CHECK_ARGS:-}
@@ -104,11 +105,12 @@ pytest_gpu() {
 }
 
 bench() {
-  local hf=(--hf-max-batch "$HF_MAX_BATCH")
+  local hf=()
+  [[ -n $HF_MAX_BATCH ]] && hf+=(--hf-max-batch "$HF_MAX_BATCH")
   [[ -n $HF_NUM_REQUESTS ]] && hf+=(--hf-num-requests "$HF_NUM_REQUESTS")
   # shellcheck disable=SC2086  # BENCH_MODEL and BENCH_EXTRA are argument lists
   python -m nanoflow.cli bench $BENCH_MODEL "$@" --num-requests "$NUM_REQUESTS" --compare "$COMPARE" \
-    "${hf[@]}" --output-dir "$OUT" --no-tqdm $BENCH_EXTRA
+    ${hf[@]+"${hf[@]}"} --output-dir "$OUT" --no-tqdm $BENCH_EXTRA
 }
 
 if [[ ${1:-} == __run ]]; then

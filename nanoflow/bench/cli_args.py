@@ -50,8 +50,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "generate on the same requests, padded static batches), hf-mean (HF generate on "
                    "equal-length requests at the workload's mean lengths: no padding, kinder to HF), "
                    "sequential (our engine, eager, PyTorch reference kernels)")
-    c.add_argument("--hf-max-batch", type=int, default=256,
-                   help="largest static batch for hf generate (on a GPU free memory may cap it lower)")
+    c.add_argument("--hf-max-batch", type=int, default=None,
+                   help="cap on hf generate's static batch (default: on a GPU the largest batch free memory "
+                   "holds, on the CPU 256)")
     c.add_argument("--hf-num-requests", type=int, default=None,
                    help="hf generate runs at most the workload's first N requests (default: all, within "
                    "--hf-max-seconds)")

@@ -3,8 +3,9 @@
 It runs the workload's own requests, in their order, as vLLM's benchmark_throughput.py `run_hf` does:
 a request joins the current static batch while the batch, padded to its longest prompt and run to
 its longest output, still fits in the GPU memory that was free after loading (estimate_batch) and
-in --hf-max-batch. Prompts are left-padded under an attention mask; greedy, and every row runs to
-the batch's longest output (min_new_tokens = max_new_tokens), because a static batch ends only when
+in --hf-max-batch if one is given (the largest batch that fits: no cap by default on a GPU; 256 on
+the CPU, which has no memory figures). Prompts are left-padded under an attention mask; greedy, and
+every row runs to the batch's longest output (min_new_tokens = max_new_tokens), because a static batch ends only when
 its longest member does. Only real tokens count towards the rate (each request's own prompt and
 output length); the padding and the surplus generation are what static batching costs HF, and
 padding_efficiency (real / computed tokens) says how much that was.
@@ -39,6 +40,7 @@ Fits = Callable[[int, int, int], bool]  # (batch size, longest prompt, longest o
 
 # After an out-of-memory the estimate was too optimistic: later batches get this share of its budget.
 _OOM_BUDGET_SHRINK = 0.75
+_CPU_MAX_BATCH = 256
 
 
 def mean_requests(requests: Sequence[Request]) -> list[Request]:
@@ -110,7 +112,7 @@ def _generate_or_oom(*args: Any) -> tuple[float, torch.Tensor] | None:
 
 
 def run_hf_baseline(
-    model_dir: str, workload: Workload, dtype: torch.dtype, device: torch.device, max_batch: int,
+    model_dir: str, workload: Workload, dtype: torch.dtype, device: torch.device, max_batch: int | None,
     num_requests: int | None, seed: int, use_tqdm: bool = True, max_seconds: float = 60.0,
     shape: str = "requests",
 ) -> dict[str, Any]:
@@ -120,14 +122,16 @@ def run_hf_baseline(
 
     if shape not in ("requests", "mean"):
         raise ValueError(f"shape must be 'requests' or 'mean', got {shape!r}")
-    if max_batch < 1:
+    if max_batch is not None and max_batch < 1:
         raise ValueError(f"--hf-max-batch must be at least 1, got {max_batch}")
     requests = list(workload.requests[:num_requests] if num_requests else workload.requests)
+    on_gpu = device.type == "cuda"
+    if max_batch is None:
+        max_batch = len(requests) if on_gpu else _CPU_MAX_BATCH
     if shape == "mean":
         requests = mean_requests(requests)
     lens = [(len(p), o) for p, o in requests]
 
-    on_gpu = device.type == "cuda"
     cfg = AutoConfig.from_pretrained(model_dir)
     arch = ModelArch.from_hf(cfg)
     if on_gpu:
