@@ -52,13 +52,17 @@ def mean_requests(requests: Sequence[Request]) -> list[Request]:
 
 
 def estimate_batch(arch: ModelArch, free_bytes: int, input_len: int, output_len: int, itemsize: int) -> int:
-    """Sequences that fit in `free_bytes`: KV cache of the full length plus the prefill activations
-    of one layer (MLP intermediates dominate); deliberately generous per sequence, since an
-    out-of-memory costs a retry while a too-small batch only understates HF a little."""
+    """Sequences that fit in `free_bytes` at the larger of generate's two peaks: the prefill (the
+    prompts' KV cache plus one layer's activations, MLP intermediates dominating) and the last
+    decode step (the whole KV cache, activations negligible). Shared/gpu-facts.md measured batch
+    384 of 512 + 512 tokens at 48 GiB above the weights: the second peak, as this predicts. An
+    estimate too high costs an out-of-memory retry (the batch runs in halves, later ones smaller)."""
     kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * itemsize
     inter = arch.intermediate_size * max(1, arch.experts_per_token)
     act_per_token = (3 * inter + 6 * arch.hidden_size) * itemsize
-    per_seq = (input_len + output_len) * kv_per_token + input_len * act_per_token + 8 * arch.vocab_size
+    prefill = input_len * (kv_per_token + act_per_token)
+    last_step = (input_len + output_len) * kv_per_token
+    per_seq = max(prefill, last_step) + 8 * arch.vocab_size
     budget = free_bytes * 0.92 - (1 << 30)
     return max(1, int(budget // per_seq))
 

@@ -36,11 +36,12 @@ def _trace(trace_csv: Path):
 
 
 def test_batch_estimate_for_llama3_8b_on_an_h100() -> None:
-    """~63 GB free after the 16 GB of weights: gpu-facts.md ran batch 384 at 512/512 (64 GiB peak),
-    so the estimate must land in the low hundreds and stay below that."""
+    """~63 GiB free after the 16 GB of weights: gpu-facts.md ran batch 384 at 512/512 (48 GiB above
+    the weights, the KV cache of the last step), so the estimate must allow at least that while the
+    last step's KV cache still fits."""
     arch = ModelArch.from_hf(load_hf_config(dummy_model_dir("llama3-8b")))
     b = estimate_batch(arch, 63 * 2**30, 512, 512, 2)
-    assert 200 <= b <= 384
+    assert 384 <= b and b * 1024 * 128 * 2**10 <= 60 * 2**30
     assert estimate_batch(arch, 63 * 2**30, 1155, 211, 2) < b
     assert estimate_batch(arch, 1 << 20, 512, 512, 2) == 1
 
