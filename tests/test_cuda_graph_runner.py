@@ -45,7 +45,7 @@ def runner_and_graphs(tiny_model):
     fast = build_model(path, hf, torch.float32, torch.device("cpu"), 256, ParallelState(), use_triton=True)
     graphs = GraphRunner(fast, runner.kv_caches, max_tokens=64, max_seqs=8, max_pages=16,
                          prefill_block_q=runner.prefill_block_q, device=torch.device("cpu"))
-    graphs.capture(decode_only_max=8)
+    graphs.capture()
     return runner, fast, graphs
 
 

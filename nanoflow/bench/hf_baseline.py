@@ -4,11 +4,11 @@ It runs the workload's own requests, in their order, as vLLM's benchmark_through
 a request joins the current static batch while the batch, padded to its longest prompt and run to
 its longest output, still fits in the GPU memory that was free after loading (estimate_batch) and
 in --hf-max-batch if one is given (the largest batch that fits: no cap by default on a GPU; 256 on
-the CPU, which has no memory figures). Prompts are left-padded under an attention mask; greedy, and
-every row runs to the batch's longest output (min_new_tokens = max_new_tokens), because a static batch ends only when
-its longest member does. Only real tokens count towards the rate (each request's own prompt and
-output length); the padding and the surplus generation are what static batching costs HF, and
-padding_efficiency (real / computed tokens) says how much that was.
+the CPU, which has no memory figures). Prompts are left-padded under an attention mask; greedy,
+and every row runs to the batch's longest output (min_new_tokens = max_new_tokens), because a
+static batch ends only when its longest member does. Only real tokens count towards the rate
+(each request's own prompt and output length); the padding and the surplus generation are what
+static batching costs HF, and padding_efficiency (real / computed tokens) says how much that was.
 
 Same config.json as the engine run, random weights (the rate does not depend on their values), SDPA
 attention. The rate is per token, so whole batches from the start of the workload are enough: up to
@@ -54,7 +54,7 @@ def mean_requests(requests: Sequence[Request]) -> list[Request]:
 def estimate_batch(arch: ModelArch, free_bytes: int, input_len: int, output_len: int, itemsize: int) -> int:
     """Sequences that fit in `free_bytes` at the larger of generate's two peaks: the prefill (the
     prompts' KV cache plus one layer's activations, MLP intermediates dominating) and the last
-    decode step (the whole KV cache, activations negligible). Shared/gpu-facts.md measured batch
+    decode step (the whole KV cache, activations negligible). shared/gpu-facts.md measured batch
     384 of 512 + 512 tokens at 48 GiB above the weights: the second peak, as this predicts. An
     estimate too high costs an out-of-memory retry (the batch runs in halves, later ones smaller)."""
     kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * itemsize

@@ -391,4 +391,4 @@ def _say(use_tqdm: bool, msg: str) -> None:
 def speedups(systems: dict[str, dict[str, Any]]) -> dict[str, float]:
     ok = {n: s["total_tokens_per_s"] for n, s in systems.items() if s.get("status") == "ok"}
     return {f"{ours}/{n}": ok[ours] / ok[n] for ours in ("nanoflow", "nanoflow-fp8") if ours in ok
-            for n in ("hf", "hf-mean", "sequential") if n in ok}
+            for n in report.BASELINES if n in ok}

@@ -80,16 +80,16 @@ class GraphRunner:
             decode_rows=rows, prefill_tiles=self.tiles[:tiles])
 
     @torch.inference_mode()
-    def capture(self, decode_only_max: int) -> None:
+    def capture(self) -> None:
         """Captures a mixed graph per bucket and a decode-only one (no prefill launch) per bucket of
-        at most decode_only_max tokens (the most decodes a batch can have)."""
+        at most max_seqs tokens (the most decodes a batch can have)."""
         # The capture runs must compute nothing and write no live page.
         self.slot_mapping.fill_(-1)
         self.decode_count.zero_()
         self.tiles.fill_(-1)
         on_gpu = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if on_gpu else None
-        keys = [(b, mixed) for b in reversed(self.buckets) for mixed in (True, False) if mixed or b <= decode_only_max]
+        keys = [(b, mixed) for b in reversed(self.buckets) for mixed in (True, False) if mixed or b <= self.max_seqs]
         # largest first, so the smaller graphs reuse its memory in the shared pool
         for key in tqdm(keys, desc="CUDA graphs", disable=not on_gpu, leave=False):
             batch = self._static_batch(*key)

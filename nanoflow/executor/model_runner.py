@@ -55,7 +55,7 @@ class ModelRunner:
         if self._use_graphs:
             self.graphs = GraphRunner(self.model, self.kv_caches, config.cuda_graph_max_tokens, config.max_num_seqs,
                                       -(-max_model_len // PAGE_SIZE), self.prefill_block_q, self.device)
-            self.graphs.capture(decode_only_max=config.max_num_seqs)
+            self.graphs.capture()
 
     @property
     def _use_graphs(self) -> bool:
