@@ -19,7 +19,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64, page * page_size + offset where each token's K/V goes
     query_start_loc: torch.Tensor  # [B + 1] int32, start of each sequence's tokens in the flat batch
     seq_lens: torch.Tensor  # [B] int32, context length of each sequence after this step
-    block_tables: torch.Tensor  # [B, max_pages] int32, page ids (padding entries are 0)
+    page_tables: torch.Tensor  # [B, max_pages] int32, page ids (padding entries are 0)
     logits_indices: torch.Tensor  # [S] int64, tokens whose next-token logits are sampled
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     # Host copies for code that must not synchronise with the device to learn shapes.

@@ -32,7 +32,7 @@ def test_random_workload_invariants(seed):
         assert out.num_tokens <= budget
         assert len(sched.running) <= sched.max_num_seqs
         owned = [p for s in sched.running for p in s.pages]
-        assert len(owned) == len(set(owned)) and len(owned) + sched.blocks.num_free == pages
+        assert len(owned) == len(set(owned)) and len(owned) + sched.page_pool.num_free == pages
         for s in out.seqs:  # each scheduled token has a page
             assert len(s.seq.pages) * PAGE_SIZE >= s.seq.num_computed_tokens + s.num_new_tokens
         assert [s for s in out.seqs if s.seq.status is not SeqStatus.RUNNING] == []
@@ -44,7 +44,7 @@ def test_random_workload_invariants(seed):
                 sched.finish(seq)
     assert not sched.has_unfinished()
     assert all(len(s.output_token_ids) == s.max_tokens for s in seqs)
-    assert sched.blocks.num_free == pages
+    assert sched.page_pool.num_free == pages
 
 
 def test_decodes_are_scheduled_before_prefill_chunks():

@@ -195,7 +195,7 @@ class LLMEngine:
     # --- introspection (metrics, tests) ----------------------------------------------------------
     @property
     def num_free_pages(self) -> int:
-        return self.scheduler.blocks.num_free
+        return self.scheduler.page_pool.num_free
 
     @property
     def num_pages(self) -> int:

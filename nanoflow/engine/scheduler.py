@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nanoflow.config import PAGE_SIZE
-from nanoflow.engine.kv_cache import BlockManager
+from nanoflow.engine.page_pool import PagePool
 from nanoflow.engine.request import SeqStatus, Sequence
 
 
@@ -75,7 +75,7 @@ class Scheduler:
         self, num_pages: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
         admission_output_tokens: int,
     ) -> None:
-        self.blocks = BlockManager(num_pages)
+        self.page_pool = PagePool(num_pages)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -94,7 +94,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        self.page_pool.free(seq)
         seq.status = SeqStatus.FINISHED
 
     def has_unfinished(self) -> bool:
@@ -126,8 +126,8 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Allocates pages for n more tokens of seq, preempting newer sequences if needed."""
-        while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
-            if self.running == [seq] and seq.num_computed_tokens + n > self.blocks.num_pages * PAGE_SIZE:
+        while not self.page_pool.can_allocate(seq, seq.num_computed_tokens + n):
+            if self.running == [seq] and seq.num_computed_tokens + n > self.page_pool.num_pages * PAGE_SIZE:
                 # Alone and still too long for the whole pool: recomputing it would loop forever.
                 seq.finish_reason = "length"
                 self.finish(seq)
@@ -137,12 +137,12 @@ class Scheduler:
             self._preempt(victim, out)
             if victim is seq:
                 return False
-        self.blocks.allocate(seq, seq.num_computed_tokens + n)
+        self.page_pool.allocate(seq, seq.num_computed_tokens + n)
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self.page_pool.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -166,12 +166,12 @@ class Scheduler:
                 break
             n = min(seq.num_tokens, budget)
             tokens, remaining = np.array([*planned, self._projection(seq)]).T
-            if self.running and projected_peak_pages(tokens, remaining) > self.blocks.num_pages:
+            if self.running and projected_peak_pages(tokens, remaining) > self.page_pool.num_pages:
                 break
-            if not self.blocks.can_allocate(seq, n):
+            if not self.page_pool.can_allocate(seq, n):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, n)
+            self.page_pool.allocate(seq, n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             (out.decodes if n == 1 and seq.num_tokens == 1 else out.prefills).append(ScheduledSeq(seq, n))

@@ -55,7 +55,7 @@ class GraphRunner:
         self.slot_mapping = z(max_tokens)
         self.query_start_loc = z(self.max_seqs + 1, dtype=torch.int32)
         self.seq_lens = z(self.max_seqs, dtype=torch.int32)
-        self.block_tables = z(self.max_seqs, max_pages, dtype=torch.int32)
+        self.page_tables = z(self.max_seqs, max_pages, dtype=torch.int32)
         self.decode_count = z(1, dtype=torch.int32)
         self.tiles = z(self.tile_capacity(max_tokens), 2, dtype=torch.int32)
         # (bucket, mixed) -> the captured graph (on the CPU, where nothing is captured: None) and its output
@@ -75,7 +75,7 @@ class GraphRunner:
         return ForwardBatch(
             input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens],
             slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc,
-            seq_lens=self.seq_lens, block_tables=self.block_tables, logits_indices=self.positions[:0],
+            seq_lens=self.seq_lens, page_tables=self.page_tables, logits_indices=self.positions[:0],
             num_decodes=rows, seq_lens_cpu=[1] * rows, query_lens_cpu=[1] * rows, decode_count=self.decode_count,
             decode_rows=rows, prefill_tiles=self.tiles[:tiles])
 
@@ -120,7 +120,7 @@ class GraphRunner:
     def select(self, batch: ForwardBatch) -> tuple[int, bool] | None:
         """The fastest graph that can run this batch, or None (run it eagerly)."""
         n = batch.num_tokens
-        if batch.num_seqs > self.max_seqs or batch.block_tables.shape[1] > self.max_pages:
+        if batch.num_seqs > self.max_seqs or batch.page_tables.shape[1] > self.max_pages:
             return None
         tiles = batch.prefill_tiles.shape[0]
         mixed = tiles > 0
@@ -130,14 +130,14 @@ class GraphRunner:
 
     def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor:
         bucket, mixed = key
-        n, seqs, width = batch.num_tokens, batch.num_seqs, batch.block_tables.shape[1]
+        n, seqs, width = batch.num_tokens, batch.num_seqs, batch.page_tables.shape[1]
         self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         self.positions[:n].copy_(batch.positions, non_blocking=True)
         self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
         self.slot_mapping[n:bucket].fill_(-1)
         self.query_start_loc[: seqs + 1].copy_(batch.query_start_loc, non_blocking=True)
         self.seq_lens[:seqs].copy_(batch.seq_lens, non_blocking=True)
-        self.block_tables[:seqs, :width].copy_(batch.block_tables, non_blocking=True)
+        self.page_tables[:seqs, :width].copy_(batch.page_tables, non_blocking=True)
         self.decode_count.copy_(batch.decode_count, non_blocking=True)
         if mixed:
             num_tiles = batch.prefill_tiles.shape[0]

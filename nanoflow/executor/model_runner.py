@@ -190,7 +190,7 @@ class ModelRunner:
             slot_mapping=slot,
             query_start_loc=qs,
             seq_lens=lens,
-            block_tables=bt,
+            page_tables=bt,
             logits_indices=logit_idx,
             num_decodes=nd,
             seq_lens_cpu=list(plan.seq_lens),

@@ -29,7 +29,7 @@ def paged_decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
@@ -38,8 +38,8 @@ def paged_decode_attention_ref(
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     # gather first, convert after: only the pages read are widened
-    k = _gather_pages(k_cache, block_tables.long()).to(q.dtype)  # [B, Hkv, N, D]
-    v = _gather_pages(v_cache, block_tables.long()).to(q.dtype)
+    k = _gather_pages(k_cache, page_tables.long()).to(q.dtype)  # [B, Hkv, N, D]
+    v = _gather_pages(v_cache, page_tables.long()).to(q.dtype)
     qg = q.view(B, Hkv, Hq // Hkv, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, N]
     pos = torch.arange(k.shape[2], device=q.device)
@@ -60,7 +60,7 @@ def paged_prefill_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     query_lens: list[int],
     seq_lens: list[int],
     scale: float,
@@ -73,7 +73,7 @@ def paged_prefill_attention_ref(
     out = torch.empty_like(q)
     start = 0
     for i, (qlen, ctx) in enumerate(zip(query_lens, seq_lens, strict=True)):
-        pages = block_tables[i, : (ctx + page_size - 1) // page_size].long()
+        pages = page_tables[i, : (ctx + page_size - 1) // page_size].long()
         k = _gather_pages(k_cache, pages)[:, :ctx].to(q.dtype)  # [Hkv, ctx, D]
         v = _gather_pages(v_cache, pages)[:, :ctx].to(q.dtype)
         k = k.repeat_interleave(Hq // Hkv, dim=0)
@@ -95,7 +95,7 @@ def paged_prefill_attention_ref(
 # ----------------------------------------------------------------------------------------------
 #
 # Both kernels read K/V tiles of BLOCK_N tokens through the page table: token n of a sequence
-# lives in page block_tables[b, n // page_size] at offset n % page_size, and one (page, kv head)
+# lives in page page_tables[b, n // page_size] at offset n % page_size, and one (page, kv head)
 # is a contiguous page_size x head_dim tile, so each tile row is a contiguous head_dim vector.
 # Scores are kept in the log2 domain (scale * log2(e) folded in) so the softmax uses exp2.
 
@@ -174,10 +174,10 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 # of batch size and context split would compile another variant in the middle of serving.
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_seqs_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, page_tables_ptr, seq_lens_ptr, num_seqs_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     qk_scale, num_kv_heads, num_parts, partition, sliding_window,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
     stride_cp, stride_ch, stride_ct,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -217,7 +217,7 @@ def _decode_kernel(
         for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
             tok = n0 + offs_n
             t_mask = (tok >= lo) & (tok < end)
-            page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
+            page = tl.load(page_tables_ptr + b * stride_pt + tok // PAGE_SIZE, mask=t_mask, other=0)
             row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
             # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
             k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
@@ -307,7 +307,7 @@ def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
@@ -317,7 +317,7 @@ def paged_decode_attention(
     num_seqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of paged_decode_attention_ref. q: [B, Hq, D] (last dim contiguous);
-    block_tables: [B, max_pages] int32; seq_lens: [B] int32, 0 <= seq_len <= max_pages * page_size.
+    page_tables: [B, max_pages] int32; seq_lens: [B] int32, 0 <= seq_len <= max_pages * page_size.
 
     num_ctas caps the (persistent) grid, e.g. to leave SMs to a concurrent GEMM; None fills the
     GPU. num_seqs ([1] int32 on the device, <= B) computes only the first num_seqs rows and leaves
@@ -344,7 +344,7 @@ def paged_decode_attention(
         grid_cap = cfg.ctas_per_sm * _num_sms(q.device.index or 0) if on_gpu else 1 << 30
     else:
         grid_cap = max(1, num_ctas)
-    max_context = block_tables.shape[1] * page_size
+    max_context = page_tables.shape[1] * page_size
     part, num_parts = _decode_plan(B, Hkv, max_context, grid_cap, cfg)
     split = num_parts > 1
     if split:
@@ -358,10 +358,10 @@ def paged_decode_attention(
         num_seqs = torch.full((1,), B, dtype=torch.int32, device=q.device)
     num_work = B * Hkv * num_parts
     _decode_kernel[(min(num_work, grid_cap),)](
-        q, k_cache, v_cache, block_tables, seq_lens, num_seqs,
+        q, k_cache, v_cache, page_tables, seq_lens, num_seqs,
         out, part_acc, part_m, part_l,
         scale * _LOG2E, Hkv, num_parts, part, window,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_N=cfg.block_n, SPLIT=split,
@@ -403,9 +403,9 @@ def prefill_tiles(query_lens: np.ndarray, seq_lens: np.ndarray, first_seq: int, 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, tiles_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, page_tables_ptr, query_start_loc_ptr, seq_lens_ptr, tiles_ptr, out_ptr,
     qk_scale, sliding_window,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_pt,
     stride_cp, stride_ch, stride_ct,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
@@ -448,7 +448,7 @@ def _prefill_kernel(
         for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=NUM_STAGES):
             tok = n0 + offs_n
             t_mask = tok < hi
-            page = tl.load(block_tables_ptr + b * stride_bt + tok // PAGE_SIZE, mask=t_mask, other=0)
+            page = tl.load(page_tables_ptr + b * stride_pt + tok // PAGE_SIZE, mask=t_mask, other=0)
             row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
             # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
             k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
@@ -475,7 +475,7 @@ def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
@@ -525,9 +525,9 @@ def paged_prefill_attention(
     if tiles.shape[0] == 0:
         return out
     _prefill_kernel[(Hkv, tiles.shape[0])](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tiles, out,
+        q, k_cache, v_cache, page_tables, query_start_loc, seq_lens, tiles, out,
         scale * _LOG2E, sliding_window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_N=block_n, NUM_STAGES=num_stages, PRECISION=_dot_precision(q.dtype),

@@ -49,19 +49,19 @@ class PagedAttention(nn.Module):
         if self.use_triton:
             rows = batch.decode_rows
             if rows:
-                pa.paged_decode_attention(q[:rows], k_cache, v_cache, batch.block_tables[:rows], batch.seq_lens[:rows],
+                pa.paged_decode_attention(q[:rows], k_cache, v_cache, batch.page_tables[:rows], batch.seq_lens[:rows],
                                           self.scale, self.sliding_window, out=out[:rows], num_seqs=batch.decode_count)
             if batch.prefill_tiles.shape[0]:
-                pa.paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc,
+                pa.paged_prefill_attention(q, k_cache, v_cache, batch.page_tables, batch.query_start_loc,
                                            batch.seq_lens, self.scale, self.sliding_window, out=out,
                                            tiles=batch.prefill_tiles)
             return out.view(q.shape[0], -1)
         nd = batch.num_decodes
         if nd:
-            out[:nd] = pa.paged_decode_attention_ref(q[:nd], k_cache, v_cache, batch.block_tables[:nd],
+            out[:nd] = pa.paged_decode_attention_ref(q[:nd], k_cache, v_cache, batch.page_tables[:nd],
                                                      batch.seq_lens[:nd], self.scale, self.sliding_window)
         if batch.num_prefills:
             out[nd:] = pa.paged_prefill_attention_ref(
-                q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.query_lens_cpu[nd:],
+                q[nd:], k_cache, v_cache, batch.page_tables[nd:], batch.query_lens_cpu[nd:],
                 batch.seq_lens_cpu[nd:], self.scale, self.sliding_window)
         return out.view(q.shape[0], -1)

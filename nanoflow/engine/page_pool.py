@@ -10,7 +10,7 @@ from collections import deque
 from nanoflow.engine.request import Sequence
 
 
-class BlockManager:
+class PagePool:
     def __init__(self, num_pages: int) -> None:
         self.num_pages = num_pages
         self._free: deque[int] = deque(range(num_pages))
