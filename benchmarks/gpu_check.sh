@@ -17,7 +17,9 @@
 #   GPU_CHECK_STEPS=fixed NUM_REQUESTS=200 COMPARE=sequential bash benchmarks/gpu_check.sh
 #
 # Environment (all optional):
-#   OUT                  where logs and results go (default benchmarks/results/gpu_check_<time>)
+#   OUT                  where logs and results go (default bench-results/gpu_check_<time> in the
+#                        repository root, git-ignored; a run to publish is copied into
+#                        benchmarks/results/ with a row in benchmarks/results/README.md)
 #   GPU_CHECK_STEPS      comma list of: tests, kernels, trace, fixed; "bench" = trace,fixed
 #                        (default tests,kernels,bench)
 #   GPU_CHECK_TOTAL_S    wall-clock budget of the whole script (default 540)
@@ -39,7 +41,7 @@ export PYTHONUNBUFFERED=1
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-export OUT=${OUT:-benchmarks/results/gpu_check_$(date +%Y%m%d-%H%M%S)}
+export OUT=${OUT:-bench-results/gpu_check_$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 STEPS=${GPU_CHECK_STEPS:-tests,kernels,bench}
 STEPS=${STEPS//bench/trace,fixed}

@@ -34,9 +34,9 @@ def _import_kernels() -> types.SimpleNamespace:
         pkg = types.ModuleType("nanoflow")
         pkg.__path__ = [str(ROOT / "nanoflow")]
         sys.modules["nanoflow"] = pkg
-    from nanoflow.kernels import activation, paged_attention, rms_norm, rotary
+    from nanoflow.kernels import activation, decode_attention, kv_cache, prefill_attention, rms_norm
 
-    return types.SimpleNamespace(act=activation, pa=paged_attention, norm=rms_norm, rope=rotary)
+    return types.SimpleNamespace(act=activation, dk=decode_attention, pk=prefill_attention, norm=rms_norm, kvk=kv_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,14 +163,14 @@ class Runner:
             k_cache, v_cache, tables, seq_lens = self.paged_cache(lens)
             q = torch.randn(len(lens), Hq, D, device=self.dev, dtype=self.dtype)
             out = torch.full_like(q, float("nan"))
-            k.pa.paged_decode_attention(
+            k.dk.paged_decode_attention(
                 q, k_cache, v_cache, tables, seq_lens, scale, window, num_ctas=num_ctas, out=out
             )
-            ref = k.pa.paged_decode_attention_ref(
+            ref = k.dk.paged_decode_attention_ref(
                 q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, scale, window
             )
             res[name] = self.check(name, out, ref)
-            ref_native = k.pa.paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, scale, window)
+            ref_native = k.dk.paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, scale, window)
             res[name]["rel_err_vs_native_ref"] = rel_err(ref_native, ref)  # the reference's own error
 
         for b, ctx in s.decode_cases:
@@ -184,11 +184,11 @@ class Runner:
             q = torch.randn(sum(qlens), Hq, D, device=self.dev, dtype=self.dtype)
             starts = torch.tensor([0, *accumulate(qlens)], device=self.dev, dtype=torch.int32)
             out = torch.full_like(q, float("nan"))
-            k.pa.paged_prefill_attention(
+            k.pk.paged_prefill_attention(
                 q, k_cache, v_cache, tables, starts, seq_lens, scale, window,
                 max_query_len=max(qlens), out=out,
             )  # fmt: skip
-            ref = k.pa.paged_prefill_attention_ref(
+            ref = k.pk.paged_prefill_attention_ref(
                 q.float(), k_cache.float(), v_cache.float(), tables, qlens, lens, scale, window
             )
             res[name] = self.check(name, out, ref)
@@ -238,8 +238,8 @@ class Runner:
     def _rope_check(self) -> dict[str, Any]:
         q, k_, v, positions, cos_sin, k_cache, v_cache, slots = self._rope_inputs()
         k_ref, v_ref = k_cache.clone(), v_cache.clone()
-        q_ref = self.k.rope.rope_kv_write_ref(q, k_, v, positions, cos_sin, k_ref, v_ref, slots)
-        q_out = self.k.rope.rope_kv_write(q, k_, v, positions, cos_sin, k_cache, v_cache, slots)
+        q_ref = self.k.kvk.rope_kv_write_ref(q, k_, v, positions, cos_sin, k_ref, v_ref, slots)
+        q_out = self.k.kvk.rope_kv_write(q, k_, v, positions, cos_sin, k_cache, v_cache, slots)
         return {
             "rope q": self.check("rope_kv_write q", q_out, q_ref),
             "rope k cache": self.check("rope_kv_write k cache", k_cache, k_ref),
@@ -247,11 +247,11 @@ class Runner:
         }
 
     def _graph_check(self) -> dict[str, Any]:
-        torch, pa, s = self.torch, self.k.pa, self.s
+        torch, dk, s = self.torch, self.k.dk, self.s
         lens = [5, 3000, 64, 1, 700, 16]
         k_cache, v_cache, tables, seq_lens = self.paged_cache(lens)
         q = torch.randn(len(lens), s.num_q_heads, s.head_dim, device="cuda", dtype=self.dtype)
-        run = lambda: pa.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.08, num_ctas=32)
+        run = lambda: dk.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.08, num_ctas=32)
         run()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -261,7 +261,7 @@ class Runner:
         seq_lens.copy_(torch.tensor(lens[::-1], device="cuda", dtype=torch.int32))
         graph.replay()
         q32, k32, v32 = q.float(), k_cache.float(), v_cache.float()
-        ref = pa.paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 0.08)
+        ref = dk.paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 0.08)
         return self.check("decode cuda graph replay (new inputs)", out, ref)
 
     def decode_timing(self) -> dict[str, Any]:
@@ -273,7 +273,7 @@ class Runner:
         """time_cfg(config, num_ctas) on b sequences of ctx tokens (with verify=True it also checks
         the output against the reference), and the reference as a function. cache_dtype: the KV
         cache's, e.g. float8_e4m3fn (default: the dtype of q)."""
-        torch, pa, s = self.torch, self.k.pa, self.s
+        torch, dk, s = self.torch, self.k.dk, self.s
         lens = [ctx] * b
         k_cache, v_cache, tables, seq_lens = self.paged_cache(lens)
         if cache_dtype is not None:
@@ -283,11 +283,11 @@ class Runner:
         # K and V of every context token, read once, in the cache's bytes
         nbytes = self.kv_bytes(lens) * k_cache.element_size() // q.element_size()
 
-        ref = lambda: pa.paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.08)
+        ref = lambda: dk.paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.08)
         ref_out: list[Any] = []
 
         def time_cfg(cfg: Any, num_ctas: int | None, verify: bool = False) -> dict[str, Any]:
-            fn = lambda: pa.paged_decode_attention(
+            fn = lambda: dk.paged_decode_attention(
                 q, k_cache, v_cache, tables, seq_lens, 0.08, None, num_ctas, out=out, config=cfg
             )
             entry: dict[str, Any] = {"config": dataclasses.asdict(cfg), "kv_bytes": nbytes}
@@ -307,7 +307,7 @@ class Runner:
         return time_cfg, ref
 
     def _decode_case(self, b: int, ctx: int, sweep: list[Any]) -> dict[str, Any]:
-        pa, s = self.k.pa, self.s
+        dk, s = self.k.dk, self.s
         time_cfg, ref = self._decode_timer(b, ctx)
         case: dict[str, Any] = {}
 
@@ -318,7 +318,7 @@ class Runner:
         case["ref_us"] = ref_ms * 1e3
         for num_ctas in s.ctas:
             key = f"ctas={num_ctas or 'all'}"
-            best = default = time_cfg(pa.DecodeConfig(), num_ctas)
+            best = default = time_cfg(dk.DecodeConfig(), num_ctas)
             trials = [time_cfg(cfg, num_ctas) for cfg in sweep]
             for t in trials:
                 best = better(best, t)
@@ -328,10 +328,10 @@ class Runner:
                     variants += [{"ctas_per_sm": n} for n in (1, 4)]
                 base = best["config"]
                 for v in variants:
-                    trials.append(t := time_cfg(pa.DecodeConfig(**{**base, **v}), num_ctas))
+                    trials.append(t := time_cfg(dk.DecodeConfig(**{**base, **v}), num_ctas))
                     best = better(best, t)
             if "config" in best and "tbps" in best:
-                best = time_cfg(pa.DecodeConfig(**best["config"]), num_ctas, verify=True)
+                best = time_cfg(dk.DecodeConfig(**best["config"]), num_ctas, verify=True)
             case[key] = {"default": default, "best": best, "sweep": trials}
             d_bw, b_bw = default.get("tbps", float("nan")), best.get("tbps", float("nan"))
             err = best.get("rel_err_vs_ref", float("nan"))
@@ -353,7 +353,7 @@ class Runner:
                 if not key.startswith("ctas=") or "config" not in entry["best"]:
                     continue
                 num_ctas = None if key == "ctas=all" else int(key.split("=")[1])
-                cfg = self.k.pa.DecodeConfig(**{**entry["best"]["config"], "flatten": True})
+                cfg = self.k.dk.DecodeConfig(**{**entry["best"]["config"], "flatten": True})
                 t = time_cfg(cfg, num_ctas, verify=True)
                 res[f"{name} {key}"] = {**t, "unflattened_tbps": entry["best"]["tbps"]}
                 was = entry["best"]["tbps"]
@@ -365,7 +365,7 @@ class Runner:
     def fp8_cache(self) -> dict[str, Any]:
         """Decode (all SMs) and prefill attention over a float8_e4m3fn cache: half the bytes of bf16,
         so the same context should take about half the time; checked against the reference."""
-        torch, pa, s = self.torch, self.k.pa, self.s
+        torch, pk, s = self.torch, self.k.pk, self.s
         fp8 = torch.float8_e4m3fn
         res: dict[str, Any] = {}
         for b, ctx in s.decode_cases:
@@ -375,8 +375,8 @@ class Runner:
         k8, v8 = k16.to(fp8), v16.to(fp8)
         q = torch.randn(n * new, s.num_q_heads, s.head_dim, device=self.dev, dtype=self.dtype)
         qsl = torch.arange(0, (n + 1) * new, new, device=self.dev, dtype=torch.int32)
-        run = lambda kc, vc: pa.paged_prefill_attention(q, kc, vc, tables, qsl, seq_lens, 0.08, max_query_len=new)
-        ref = pa.paged_prefill_attention_ref(q, k8, v8, tables, [new] * n, [ctx] * n, 0.08)
+        run = lambda kc, vc: pk.paged_prefill_attention(q, kc, vc, tables, qsl, seq_lens, 0.08, max_query_len=new)
+        ref = pk.paged_prefill_attention_ref(q, k8, v8, tables, [new] * n, [ctx] * n, 0.08)
         t8, t16 = self.bench(lambda: run(k8, v8)), self.bench(lambda: run(k16, v16))
         res["prefill"] = {"fp8_us": t8 * 1e3, "bf16_us": t16 * 1e3, "rel_err_vs_ref": rel_err(run(k8, v8), ref)}
         print(f"   fp8 prefill {n}x{new}/{ctx}: {t8 * 1e3:.0f} us vs bf16 cache {t16 * 1e3:.0f} us", flush=True)
@@ -385,14 +385,14 @@ class Runner:
         return res
 
     def _fp8_decode_case(self, b: int, ctx: int) -> dict[str, Any]:
-        pa = self.k.pa
+        dk = self.k.dk
         time_cfg, _ = self._decode_timer(b, ctx, self.torch.float8_e4m3fn)
         shapes = [] if self.cpu else [(128, 8, 4), (256, 8, 4), (128, 8, 6), (256, 8, 6), (64, 4, 8), (32, 4, 8)]
-        cfgs = [pa.DecodeConfig()] + [pa.DecodeConfig(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in shapes]
+        cfgs = [dk.DecodeConfig()] + [dk.DecodeConfig(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in shapes]
         trials = [time_cfg(cfg, None, verify=True) for cfg in cfgs]
         ok = [t for t in trials if "tbps" in t]
         best = max(ok, key=lambda t: t["tbps"]) if ok else {}
-        bf16_us = self._decode_timer(b, ctx)[0](pa.DecodeConfig(), None).get("us", float("nan"))
+        bf16_us = self._decode_timer(b, ctx)[0](dk.DecodeConfig(), None).get("us", float("nan"))
         if best:
             print(f"   fp8 decode {b}x{ctx}: default {ok[0]['us']:.0f} us, best {best['us']:.0f} us "
                   f"({best['tbps']:.2f} TB/s of fp8 cache, rel_err {best['rel_err_vs_ref']:.1e}) vs bf16 cache "
@@ -402,7 +402,7 @@ class Runner:
         return {"trials": trials, "best": best, "same_context_bf16_us": bf16_us}
 
     def _decode_sweep(self) -> list[Any]:
-        DecodeConfig = self.k.pa.DecodeConfig
+        DecodeConfig = self.k.dk.DecodeConfig
         if self.cpu:
             return [DecodeConfig(block_n=16, partition_size=32), DecodeConfig(block_n=32)]
         if self.args.no_sweep:
@@ -415,7 +415,7 @@ class Runner:
         return [DecodeConfig(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in shapes]
 
     def prefill_timing(self) -> dict[str, Any]:
-        torch, pa, s = self.torch, self.k.pa, self.s
+        torch, pk, s = self.torch, self.k.pk, self.s
         n, new, ctx = s.prefill
         qlens, lens = [new] * n, [ctx] * n
         k_cache, v_cache, tables, seq_lens = self.paged_cache(lens)
@@ -431,7 +431,7 @@ class Runner:
             blocks += [(64, 64, 4, 2), (64, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 4),
                        (64, 128, 8, 2)]
         for bm, bn, warps, stages in blocks:
-            fn = lambda bm=bm, bn=bn, warps=warps, stages=stages: pa.paged_prefill_attention(
+            fn = lambda bm=bm, bn=bn, warps=warps, stages=stages: pk.paged_prefill_attention(
                 q, k_cache, v_cache, tables, starts, seq_lens, 0.08, max_query_len=new, out=out,
                 block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
             )  # fmt: skip
@@ -444,7 +444,7 @@ class Runner:
             res["configs"].append(entry)
             print("  ", entry, flush=True)
         ref_ms = self.bench(
-            lambda: pa.paged_prefill_attention_ref(q, k_cache, v_cache, tables, qlens, lens, 0.08)
+            lambda: pk.paged_prefill_attention_ref(q, k_cache, v_cache, tables, qlens, lens, 0.08)
         )
         res["ref_us"] = ref_ms * 1e3
         ok = [c for c in res["configs"] if "us" in c]
@@ -473,8 +473,8 @@ class Runner:
                                    lambda: k.norm.fused_add_rms_norm_ref(x, r, w, 1e-5), 4 * T * H * esz),
             "silu_and_mul": (lambda: k.act.silu_and_mul(gu), lambda: k.act.silu_and_mul_ref(gu),
                              3 * T * inter * esz),
-            "rope_kv_write": (lambda: k.rope.rope_kv_write(*rope_args),
-                              lambda: k.rope.rope_kv_write_ref(*rope_args), 2 * T * (Hq + 2 * Hkv) * D * esz),
+            "rope_kv_write": (lambda: k.kvk.rope_kv_write(*rope_args),
+                              lambda: k.kvk.rope_kv_write_ref(*rope_args), 2 * T * (Hq + 2 * Hkv) * D * esz),
         }  # fmt: skip
         res: dict[str, Any] = {}
         for name, (fast, ref, nbytes) in cases.items():
@@ -487,7 +487,7 @@ class Runner:
 
     def overlap(self) -> dict[str, Any]:
         """Decode (capped grid, launched first) beside the gate_up GEMM on a second stream."""
-        torch, pa, s = self.torch, self.k.pa, self.s
+        torch, dk, s = self.torch, self.k.dk, self.s
         b, ctx = s.decode_cases[0]
         k_cache, v_cache, tables, seq_lens = self.paged_cache([ctx] * b)
         q = torch.randn(b, s.num_q_heads, s.head_dim, device="cuda", dtype=self.dtype)
@@ -496,7 +496,7 @@ class Runner:
         wt = torch.randn(2 * s.intermediate, s.hidden, device="cuda", dtype=self.dtype)
         gemm = lambda: torch.nn.functional.linear(a, wt)
         best_cfg = self._best_decode_cfgs()
-        dec = lambda n: lambda: pa.paged_decode_attention(
+        dec = lambda n: lambda: dk.paged_decode_attention(
             q, k_cache, v_cache, tables, seq_lens, 0.08, None, n, out=out, config=best_cfg.get(n)
         )
         s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
@@ -544,7 +544,7 @@ class Runner:
         for n in (None, 16, 32, 48, 66):
             best = case.get(f"ctas={n or 'all'}", {}).get("best", {})
             if "config" in best:
-                cfgs[n] = self.k.pa.DecodeConfig(**best["config"])
+                cfgs[n] = self.k.dk.DecodeConfig(**best["config"])
         return cfgs
 
     # -- driver ------------------------------------------------------------------------------

@@ -6,44 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoflow.config import EngineConfig
-
-
-def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positional_model: bool = True) -> None:
-    """The EngineConfig options, shared by generate, serve and bench (which names its model with
-    --model / --dummy instead of the positional argument)."""
-    if positional_model:
-        p.add_argument("model", nargs="?", default=None,
-                       help="Hugging Face model folder (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | "
-                   "float16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=1024)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="dense token budget per iteration (default 2048 on GPU, 512 on CPU)")
-    p.add_argument("--admission-output-tokens", type=int, default=1024,
-                   help="admission projects each request to prompt + min(max_tokens, this) tokens")
-    p.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in 16-token pages")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                   help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
-    p.add_argument("--cuda-graph-max-tokens", type=int, default=None,
-                   help="largest iteration replayed from a CUDA graph (default: the token budget; 0: none)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """The EngineConfig fields that add_engine_args defined, besides the model."""
-    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "admission_output_tokens",
-             "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype", "cuda_graph_max_tokens",
-             "tensor_parallel_size", "seed")
-    return {n: getattr(args, n) for n in names}
-
-
-def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfig:
-    return EngineConfig(model=model, **engine_kwargs(args))
+from nanoflow.engine_args import add_engine_args, engine_args_from_cli, engine_kwargs
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -72,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     from nanoflow.entrypoints.server.app import run_server
     from nanoflow.models.default_model import default_model_path
 
-    config = engine_config_from_args(args, args.model or default_model_path())
+    config = engine_args_from_cli(args, args.model or default_model_path())
     return run_server(config, host=args.host, port=args.port, served_model_name=args.served_model_name,
                       api_key=args.api_key)
 

@@ -1,10 +1,21 @@
-"""Engine configuration: one typed dataclass, validated once where the user hands it in."""
+"""The engine's configuration, resolved once at the edge into one frozen object.
+
+`EngineConfig.from_args` takes the user's `EngineArgs`, reads the checkpoint's config.json, checks
+every value (a ValueError names the field) and fixes what "auto" and None mean on this machine.
+Everything below the entrypoints reads this object; nothing changes it afterwards (a tensor-parallel
+rank gets its own copy through `for_device`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from nanoflow.engine_args import EngineArgs
+from nanoflow.model_arch import ModelArch, load_hf_config
 
 PAGE_SIZE = 16
 
@@ -31,98 +42,116 @@ _KV_CACHE_DTYPES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 1024
-    max_num_batched_tokens: int | None = None
-    num_kv_pages: int | None = None
-    gpu_memory_utilization: float = 0.9
-    seed: int = 0
-    tokenizer: str | None = None
-    # Benchmarks on random-weight models have no tokenizer: token ids in and out, text stays empty.
-    skip_tokenizer_init: bool = False
-    # "auto" reads safetensors; "dummy" builds random weights from config.json alone (benchmarks).
-    load_format: str = "auto"
-    # Admission projects each request to prompt + min(max_tokens, this) tokens (NanoFlow section 4);
-    # a wrong guess is repaired by preemption, so this trades admission for preemptions.
-    admission_output_tokens: int = 1024
-    # True: plain PyTorch reference ops, no CUDA graphs (the "sequential" baseline of the bench).
-    # False: Triton kernels and CUDA graphs where a CUDA device is present; the CPU is always eager.
-    enforce_eager: bool = False
-    # Largest iteration (in tokens) replayed from a CUDA graph on the fast path; None: the token
-    # budget, so full dense iterations are graphs too; 0: no graphs.
-    cuda_graph_max_tokens: int | None = None
-    tensor_parallel_size: int = 1
-    # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
-    # twice the tokens fit in the same memory and decode attention reads half the bytes.
-    kv_cache_dtype: str = "auto"
-    # Filled in by resolve(): the concrete torch objects the engine runs with.
-    torch_dtype: torch.dtype = field(default=torch.float32, init=False)
-    torch_kv_cache_dtype: torch.dtype = field(default=torch.float32, init=False)
-    torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"), init=False)
+    args: EngineArgs  # as the user gave them
+    hf_config: Any  # transformers' PretrainedConfig of the checkpoint
+    arch: ModelArch
+    max_model_len: int
+    device: torch.device
+    dtype: torch.dtype
+    kv_cache_dtype: torch.dtype  # the model dtype, or fp8 (kernels widen on load)
+    # Plain PyTorch reference ops and no CUDA graphs: asked for, or no GPU to run the kernels on.
+    enforce_eager: bool
+    max_num_batched_tokens: int
+    cuda_graph_max_tokens: int  # 0: no graphs
 
     @property
-    def use_fast_path(self) -> bool:
-        return self.torch_device.type == "cuda" and not self.enforce_eager
+    def model(self) -> str:
+        return self.args.model
 
-    def resolve(self, checkpoint_dtype: torch.dtype | None) -> EngineConfig:
-        """Validate the user's values and pick concrete dtype/device; raises ValueError naming the field."""
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.device == "auto":
-            self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            if self.device.startswith("cuda") and not torch.cuda.is_available():
-                raise ValueError("device='cuda' was requested but no CUDA device is visible")
-            self.torch_device = torch.device(self.device)
-        on_gpu = self.torch_device.type == "cuda"
-        if self.dtype == "auto":
-            # fp32 on the CPU: bf16 matmuls there are slow and would break exactness tests.
-            self.torch_dtype = (checkpoint_dtype or torch.bfloat16) if on_gpu else torch.float32
-            if self.torch_dtype == torch.float32 and on_gpu:
-                self.torch_dtype = torch.bfloat16
-        elif self.dtype in DTYPES:
-            self.torch_dtype = DTYPES[self.dtype]
-        else:
-            raise ValueError(f"dtype must be one of 'auto', {', '.join(sorted(set(DTYPES)))}; got {self.dtype!r}")
-        self.torch_kv_cache_dtype = self._resolve_kv_cache_dtype()
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 2048 if on_gpu else 512
-        if self.cuda_graph_max_tokens is None:
-            self.cuda_graph_max_tokens = self.max_num_batched_tokens
-        graph_tokens = self.cuda_graph_max_tokens
-        if not isinstance(graph_tokens, int) or isinstance(graph_tokens, bool) or graph_tokens < 0:
-            raise ValueError(f"cuda_graph_max_tokens must be a non-negative integer, got {graph_tokens!r}")
-        self.cuda_graph_max_tokens = min(self.cuda_graph_max_tokens, self.max_num_batched_tokens)
-        _positive("max_num_seqs", self.max_num_seqs)
-        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        _positive("admission_output_tokens", self.admission_output_tokens)
-        _positive("tensor_parallel_size", self.tensor_parallel_size)
-        if self.max_model_len is not None:
-            _positive("max_model_len", self.max_model_len)
-        if self.num_kv_pages is not None:
-            _positive("num_kv_pages", self.num_kv_pages)
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        return self
+    @property
+    def max_num_seqs(self) -> int:
+        return self.args.max_num_seqs
 
-    def _resolve_kv_cache_dtype(self) -> torch.dtype:
-        if self.kv_cache_dtype == "auto":
-            return self.torch_dtype
-        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of 'auto', {', '.join(_KV_CACHE_DTYPES)}; "
-                             f"got {self.kv_cache_dtype!r}")
-        if self.use_fast_path and torch.cuda.get_device_capability(self.torch_device) < (8, 9):
-            # Triton converts float8e4nv with instructions of sm89 and later only.
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs a GPU of compute capability >= 8.9 "
-                             "(Ada, Hopper) for the Triton kernels; use enforce_eager=True or kv_cache_dtype='auto'")
-        return _KV_CACHE_DTYPES[self.kv_cache_dtype]
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.args.tensor_parallel_size
+
+    @property
+    def seed(self) -> int:
+        return self.args.seed
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> EngineConfig:
+        """Validates the user's values and picks concrete dtype/device/sizes; raises ValueError naming the field."""
+        _check_args(args)
+        hf_config = load_hf_config(args.model)
+        arch = ModelArch.from_hf(hf_config)
+        max_model_len = args.max_model_len or arch.max_position_embeddings
+        if max_model_len > arch.max_position_embeddings:
+            raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's max_position_embeddings "
+                             f"({arch.max_position_embeddings})")
+        device = resolve_device(args.device)
+        on_gpu = device.type == "cuda"
+        dtype = resolve_dtype(args.dtype, _checkpoint_dtype(hf_config), device)
+        enforce_eager = args.enforce_eager or not on_gpu
+        budget = args.max_num_batched_tokens or (2048 if on_gpu else 512)
+        graph_tokens = budget if args.cuda_graph_max_tokens is None else min(args.cuda_graph_max_tokens, budget)
+        return cls(args, hf_config, arch, max_model_len, device, dtype,
+                   _resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device, enforce_eager),
+                   enforce_eager, budget, 0 if enforce_eager else graph_tokens)
+
+    def for_device(self, device: torch.device) -> EngineConfig:
+        """This configuration on another device (a tensor-parallel rank's own GPU)."""
+        return dataclasses.replace(self, device=device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto": the checkpoint's 16-bit dtype (bf16 when it has none) on a GPU, fp32 on the CPU, where
+    bf16 matmuls are slow and would break the exactness tests."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of 'auto', {', '.join(sorted(set(DTYPES)))}; got {name!r}")
+    return DTYPES[name]
+
+
+def _resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device, enforce_eager: bool) -> torch.dtype:
+    if name == "auto":
+        return dtype
+    if name not in _KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of 'auto', {', '.join(_KV_CACHE_DTYPES)}; got {name!r}")
+    if not enforce_eager and torch.cuda.get_device_capability(device) < (8, 9):
+        # Triton converts float8e4nv with instructions of sm89 and later only.
+        raise ValueError(f"kv_cache_dtype={name!r} needs a GPU of compute capability >= 8.9 "
+                         "(Ada, Hopper) for the Triton kernels; use enforce_eager=True or kv_cache_dtype='auto'")
+    return _KV_CACHE_DTYPES[name]
+
+
+def _check_args(args: EngineArgs) -> None:
+    for name in ("max_num_seqs", "admission_output_tokens", "tensor_parallel_size"):
+        _positive(name, getattr(args, name))
+    for name in ("max_num_batched_tokens", "max_model_len", "num_kv_pages"):
+        if getattr(args, name) is not None:
+            _positive(name, getattr(args, name))
+    graph_tokens = args.cuda_graph_max_tokens
+    if graph_tokens is not None and (not isinstance(graph_tokens, int) or isinstance(graph_tokens, bool)
+                                     or graph_tokens < 0):
+        raise ValueError(f"cuda_graph_max_tokens must be a non-negative integer, got {graph_tokens!r}")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {args.load_format!r}")
+
+
+def _checkpoint_dtype(hf_config) -> torch.dtype | None:
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else None
 
 
 def _positive(name: str, value: int) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from nanoflow.config import EngineConfig
+from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.cuda_graph import GraphRunner, token_buckets
-from nanoflow.executor.model_runner import ModelRunner, StepPlan
+from nanoflow.executor.model_runner import ModelRunner
+from nanoflow.executor.step_plan import StepPlan
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
 
@@ -37,14 +38,13 @@ def _plan(decodes: list[int], prefills: list[tuple[int, int]], first_page: int =
 @pytest.fixture(scope="module")
 def runner_and_graphs(tiny_model):
     path = tiny_model("llama")
-    hf = AutoConfig.from_pretrained(path)
-    cfg = EngineConfig(model=path, num_kv_pages=64, max_num_batched_tokens=64, max_model_len=256).resolve(None)
-    runner = ModelRunner(cfg, hf, 256)  # the CPU: reference ops, no graphs
+    cfg = EngineConfig.from_args(EngineArgs(model=path, num_kv_pages=64, max_num_batched_tokens=64,
+                                            max_model_len=256))
+    runner = ModelRunner(cfg)  # the CPU: reference ops, no graphs
     torch.manual_seed(0)
     runner.kv_cache.copy_(torch.randn_like(runner.kv_cache))  # contexts the new tokens attend to
-    fast = build_model(path, hf, torch.float32, torch.device("cpu"), 256, ParallelState(), use_triton=True)
-    graphs = GraphRunner(fast, runner.kv_caches, max_tokens=64, max_seqs=8, max_pages=16,
-                         prefill_block_q=runner.prefill_block_q, device=torch.device("cpu"))
+    fast = build_model(path, cfg.arch, torch.float32, torch.device("cpu"), 256, ParallelState(), enforce_eager=False)
+    graphs = GraphRunner(fast, runner.kv_caches, max_tokens=64, max_seqs=8, max_pages=16, device=torch.device("cpu"))
     graphs.capture()
     return runner, fast, graphs
 
@@ -60,7 +60,7 @@ def runner_and_graphs(tiny_model):
 ])
 def test_replay_equals_forward(runner_and_graphs, decodes, prefills, bucket, mixed) -> None:
     runner, fast, graphs = runner_and_graphs
-    batch = runner._build_batch(_plan(decodes, prefills))
+    batch = fast.prepare(runner._build_batch(_plan(decodes, prefills)))
     key = graphs.select(batch)
     assert key == (bucket, mixed)
     with torch.inference_mode():
@@ -73,18 +73,18 @@ def test_replay_equals_forward(runner_and_graphs, decodes, prefills, bucket, mix
 
 
 def test_batches_that_fit_no_graph_run_eagerly(runner_and_graphs) -> None:
-    runner, _, graphs = runner_and_graphs
-    too_many_seqs = runner._build_batch(_plan([3] * 9, []))
+    runner, fast, graphs = runner_and_graphs
+    too_many_seqs = fast.prepare(runner._build_batch(_plan([3] * 9, [])))
     assert graphs.select(too_many_seqs) is None
     # 40 one-token prefill chunks need more prefill tiles than a graph keeps spare
-    many_chunks = runner._build_batch(_plan([], [(0, 1)] * 40 + [(0, 2)]))
+    many_chunks = fast.prepare(runner._build_batch(_plan([], [(0, 1)] * 40 + [(0, 2)])))
     assert graphs.select(many_chunks) is None
 
 
 def test_a_slower_small_bucket_is_skipped(runner_and_graphs) -> None:
     """cuBLAS can be slower at 448 rows than at 512: the batch pads up to the faster bucket."""
-    runner, _, graphs = runner_and_graphs
-    batch = runner._build_batch(_plan([20, 5, 40], []))
+    runner, fast, graphs = runner_and_graphs
+    batch = fast.prepare(runner._build_batch(_plan([20, 5, 40], [])))
     saved = graphs.replay_ms[(4, False)]
     try:
         graphs.replay_ms[(4, False)] = 100.0

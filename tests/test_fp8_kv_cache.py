@@ -9,8 +9,9 @@ from helpers import VOCAB_SIZE, teacher_forced_agreement
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.config import EngineConfig
+from nanoflow.engine_args import EngineArgs
 from nanoflow.executor import model_runner
-from nanoflow.kernels import rotary
+from nanoflow.kernels import kv_cache
 
 FP8 = torch.float8_e4m3fn
 MAX_TOKENS = 24
@@ -52,9 +53,9 @@ def test_fp8_engine_equals_fp32_cache_of_fp8_rounded_values(tiny_model, monkeypa
     assert runs["chunked"] == runs["plain"] and runs["preempt"] == runs["plain"]
 
     def round_through_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return x.clamp(-rotary.FP8_E4M3_MAX, rotary.FP8_E4M3_MAX).to(FP8).to(dtype)
+        return x.clamp(-kv_cache.FP8_E4M3_MAX, kv_cache.FP8_E4M3_MAX).to(FP8).to(dtype)
 
-    monkeypatch.setattr(rotary, "to_cache_dtype", round_through_fp8)
+    monkeypatch.setattr(kv_cache, "to_cache_dtype", round_through_fp8)
     llm = LLM(path, max_model_len=256)
     assert llm.engine.runner.kv_cache.dtype == torch.float32
     assert _greedy(llm, prompts) == runs["plain"]
@@ -87,10 +88,13 @@ def test_fp8_pool_holds_more_pages_in_the_same_bytes(tiny_model, monkeypatch, dt
 
 
 def test_kv_cache_dtype_validation(tiny_model):
-    assert EngineConfig("m", kv_cache_dtype="fp8_e4m3").resolve(None).torch_kv_cache_dtype == FP8
-    assert EngineConfig("m", dtype="bf16").resolve(None).torch_kv_cache_dtype == torch.bfloat16
+    def config(**kw) -> EngineConfig:
+        return EngineConfig.from_args(EngineArgs(tiny_model("llama"), **kw))
+
+    assert config(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == FP8
+    assert config(dtype="bf16").kv_cache_dtype == torch.bfloat16
     for bad in ("int8", "fp8_e5m2", "bfloat16", ""):
         with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', fp8"):
-            EngineConfig("m", kv_cache_dtype=bad).resolve(None)
+            config(kv_cache_dtype=bad)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(tiny_model("llama"), kv_cache_dtype="fp16")

@@ -15,8 +15,8 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.executor.distributed import check_tensor_parallel
 from nanoflow.layers.linear import LazyTensor
 from nanoflow.layers.parallel import ParallelState
-from nanoflow.models.arch import ModelArch
-from nanoflow.models.loader import build_model, load_hf_config, safetensors_files
+from nanoflow.model_arch import ModelArch, load_hf_config
+from nanoflow.models.loader import build_model, safetensors_files
 
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -112,7 +112,7 @@ def test_rank_reads_only_its_slices(tiny_model, monkeypatch, arch):
     read = []
     orig = LazyTensor.read
     monkeypatch.setattr(LazyTensor, "read", lambda self: read.append(orig(self)) or read[-1])
-    model = build_model(path, hf_config, torch.float32, torch.device("cpu"), 64, ParallelState(1, 2))
+    model = build_model(path, ModelArch.from_hf(hf_config), torch.float32, torch.device("cpu"), 64, ParallelState(1, 2))
     (file,) = safetensors_files(path)
     with safe_open(file, "pt") as f:
         full = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanoflow.cli import add_engine_args
+from nanoflow.engine_args import add_engine_args
 
 # Kept in sync with dummy_models.DUMMY_CONFIGS by a test; listed here so building the parser
 # imports nothing else.
@@ -67,6 +67,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p.add_argument_group("engine"), positional_model=False)
 
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", default="benchmarks/results", help="where the JSON and PNG go")
+    o.add_argument("--output-dir", default="bench-results",
+                   help="where the JSON and PNG go (default: bench-results/ in the current directory, "
+                   "git-ignored; a run to commit goes under benchmarks/results/ with a row in its "
+                   "README.md index)")
     o.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     o.add_argument("--no-tqdm", action="store_true", help="no progress bars")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from nanoflow.bench.peak import sync
 from nanoflow.bench.workloads import Workload
-from nanoflow.models.arch import ModelArch
+from nanoflow.model_arch import ModelArch
 
 log = logging.getLogger(__name__)
 

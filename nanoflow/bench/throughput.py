@@ -27,23 +27,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from nanoflow import cli
 from nanoflow.bench import report
 from nanoflow.bench.cli_args import COMPARE_CHOICES
 from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s, sync
 from nanoflow.bench.workloads import Workload, build_workload
-from nanoflow.config import DTYPES, PAGE_SIZE
-from nanoflow.models.arch import ModelArch
-from nanoflow.models.loader import load_hf_config
+from nanoflow.config import PAGE_SIZE, resolve_device, resolve_dtype
+from nanoflow.engine_args import engine_kwargs as cli_engine_kwargs
+from nanoflow.model_arch import ModelArch, load_hf_config
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "nanoflow-bench/1"
 
-# Engine options per mode (see EngineConfig.enforce_eager).
+# Engine options per mode (see EngineArgs.enforce_eager).
 ENGINE_MODES: dict[str, dict[str, Any]] = {
-    # The fast path: whatever the engine picks on this device (Triton kernels, CUDA graphs, pipeline).
+    # The fast path: whatever the engine picks on this device (Triton kernels, CUDA graphs).
     "nanoflow": {"enforce_eager": False},
     # Our own plain mode: eager PyTorch reference ops, one after another, no CUDA graphs.
     "sequential": {"enforce_eager": True},
@@ -52,27 +51,6 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
 }
 
 # --- settings ----------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is visible")
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """One dtype for every system (the engine's "auto" could follow a float16 checkpoint while HF
-    ran bf16): bfloat16 on the GPU, float32 on the CPU unless asked otherwise."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
 def parse_compare(spec: str) -> list[str]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in COMPARE_CHOICES]
@@ -125,15 +103,36 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _git_state() -> dict[str, Any]:
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """nanoflow's own commit (and whether its tree has changes), whatever the working directory.
+
+    git is asked about the folder of the nanoflow package, and its answer is taken only if that
+    repository's top level holds this very package (`<toplevel>/nanoflow/__init__.py`): an exported
+    tree (a wheel, an sdist, a copy) inside some other repository gives "unknown", never the commit
+    of the repository around it."""
+    import nanoflow
+
+    unknown = {"git_commit": "unknown", "git_dirty": None}
+    package_init = os.path.realpath(nanoflow.__file__)
+    package_dir = os.path.dirname(package_init)
+    # -C alone decides which repository: variables a git hook or wrapper may have set would override it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY")}
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", package_dir, *args], capture_output=True, text=True, timeout=10, env=env)
+        if out.returncode != 0:
+            raise subprocess.SubprocessError(out.stderr.strip())
+        return out.stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None}
-    return {"git_commit": commit or None, "git_dirty": bool(dirty) if commit else None}
+        toplevel = git("rev-parse", "--show-toplevel")
+        if not toplevel or not os.path.samefile(os.path.join(toplevel, "nanoflow", "__init__.py"), package_init):
+            return unknown
+        commit = git("rev-parse", "--verify", "HEAD^{commit}")  # fails (not "HEAD") before the first commit
+        dirty = git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository, no commit, no such file
+        return unknown
+    return {"git_commit": commit, "git_dirty": bool(dirty)}
 
 
 def _free_memory(device: torch.device) -> None:
@@ -177,7 +176,7 @@ def run_engine(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    llm = LLM(model=model_dir, load_format=load_format, skip_tokenizer_init=True, **{**engine_kwargs, **opts})
+    llm = LLM(model=model_dir, load_format=load_format, **{**engine_kwargs, "skip_tokenizer_init": True, **opts})
     init_s = time.perf_counter() - t0
     engine = llm.engine
     cfg = engine.config
@@ -185,9 +184,9 @@ def run_engine(
     out: dict[str, Any] = {
         "status": "ok",
         "options": opts,
-        "fast_path": cfg.use_fast_path,
+        "fast_path": not cfg.enforce_eager,
         "init_s": init_s,
-        "engine_config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
+        "engine_config": dataclasses.asdict(cfg.args),
         "max_model_len": engine.max_model_len,
         "kv_pool": {"pages": runner.num_pages, "tokens": runner.num_pages * PAGE_SIZE,
                     "page_bytes": runner.page_bytes, "gib": runner.num_pages * runner.page_bytes / 2**30},
@@ -264,7 +263,9 @@ def run_bench(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     use_tqdm = not args.no_tqdm
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    # One dtype for every system (the engine's "auto" could follow a float16 checkpoint while HF ran
+    # bf16): bfloat16 on the GPU, float32 on the CPU unless asked otherwise.
+    dtype = resolve_dtype(args.dtype, None, device)
     compare = parse_compare(args.compare)
     model_dir, model_name, load_format = resolve_model(args)
     arch = ModelArch.from_hf(load_hf_config(model_dir))
@@ -272,7 +273,7 @@ def run_bench(args: argparse.Namespace) -> int:
     max_model_len = args.max_model_len or arch.max_position_embeddings
     workload = build_workload(args.workload, args.num_requests, arch.vocab_size, max_model_len, args.seed)
     dtype_name = str(dtype).removeprefix("torch.")
-    engine_kwargs = {**cli.engine_kwargs(args), "dtype": dtype_name, "device": str(device)}
+    engine_kwargs = {**cli_engine_kwargs(args), "dtype": dtype_name, "device": str(device)}
     env = environment(device)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = f"bench_{_safe(model_name)}_{_safe(workload.name)}_{_safe(env['device_name'])}_{stamp}"

@@ -7,47 +7,53 @@ import json
 import logging
 import os
 import weakref
+from dataclasses import dataclass
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine.output_processor import OutputProcessor
 from nanoflow.engine.request import Logprob, Request, RequestOutput, Sequence
 from nanoflow.engine.scheduler import Scheduler
 from nanoflow.engine.stats import StepShape, StepStats
+from nanoflow.engine.step_planner import plan_step, sampled_seqs
+from nanoflow.engine.tokenizer import load_tokenizer
+from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.distributed import TensorParallelGroup, check_tensor_parallel
 from nanoflow.executor.model_runner import InFlight, ModelRunner
-from nanoflow.models.arch import ModelArch
-from nanoflow.models.loader import load_hf_config
 from nanoflow.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class LaunchedStep:
+    """A step on the device, as the engine keeps it until it is processed (one step later)."""
+
+    inflight: InFlight
+    seqs: list[Sequence]  # the sequences that sample in it, in sampling-row order
+    shape: StepShape | None  # what it computed (only while the statistics keep a timeline)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        hf_config = load_hf_config(config.model)
-        self.arch = ModelArch.from_hf(hf_config)
-        config.resolve(_checkpoint_dtype(hf_config))
         self.config = config
-        self.max_model_len = config.max_model_len or self.arch.max_position_embeddings
-        if self.max_model_len > self.arch.max_position_embeddings:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
-                             f"({self.arch.max_position_embeddings})")
-        check_tensor_parallel(self.arch, config.tensor_parallel_size, config.torch_device)
-        self.tokenizer: PreTrainedTokenizerBase | None = None
-        if not config.skip_tokenizer_init:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-        self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
+        self.arch = config.arch
+        self.max_model_len = config.max_model_len
+        check_tensor_parallel(self.arch, config.tensor_parallel_size, config.device)
+        args = config.args
+        self.tokenizer: PreTrainedTokenizerBase | None = load_tokenizer(args.model, args.tokenizer,
+                                                                        args.skip_tokenizer_init)
+        self.eos_token_ids = _eos_token_ids(args.model, config.hf_config, self.tokenizer)
         torch.manual_seed(config.seed)
         # Tensor parallel: this process is rank 0; the other ranks run nanoflow.executor.distributed.
         self.tp: TensorParallelGroup | None = None
         if config.tensor_parallel_size > 1:
-            self.tp = TensorParallelGroup.start(config, hf_config, self.max_model_len)
+            self.tp = TensorParallelGroup.start(config)
             weakref.finalize(self, self.tp.shutdown)  # also at interpreter exit
         try:
-            self.runner = ModelRunner(config, hf_config, self.max_model_len, self.tp.par if self.tp else None)
+            self.runner = ModelRunner(self.tp.config if self.tp else config, self.tp.par if self.tp else None)
         except BaseException as e:
             if self.tp is not None:
                 try:
@@ -57,13 +63,17 @@ class LLMEngine:
                     self.tp.abort()
             raise
         self.scheduler = Scheduler(self.runner.num_pages, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, config.admission_output_tokens)
+                                   self.max_model_len, args.admission_output_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
-        self._pending: InFlight | None = None
+        self._pending: LaunchedStep | None = None
         self.stats = StepStats()
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(EngineConfig.from_args(args))
 
     # --- requests in and out ---------------------------------------------------------------------
     def add_request(
@@ -143,16 +153,20 @@ class LLMEngine:
                 outputs.append(self.output_processor.request_output(req))
         launched = None
         if not sched.empty:
+            prev, sampled = self._pending, sampled_seqs(sched)
+            plan = plan_step(sched, sampled, prev.seqs if prev else [], self.eos_token_ids)
             try:
-                launched = self.runner.launch(sched, self.eos_token_ids, self._pending)
+                inflight = self.runner.launch(plan, prev.inflight if prev else None)
             except RuntimeError as e:
                 if self.tp is not None:
                     self.tp.check_workers(e)  # a failed collective: name a worker that died
                 raise
+            shape = None
             if self.stats.keep_timeline:  # an O(decodes) sum per step: only when someone reads it
-                launched.shape = StepShape(sched.num_tokens, len(sched.decodes),
-                                           sum(s.seq.num_computed_tokens for s in sched.decodes),
-                                           len(self.scheduler.running), len(self.scheduler.waiting))
+                shape = StepShape(sched.num_tokens, len(sched.decodes),
+                                  sum(s.seq.num_computed_tokens for s in sched.decodes),
+                                  len(self.scheduler.running), len(self.scheduler.waiting))
+            launched = LaunchedStep(inflight, sampled, shape)
             self.scheduler.step_done(sched)
             for seq in launched.seqs:
                 seq.num_inflight += 1
@@ -161,9 +175,9 @@ class LLMEngine:
         self._pending = launched
         return outputs
 
-    def _process(self, step: InFlight, finished_only: bool) -> list[RequestOutput]:
-        result = step.result()
-        self.stats.record(step)
+    def _process(self, step: LaunchedStep, finished_only: bool) -> list[RequestOutput]:
+        result = step.inflight.result()
+        self.stats.record(step.inflight, step.shape)
         touched: dict[str, Request] = {}
         for row, seq in enumerate(step.seqs):
             seq.num_inflight -= 1
@@ -200,13 +214,6 @@ class LLMEngine:
     @property
     def num_pages(self) -> int:
         return self.runner.num_pages
-
-
-def _checkpoint_dtype(hf_config) -> torch.dtype | None:
-    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) else None
 
 
 def _eos_token_ids(path: str, hf_config, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:

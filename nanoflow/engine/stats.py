@@ -29,9 +29,9 @@ class StepStats:
     timeline: list[tuple[float, ...]] = field(default_factory=list, repr=False)
     _last_end: torch.cuda.Event | None = field(default=None, repr=False)
 
-    def record(self, step) -> None:
-        """step: a processed InFlight (its end event has completed); with keep_timeline its .shape
-        (a StepShape) says what it computed."""
+    def record(self, step, shape: StepShape | None) -> None:
+        """step: a processed step's InFlight (its end event has completed); shape: what it computed
+        (None: launched before the timeline was switched on)."""
         self.steps += 1
         busy = idle = 0.0
         if step.start is not None and step.end is not None:
@@ -41,8 +41,7 @@ class StepStats:
             self._last_end = step.end
         self.gpu_busy_ms += busy
         self.gpu_idle_ms += idle
-        shape: StepShape | None = step.shape
-        if self.keep_timeline and shape is not None:  # None: launched before the timeline was switched on
+        if self.keep_timeline and shape is not None:
             self.timeline.append((shape.num_tokens, shape.num_decodes, shape.decode_context_tokens, shape.num_running,
                                   shape.num_waiting, round(busy, 3), round(idle, 3)))
 

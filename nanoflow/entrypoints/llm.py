@@ -9,9 +9,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from nanoflow.config import EngineConfig
 from nanoflow.engine.engine import LLMEngine
 from nanoflow.engine.request import CompletionOutput, RequestOutput
+from nanoflow.engine_args import EngineArgs
 from nanoflow.models.default_model import default_model_path
 from nanoflow.sampling_params import SamplingParams
 
@@ -22,7 +22,7 @@ PromptType = str | dict[str, Any]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model or default_model_path(), **kwargs))
+        self.engine = LLMEngine.from_args(EngineArgs(model=model or default_model_path(), **kwargs))
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
@@ -87,6 +87,9 @@ class LLM:
 
     def apply_chat_template(self, conversation: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer (the engine runs with skip_tokenizer_init): "
+                             "use generate() with {'prompt_token_ids': [...]} prompts")
         if not tok.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate() with plain prompts")
         out = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)

@@ -22,10 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 from nanoflow.forward_batch import ForwardBatch
+from nanoflow.layers.attention import KVCache
 
 log = logging.getLogger(__name__)
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 # Prefill tiles a mixed graph holds beyond its tokens' own query blocks: one partial block per
 # prefill chunk, so batches of up to this many chunks fit (the dense budget rarely has more than a few).
@@ -43,22 +42,14 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 class GraphRunner:
     def __init__(self, model: nn.Module, kv_caches: list[KVCache], max_tokens: int, max_seqs: int, max_pages: int,
-                 prefill_block_q: int, device: torch.device) -> None:
+                 device: torch.device) -> None:
         self.model, self.kv_caches, self.device = model, kv_caches, device
-        self.prefill_block_q = prefill_block_q
         self.buckets = token_buckets(max_tokens)
         self.max_seqs = min(max_seqs, max_tokens)
         self.max_pages = max_pages
-        z = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        self.input_ids = z(max_tokens)
-        self.positions = z(max_tokens)
-        self.slot_mapping = z(max_tokens)
-        self.query_start_loc = z(self.max_seqs + 1, dtype=torch.int32)
-        self.seq_lens = z(self.max_seqs, dtype=torch.int32)
-        self.page_tables = z(self.max_seqs, max_pages, dtype=torch.int32)
-        self.decode_count = z(1, dtype=torch.int32)
-        self.tiles = z(self.tile_capacity(max_tokens), 2, dtype=torch.int32)
-        # (bucket, mixed) -> the captured graph (on the CPU, where nothing is captured: None) and its output
+        # (bucket, mixed) -> the static batch it reads, the captured graph (on the CPU, where nothing
+        # is captured: None) and its output
+        self.static: dict[tuple[int, bool], ForwardBatch] = {}
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         # ms per replay measured at capture, with nothing to attend to: the part of a step's time
@@ -66,33 +57,21 @@ class GraphRunner:
         self.replay_ms: dict[tuple[int, bool], float] = {}
         self.num_replays = 0
 
-    def tile_capacity(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.prefill_block_q) + SPARE_TILES
-
     def _static_batch(self, num_tokens: int, mixed: bool) -> ForwardBatch:
-        rows = min(num_tokens, self.max_seqs)
-        tiles = self.tile_capacity(num_tokens) if mixed else 0
-        return ForwardBatch(
-            input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens],
-            slot_mapping=self.slot_mapping[:num_tokens], query_start_loc=self.query_start_loc,
-            seq_lens=self.seq_lens, page_tables=self.page_tables, logits_indices=self.positions[:0],
-            num_decodes=rows, seq_lens_cpu=[1] * rows, query_lens_cpu=[1] * rows, decode_count=self.decode_count,
-            decode_rows=rows, prefill_tiles=self.tiles[:tiles])
+        tiles = self.model.prefill_tile_capacity(num_tokens, SPARE_TILES) if mixed else 0
+        return ForwardBatch.capacity(num_tokens, min(num_tokens, self.max_seqs), self.max_pages, tiles, self.device)
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Captures a mixed graph per bucket and a decode-only one (no prefill launch) per bucket of
         at most max_seqs tokens (the most decodes a batch can have)."""
-        # The capture runs must compute nothing and write no live page.
-        self.slot_mapping.fill_(-1)
-        self.decode_count.zero_()
-        self.tiles.fill_(-1)
         on_gpu = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if on_gpu else None
         keys = [(b, mixed) for b in reversed(self.buckets) for mixed in (True, False) if mixed or b <= self.max_seqs]
         # largest first, so the smaller graphs reuse its memory in the shared pool
         for key in tqdm(keys, desc="CUDA graphs", disable=not on_gpu, leave=False):
-            batch = self._static_batch(*key)
+            # as made, a capacity batch computes nothing and writes no live page
+            batch = self.static[key] = self._static_batch(*key)
             if not on_gpu:
                 self.graphs[key] = None
                 self.replay_ms[key] = float(key[0])
@@ -119,33 +98,17 @@ class GraphRunner:
 
     def select(self, batch: ForwardBatch) -> tuple[int, bool] | None:
         """The fastest graph that can run this batch, or None (run it eagerly)."""
-        n = batch.num_tokens
-        if batch.num_seqs > self.max_seqs or batch.page_tables.shape[1] > self.max_pages:
-            return None
-        tiles = batch.prefill_tiles.shape[0]
-        mixed = tiles > 0
-        fits = [(b, mixed) for b in self.buckets if (b, mixed) in self.graphs and b >= n
-                and (b <= SMALL_BATCH or (b - n) * 16 <= n) and tiles <= self.tile_capacity(b)]
+        n, mixed = batch.num_tokens, batch.num_prefills > 0
+        fits = [key for key in self.graphs if key[1] == mixed and key[0] >= n
+                and (key[0] <= SMALL_BATCH or (key[0] - n) * 16 <= n) and batch.fits(self.static[key])]
         return min(fits, key=self.replay_ms.__getitem__) if fits else None
 
     def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor:
-        bucket, mixed = key
-        n, seqs, width = batch.num_tokens, batch.num_seqs, batch.page_tables.shape[1]
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:bucket].fill_(-1)
-        self.query_start_loc[: seqs + 1].copy_(batch.query_start_loc, non_blocking=True)
-        self.seq_lens[:seqs].copy_(batch.seq_lens, non_blocking=True)
-        self.page_tables[:seqs, :width].copy_(batch.page_tables, non_blocking=True)
-        self.decode_count.copy_(batch.decode_count, non_blocking=True)
-        if mixed:
-            num_tiles = batch.prefill_tiles.shape[0]
-            self.tiles[:num_tiles].copy_(batch.prefill_tiles, non_blocking=True)
-            self.tiles[num_tiles : self.tile_capacity(bucket)].fill_(-1)
-        graph = self.graphs[key]
+        static = self.static[key]
+        batch.copy_into(static)
         self.num_replays += 1
+        graph = self.graphs[key]
         if graph is None:  # the CPU: run the forward the graph would replay, on the same buffers
-            return self.model(self._static_batch(*key), self.kv_caches)[:n]
+            return self.model(static, self.kv_caches)[: batch.num_tokens]
         graph.replay()
-        return self.outputs[key][:n]
+        return self.outputs[key][: batch.num_tokens]

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import PretrainedConfig
 
 from nanoflow.config import EngineConfig
+from nanoflow.executor.model_runner import ModelRunner
 from nanoflow.layers.parallel import ParallelState
-from nanoflow.models.arch import ModelArch
+from nanoflow.model_arch import ModelArch
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,13 @@ def launched_by_torchrun() -> bool:
 class TensorParallelGroup:
     """Rank 0's handle on the other ranks: liveness checks and shutdown."""
 
-    def __init__(self, par: ParallelState, processes: list[Any], owns_group: bool) -> None:
+    def __init__(self, par: ParallelState, processes: list[Any], owns_group: bool, config: EngineConfig) -> None:
         self.par, self.processes, self.owns_group = par, processes, owns_group
+        self.config = config  # rank 0's: on its own GPU
         self._closed = False
 
     @classmethod
-    def start(cls, config: EngineConfig, hf_config: PretrainedConfig, max_model_len: int) -> TensorParallelGroup:
+    def start(cls, config: EngineConfig) -> TensorParallelGroup:
         """Starts (or, under torchrun, joins) the ranks. On a torchrun rank other than 0 this runs the
         worker loop and then exits the process."""
         size = config.tensor_parallel_size
@@ -80,11 +81,11 @@ class TensorParallelGroup:
             world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
             if world != size:
                 raise ValueError(f"torchrun started {world} processes but tensor_parallel_size is {size}")
-            par, owns = _join(rank, size, "env://", config)
+            par, owns, config = _join(rank, size, "env://", config)
             if rank != 0:
-                run_worker(config, hf_config, max_model_len, par, owns)
+                run_worker(config, par, owns)
                 raise SystemExit(0)
-            return cls(par, [], owns)
+            return cls(par, [], owns, config)
         if dist.is_initialized():
             raise ValueError("a torch.distributed process group already exists in this process (another "
                              "tensor-parallel engine?): shut that engine down first")
@@ -95,12 +96,12 @@ class TensorParallelGroup:
         processes = []
         for rank in range(1, size):
             p = ctx.Process(target=_worker_main, name=f"nanoflow-tp{rank}", daemon=True,
-                            args=(rank, size, init_method, config, hf_config, max_model_len, threads))
+                            args=(rank, size, init_method, config, threads))
             p.start()
             processes.append(p)
-        group = cls(ParallelState(0, size), processes, True)
+        group = cls(ParallelState(0, size), processes, True, config)
         try:
-            group.par, group.owns_group = _join(0, size, init_method, config)
+            group.par, group.owns_group, group.config = _join(0, size, init_method, config)
         except BaseException as e:
             try:
                 group.check_workers(e)
@@ -145,14 +146,10 @@ class TensorParallelGroup:
             self.owns_group = False
 
 
-def run_worker(
-    config: EngineConfig, hf_config: PretrainedConfig, max_model_len: int, par: ParallelState, owns_group: bool
-) -> None:
+def run_worker(config: EngineConfig, par: ParallelState, owns_group: bool) -> None:
     """A rank other than 0: builds its shard, then runs each step rank 0 broadcasts, until told to stop."""
-    from nanoflow.executor.model_runner import ModelRunner  # the runner imports the engine's modules
-
     torch.manual_seed(config.seed)
-    runner = ModelRunner(config, hf_config, max_model_len, par)
+    runner = ModelRunner(config, par)
     with torch.inference_mode():
         while (plan := par.broadcast_object(None)) is not None:
             runner.forward(runner.build(plan))
@@ -161,31 +158,32 @@ def run_worker(
         dist.destroy_process_group()
 
 
-def _join(rank: int, size: int, init_method: str, config: EngineConfig) -> tuple[ParallelState, bool]:
-    """Joins the default process group (NCCL on GPUs, gloo on the CPU) and a gloo control group."""
-    if config.torch_device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        config.torch_device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(config.torch_device)
+def _join(rank: int, size: int, init_method: str,
+          config: EngineConfig) -> tuple[ParallelState, bool, EngineConfig]:
+    """Joins the default process group (NCCL on GPUs, gloo on the CPU) and a gloo control group;
+    returns the rank's parallel state, whether it created the default group, and its configuration
+    (on its own GPU)."""
+    if config.device.type == "cuda":
+        config = config.for_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))))
+        torch.cuda.set_device(config.device)
     owns = not dist.is_initialized()
     if owns:
-        backend = "nccl" if config.torch_device.type == "cuda" else "gloo"
+        backend = "nccl" if config.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
     elif dist.get_world_size() != size:
         raise ValueError(f"the existing process group has {dist.get_world_size()} ranks, but tensor_parallel_size "
                          f"is {size}")
     control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
-    return ParallelState(rank, size, control), owns
+    return ParallelState(rank, size, control), owns, config
 
 
-def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, hf_config: PretrainedConfig,
-                 max_model_len: int, num_threads: int) -> None:
+def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, num_threads: int) -> None:
     # Ctrl-C reaches the whole process group: let rank 0 alone handle it (and then stop the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(num_threads)
-    par, owns = _join(rank, size, init_method, config)
-    run_worker(config, hf_config, max_model_len, par, owns)
+    par, owns, config = _join(rank, size, init_method, config)
+    run_worker(config, par, owns)
 
 
 def _free_port(addr: str) -> int:

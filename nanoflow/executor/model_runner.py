@@ -1,28 +1,25 @@
 """Model runner: owns the model and the KV-cache tensors; one call = one forward of the dense batch.
 
-With tensor parallelism every rank has a runner holding its shard of the model and KV cache. Rank 0
-(the engine's) plans each step, broadcasts the plan, and samples; the others (executor.distributed)
-build the same batch from the plan and run the same forward, meeting rank 0 in its collectives.
+Its one input is a StepPlan (host lists, executor.step_plan). With tensor parallelism every rank has
+a runner holding its shard of the model and KV cache: rank 0 (the engine's) broadcasts each step's
+plan and samples; the others (executor.distributed) build the same batch from the plan and run the
+same forward, meeting rank 0 in its collectives.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import PretrainedConfig
 
 from nanoflow.config import PAGE_SIZE, EngineConfig
-from nanoflow.engine.scheduler import SchedulerOutput
 from nanoflow.executor.cuda_graph import GraphRunner
 from nanoflow.executor.sampler import SampledTensors, Sampler, SamplerOutput, SamplingMetadata
+from nanoflow.executor.step_plan import SamplingRows, StepPlan
 from nanoflow.forward_batch import ForwardBatch
-from nanoflow.kernels.paged_attention import prefill_block_q, prefill_tiles
 from nanoflow.layers.parallel import ParallelState
-from nanoflow.models.arch import ModelArch
 from nanoflow.models.loader import build_model
 
 log = logging.getLogger(__name__)
@@ -30,21 +27,20 @@ log = logging.getLogger(__name__)
 _CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU when --num-kv-pages is not given
 
 
+def pages_for(num_tokens: int) -> int:
+    return -(-num_tokens // PAGE_SIZE)
+
+
 class ModelRunner:
-    def __init__(
-        self, config: EngineConfig, hf_config: PretrainedConfig, max_model_len: int, par: ParallelState | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, par: ParallelState | None = None) -> None:
         self.config = config
-        self.device = config.torch_device
-        self.dtype = config.torch_dtype
-        self.kv_dtype = config.torch_kv_cache_dtype  # the model dtype, or fp8 (kernels widen on load)
+        self.device = config.device
+        self.arch = config.arch
+        self.kv_dtype = config.kv_cache_dtype  # the model dtype, or fp8 (kernels widen on load)
         self.par = par or ParallelState()
-        self.arch = ModelArch.from_hf(hf_config)
-        self.max_model_len = max_model_len
-        # queries per prefill attention program (all query heads of a kv head share its rows)
-        self.prefill_block_q = prefill_block_q(self.arch.num_heads // self.arch.num_kv_heads)
-        self.model = build_model(config.model, hf_config, self.dtype, self.device, max_model_len, self.par,
-                                 use_triton=config.use_fast_path, dummy=config.load_format == "dummy", seed=config.seed)
+        self.model = build_model(config.model, config.arch, config.dtype, self.device, config.max_model_len,
+                                 self.par, enforce_eager=config.enforce_eager,
+                                 dummy=config.args.load_format == "dummy", seed=config.seed)
         self.num_pages = self.par.min(self._decide_num_pages())  # the same pool (page ids) on every rank
         kv_heads = self.arch.num_kv_heads // self.par.size
         shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)
@@ -54,15 +50,14 @@ class ModelRunner:
         self.graphs: GraphRunner | None = None
         if self._use_graphs:
             self.graphs = GraphRunner(self.model, self.kv_caches, config.cuda_graph_max_tokens, config.max_num_seqs,
-                                      -(-max_model_len // PAGE_SIZE), self.prefill_block_q, self.device)
+                                      pages_for(config.max_model_len), self.device)
             self.graphs.capture()
 
     @property
     def _use_graphs(self) -> bool:
         # Not captured: MoE routing picks experts on the host (a sync, illegal in a graph); graphs
         # with NCCL collectives have not been tried yet.
-        return (self.config.use_fast_path and bool(self.config.cuda_graph_max_tokens) and self.par.size == 1
-                and not self.arch.is_moe)
+        return bool(self.config.cuda_graph_max_tokens) and self.par.size == 1 and not self.arch.is_moe
 
     @property
     def page_bytes(self) -> int:
@@ -70,17 +65,17 @@ class ModelRunner:
         return self.arch.num_layers * 2 * kv_heads * PAGE_SIZE * self.arch.head_dim * self.kv_dtype.itemsize
 
     def _decide_num_pages(self) -> int:
-        if self.config.num_kv_pages is not None:
-            return self.config.num_kv_pages
+        if self.config.args.num_kv_pages is not None:
+            return self.config.args.num_kv_pages
         if self.device.type != "cuda":
-            return max(_CPU_KV_BYTES // self.page_bytes, -(-self.max_model_len // PAGE_SIZE))
+            return max(_CPU_KV_BYTES // self.page_bytes, pages_for(self.config.max_model_len))
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         activations = self._profile_activation_bytes()
         # CUDA graphs are captured after the pool exists, into a memory pool of their own: keep room
         # for one more forward's activations (the largest graph's; the others share its memory).
         graph_reserve = activations if self._use_graphs else 0
-        budget = total * self.config.gpu_memory_utilization - (total - free) - activations - graph_reserve
+        budget = total * self.config.args.gpu_memory_utilization - (total - free) - activations - graph_reserve
         pages = int(budget // self.page_bytes)
         if pages < 1:
             raise ValueError(
@@ -93,8 +88,8 @@ class ModelRunner:
 
     def _profile_activation_bytes(self) -> int:
         """Peak extra memory of one forward at the full token budget (one long prefill, the worst case)."""
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        pages = -(-n // PAGE_SIZE)
+        n = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        pages = pages_for(n)
         kv_heads = self.arch.num_kv_heads // self.par.size
         # the cache's own dtype: the eager path's widened K/V copies are part of the peak
         kv = torch.empty((2, pages, kv_heads, PAGE_SIZE, self.arch.head_dim), dtype=self.kv_dtype,
@@ -102,8 +97,8 @@ class ModelRunner:
         caches = [(kv[0], kv[1])] * self.arch.num_layers
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        batch = self._build_batch(StepPlan([list(range(n))], [0], [n], [list(range(pages))], [n - 1], 0, [], []))
-        batch.input_ids.zero_()
+        batch = self.model.prepare(self._build_batch(StepPlan([[0] * n], [0], [n], [list(range(pages))], [n - 1], 0,
+                                                              [], [])))
         with torch.inference_mode():
             self.model.compute_logits(self.model(batch, caches)[batch.logits_indices])
         torch.cuda.synchronize(self.device)
@@ -113,34 +108,10 @@ class ModelRunner:
         return int(peak * 1.1)
 
     # --- per iteration ---------------------------------------------------------------------------
-    def plan(self, sched: SchedulerOutput, prev: InFlight | None = None) -> StepPlan:
-        """The scheduled tokens as host lists. A token still in flight from `prev` (the step before,
-        not yet read back by the CPU) is a placeholder, filled from prev's sampled tokens by build()."""
-        token_ids, starts, lens, tables, sample_at = [], [], [], [], []
-        fill_at, fill_from = [], []
-        prev_rows = {seq.seq_id: row for row, seq in enumerate(prev.seqs)} if prev else {}
-        offset = 0
-        for s in sched.seqs:
-            seq = s.seq
-            start = seq.num_computed_tokens
-            ids = seq.token_slice(start, min(start + s.num_new_tokens, seq.num_tokens - seq.num_inflight))
-            if len(ids) < s.num_new_tokens:  # the last token is the one sampled by `prev`
-                fill_at.append(offset + len(ids))
-                fill_from.append(prev_rows[seq.seq_id])
-                ids = ids + [0]
-            token_ids.append(ids)
-            starts.append(start)
-            lens.append(start + s.num_new_tokens)
-            tables.append(seq.pages)
-            offset += s.num_new_tokens
-            if s.samples:
-                sample_at.append(offset - 1)
-        return StepPlan(token_ids, starts, lens, tables, sample_at, len(sched.decodes), fill_at, fill_from)
-
     def build(self, plan: StepPlan, prev: InFlight | None = None) -> ForwardBatch:
         """Flat device tensors for a plan. The in-flight tokens come from prev's sampled tokens on
         the device; only rank 0 has those, and it broadcasts them to the other ranks (prev=None)."""
-        batch = self._build_batch(plan)
+        batch = self.model.prepare(self._build_batch(plan))
         if plan.fill_at:
             idx, rows = self.upload(np.asarray(plan.fill_at, dtype=np.int64),
                                     np.asarray(plan.fill_from, dtype=np.int64))
@@ -179,25 +150,21 @@ class ModelRunner:
         flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(qstart[-1]))
 
         seq_lens = np.asarray(plan.seq_lens, dtype=np.int32)
-        nd = plan.num_decodes
-        tiles = prefill_tiles(qlens[nd:], seq_lens[nd:], nd, self.prefill_block_q)
         ids, pos, slot, logit_idx = self.upload(flat_ids, positions, slots,
                                                 np.asarray(plan.sample_at, dtype=np.int64))
-        qs, lens, bt, count, tiles = self.upload(qstart, seq_lens, table, np.array([nd], dtype=np.int32), tiles)
+        qs, lens, pt = self.upload(qstart, seq_lens, table)
         return ForwardBatch(
             input_ids=ids,
             positions=pos,
             slot_mapping=slot,
             query_start_loc=qs,
             seq_lens=lens,
-            page_tables=bt,
+            page_tables=pt,
             logits_indices=logit_idx,
-            num_decodes=nd,
+            num_decodes=plan.num_decodes,
             seq_lens_cpu=list(plan.seq_lens),
             query_lens_cpu=qlens.tolist(),
-            decode_count=count,
-            decode_rows=nd,
-            prefill_tiles=tiles,
+            decode_rows=plan.num_decodes,
         )
 
     def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
@@ -224,9 +191,9 @@ class ModelRunner:
         """One fp32 device tensor per SamplingParams field, in one copy."""
         return self.upload(*(np.asarray([getattr(p, k) for p in params], dtype=np.float32) for k in names))
 
-    def sampling_metadata(self, seqs: list, eos_token_ids: set[int]) -> SamplingMetadata:
-        """Per-row sampling settings of the sequences that sample this step (one row each)."""
-        params = [s.params for s in seqs]
+    def sampling_metadata(self, rows: SamplingRows) -> SamplingMetadata:
+        """The sampling rows' settings as device tensors."""
+        params = rows.params
         dev, V = self.device, self.arch.vocab_size
         temperature, top_p, min_p = self._upload_params(params, "temperature", "top_p", "min_p")
         meta = SamplingMetadata(
@@ -234,69 +201,45 @@ class ModelRunner:
             top_p=top_p,
             top_k=self.upload(np.asarray([p.top_k if p.top_k > 0 else V for p in params], dtype=np.int64))[0],
             min_p=min_p,
-            generators=[s.generator for s in seqs],
+            generators=rows.generators,
             all_greedy=all(p.greedy for p in params),
             any_top_p_k_min_p=any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params),
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+            banned=rows.banned or None,
         )
-        banned = []
-        for row, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-            if len(seq.output_token_ids) + seq.num_inflight < p.min_tokens:
-                stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
-                if stop_ids:
-                    banned.append((row, stop_ids))
-        meta.banned = banned or None
-        if any(p.has_penalties for p in params):
-            counts = torch.zeros(len(seqs), V, dtype=torch.int32, device=dev)
-            seen = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
-            for row, seq in enumerate(seqs):
-                out = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=dev)
+        if rows.output_token_ids is not None:
+            counts = torch.zeros(len(params), V, dtype=torch.int32, device=dev)
+            seen = torch.zeros(len(params), V, dtype=torch.bool, device=dev)
+            for row, (out_ids, all_ids) in enumerate(zip(rows.output_token_ids, rows.all_token_ids, strict=True)):
+                out = torch.tensor(out_ids, dtype=torch.int64, device=dev)
                 counts[row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
-                seen[row, torch.tensor(seq.all_token_ids, dtype=torch.int64, device=dev)] = True
+                seen[row, torch.tensor(all_ids, dtype=torch.int64, device=dev)] = True
             meta.output_counts, meta.seen_mask = counts, seen
             meta.presence, meta.frequency, meta.repetition = self._upload_params(
                 params, "presence_penalty", "frequency_penalty", "repetition_penalty")
         return meta
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, eos_token_ids: set[int], prev: InFlight | None = None) -> InFlight:
+    def launch(self, plan: StepPlan, prev: InFlight | None = None) -> InFlight:
         """Queues one forward and the sampling on the device and returns without waiting for them."""
         on_gpu = self.device.type == "cuda"
         start = torch.cuda.Event(enable_timing=True) if on_gpu else None
-        plan = self.plan(sched, prev)
-        self.par.broadcast_object(plan)  # tensor parallel: the other ranks run the same step
+        self.par.broadcast_object(plan.for_workers())  # tensor parallel: the other ranks run the same step
         batch = self.build(plan, prev)
         if start is not None:
             start.record()
         logits = self.forward(batch)
-        seqs = [s.seq for s in sched.seqs if s.samples]
-        sampled = self.sampler(logits, self.sampling_metadata(seqs, eos_token_ids)) if seqs else None
-        return InFlight(seqs, sampled, start, on_gpu)
-
-
-@dataclass
-class StepPlan:
-    """One iteration's batch as host lists: what rank 0 broadcasts to the other tensor-parallel ranks."""
-
-    token_ids: list[list[int]]  # per sequence; a token still in flight from the step before is 0 here
-    starts: list[int]
-    seq_lens: list[int]
-    tables: list[list[int]]
-    sample_at: list[int]
-    num_decodes: int
-    fill_at: list[int]  # flat positions of the in-flight tokens
-    fill_from: list[int]  # their rows in the previous step's sampled tokens
+        sampled = self.sampler(logits, self.sampling_metadata(plan.sampling)) if plan.sampling else None
+        return InFlight(sampled, start, on_gpu)
 
 
 class InFlight:
     """A launched step: its sampled tokens are copied to pinned host memory behind the GPU work,
     and read (waiting only then) when the engine processes the step."""
 
-    def __init__(self, seqs: list, sampled: SampledTensors | None, start: torch.cuda.Event | None,
-                 on_gpu: bool) -> None:
-        self.seqs, self.sampled, self.start = seqs, sampled, start
+    def __init__(self, sampled: SampledTensors | None, start: torch.cuda.Event | None, on_gpu: bool) -> None:
+        self.sampled, self.start = sampled, start
         self.end: torch.cuda.Event | None = None
-        self.shape = None  # the engine's StepShape of this step, for its statistics
         self.host: list[torch.Tensor] = []
         if sampled is not None:
             for t in sampled.tensors():

@@ -8,10 +8,14 @@ import triton
 import triton.language as tl
 
 
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2 * I] holding gate then up; returns silu(gate) * up, [T, I]."""
+def silu_and_mul_ref(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, 2 * I] holding gate then up; returns silu(gate) * up, [T, I]: a new tensor, or `out` written."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    y = F.silu(gate) * up
+    if out is None:
+        return y
+    assert out.shape == y.shape
+    return out.copy_(y)
 
 
 @triton.jit

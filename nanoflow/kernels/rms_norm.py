@@ -7,19 +7,32 @@ import triton
 import triton.language as tl
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _check_out(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    # the dtype a fresh output would have, so both paths round the result the same way
+    assert out.shape == x.shape and out.dtype == torch.promote_types(weight.dtype, x.dtype)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns a new tensor, or `out` (x's shape, the promoted dtype of x and weight) written."""
     # Same op order as transformers' LlamaRMSNorm so fp32 results match bit for bit.
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    y = weight * h.to(x.dtype)
+    if out is None:
+        return y
+    _check_out(out, x, weight)
+    return out.copy_(y)
 
 
 def fused_add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rms_norm(x + residual), x + residual)."""
+    """Returns (rms_norm(x + residual), x + residual), the first in `out` when given.
+
+    Unlike the Triton version, `residual` is left as it is: x + residual is a new tensor.
+    """
     residual = x + residual
-    return rms_norm_ref(residual, weight, eps), residual
+    return rms_norm_ref(residual, weight, eps, out), residual
 
 
 @triton.jit
@@ -47,7 +60,7 @@ def _rms_norm_kernel(
 
 
 def _rms_norm_launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor | None
 ) -> torch.Tensor:
     H = x.shape[-1]
     assert weight.shape == (H,) and weight.is_contiguous()
@@ -55,29 +68,38 @@ def _rms_norm_launch(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     r2 = x2 if residual is None else residual.view(-1, H)  # view: the new residual goes in place
-    out = torch.empty(x2.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    if out is None:
+        out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    else:
+        _check_out(out, x, weight)
+    o2 = out.view(-1, H)  # view: the kernel writes into the caller's rows
+    assert o2.stride(-1) == 1
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(H)
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, out,
-            x2.stride(0), r2.stride(0), out.stride(0), H, eps,
+            x2, r2, weight, o2,
+            x2.stride(0), r2.stride(0), o2.stride(0), H, eps,
             BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=min(max(block // 512, 1), 16),
         )  # fmt: skip
-    return out.view(x.shape)
+    return out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton version of rms_norm_ref. x: [..., H] (last dim contiguous), weight: [H]."""
-    return _rms_norm_launch(x, None, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of rms_norm_ref. x: [..., H] (rows may be strided), weight: [H]. out: None or
+    x's shape in the promoted dtype of x and weight, with a contiguous last dim and rows a
+    .view(-1, H) can flatten (e.g. a row slice of a bigger buffer)."""
+    return _rms_norm_launch(x, None, weight, eps, out)
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of fused_add_rms_norm_ref: returns (rms_norm(x + residual), x + residual).
+    """Triton version of fused_add_rms_norm_ref: returns (rms_norm(x + residual), x + residual),
+    the first in `out` when given (as for rms_norm).
 
-    In place: x + residual is written into `residual`, which is returned as the second value.
-    residual must have x's shape and dtype and a contiguous last dim (a .view(-1, H) must work).
+    In place: x + residual is written into `residual`, which is returned as the second value (the
+    reference returns a new tensor instead). residual must have x's shape and dtype and a contiguous
+    last dim (a .view(-1, H) must work).
     """
     assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
-    return _rms_norm_launch(x, residual, weight, eps), residual
+    return _rms_norm_launch(x, residual, weight, eps, out), residual

@@ -1,67 +1,137 @@
-"""Paged attention as two ops of the layer: rope + KV-cache write, then attention over the pages."""
+"""Paged attention as three ops of the layer: RoPE + KV-cache write, decode attention (one query per
+sequence, memory-bound), prefill attention (query chunks, compute-bound).
+
+The decode and prefill ops are separate so that a pipeline can run one nano-batch's decode attention
+beside another's GEMMs; each builds its own kernel metadata from the batch it is handed (`metadata`)
+and takes an SM cap from its caller. All of them read q from the fused qkv buffer in place.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
-from torch import nn
 
 from nanoflow.forward_batch import ForwardBatch
-from nanoflow.kernels import paged_attention as pa
-from nanoflow.kernels import rotary
+from nanoflow.kernels import decode_attention as dk
+from nanoflow.kernels import kv_cache as kvk
+from nanoflow.kernels import prefill_attention as pk
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-class PagedAttention(nn.Module):
-    def __init__(
-        self,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        sliding_window: int | None,
-        use_triton: bool = False,
-    ) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
-        self.sliding_window = sliding_window
-        self.use_triton = use_triton
+@dataclass(frozen=True)
+class AttentionShape:
+    """This rank's heads (after the tensor-parallel split)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, qkv_width] -> views q [T, Hq, D], k and v [T, Hkv, D] (strided, nothing copied)."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         T = qkv.shape[0]
         return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
                 v.view(T, self.num_kv_heads, self.head_dim))
 
-    def rope_kv_write(
-        self, qkv: torch.Tensor, batch: ForwardBatch, cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        """Rotates q and k, stores k and v in the cache; returns rotated q [T, Hq, D]."""
-        q, k, v = self.split_qkv(qkv)
-        fn = rotary.rope_kv_write if self.use_triton else rotary.rope_kv_write_ref
-        return fn(q, k, v, batch.positions, cos_sin, kv_cache[0], kv_cache[1], batch.slot_mapping)
+    def heads(self, attn_out: torch.Tensor) -> torch.Tensor:
+        """[T, Hq * D] -> [T, Hq, D]."""
+        return attn_out.view(attn_out.shape[0], self.num_heads, self.head_dim)
 
-    def forward(
-        self, q: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        """q: [T, Hq, D] -> [T, Hq * D]; decode tokens and prefill chunks go to their own kernels."""
-        k_cache, v_cache = kv_cache
-        out = torch.empty_like(q)
-        if self.use_triton:
-            rows = batch.decode_rows
-            if rows:
-                pa.paged_decode_attention(q[:rows], k_cache, v_cache, batch.page_tables[:rows], batch.seq_lens[:rows],
-                                          self.scale, self.sliding_window, out=out[:rows], num_seqs=batch.decode_count)
-            if batch.prefill_tiles.shape[0]:
-                pa.paged_prefill_attention(q, k_cache, v_cache, batch.page_tables, batch.query_start_loc,
-                                           batch.seq_lens, self.scale, self.sliding_window, out=out,
-                                           tiles=batch.prefill_tiles)
-            return out.view(q.shape[0], -1)
+
+class RopeKVWrite:
+    """Rotates q in place inside the qkv buffer and stores the rotated k and v in the cache pages."""
+
+    def __init__(self, shape: AttentionShape, enforce_eager: bool) -> None:
+        self.shape, self.enforce_eager = shape, enforce_eager
+
+    def __call__(self, qkv: torch.Tensor, batch: ForwardBatch, cos_sin: torch.Tensor, kv: KVCache) -> None:
+        q, k, v = self.shape.split_qkv(qkv)
+        fn = kvk.rope_kv_write_ref if self.enforce_eager else kvk.rope_kv_write
+        fn(q, k, v, batch.positions, cos_sin, kv[0], kv[1], batch.slot_mapping, q_out=q)
+
+
+class DecodeAttention:
+    """The batch's first num_decodes rows: one query each, over its sequence's pages."""
+
+    def __init__(self, shape: AttentionShape, enforce_eager: bool) -> None:
+        self.shape, self.enforce_eager = shape, enforce_eager
+
+    def metadata(self, batch: ForwardBatch) -> ForwardBatch:
+        """The batch with its decode count on the device (the Triton kernel reads it there, so a
+        CUDA graph serves any count up to its capacity). A fill kernel: no host synchronisation."""
+        if self.enforce_eager:
+            return batch
+        count = torch.full((1,), batch.num_decodes, dtype=torch.int32, device=batch.input_ids.device)
+        return batch.replace(decode_count=count)
+
+    def __call__(self, qkv: torch.Tensor, batch: ForwardBatch, kv: KVCache, out: torch.Tensor,
+                 num_ctas: int | None = None) -> None:
+        q, out = self.shape.split_qkv(qkv)[0], self.shape.heads(out)
+        s = self.shape
+        if self.enforce_eager:
+            nd = batch.num_decodes
+            if nd:
+                dk.paged_decode_attention_ref(q[:nd], kv[0], kv[1], batch.page_tables[:nd], batch.seq_lens[:nd],
+                                              s.scale, s.sliding_window, out=out[:nd])
+            return
+        rows = batch.decode_rows
+        if rows:
+            dk.paged_decode_attention(q[:rows], kv[0], kv[1], batch.page_tables[:rows], batch.seq_lens[:rows],
+                                      s.scale, s.sliding_window, num_ctas=num_ctas, out=out[:rows],
+                                      num_seqs=batch.decode_count)
+
+
+class PrefillAttention:
+    """The rows after the decodes: each prefill chunk attends causally to its sequence's pages."""
+
+    def __init__(self, shape: AttentionShape, enforce_eager: bool) -> None:
+        self.shape, self.enforce_eager = shape, enforce_eager
+        # queries per program (all query heads of a kv head share its rows)
+        self.block_q = pk.prefill_block_q(shape.num_heads // shape.num_kv_heads)
+
+    def tile_capacity(self, num_tokens: int, spare: int) -> int:
+        """Tiles that any batch of num_tokens tokens with at most `spare` prefill chunks needs."""
+        return -(-num_tokens // self.block_q) + spare
+
+    def metadata(self, batch: ForwardBatch) -> ForwardBatch:
+        """The batch with the prefill kernel's work list (longest blocks first), uploaded from pinned
+        memory without waiting for the device."""
+        if self.enforce_eager:
+            return batch
         nd = batch.num_decodes
-        if nd:
-            out[:nd] = pa.paged_decode_attention_ref(q[:nd], k_cache, v_cache, batch.page_tables[:nd],
-                                                     batch.seq_lens[:nd], self.scale, self.sliding_window)
-        if batch.num_prefills:
-            out[nd:] = pa.paged_prefill_attention_ref(
-                q[nd:], k_cache, v_cache, batch.page_tables[nd:], batch.query_lens_cpu[nd:],
-                batch.seq_lens_cpu[nd:], self.scale, self.sliding_window)
-        return out.view(q.shape[0], -1)
+        tiles = pk.prefill_tiles(np.asarray(batch.query_lens_cpu[nd:]), np.asarray(batch.seq_lens_cpu[nd:]), nd,
+                                 self.block_q)
+        host = torch.from_numpy(tiles)
+        device = batch.input_ids.device
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return batch.replace(prefill_tiles=host.to(device, non_blocking=True))
+
+    def __call__(self, qkv: torch.Tensor, batch: ForwardBatch, kv: KVCache, out: torch.Tensor,
+                 num_ctas: int | None = None) -> None:
+        # num_ctas: the tile list is the grid; a cap would need a persistent prefill kernel.
+        q, out = self.shape.split_qkv(qkv)[0], self.shape.heads(out)
+        s = self.shape
+        if self.enforce_eager:
+            nd = batch.num_decodes
+            if batch.num_prefills:
+                pk.paged_prefill_attention_ref(q[nd:], kv[0], kv[1], batch.page_tables[nd:],
+                                               batch.query_lens_cpu[nd:], batch.seq_lens_cpu[nd:], s.scale,
+                                               s.sliding_window, out=out[nd:])
+            return
+        if batch.prefill_tiles.shape[0]:
+            pk.paged_prefill_attention(q, kv[0], kv[1], batch.page_tables, batch.query_start_loc, batch.seq_lens,
+                                       s.scale, s.sliding_window, out=out, tiles=batch.prefill_tiles)

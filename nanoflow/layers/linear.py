@@ -24,8 +24,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias, out)
 
     def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         param = self.weight if name == "weight" else self.bias
@@ -63,8 +63,8 @@ class RowParallelLinear(Linear):
         self.par = par
         super().__init__(par.split(in_features, "input size of a row-parallel layer"), out_features, bias, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias if self.par.rank == 0 else None)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias if self.par.rank == 0 else None, out)
 
     def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         if name == "bias":
@@ -72,6 +72,15 @@ class RowParallelLinear(Linear):
             return
         size = self.weight.shape[1]
         _copy(self.weight.data, _rank_slice(tensor, 1, size, self.par, name), name)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias), into `out` (rows of an activation buffer) when given."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.matmul(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 class LazyTensor:

@@ -19,27 +19,29 @@ from nanoflow.layers.parallel import ParallelState
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, par: ParallelState, use_triton: bool):
+    """Three ops: gate_up GEMM, SiLU-and-mul, down GEMM, each into rows of an activation buffer."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, par: ParallelState, enforce_eager: bool):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(hidden, {0: intermediate, 1: intermediate}, False, dtype, par)
         self.down_proj = RowParallelLinear(intermediate, hidden, False, dtype, par)
-        self.use_triton = use_triton
+        self.intermediate = self.down_proj.weight.shape[1]  # this rank's share
+        self.enforce_eager = enforce_eager
 
-    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate_up_proj(x)
+    def gate_up(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.gate_up_proj(x, out)
 
-    def act(self, x: torch.Tensor) -> torch.Tensor:
-        return activation.silu_and_mul(x) if self.use_triton else activation.silu_and_mul_ref(x)
+    def act(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        fn = activation.silu_and_mul_ref if self.enforce_eager else activation.silu_and_mul
+        return fn(x, out=out)
 
-    def down(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.gate_up(x)))
+    def down(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down_proj(x, out)
 
 
 class MixtureOfExperts(nn.Module):
     """Softmax router, top-k experts per token, weights renormalised over the chosen k (Mixtral).
+    Two ops: route (router GEMM + top-k) and experts.
 
     Each expert's intermediate dimension is split across tensor-parallel ranks, like a dense MLP,
     so the layer ends with the same single all-reduce.
@@ -47,7 +49,7 @@ class MixtureOfExperts(nn.Module):
 
     def __init__(
         self, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype: torch.dtype, par: ParallelState,
-        use_triton: bool,
+        enforce_eager: bool,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.par = num_experts, top_k, par
@@ -55,25 +57,22 @@ class MixtureOfExperts(nn.Module):
         self.router = Linear(hidden, num_experts, False, dtype)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
-        self.use_triton = use_triton
+        self.enforce_eager = enforce_eager
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> None:
+        """Writes each token's top-k routing weights (x's dtype) and expert ids (int64) into the given rows."""
         probs = torch.softmax(self.router(x).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        w, e = torch.topk(probs, self.top_k, dim=-1)
+        weights.copy_(w / w.sum(dim=-1, keepdim=True))
+        experts.copy_(e)
 
-    def experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        act = activation.silu_and_mul if self.use_triton else activation.silu_and_mul_ref
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> None:
+        out.zero_()
+        act = activation.silu_and_mul_ref if self.enforce_eager else activation.silu_and_mul
         for e in experts.unique().tolist():
             rows, slot = torch.where(experts == e)
             h = act(F.linear(x[rows], self.w13[e]))
             out.index_add_(0, rows, F.linear(h, self.w2[e]) * weights[rows, slot, None])
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, *self.route(x))
 
     def load_expert(self, expert: int, which: str, tensor: CheckpointTensor) -> None:
         """which: 'w1' (gate), 'w3' (up) or 'w2' (down), as named in Mixtral checkpoints."""

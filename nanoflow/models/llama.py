@@ -1,84 +1,161 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, and Mixtral with its MoE FFN).
 
-A layer is a flat sequence of named ops: attn_norm, qkv, rope_kv_write, attention, o, (all-reduce),
-ffn_norm, ffn (gate_up -> act -> down, or route -> experts), (all-reduce). The sequential runner
-calls `forward`; a scheduler that splits the batch can call the same ops on each part.
+Each decoder layer publishes its ops as data (`DecoderLayer.ops`): input_norm, qkv, rope_kv_write,
+decode_attention, prefill_attention, o, [all_reduce], post_attention_norm, gate_up, act, down (MoE:
+route, experts), [all_reduce]. The ops read and write rows of the iteration's activation buffers
+(`LlamaForCausalLM.buffers`), so the same ops run over the whole batch or over nano-batches;
+`forward` walks them in order.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
 from nanoflow.forward_batch import ForwardBatch
-from nanoflow.layers.attention import PagedAttention
+from nanoflow.layers.attention import (
+    AttentionShape,
+    DecodeAttention,
+    KVCache,
+    PrefillAttention,
+    RopeKVWrite,
+)
 from nanoflow.layers.embedding import LMHead, VocabParallelEmbedding
 from nanoflow.layers.linear import CheckpointTensor, ColumnParallelLinear, RowParallelLinear
 from nanoflow.layers.mlp import GatedMLP, MixtureOfExperts
 from nanoflow.layers.norm import RMSNorm
+from nanoflow.layers.op import Buffers, Op, run_sequential
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.layers.rotary import cos_sin_table
-from nanoflow.models.arch import ModelArch
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
+from nanoflow.model_arch import ModelArch
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, par: ParallelState, use_triton: bool) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, par: ParallelState, enforce_eager: bool) -> None:
         super().__init__()
         H, hd = arch.hidden_size, arch.head_dim
         self.par = par
-        self.input_layernorm = RMSNorm(H, arch.rms_norm_eps, dtype, use_triton)
+        self.input_layernorm = RMSNorm(H, arch.rms_norm_eps, dtype, enforce_eager)
         self.qkv_proj = ColumnParallelLinear(
             H, {"q": arch.num_heads * hd, "k": arch.num_kv_heads * hd, "v": arch.num_kv_heads * hd},
             arch.qkv_bias, dtype, par)
-        self.attn = PagedAttention(par.split(arch.num_heads, "num_attention_heads"),
-                                   par.split(arch.num_kv_heads, "num_key_value_heads"), hd, arch.sliding_window,
-                                   use_triton)
+        shape = AttentionShape(par.split(arch.num_heads, "num_attention_heads"),
+                               par.split(arch.num_kv_heads, "num_key_value_heads"), hd, arch.sliding_window)
+        self.rope_kv_write = RopeKVWrite(shape, enforce_eager)
+        self.decode_attention = DecodeAttention(shape, enforce_eager)
+        self.prefill_attention = PrefillAttention(shape, enforce_eager)
         self.o_proj = RowParallelLinear(arch.num_heads * hd, H, arch.o_bias, dtype, par)
-        self.post_attention_layernorm = RMSNorm(H, arch.rms_norm_eps, dtype, use_triton)
+        self.post_attention_layernorm = RMSNorm(H, arch.rms_norm_eps, dtype, enforce_eager)
         if arch.is_moe:
             self.mlp: nn.Module = MixtureOfExperts(H, arch.intermediate_size, arch.num_experts,
-                                                   arch.experts_per_token, dtype, par, use_triton)
+                                                   arch.experts_per_token, dtype, par, enforce_eager)
         else:
-            self.mlp = GatedMLP(H, arch.intermediate_size, dtype, par, use_triton)
+            self.mlp = GatedMLP(H, arch.intermediate_size, dtype, par, enforce_eager)
 
-    def forward(
-        self, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, cos_sin: torch.Tensor,
-        kv: KVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = self.input_layernorm(h, residual)
-        q = self.attn.rope_kv_write(self.qkv_proj(x), batch, cos_sin, kv)
-        h = self.par.all_reduce(self.o_proj(self.attn(q, batch, kv)))
-        x, residual = self.post_attention_layernorm(h, residual)
-        h = self.par.all_reduce(self.mlp(x))
-        return h, residual
+    def ops(self, kv: KVCache, cos_sin: torch.Tensor, first: bool) -> tuple[Op, ...]:
+        """This layer's ops in order, bound to its KV cache. The residual stream enters in `residual`
+        (the first layer's: the embeddings) plus `hidden` (the previous layer's output) and leaves the same way."""
+        ops = [
+            Op("input_norm", "memory", partial(self._input_norm, first=first), ("hidden", "residual"),
+               ("x", "residual")),
+            Op("qkv", "compute", lambda b, t, n: self.qkv_proj(t["x"], t["qkv"]), ("x",), ("qkv",)),
+            Op("rope_kv_write", "memory", lambda b, t, n: self.rope_kv_write(t["qkv"], b, cos_sin, kv), ("qkv",),
+               ("qkv",)),
+            Op("decode_attention", "memory", lambda b, t, n: self.decode_attention(t["qkv"], b, kv, t["attn"], n),
+               ("qkv",), ("attn",)),
+            Op("prefill_attention", "compute",
+               lambda b, t, n: self.prefill_attention(t["qkv"], b, kv, t["attn"], n), ("qkv",), ("attn",)),
+            Op("o", "compute", lambda b, t, n: self.o_proj(t["attn"], t["hidden"]), ("attn",), ("hidden",)),
+            *self._all_reduce(),
+            Op("post_attention_norm", "memory",
+               lambda b, t, n: self.post_attention_layernorm.add_norm(t["hidden"], t["residual"], t["x"]),
+               ("hidden", "residual"), ("x", "residual")),
+        ]
+        if isinstance(self.mlp, MixtureOfExperts):
+            moe = self.mlp
+            ops += [
+                Op("route", "compute", lambda b, t, n: moe.route(t["x"], t["topk_weights"], t["topk_ids"]), ("x",),
+                   ("topk_weights", "topk_ids")),
+                Op("experts", "compute",
+                   lambda b, t, n: moe.experts(t["x"], t["topk_weights"], t["topk_ids"], t["hidden"]),
+                   ("x", "topk_weights", "topk_ids"), ("hidden",)),
+            ]
+        else:
+            mlp = self.mlp
+            ops += [
+                Op("gate_up", "compute", lambda b, t, n: mlp.gate_up(t["x"], t["gate_up"]), ("x",), ("gate_up",)),
+                Op("act", "memory", lambda b, t, n: mlp.act(t["gate_up"], t["act"]), ("gate_up",), ("act",)),
+                Op("down", "compute", lambda b, t, n: mlp.down(t["act"], t["hidden"]), ("act",), ("hidden",)),
+            ]
+        return (*ops, *self._all_reduce())
+
+    def _input_norm(self, batch: ForwardBatch, t: Buffers, num_ctas: int | None, first: bool) -> None:
+        if first:
+            self.input_layernorm(t["residual"], t["x"])
+        else:
+            self.input_layernorm.add_norm(t["hidden"], t["residual"], t["x"])
+
+    def _all_reduce(self) -> list[Op]:
+        if self.par.size == 1:
+            return []
+        return [Op("all_reduce", "network", lambda b, t, n: self.par.all_reduce(t["hidden"]), ("hidden",),
+                   ("hidden",))]
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self, arch: ModelArch, dtype: torch.dtype, max_positions: int, par: ParallelState | None = None,
-        use_triton: bool = False,
+        enforce_eager: bool = True,
     ) -> None:
         super().__init__()
         par = par or ParallelState()
-        self.arch = arch
+        self.arch, self.dtype = arch, dtype
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype, par)
-        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, par, use_triton) for _ in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, use_triton)
+        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, par, enforce_eager) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, enforce_eager)
         self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, dtype, par)
         self.register_buffer("cos_sin", cos_sin_table(arch.head_dim, arch.rope, max_positions,
                                                       self.embed_tokens.weight.device), persistent=False)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
-        """Returns the final hidden states [T, H] of every token in the flat batch."""
-        h, residual = self.embed_tokens(batch.input_ids), None
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, batch, self.cos_sin, kv)
-        return self.norm(h, residual)[0]
+    def layer_ops(self, kv_caches: Sequence[KVCache]) -> list[tuple[Op, ...]]:
+        return [layer.ops(kv, self.cos_sin, i == 0)
+                for i, (layer, kv) in enumerate(zip(self.layers, kv_caches, strict=True))]
+
+    def prepare(self, batch: ForwardBatch) -> ForwardBatch:
+        """The batch with the attention ops' metadata (every layer's attention reads the same)."""
+        layer = self.layers[0]
+        return layer.prefill_attention.metadata(layer.decode_attention.metadata(batch))
+
+    def prefill_tile_capacity(self, num_tokens: int, spare: int) -> int:
+        """Prefill tiles that a batch of num_tokens tokens with up to `spare` prefill chunks needs."""
+        return self.layers[0].prefill_attention.tile_capacity(num_tokens, spare)
+
+    def buffers(self, batch: ForwardBatch) -> Buffers:
+        """The iteration's activation buffers, [T, width] each; `residual` starts as the embeddings."""
+        T, H, dev = batch.num_tokens, self.arch.hidden_size, self.embed_tokens.weight.device
+        layer = self.layers[0]
+        empty = partial(torch.empty, device=dev, dtype=self.dtype)
+        bufs = {"residual": self.embed_tokens(batch.input_ids), "hidden": empty(T, H), "x": empty(T, H),
+                "qkv": empty(T, layer.qkv_proj.weight.shape[0]), "attn": empty(T, layer.o_proj.weight.shape[1])}
+        if isinstance(layer.mlp, MixtureOfExperts):
+            k = layer.mlp.top_k
+            bufs |= {"topk_weights": empty(T, k), "topk_ids": torch.empty(T, k, dtype=torch.int64, device=dev)}
+        else:
+            mlp = layer.mlp
+            bufs |= {"gate_up": empty(T, mlp.gate_up_proj.weight.shape[0]), "act": empty(T, mlp.intermediate)}
+        return bufs
+
+    def forward(self, batch: ForwardBatch, kv_caches: Sequence[KVCache],
+                parts: Sequence[ForwardBatch] | None = None) -> torch.Tensor:
+        """Returns the final hidden states [T, H] of every token in the flat batch. The batch (and each
+        nano-batch in `parts`, which split it) carries its attention metadata (`prepare`)."""
+        bufs = self.buffers(batch)
+        run_sequential(self.layer_ops(kv_caches), parts or [batch], bufs)
+        return self.norm.add_norm(bufs["hidden"], bufs["residual"])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

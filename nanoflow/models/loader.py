@@ -9,24 +9,11 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoConfig, PretrainedConfig
 
 from nanoflow.layers.linear import LazyTensor
 from nanoflow.layers.parallel import ParallelState
-from nanoflow.models.arch import ModelArch
+from nanoflow.model_arch import ModelArch
 from nanoflow.models.registry import model_class
-
-
-def load_hf_config(path: str) -> PretrainedConfig:
-    if not os.path.isdir(path):
-        raise ValueError(f"model folder {path!r} does not exist (nanoflow loads local Hugging Face folders; "
-                         "nothing is downloaded)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} has no config.json; expected a Hugging Face model folder")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -57,18 +44,19 @@ def iter_safetensors(files: list[str], progress: bool = True) -> Iterator[tuple[
 
 def build_model(
     path: str,
-    hf_config: PretrainedConfig,
+    arch: ModelArch,
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
     par: ParallelState | None = None,
-    use_triton: bool = False,
+    enforce_eager: bool = True,
     dummy: bool = False,
     seed: int = 0,
 ) -> torch.nn.Module:
-    arch = ModelArch.from_hf(hf_config)
+    """enforce_eager: PyTorch reference ops (False: the Triton kernels, also on the CPU under
+    TRITON_INTERPRET=1); dummy: random weights of the checkpoint's shapes instead of its safetensors."""
     with torch.device(device):
-        model = model_class(arch)(arch, dtype, max_positions, par, use_triton)
+        model = model_class(arch)(arch, dtype, max_positions, par, enforce_eager)
     if dummy:
         _init_random(model, seed)
     else:

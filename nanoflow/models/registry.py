@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from nanoflow.models.arch import SUPPORTED_ARCHITECTURES, ModelArch
+from nanoflow.model_arch import SUPPORTED_ARCHITECTURES, ModelArch
 from nanoflow.models.llama import LlamaForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {name: LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES}

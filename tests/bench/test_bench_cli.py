@@ -31,7 +31,7 @@ def test_parser_knows_the_options() -> None:
                                       "--max-num-seqs", "64"])
     assert (args.dummy, args.workload, args.compare, args.num_requests, args.max_num_seqs) == (
         "llama3-8b", "trace:x.csv", "hf,sequential", 7, 64)
-    assert args.output_dir == "benchmarks/results" and args.hf_max_batch is None
+    assert args.output_dir == "bench-results" and args.hf_max_batch is None
     assert (args.hf_num_requests, args.hf_max_seconds) == (None, 60.0)
     args = build_parser().parse_args(["bench", "--hf-num-requests", "64", "--hf-max-seconds", "0"])
     assert (args.hf_num_requests, args.hf_max_seconds) == (64, 0.0)

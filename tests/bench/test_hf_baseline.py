@@ -15,8 +15,7 @@ from nanoflow.bench.hf_baseline import (
     run_hf_baseline,
 )
 from nanoflow.bench.workloads import Workload, build_workload
-from nanoflow.models.arch import ModelArch
-from nanoflow.models.loader import load_hf_config
+from nanoflow.model_arch import ModelArch, load_hf_config
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,7 @@ import torch
 from nanoflow.bench.cli_args import DUMMY_NAMES
 from nanoflow.bench.dummy_models import DUMMY_CONFIGS, dummy_model_dir
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s
-from nanoflow.models.arch import ModelArch
-from nanoflow.models.loader import load_hf_config
+from nanoflow.model_arch import ModelArch, load_hf_config
 
 # Published parameter counts: (total, active).
 EXPECTED = {

@@ -11,8 +11,8 @@ import torch
 from helpers import teacher_forced_agreement
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
-from nanoflow.kernels.rotary import rope_kv_write, rope_kv_write_ref
+from nanoflow.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from nanoflow.kernels.kv_cache import rope_kv_write, rope_kv_write_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.config import EngineConfig
 from nanoflow.engine.engine import LLMEngine
+from nanoflow.engine_args import EngineArgs
 from nanoflow.entrypoints.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from nanoflow.entrypoints.server.metrics import EngineMetrics
 
@@ -18,7 +18,7 @@ PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [40, 41]]
 
 @pytest.fixture
 def engine(model_path):
-    eng = AsyncEngine(LLMEngine(EngineConfig(model_path, device="cpu", max_model_len=128, num_kv_pages=64)),
+    eng = AsyncEngine(LLMEngine.from_args(EngineArgs(model_path, device="cpu", max_model_len=128, num_kv_pages=64)),
                       EngineMetrics("t"))
     eng.start()
     yield eng
@@ -97,7 +97,7 @@ def test_failing_step_fails_in_flight_requests_only(engine, monkeypatch):
 
 
 def test_shutdown_aborts_in_flight(model_path):
-    eng = AsyncEngine(LLMEngine(EngineConfig(model_path, device="cpu", max_model_len=128, num_kv_pages=64)))
+    eng = AsyncEngine(LLMEngine.from_args(EngineArgs(model_path, device="cpu", max_model_len=128, num_kv_pages=64)))
     eng.start()
 
     async def run():

@@ -12,7 +12,7 @@ def test_engine_imports_no_server_packages():
     code = (
         "import sys\n"
         "import nanoflow, nanoflow.cli, nanoflow.entrypoints.llm, nanoflow.engine.engine\n"
-        "import nanoflow.executor.model_runner, nanoflow.models.llama, nanoflow.kernels.paged_attention\n"
+        "import nanoflow.executor.model_runner, nanoflow.models.llama, nanoflow.kernels.decode_attention\n"
         f"print(sorted(m for m in {SERVER_ONLY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,8 +15,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from nanoflow.config import EngineConfig
 from nanoflow.engine.engine import LLMEngine
+from nanoflow.engine_args import EngineArgs
 from nanoflow.entrypoints.server.async_engine import AsyncEngine
 from nanoflow.entrypoints.server.chat import create_chat_completion
 from nanoflow.entrypoints.server.completions import create_completion
@@ -89,10 +89,10 @@ class _Gate:
 
 
 def _load_tokenizer(engine: AsyncEngine) -> PreTrainedTokenizerBase | None:
-    cfg = engine.engine.config
+    args = engine.engine.config.args
     if engine.engine.tokenizer is None:
         return None
-    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
@@ -190,17 +190,17 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000,
                served_model_name: str | None = None, api_key: str | None = None,
                graceful_timeout_s: float = 30.0) -> int:
     """Serves until SIGTERM/SIGINT: then stops accepting, lets in-flight requests finish for up to
     graceful_timeout_s, aborts the rest, and returns 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = served_model_name or config.model
+    name = served_model_name or args.model
     metrics = EngineMetrics(name)
-    async_engine = AsyncEngine(LLMEngine(config), metrics)
+    async_engine = AsyncEngine(LLMEngine.from_args(args), metrics)
     app = build_app(async_engine, name, api_key)
-    log.info("serving %s as %r on http://%s:%d (max_model_len=%d, %d KV pages)", config.model, name, host,
+    log.info("serving %s as %r on http://%s:%d (max_model_len=%d, %d KV pages)", args.model, name, host,
              port, async_engine.max_model_len, async_engine.num_pages)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on",
                                     timeout_graceful_shutdown=int(graceful_timeout_s)))

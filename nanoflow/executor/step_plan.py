@@ -1,0 +1,43 @@
+"""What the engine hands the model runner for one iteration: plain host lists, no engine objects.
+
+Rank 0 builds it (nanoflow.engine.step_planner) and broadcasts it, without the sampling rows, to the
+other tensor-parallel ranks, which run the same forward from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from nanoflow.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """Per sampling row (the sequences whose next token this step samples), what the sampler needs."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]  # a seeded request's own generator
+    banned: list[tuple[int, list[int]]]  # (row, token ids) not to sample yet: min_tokens not reached
+    # Only when a row uses penalties: its output token ids and all its (prompt + output) token ids.
+    output_token_ids: list[list[int]] | None = None
+    all_token_ids: list[list[int]] | None = None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    token_ids: list[list[int]]  # per sequence; a token still in flight from the step before is 0 here
+    starts: list[int]  # tokens of each sequence already in the KV cache
+    seq_lens: list[int]
+    tables: list[list[int]]  # each sequence's page ids
+    sample_at: list[int]  # flat positions whose next-token logits are sampled
+    num_decodes: int
+    fill_at: list[int]  # flat positions of the in-flight tokens
+    fill_from: list[int]  # their rows in the previous step's sampled tokens
+    sampling: SamplingRows | None = None  # rank 0 only
+
+    def for_workers(self) -> StepPlan:
+        """What the other ranks need: the forward's inputs, not the sampling (generators stay here)."""
+        return dataclasses.replace(self, sampling=None)

@@ -1,0 +1,209 @@
+"""Decode attention: the Triton kernel against its PyTorch reference (nanoflow/kernels/decode_attention.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_cache import FP8, PAGE, f32, out_rows, paged_cache, poison_unwritten, qkv_views
+
+from nanoflow.kernels.decode_attention import (
+    DecodeConfig,
+    _decode_plan,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+
+CUDA = torch.cuda.is_available()
+
+
+SPLIT16 = DecodeConfig(block_n=16, partition_size=32)  # 3 partitions of 2 steps for 70 tokens
+SPLIT32 = DecodeConfig(block_n=32, partition_size=32)
+DECODE_CASES = {
+    # name: (Hq, Hkv, D, context lengths, sliding window, config, num_ctas < work items)
+    "mha-d64": (4, 4, 64, [1, 17, 40, 70], None, DecodeConfig(), None),
+    "gqa4-d128-split-capped": (8, 2, 128, [1, 17, 40, 70], None, SPLIT16, 3),
+    "gqa4-d64-window-split": (8, 2, 64, [1, 17, 40, 70], 20, SPLIT32, 5),
+    "mha-d64-window-capped": (4, 4, 64, [1, 33, 9, 70], 7, DecodeConfig(block_n=32), 2),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+def test_decode(case: tuple, device: str, dtype: torch.dtype, assert_rel) -> None:
+    Hq, Hkv, D, lens, window, cfg, num_ctas = case
+    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, dtype, device)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), Hq, D, device=device, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    res = paged_decode_attention(
+        q, k_cache, v_cache, tables, seq_lens, D**-0.5, window, num_ctas=num_ctas, out=out, config=cfg
+    )
+    assert res is out
+    q32, k32, v32 = f32(q, k_cache, v_cache)
+    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, D**-0.5, window), dtype)
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(), SPLIT16], ids=["one", "split"])
+def test_decode_empty_sequence_gives_zeros(cfg: DecodeConfig, device: str) -> None:
+    lens = [0, 20]  # seq_len 0: a padded CUDA-graph slot
+    k_cache, v_cache, tables = paged_cache(lens, 2, 32, torch.float32, device)
+    q = torch.randn(2, 4, 32, device=device)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.2, num_ctas=2, config=cfg)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.2)
+    assert torch.allclose(out[1], ref[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(), SPLIT16], ids=["one", "split"])
+def test_decode_num_seqs_on_device_leaves_other_rows(cfg: DecodeConfig, device: str, assert_rel) -> None:
+    """A CUDA graph captured for 5 rows serving a batch of 3: rows 3 and 4 are not touched."""
+    lens = [40, 1, 70, 17, 33]
+    k_cache, v_cache, tables = paged_cache(lens, 2, 64, torch.float32, device)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), 8, 64, device=device)
+    out = torch.full_like(q, float("nan"))
+    n = torch.tensor([3], device=device, dtype=torch.int32)
+    paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, num_ctas=2, out=out, config=cfg, num_seqs=n)
+    assert out[3:].isnan().all()
+    assert_rel(out[:3], paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.125)[:3], torch.float32)
+
+
+def test_decode_plan_splits_long_contexts_only() -> None:
+    cfg = DecodeConfig(block_n=64)
+    part, parts = _decode_plan(batch=2, num_kv_heads=8, max_context=32768, grid_cap=264, cfg=cfg)
+    assert parts > 1 and part * parts >= 32768 and part % cfg.block_n == 0
+    assert _decode_plan(batch=256, num_kv_heads=8, max_context=1024, grid_cap=264, cfg=cfg)[1] == 1
+    assert _decode_plan(batch=4, num_kv_heads=8, max_context=16, grid_cap=264, cfg=cfg) == (64, 1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("num_ctas", [None, 16, 32, 66])
+def test_decode_real_shapes(num_ctas: int | None, assert_rel) -> None:
+    lens = [1, 15, 16, 17, 1000, 4097, 333, 2048]
+    k_cache, v_cache, tables = paged_cache(lens, 8, 128, torch.bfloat16, "cuda")
+    seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    q = torch.randn(len(lens), 32, 128, device="cuda", dtype=torch.bfloat16)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 128**-0.5, num_ctas=num_ctas)
+    q32, k32, v32 = f32(q, k_cache, v_cache)
+    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 128**-0.5), torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_decode_cuda_graph_capture(assert_rel) -> None:
+    lens = [5, 300, 64, 1]
+    k_cache, v_cache, tables = paged_cache(lens, 2, 128, torch.bfloat16, "cuda")
+    seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    q = torch.randn(len(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
+    cfg = DecodeConfig(partition_size=64)  # exercise the reduce kernel inside the graph too
+    run = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_ctas=16, config=cfg)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    q.copy_(torch.randn_like(q))
+    seq_lens.copy_(torch.tensor([300, 5, 1, 64], device="cuda", dtype=torch.int32))
+    graph.replay()
+    q32, k32, v32 = f32(q, k_cache, v_cache)
+    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 0.1), torch.bfloat16)
+
+
+# --- fp8 (e4m3) KV cache: the kernels widen K/V to q's dtype on load. Triton's interpreter loads
+# fp8 exactly (it only mis-rounds fp8 stores), so these run on the CPU too.
+
+
+def test_decode_ignores_unwritten_slots(device: str, dtype: torch.dtype, assert_rel) -> None:
+    """Slots past seq_len and page 0 behind the table's padding are read by the reference's gather
+    (and masked): NaN there must not reach the output, on either path."""
+    lens = [1, 17, 40, 70]
+    k_cache, v_cache, tables = paged_cache(lens, 2, 64, dtype, device)
+    kp, vp = poison_unwritten(k_cache, tables, lens), poison_unwritten(v_cache, tables, lens)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), 8, 64, device=device, dtype=dtype)
+    q32, k32, v32 = f32(q, k_cache, v_cache)
+    ref = paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 0.125)
+    assert torch.equal(paged_decode_attention_ref(q32, *f32(kp, vp), tables, seq_lens, 0.125), ref)
+    assert_rel(paged_decode_attention(q, kp, vp, tables, seq_lens, 0.125), ref, dtype)
+
+
+@pytest.mark.parametrize("name", ["gqa4-d128-split-capped", "mha-d64-window-capped"])
+def test_decode_fp8_cache(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
+    Hq, Hkv, D, lens, window, cfg, num_ctas = DECODE_CASES[name]
+    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, dtype, device)
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), Hq, D, device=device, dtype=dtype)
+    kp, vp = poison_unwritten(k8, tables, lens), poison_unwritten(v8, tables, lens)
+    out = paged_decode_attention(q, kp, vp, tables, seq_lens, D**-0.5, window, num_ctas=num_ctas, config=cfg)
+    assert out.dtype == dtype
+    # the reference sees the same fp8-rounded K/V, widened: only the attention arithmetic differs
+    q32, k32, v32 = f32(q, k8, v8)
+    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, D**-0.5, window), dtype)
+
+
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_ref_fp8_cache_equals_widened_cache(qdtype: torch.dtype) -> None:
+    """The eager path with an fp8 cache is attention over a q-dtype cache holding the same values
+    (and ignores NaN bytes in slots not written yet)."""
+    Hq, Hkv, D, qlens, lens = 8, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33]
+    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, torch.float32, "cpu")
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    kw, vw = k8.to(qdtype), v8.to(qdtype)
+    k8, v8 = poison_unwritten(k8, tables, lens), poison_unwritten(v8, tables, lens)
+    q = torch.randn(sum(qlens), Hq, D, dtype=qdtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    for window in (None, 7):
+        qd = q[: len(lens)]
+        got = paged_decode_attention_ref(qd, k8, v8, tables, seq_lens, D**-0.5, window)
+        assert torch.equal(got, paged_decode_attention_ref(qd, kw, vw, tables, seq_lens, D**-0.5, window))
+
+
+def test_fp8_cache_rejected_for_other_dtypes(device: str) -> None:
+    k8 = torch.zeros(2, 2, PAGE, 32, device=device, dtype=FP8)
+    q = torch.zeros(1, 2, 32, device=device).to(FP8)
+    with pytest.raises(AssertionError, match="q must be"):
+        paged_decode_attention(q, k8, k8, torch.zeros(1, 2, device=device, dtype=torch.int32),
+                               torch.ones(1, device=device, dtype=torch.int32), 0.1)
+    with pytest.raises(AssertionError, match="share a dtype"):
+        paged_decode_attention(q.float(), k8, k8.float(), torch.zeros(1, 2, device=device, dtype=torch.int32),
+                               torch.ones(1, device=device, dtype=torch.int32), 0.1)
+
+
+def test_decode_config_defaults_follow_the_cache_dtype() -> None:
+    """The measured best full-grid shapes (benchmarks/kernel_check.py on an H100) per cache dtype."""
+    shape = lambda c: (c.block_n, c.num_warps, c.num_stages)  # noqa: E731
+    assert shape(DecodeConfig().resolved(128, 2)) == (128, 4, 8)
+    assert shape(DecodeConfig().resolved(128, 2, fp8_cache=True)) == (64, 4, 6)
+    assert shape(DecodeConfig().resolved(128, 4)) == (64, 8, 4)  # fp32: the same 64 KiB per step
+    assert shape(DecodeConfig(block_n=32, num_stages=8).resolved(128, 2, fp8_cache=True)) == (32, 4, 8)
+
+
+# --- the nano-batch layout: q read from a fused qkv buffer, out written into rows of a bigger buffer
+
+
+@pytest.mark.parametrize("name", ["mha-d64", "gqa4-d64-window-split"])
+def test_decode_q_from_qkv_buffer_out_into_rows(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
+    """q: the q part of a [B, (Hq + 2 * Hkv) * D] qkv buffer (row stride (Hq + 2 * Hkv) * D); out: rows
+    2..2+B of a [B + 5, Hq * D] buffer. Both paths write exactly those rows (the split case through the
+    reduce kernel's strides too)."""
+    Hq, Hkv, D, lens, window, cfg, num_ctas = DECODE_CASES[name]
+    B = len(lens)
+    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, dtype, device)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    _, q, _, _ = qkv_views(B, Hq, Hkv, D, dtype, device)
+    assert q.stride(0) == (Hq + 2 * Hkv) * D
+    buf, out = out_rows(B, Hq, D, 2, 3, dtype, device)
+    res = paged_decode_attention(
+        q, k_cache, v_cache, tables, seq_lens, D**-0.5, window, num_ctas=num_ctas, out=out, config=cfg
+    )
+    assert res is out
+    assert buf[:2].isnan().all() and buf[2 + B :].isnan().all()
+    q32, k32, v32 = f32(q.contiguous(), k_cache, v_cache)
+    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, D**-0.5, window), dtype)
+
+    ref_buf, ref_out = out_rows(B, Hq, D, 2, 3, dtype, device)
+    got = paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, D**-0.5, window, out=ref_out)
+    assert got is ref_out
+    assert ref_buf[:2].isnan().all() and ref_buf[2 + B :].isnan().all()
+    want = paged_decode_attention_ref(q.contiguous(), k_cache, v_cache, tables, seq_lens, D**-0.5, window)
+    torch.testing.assert_close(ref_out, want)
