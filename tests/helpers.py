@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from nanoflow.executor.step_plan import StepPlan
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -109,3 +111,18 @@ def teacher_forced_agreement(llm, prompts: list[list[int]], continuations: list[
     want = [t for c in continuations for t in c]
     outs = llm.generate(forced, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
     return sum(o.outputs[0].token_ids[0] == w for o, w in zip(outs, want, strict=True)) / len(want)
+
+
+def step_plan(decodes: list[int], prefills: list[tuple[int, int]], first_page: int = 0) -> StepPlan:
+    """decodes: context lengths (one new token each); prefills: (tokens already cached, chunk length)."""
+    token_ids, starts, lens, tables, sample_at = [], [], [], [], []
+    page = first_page
+    for done, new in [(n - 1, 1) for n in decodes] + prefills:
+        token_ids.append([(7 * (done + i)) % 300 + 3 for i in range(new)])
+        starts.append(done)
+        lens.append(done + new)
+        pages = -(-(done + new) // 16)
+        tables.append(list(range(page, page + pages)))
+        page += pages
+        sample_at.append(sum(map(len, token_ids)) - 1)
+    return StepPlan(token_ids, starts, lens, tables, sample_at, len(decodes), [], [])

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from nanoflow.cli import build_parser, engine_config_from_args, engine_kwargs
+from nanoflow.cli import build_parser
+from nanoflow.engine_args import engine_args_from_cli, engine_kwargs
 
 
 def test_generate_cli(tiny_model):
@@ -26,7 +27,7 @@ def test_kv_cache_dtype_option():
     for cmd in ("generate", "serve"):
         args = parser.parse_args([cmd, "m", "--kv-cache-dtype", "fp8"])
         assert engine_kwargs(args)["kv_cache_dtype"] == "fp8"
-        assert engine_config_from_args(args, "m").kv_cache_dtype == "fp8"
+        assert engine_args_from_cli(args, "m").kv_cache_dtype == "fp8"
         assert engine_kwargs(parser.parse_args([cmd]))["kv_cache_dtype"] == "auto"
     assert parser.parse_args(["bench", "--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
     assert parser.parse_args(["bench"]).kv_cache_dtype == "auto"

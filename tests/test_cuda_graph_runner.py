@@ -10,29 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import step_plan
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.cuda_graph import GraphRunner, token_buckets
 from nanoflow.executor.model_runner import ModelRunner
-from nanoflow.executor.step_plan import StepPlan
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
-
-
-def _plan(decodes: list[int], prefills: list[tuple[int, int]], first_page: int = 0) -> StepPlan:
-    """decodes: context lengths (one new token each); prefills: (tokens already cached, chunk length)."""
-    token_ids, starts, lens, tables, sample_at = [], [], [], [], []
-    page = first_page
-    for done, new in [(n - 1, 1) for n in decodes] + prefills:
-        token_ids.append([(7 * (done + i)) % 300 + 3 for i in range(new)])
-        starts.append(done)
-        lens.append(done + new)
-        pages = -(-(done + new) // 16)
-        tables.append(list(range(page, page + pages)))
-        page += pages
-        sample_at.append(sum(map(len, token_ids)) - 1)
-    return StepPlan(token_ids, starts, lens, tables, sample_at, len(decodes), [], [])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +45,7 @@ def runner_and_graphs(tiny_model):
 ])
 def test_replay_equals_forward(runner_and_graphs, decodes, prefills, bucket, mixed) -> None:
     runner, fast, graphs = runner_and_graphs
-    batch = fast.prepare(runner._build_batch(_plan(decodes, prefills)))
+    batch = fast.prepare(runner._build_batch(step_plan(decodes, prefills)))
     key = graphs.select(batch)
     assert key == (bucket, mixed)
     with torch.inference_mode():
@@ -74,17 +59,17 @@ def test_replay_equals_forward(runner_and_graphs, decodes, prefills, bucket, mix
 
 def test_batches_that_fit_no_graph_run_eagerly(runner_and_graphs) -> None:
     runner, fast, graphs = runner_and_graphs
-    too_many_seqs = fast.prepare(runner._build_batch(_plan([3] * 9, [])))
+    too_many_seqs = fast.prepare(runner._build_batch(step_plan([3] * 9, [])))
     assert graphs.select(too_many_seqs) is None
     # 40 one-token prefill chunks need more prefill tiles than a graph keeps spare
-    many_chunks = fast.prepare(runner._build_batch(_plan([], [(0, 1)] * 40 + [(0, 2)])))
+    many_chunks = fast.prepare(runner._build_batch(step_plan([], [(0, 1)] * 40 + [(0, 2)])))
     assert graphs.select(many_chunks) is None
 
 
 def test_a_slower_small_bucket_is_skipped(runner_and_graphs) -> None:
     """cuBLAS can be slower at 448 rows than at 512: the batch pads up to the faster bucket."""
     runner, fast, graphs = runner_and_graphs
-    batch = fast.prepare(runner._build_batch(_plan([20, 5, 40], [])))
+    batch = fast.prepare(runner._build_batch(step_plan([20, 5, 40], [])))
     saved = graphs.replay_ms[(4, False)]
     try:
         graphs.replay_ms[(4, False)] = 100.0

@@ -262,10 +262,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     use_tqdm = not args.no_tqdm
-    device = resolve_device(args.device)
-    # One dtype for every system (the engine's "auto" could follow a float16 checkpoint while HF ran
-    # bf16): bfloat16 on the GPU, float32 on the CPU unless asked otherwise.
-    dtype = resolve_dtype(args.dtype, None, device)
+    try:
+        device = resolve_device(args.device)
+        # One dtype for every system (the engine's "auto" could follow a float16 checkpoint while HF
+        # ran bf16): bfloat16 on the GPU, float32 on the CPU unless asked otherwise.
+        dtype = resolve_dtype(args.dtype, None, device)
+    except ValueError as e:  # name the flag: "--dtype must be ..."
+        raise ValueError(f"--{e}") from None
     compare = parse_compare(args.compare)
     model_dir, model_name, load_format = resolve_model(args)
     arch = ModelArch.from_hf(load_hf_config(model_dir))
