@@ -82,11 +82,8 @@ class ForwardBatch:
             num_decodes=num_seqs, seq_lens_cpu=[1] * num_seqs, query_lens_cpu=[1] * num_seqs, decode_rows=num_seqs,
             decode_count=ints(1), prefill_tiles=ints(num_tiles, 2, fill=-1))
 
-    def fits(self, static: ForwardBatch) -> bool:
-        """Whether every tensor of this batch fits its counterpart in `static` (a capacity batch)."""
-        mine = self.tensor_fields()
-        return all(all(a <= b for a, b in zip(mine[name].shape, t.shape, strict=True))
-                   for name, t in static.tensor_fields().items() if t.numel())
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: t.shape for name, t in self.tensor_fields().items()}
 
     def copy_into(self, static: ForwardBatch) -> None:
         """Copies this batch into the leading rows of a capacity batch's tensors (asynchronously) and

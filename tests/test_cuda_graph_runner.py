@@ -29,7 +29,8 @@ def runner_and_graphs(tiny_model):
     torch.manual_seed(0)
     runner.kv_cache.copy_(torch.randn_like(runner.kv_cache))  # contexts the new tokens attend to
     fast = build_model(path, cfg.arch, torch.float32, torch.device("cpu"), 256, ParallelState(), enforce_eager=False)
-    graphs = GraphRunner(fast, runner.kv_caches, max_tokens=64, max_seqs=8, max_pages=16, device=torch.device("cpu"))
+    fast.bind_kv_caches(runner.kv_caches)
+    graphs = GraphRunner(fast, max_tokens=64, max_seqs=8, max_pages=16, device=torch.device("cpu"))
     graphs.capture()
     return runner, fast, graphs
 
@@ -49,9 +50,9 @@ def test_replay_equals_forward(runner_and_graphs, decodes, prefills, bucket, mix
     key = graphs.select(batch)
     assert key == (bucket, mixed)
     with torch.inference_mode():
-        want = fast(batch, runner.kv_caches)
+        want = fast(batch)
         got = graphs.run(batch, key)
-        ref = runner.model(batch, runner.kv_caches)  # the plain PyTorch path
+        ref = runner.model(batch)  # the plain PyTorch path
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -36,9 +36,9 @@ def runner(request, tiny_model) -> ModelRunner:
     return runner
 
 
-def _logits(model, batch: ForwardBatch, kv, parts=None) -> torch.Tensor:
+def _logits(model, batch: ForwardBatch, parts=None) -> torch.Tensor:
     with torch.inference_mode():
-        return model.compute_logits(model(batch, kv, parts)[batch.logits_indices])
+        return model.compute_logits(model(batch, parts)[batch.logits_indices])
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["reference", "triton"])
@@ -49,10 +49,11 @@ def test_nano_batches_give_the_whole_batch_logits(runner, bounds, eager) -> None
         cfg = runner.config
         model = build_model(cfg.model, cfg.arch, cfg.dtype, cfg.device, cfg.max_model_len, ParallelState(),
                             enforce_eager=False)
+        model.bind_kv_caches(runner.kv_caches)
     batch = model.prepare(runner._build_batch(step_plan(DECODES, PREFILLS)))
-    want = _logits(model, batch, runner.kv_caches)
+    want = _logits(model, batch)
     parts = [model.prepare(p) for p in batch.split(bounds)]
-    got = _logits(model, batch, runner.kv_caches, parts)
+    got = _logits(model, batch, parts)
     assert (got - want).abs().max().item() <= 1e-5
 
 

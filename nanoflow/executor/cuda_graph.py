@@ -22,7 +22,6 @@ from torch import nn
 from tqdm import tqdm
 
 from nanoflow.forward_batch import ForwardBatch
-from nanoflow.layers.attention import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,15 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 class GraphRunner:
-    def __init__(self, model: nn.Module, kv_caches: list[KVCache], max_tokens: int, max_seqs: int, max_pages: int,
-                 device: torch.device) -> None:
-        self.model, self.kv_caches, self.device = model, kv_caches, device
+    def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_pages: int, device: torch.device) -> None:
+        self.model, self.device = model, device
         self.buckets = token_buckets(max_tokens)
         self.max_seqs = min(max_seqs, max_tokens)
         self.max_pages = max_pages
         # (bucket, mixed) -> the static batch it reads, the captured graph (on the CPU, where nothing
         # is captured: None) and its output
         self.static: dict[tuple[int, bool], ForwardBatch] = {}
+        self.capacity: dict[tuple[int, bool], dict[str, torch.Size]] = {}  # the static tensors' shapes
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         # ms per replay measured at capture, with nothing to attend to: the part of a step's time
@@ -72,16 +71,18 @@ class GraphRunner:
         for key in tqdm(keys, desc="CUDA graphs", disable=not on_gpu, leave=False):
             # as made, a capacity batch computes nothing and writes no live page
             batch = self.static[key] = self._static_batch(*key)
+            # tensors a capacity batch leaves empty (the logits rows) are not inputs of the graph
+            self.capacity[key] = {name: shape for name, shape in batch.shapes().items() if shape.numel()}
             if not on_gpu:
                 self.graphs[key] = None
                 self.replay_ms[key] = float(key[0])
                 continue
             for _ in range(2):  # warm-up: Triton compiles outside the capture
-                self.model(batch, self.kv_caches)
+                self.model(batch)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[key] = self.model(batch, self.kv_caches)
+                self.outputs[key] = self.model(batch)
             self.graphs[key] = graph
             self.replay_ms[key] = self._time_replay(graph)
         log.info("captured %d CUDA graphs (token buckets %s)", len(self.graphs), self.buckets)
@@ -98,9 +99,9 @@ class GraphRunner:
 
     def select(self, batch: ForwardBatch) -> tuple[int, bool] | None:
         """The fastest graph that can run this batch, or None (run it eagerly)."""
-        n, mixed = batch.num_tokens, batch.num_prefills > 0
+        n, mixed, shapes = batch.num_tokens, batch.num_prefills > 0, batch.shapes()
         fits = [key for key in self.graphs if key[1] == mixed and key[0] >= n
-                and (key[0] <= SMALL_BATCH or (key[0] - n) * 16 <= n) and batch.fits(self.static[key])]
+                and (key[0] <= SMALL_BATCH or (key[0] - n) * 16 <= n) and _fits(shapes, self.capacity[key])]
         return min(fits, key=self.replay_ms.__getitem__) if fits else None
 
     def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor:
@@ -109,6 +110,11 @@ class GraphRunner:
         self.num_replays += 1
         graph = self.graphs[key]
         if graph is None:  # the CPU: run the forward the graph would replay, on the same buffers
-            return self.model(static, self.kv_caches)[: batch.num_tokens]
+            return self.model(static)[: batch.num_tokens]
         graph.replay()
         return self.outputs[key][: batch.num_tokens]
+
+
+def _fits(shapes: dict[str, torch.Size], capacity: dict[str, torch.Size]) -> bool:
+    """Whether every tensor of a batch fits its static counterpart."""
+    return all(all(a <= b for a, b in zip(shapes[name], cap, strict=True)) for name, cap in capacity.items())

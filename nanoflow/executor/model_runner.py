@@ -46,10 +46,11 @@ class ModelRunner:
         shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)
         self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
+        self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: GraphRunner | None = None
         if self._use_graphs:
-            self.graphs = GraphRunner(self.model, self.kv_caches, config.cuda_graph_max_tokens, config.max_num_seqs,
+            self.graphs = GraphRunner(self.model, config.cuda_graph_max_tokens, config.max_num_seqs,
                                       pages_for(config.max_model_len), self.device)
             self.graphs.capture()
 
@@ -94,16 +95,17 @@ class ModelRunner:
         # the cache's own dtype: the eager path's widened K/V copies are part of the peak
         kv = torch.empty((2, pages, kv_heads, PAGE_SIZE, self.arch.head_dim), dtype=self.kv_dtype,
                          device=self.device)
-        caches = [(kv[0], kv[1])] * self.arch.num_layers
+        self.model.bind_kv_caches([(kv[0], kv[1])] * self.arch.num_layers)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         batch = self.model.prepare(self._build_batch(StepPlan([[0] * n], [0], [n], [list(range(pages))], [n - 1], 0,
                                                               [], [])))
         with torch.inference_mode():
-            self.model.compute_logits(self.model(batch, caches)[batch.logits_indices])
+            self.model.compute_logits(self.model(batch)[batch.logits_indices])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
-        del kv, caches
+        del kv
+        self.model.bind_kv_caches([])  # the pool's caches are bound once they exist
         torch.cuda.empty_cache()
         return int(peak * 1.1)
 
@@ -128,7 +130,7 @@ class ModelRunner:
         if key is not None:
             hidden = self.graphs.run(batch, key)
         else:
-            hidden = self.model(batch, self.kv_caches)
+            hidden = self.model(batch)
         if batch.logits_indices.shape[0] == 0:
             return None
         return self.model.compute_logits(hidden[batch.logits_indices])

@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(H, arch.intermediate_size, dtype, par, enforce_eager)
 
-    def ops(self, kv: KVCache, cos_sin: torch.Tensor, first: bool) -> tuple[Op, ...]:
+    def make_ops(self, kv: KVCache, cos_sin: torch.Tensor, first: bool) -> tuple[Op, ...]:
         """This layer's ops in order, bound to its KV cache. The residual stream enters in `residual`
         (the first layer's: the embeddings) plus `hidden` (the previous layer's output) and leaves the same way."""
         ops = [
@@ -120,10 +120,16 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, dtype, par)
         self.register_buffer("cos_sin", cos_sin_table(arch.head_dim, arch.rope, max_positions,
                                                       self.embed_tokens.weight.device), persistent=False)
+        self.layer_ops: list[tuple[Op, ...]] = []  # bind_kv_caches builds them
 
-    def layer_ops(self, kv_caches: Sequence[KVCache]) -> list[tuple[Op, ...]]:
-        return [layer.ops(kv, self.cos_sin, i == 0)
-                for i, (layer, kv) in enumerate(zip(self.layers, kv_caches, strict=True))]
+    def bind_kv_caches(self, kv_caches: Sequence[KVCache]) -> None:
+        """Gives each layer its KV cache (the runner owns the tensors) and builds the layers' ops
+        over them once: `layer_ops`, what the forward and any pipeline walk. An empty list unbinds."""
+        if not kv_caches:
+            self.layer_ops = []
+            return
+        self.layer_ops = [layer.make_ops(kv, self.cos_sin, i == 0)
+                          for i, (layer, kv) in enumerate(zip(self.layers, kv_caches, strict=True))]
 
     def prepare(self, batch: ForwardBatch) -> ForwardBatch:
         """The batch with the attention ops' metadata (every layer's attention reads the same)."""
@@ -149,12 +155,12 @@ class LlamaForCausalLM(nn.Module):
             bufs |= {"gate_up": empty(T, mlp.gate_up_proj.weight.shape[0]), "act": empty(T, mlp.intermediate)}
         return bufs
 
-    def forward(self, batch: ForwardBatch, kv_caches: Sequence[KVCache],
-                parts: Sequence[ForwardBatch] | None = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, parts: Sequence[ForwardBatch] | None = None) -> torch.Tensor:
         """Returns the final hidden states [T, H] of every token in the flat batch. The batch (and each
-        nano-batch in `parts`, which split it) carries its attention metadata (`prepare`)."""
+        nano-batch in `parts`, which split it) carries its attention metadata (`prepare`); the KV
+        caches are bound (`bind_kv_caches`)."""
         bufs = self.buffers(batch)
-        run_sequential(self.layer_ops(kv_caches), parts or [batch], bufs)
+        run_sequential(self.layer_ops, parts or [batch], bufs)
         return self.norm.add_norm(bufs["hidden"], bufs["residual"])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
