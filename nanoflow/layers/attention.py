@@ -46,9 +46,10 @@ class AttentionShape:
         return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
                 v.view(T, self.num_kv_heads, self.head_dim))
 
-    def heads(self, attn_out: torch.Tensor) -> torch.Tensor:
-        """[T, Hq * D] -> [T, Hq, D]."""
-        return attn_out.view(attn_out.shape[0], self.num_heads, self.head_dim)
+    def q_and_out(self, qkv: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention ops' views: q [T, Hq, D] inside the qkv buffer, and the output rows
+        [T, Hq * D] as [T, Hq, D]."""
+        return self.split_qkv(qkv)[0], attn_out.view(attn_out.shape[0], self.num_heads, self.head_dim)
 
 
 class RopeKVWrite:
@@ -79,8 +80,8 @@ class DecodeAttention:
 
     def __call__(self, qkv: torch.Tensor, batch: ForwardBatch, kv: KVCache, out: torch.Tensor,
                  num_ctas: int | None = None) -> None:
-        q, out = self.shape.split_qkv(qkv)[0], self.shape.heads(out)
         s = self.shape
+        q, out = s.q_and_out(qkv, out)
         if self.enforce_eager:
             nd = batch.num_decodes
             if nd:
@@ -123,8 +124,8 @@ class PrefillAttention:
     def __call__(self, qkv: torch.Tensor, batch: ForwardBatch, kv: KVCache, out: torch.Tensor,
                  num_ctas: int | None = None) -> None:
         # num_ctas: the tile list is the grid; a cap would need a persistent prefill kernel.
-        q, out = self.shape.split_qkv(qkv)[0], self.shape.heads(out)
         s = self.shape
+        q, out = s.q_and_out(qkv, out)
         if self.enforce_eager:
             nd = batch.num_decodes
             if batch.num_prefills:
