@@ -40,6 +40,9 @@ class EngineArgs:
     # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
     # twice the tokens fit in the same memory and decode attention reads half the bytes.
     kv_cache_dtype: str = "auto"
+    # NanoFlow's nano-batch pipeline: "auto" (the one `nanoflow tune` cached for this GPU, model,
+    # dtype, TP size and token budget, else sequential), "off" (sequential) or a pipeline JSON path.
+    pipeline: str = "auto"
 
     def replace(self, **changes) -> EngineArgs:
         return dataclasses.replace(self, **changes)
@@ -49,7 +52,7 @@ class EngineArgs:
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "admission_output_tokens", "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype",
                 "cuda_graph_max_tokens", "tensor_parallel_size", "seed", "tokenizer", "skip_tokenizer_init",
-                "enforce_eager")
+                "enforce_eager", "pipeline")
 
 
 def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positional_model: bool = True) -> None:
@@ -78,6 +81,9 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--skip-tokenizer-init", action="store_true",
                    help="no tokenizer: prompts are token ids and outputs carry token ids only")
+    p.add_argument("--pipeline", default="auto",
+                   help="nano-batch pipeline: auto (tuned by `nanoflow tune` for this GPU and model if cached, "
+                   "else sequential) | off | PATH to a pipeline JSON")
     p.add_argument("--enforce-eager", action="store_true",
                    help="PyTorch reference ops and no CUDA graphs (the CPU always runs eagerly)")
 

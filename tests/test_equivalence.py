@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from helpers import ARCHS, VOCAB_SIZE
+from helpers import ARCHS, VOCAB_SIZE, pipeline_for
 from transformers import AutoModelForCausalLM
 
 from nanoflow import LLM, SamplingParams
@@ -39,14 +39,22 @@ ENGINE_SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipeline"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers(tiny_model, arch):
+def test_greedy_matches_transformers(tiny_model, arch, pipelined, tmp_path):
+    """With pipelined=True every step of two tokens or more runs the layers' ops as a two-stream
+    nano-batch pipeline (in its issue order on the CPU), with nano-batch bounds inside decodes and
+    inside prefill chunks."""
     path = tiny_model(arch)
     prompts = _prompts(ARCHS.index(arch))
     expected = hf_greedy(path, prompts, MAX_TOKENS)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for name, settings in ENGINE_SETTINGS.items():
-        llm = LLM(path, max_model_len=256, **settings)
+        pipeline = "off"
+        if pipelined:
+            pipeline = str(tmp_path / f"{name}.json")
+            pipeline_for(arch.removesuffix("_tied"), settings["max_num_batched_tokens"]).save(pipeline)
+        llm = LLM(path, max_model_len=256, pipeline=pipeline, **settings)
         budget_seen = []
         schedule = llm.engine.scheduler.schedule
 

@@ -12,6 +12,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.model_runner import ModelRunner
 from nanoflow.forward_batch import ForwardBatch
+from nanoflow.layers.op import run_sequential
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
 
@@ -37,8 +38,9 @@ def runner(request, tiny_model) -> ModelRunner:
 
 
 def _logits(model, batch: ForwardBatch, parts=None) -> torch.Tensor:
+    walk = None if parts is None else lambda ops, bufs: run_sequential(ops, bufs, parts)
     with torch.inference_mode():
-        return model.compute_logits(model(batch, parts)[batch.logits_indices])
+        return model.compute_logits(model(batch, walk)[batch.logits_indices])
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["reference", "triton"])

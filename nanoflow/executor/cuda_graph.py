@@ -15,13 +15,17 @@ Llama-3-8B layer's GEMMs take 447 us at 448 rows but 330 us at 512), so padding 
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from nanoflow.forward_batch import ForwardBatch
+from nanoflow.pipeline.executor import PipelineExecutor
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,10 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 class GraphRunner:
-    def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_pages: int, device: torch.device) -> None:
-        self.model, self.device = model, device
+    def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_pages: int, device: torch.device,
+                 executor_for: Callable[[int], PipelineExecutor | None] = lambda n: None) -> None:
+        """executor_for(bucket): the pipeline that runs the bucket's forward (None: sequential)."""
+        self.model, self.device, self.executor_for = model, device, executor_for
         self.buckets = token_buckets(max_tokens)
         self.max_seqs = min(max_seqs, max_tokens)
         self.max_pages = max_pages
@@ -49,6 +55,11 @@ class GraphRunner:
         # is captured: None) and its output
         self.static: dict[tuple[int, bool], ForwardBatch] = {}
         self.capacity: dict[tuple[int, bool], dict[str, torch.Size]] = {}  # the static tensors' shapes
+        # pipelined graphs: their executor, static nano-batches per partition, and the fewest tokens
+        # a batch needs so that none of its nano-batches is empty
+        self.executors: dict[tuple[int, bool], PipelineExecutor] = {}
+        self.parts: dict[tuple[int, bool], dict[str, list[ForwardBatch]]] = {}
+        self.min_tokens: dict[tuple[int, bool], int] = {}
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         # ms per replay measured at capture, with nothing to attend to: the part of a step's time
@@ -56,9 +67,22 @@ class GraphRunner:
         self.replay_ms: dict[tuple[int, bool], float] = {}
         self.num_replays = 0
 
-    def _static_batch(self, num_tokens: int, mixed: bool) -> ForwardBatch:
+    def _static_batch(self, num_tokens: int, mixed: bool, token_offset: int = 0) -> ForwardBatch:
         tiles = self.model.prefill_tile_capacity(num_tokens, SPARE_TILES) if mixed else 0
-        return ForwardBatch.capacity(num_tokens, min(num_tokens, self.max_seqs), self.max_pages, tiles, self.device)
+        return ForwardBatch.capacity(num_tokens, min(num_tokens, self.max_seqs), self.max_pages, tiles,
+                                     self.device).replace(token_offset=token_offset)
+
+    def _walk(self, key: tuple[int, bool]):
+        """The forward's walk for a key: its pipeline over static nano-batches, or None (sequential)."""
+        ex = self.executor_for(key[0])
+        self.min_tokens[key] = ex.schedule.min_tokens if ex else 1
+        if ex is None:
+            return None
+        self.executors[key] = ex
+        self.parts[key] = {name: [self._static_batch(b - a, key[1], a)
+                                  for a, b in itertools.pairwise(ex.schedule.bounds(name, key[0]))]
+                           for name in ex.schedule.partitions}
+        return partial(ex.run, parts=self.parts[key])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -73,16 +97,17 @@ class GraphRunner:
             batch = self.static[key] = self._static_batch(*key)
             # tensors a capacity batch leaves empty (the logits rows) are not inputs of the graph
             self.capacity[key] = {name: shape for name, shape in batch.shapes().items() if shape.numel()}
+            walk = self._walk(key)
             if not on_gpu:
                 self.graphs[key] = None
                 self.replay_ms[key] = float(key[0])
                 continue
             for _ in range(2):  # warm-up: Triton compiles outside the capture
-                self.model(batch)
+                self.model(batch, walk)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[key] = self.model(batch)
+                self.outputs[key] = self.model(batch, walk)
             self.graphs[key] = graph
             self.replay_ms[key] = self._time_replay(graph)
         log.info("captured %d CUDA graphs (token buckets %s)", len(self.graphs), self.buckets)
@@ -100,17 +125,27 @@ class GraphRunner:
     def select(self, batch: ForwardBatch) -> tuple[int, bool] | None:
         """The fastest graph that can run this batch, or None (run it eagerly)."""
         n, mixed, shapes = batch.num_tokens, batch.num_prefills > 0, batch.shapes()
-        fits = [key for key in self.graphs if key[1] == mixed and key[0] >= n
+        fits = [key for key in self.graphs if key[1] == mixed and key[0] >= n >= self.min_tokens[key]
                 and (key[0] <= SMALL_BATCH or (key[0] - n) * 16 <= n) and _fits(shapes, self.capacity[key])]
         return min(fits, key=self.replay_ms.__getitem__) if fits else None
 
-    def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor | None:
+        """The graph's output rows of this batch; None if a nano-batch of it does not fit the graph's
+        (run it eagerly then)."""
         static = self.static[key]
+        if key in self.executors:
+            live = self.executors[key].split(batch, self.model.prepare)
+            pairs = [(p, s) for name, ps in live.items() for p, s in zip(ps, self.parts[key][name], strict=True)]
+            if not all(_fits(p.shapes(), s.shapes()) for p, s in pairs):
+                return None
+            for p, s in pairs:
+                p.copy_into(s)
         batch.copy_into(static)
         self.num_replays += 1
         graph = self.graphs[key]
         if graph is None:  # the CPU: run the forward the graph would replay, on the same buffers
-            return self.model(static)[: batch.num_tokens]
+            walk = partial(self.executors[key].run, parts=self.parts[key]) if key in self.executors else None
+            return self.model(static, walk)[: batch.num_tokens]
         graph.replay()
         return self.outputs[key][: batch.num_tokens]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,8 @@ from nanoflow.executor.step_plan import SamplingRows, StepPlan
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
+from nanoflow.pipeline.cache import choose_pipeline
+from nanoflow.pipeline.executor import PipelineExecutor
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,18 @@ _CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU when --num-kv-pages is not
 
 def pages_for(num_tokens: int) -> int:
     return -(-num_tokens // PAGE_SIZE)
+
+
+def pipeline_key(config: EngineConfig, tp_size: int) -> dict[str, Any]:
+    """What a tuned pipeline depends on: the GPU, the model's shape, the dtypes, TP size, token budget."""
+    a = config.arch
+    gpu = torch.cuda.get_device_name(config.device) if config.device.type == "cuda" else "cpu"
+    return {"gpu": gpu, "architecture": a.architecture, "hidden_size": a.hidden_size,
+            "intermediate_size": a.intermediate_size, "num_layers": a.num_layers, "num_heads": a.num_heads,
+            "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "num_experts": a.num_experts,
+            "dtype": str(config.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(config.kv_cache_dtype).removeprefix("torch."), "tp": tp_size,
+            "max_num_batched_tokens": config.max_num_batched_tokens}
 
 
 class ModelRunner:
@@ -48,10 +64,14 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler(self.device, config.seed)
+        pipeline = choose_pipeline(config.args.pipeline, pipeline_key(config, self.par.size))
+        # one executor per schedule of the pipeline (none: every step runs the sequential schedule)
+        self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device)
+                          for s in (pipeline.schedules if pipeline else ())]
         self.graphs: GraphRunner | None = None
         if self._use_graphs:
             self.graphs = GraphRunner(self.model, config.cuda_graph_max_tokens, config.max_num_seqs,
-                                      pages_for(config.max_model_len), self.device)
+                                      pages_for(config.max_model_len), self.device, self.executor_for)
             self.graphs.capture()
 
     @property
@@ -59,6 +79,11 @@ class ModelRunner:
         # Not captured: MoE routing picks experts on the host (a sync, illegal in a graph); graphs
         # with NCCL collectives have not been tried yet.
         return bool(self.config.cuda_graph_max_tokens) and self.par.size == 1 and not self.arch.is_moe
+
+    def executor_for(self, num_tokens: int) -> PipelineExecutor | None:
+        """The pipeline schedule that runs an iteration of num_tokens tokens (None: sequential)."""
+        return next((ex for ex in self.executors
+                     if ex.schedule.min_tokens <= num_tokens <= ex.schedule.max_tokens), None)
 
     @property
     def page_bytes(self) -> int:
@@ -127,10 +152,11 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """The model forward and the logits of the rows that sample (None when none does)."""
         key = self.graphs.select(batch) if self.graphs is not None else None
-        if key is not None:
-            hidden = self.graphs.run(batch, key)
-        else:
-            hidden = self.model(batch)
+        hidden = self.graphs.run(batch, key) if key is not None else None
+        if hidden is None:
+            ex = self.executor_for(batch.num_tokens)
+            walk = partial(ex.run, parts=ex.split(batch, self.model.prepare)) if ex else None
+            hidden = self.model(batch, walk)
         if batch.logits_indices.shape[0] == 0:
             return None
         return self.model.compute_logits(hidden[batch.logits_indices])

@@ -17,6 +17,10 @@ import torch
 from nanoflow.forward_batch import ForwardBatch
 
 Buffers = dict[str, torch.Tensor]
+# Not a buffer: the layer's KV cache, named in reads/writes so that an executor can order ops on it.
+# An op that writes it writes its own tokens' K/V; an op that reads it reads the K/V of its
+# sequences' earlier tokens, which this nano-batch or an earlier one (in token order) wrote.
+KV = "kv"
 # What bounds an op's speed: the pipeline overlaps ops of different resources.
 Resource = Literal["compute", "memory", "network"]
 
@@ -38,10 +42,15 @@ def rows(buffers: Buffers, batch: ForwardBatch) -> Buffers:
     return {name: t[a:b] for name, t in buffers.items()}
 
 
-def run_sequential(layers: Sequence[Sequence[Op]], parts: Sequence[ForwardBatch], buffers: Buffers) -> None:
+def run_sequential(layers: Sequence[Sequence[Op]], buffers: Buffers, parts: Sequence[ForwardBatch]) -> None:
     """Every layer's ops in order, each over the nano-batches in order, on the current stream."""
     views = [rows(buffers, p) for p in parts]
     for ops in layers:
         for op in ops:
             for part, bufs in zip(parts, views, strict=True):
                 op.run(part, bufs, None)
+
+
+# How a forward runs the layers' ops over the activation buffers: run_sequential over the whole
+# batch, or a pipeline over nano-batches (nanoflow.pipeline).
+Walk = Callable[[Sequence[Sequence[Op]], Buffers], None]

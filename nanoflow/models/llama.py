@@ -1,10 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, and Mixtral with its MoE FFN).
 
-Each decoder layer publishes its ops as data (`DecoderLayer.ops`): input_norm, qkv, rope_kv_write,
-decode_attention, prefill_attention, o, [all_reduce], post_attention_norm, gate_up, act, down (MoE:
-route, experts), [all_reduce]. The ops read and write rows of the iteration's activation buffers
-(`LlamaForCausalLM.buffers`), so the same ops run over the whole batch or over nano-batches;
-`forward` walks them in order.
+Each decoder layer publishes its ops as data (`DecoderLayer.make_ops`): input_norm, qkv,
+rope_kv_write, decode_attention, prefill_attention, o, [attn_all_reduce], post_attention_norm,
+gate_up, act, down (MoE: route, experts), [ffn_all_reduce]. The ops read and write rows of the
+iteration's activation buffers (`LlamaForCausalLM.buffers`), so the same ops run over the whole
+batch or over nano-batches; `forward` walks them in order, or as a pipeline schedules them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nanoflow.layers.embedding import LMHead, VocabParallelEmbedding
 from nanoflow.layers.linear import CheckpointTensor, ColumnParallelLinear, RowParallelLinear
 from nanoflow.layers.mlp import GatedMLP, MixtureOfExperts
 from nanoflow.layers.norm import RMSNorm
-from nanoflow.layers.op import Buffers, Op, run_sequential
+from nanoflow.layers.op import KV, Buffers, Op, Walk, run_sequential
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.layers.rotary import cos_sin_table
 from nanoflow.model_arch import ModelArch
@@ -64,13 +64,13 @@ class DecoderLayer(nn.Module):
                ("x", "residual")),
             Op("qkv", "compute", lambda b, t, n: self.qkv_proj(t["x"], t["qkv"]), ("x",), ("qkv",)),
             Op("rope_kv_write", "memory", lambda b, t, n: self.rope_kv_write(t["qkv"], b, cos_sin, kv), ("qkv",),
-               ("qkv",)),
+               ("qkv", KV)),
             Op("decode_attention", "memory", lambda b, t, n: self.decode_attention(t["qkv"], b, kv, t["attn"], n),
-               ("qkv",), ("attn",)),
+               ("qkv", KV), ("attn",)),
             Op("prefill_attention", "compute",
-               lambda b, t, n: self.prefill_attention(t["qkv"], b, kv, t["attn"], n), ("qkv",), ("attn",)),
+               lambda b, t, n: self.prefill_attention(t["qkv"], b, kv, t["attn"], n), ("qkv", KV), ("attn",)),
             Op("o", "compute", lambda b, t, n: self.o_proj(t["attn"], t["hidden"]), ("attn",), ("hidden",)),
-            *self._all_reduce(),
+            *self._all_reduce("attn_all_reduce"),
             Op("post_attention_norm", "memory",
                lambda b, t, n: self.post_attention_layernorm.add_norm(t["hidden"], t["residual"], t["x"]),
                ("hidden", "residual"), ("x", "residual")),
@@ -91,7 +91,7 @@ class DecoderLayer(nn.Module):
                 Op("act", "memory", lambda b, t, n: mlp.act(t["gate_up"], t["act"]), ("gate_up",), ("act",)),
                 Op("down", "compute", lambda b, t, n: mlp.down(t["act"], t["hidden"]), ("act",), ("hidden",)),
             ]
-        return (*ops, *self._all_reduce())
+        return (*ops, *self._all_reduce("ffn_all_reduce"))
 
     def _input_norm(self, batch: ForwardBatch, t: Buffers, num_ctas: int | None, first: bool) -> None:
         if first:
@@ -99,11 +99,10 @@ class DecoderLayer(nn.Module):
         else:
             self.input_layernorm.add_norm(t["hidden"], t["residual"], t["x"])
 
-    def _all_reduce(self) -> list[Op]:
+    def _all_reduce(self, name: str) -> list[Op]:
         if self.par.size == 1:
             return []
-        return [Op("all_reduce", "network", lambda b, t, n: self.par.all_reduce(t["hidden"]), ("hidden",),
-                   ("hidden",))]
+        return [Op(name, "network", lambda b, t, n: self.par.all_reduce(t["hidden"]), ("hidden",), ("hidden",))]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -155,12 +154,12 @@ class LlamaForCausalLM(nn.Module):
             bufs |= {"gate_up": empty(T, mlp.gate_up_proj.weight.shape[0]), "act": empty(T, mlp.intermediate)}
         return bufs
 
-    def forward(self, batch: ForwardBatch, parts: Sequence[ForwardBatch] | None = None) -> torch.Tensor:
-        """Returns the final hidden states [T, H] of every token in the flat batch. The batch (and each
-        nano-batch in `parts`, which split it) carries its attention metadata (`prepare`); the KV
-        caches are bound (`bind_kv_caches`)."""
+    def forward(self, batch: ForwardBatch, walk: Walk | None = None) -> torch.Tensor:
+        """Returns the final hidden states [T, H] of every token in the flat batch. `walk` runs the
+        layers' ops over the buffers (default: in order over the whole batch, which then carries its
+        attention metadata, `prepare`); the KV caches are bound (`bind_kv_caches`)."""
         bufs = self.buffers(batch)
-        run_sequential(self.layer_ops, parts or [batch], bufs)
+        (walk or partial(_walk_whole, batch=batch))(self.layer_ops, bufs)
         return self.norm.add_norm(bufs["hidden"], bufs["residual"])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -231,3 +230,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"unexpected tensor {name!r} in checkpoint for {self.arch.architecture}")
         target, shard = self._LAYER_MAP[module_name]
         layer.get_submodule(target).load(param, tensor, shard)
+
+
+def _walk_whole(layer_ops: Sequence[Sequence[Op]], bufs: Buffers, batch: ForwardBatch) -> None:
+    run_sequential(layer_ops, bufs, [batch])

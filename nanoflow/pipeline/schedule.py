@@ -1,0 +1,158 @@
+"""A pipeline: for ranges of iteration sizes, how each layer's ops run over nano-batches.
+
+A `Schedule` holds named partitions of the iteration's token rows (each a list of bounds, e.g.
+{"attn": [0, 768, 2048], "dense": [0, 2048]}) and, for every layer alike, the order in which the
+(op, nano-batch) pairs are issued, each on a stream and with an SM cap. Different ops may use
+different partitions (NanoFlow splits attention finer than the GEMMs). The executor derives the
+waits between streams from the rows each op reads and writes, so a schedule only says what runs
+where, in which order. The bounds are for an iteration of max_tokens; a smaller one (down to
+min_tokens) cuts its last nano-batch of each partition short.
+
+A `Pipeline` is what `nanoflow tune` writes (JSON) and the engine loads: schedules for token
+ranges, the key it was tuned for, and the step times it predicted. Sizes no schedule covers run
+sequentially. The sequential schedule is the one-partition, one-stream schedule of the layer's ops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+WHOLE = "whole"  # the partition of the sequential schedule: one nano-batch, all rows
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str
+    part: int = 0  # which nano-batch of the partition
+    partition: str = WHOLE
+    stream: int = 0  # 0: the stream the forward runs on
+    num_ctas: int | None = None  # SM cap for the op's kernel (None: the whole GPU)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    min_tokens: int
+    max_tokens: int
+    partitions: dict[str, tuple[int, ...]]
+    steps: tuple[Step, ...]  # one layer's issue order; every layer runs the same
+    predicted_ms: float | None = None  # the search's estimate of a whole step at max_tokens
+
+    @property
+    def num_streams(self) -> int:
+        return 1 + max(s.stream for s in self.steps)
+
+    def bounds(self, partition: str, num_tokens: int) -> list[int]:
+        """The partition's bounds for an iteration of num_tokens (min_tokens <= num_tokens <= max_tokens)."""
+        return [*self.partitions[partition][:-1], num_tokens]
+
+    def check(self, op_names: Sequence[str]) -> None:
+        """Raises ValueError unless every (op, nano-batch of its partition) is issued exactly once
+        and the partitions fit [min_tokens, max_tokens]."""
+        if not 1 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"schedule token range [{self.min_tokens}, {self.max_tokens}] is empty")
+        for name, b in self.partitions.items():
+            if b[0] != 0 or b[-1] != self.max_tokens or any(x >= y for x, y in itertools.pairwise(b)):
+                raise ValueError(f"partition {name!r} must rise strictly from 0 to {self.max_tokens}: {list(b)}")
+            if len(b) > 2 and b[-2] >= self.min_tokens:
+                raise ValueError(f"partition {name!r}: its last nano-batch would be empty at {self.min_tokens} "
+                                 f"tokens (bound {b[-2]})")
+        unknown = {s.op for s in self.steps} - set(op_names)
+        if unknown:
+            raise ValueError(f"schedule names ops the model does not have: {sorted(unknown)} (has {list(op_names)})")
+        for s in self.steps:
+            if s.partition not in self.partitions or not 0 <= s.part < len(self.partitions[s.partition]) - 1:
+                raise ValueError(f"step {s} names no nano-batch of the schedule's partitions")
+        partition_of: dict[str, set[str]] = {}
+        for s in self.steps:
+            partition_of.setdefault(s.op, set()).add(s.partition)
+        for op in op_names:
+            if len(partition_of.get(op, ())) != 1:
+                got = sorted(partition_of.get(op, ()))
+                raise ValueError(f"op {op!r} must run over exactly one partition, got {got}")
+        issued = sorted((s.op, s.part) for s in self.steps)
+        want = sorted((op, i) for op in op_names
+                      for i in range(len(self.partitions[next(iter(partition_of[op]))]) - 1))
+        if issued != want:
+            raise ValueError(f"each op must be issued once per nano-batch: missing {sorted(set(want) - set(issued))}, "
+                             f"repeated {sorted({x for x in issued if issued.count(x) > 1})}")
+
+
+def sequential_schedule(op_names: Sequence[str], max_tokens: int, min_tokens: int = 1) -> Schedule:
+    return Schedule(min_tokens, max_tokens, {WHOLE: (0, max_tokens)}, tuple(Step(op) for op in op_names))
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    schedules: tuple[Schedule, ...]
+    key: dict[str, Any] = field(default_factory=dict)  # what it was tuned for (GPU, model shape, ...)
+    source: str = ""  # where it came from (a path, "tuned", "built-in")
+
+    def for_tokens(self, num_tokens: int) -> Schedule | None:
+        return next((s for s in self.schedules if s.min_tokens <= num_tokens <= s.max_tokens), None)
+
+    def check(self, op_names: Sequence[str]) -> None:
+        for s in self.schedules:
+            s.check(op_names)
+        ranges = sorted((s.min_tokens, s.max_tokens) for s in self.schedules)
+        for (_, hi), (lo, _) in itertools.pairwise(ranges):
+            if lo <= hi:
+                raise ValueError(f"pipeline schedules overlap in token ranges: {ranges}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, "key": self.key, "schedules": [
+            {**asdict(s), "partitions": {k: list(v) for k, v in s.partitions.items()},
+             "steps": [{k: v for k, v in asdict(st).items() if v != Step.__dataclass_fields__[k].default}
+                       for st in s.steps]} for s in self.schedules]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "") -> Pipeline:
+        if data.get("version") != 1:
+            raise ValueError(f"unknown pipeline format version {data.get('version')!r} (expected 1)")
+        schedules = tuple(
+            Schedule(int(s["min_tokens"]), int(s["max_tokens"]),
+                     {k: tuple(int(x) for x in v) for k, v in s["partitions"].items()},
+                     tuple(Step(**st) for st in s["steps"]), s.get("predicted_ms"))
+            for s in data["schedules"])
+        return cls(schedules, dict(data.get("key", {})), source)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Pipeline:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read pipeline {str(path)!r}: {e}") from e
+        return cls.from_json(data, str(path))
+
+
+def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
+                     decode_ctas: int | None, attention_parts: Sequence[int] | None = None) -> Schedule:
+    """Two nano-batches, NanoFlow's one-GPU pipeline: while nano-batch 0 runs its decode attention on
+    stream 1 (capped at decode_ctas, issued first so the GEMMs fill the remaining SMs), nano-batch 1
+    runs its GEMMs on stream 0; then the roles swap. `attention_parts` splits the attention ops
+    finer (bounds inside [0, max_tokens]); every other op runs over [0, split) and [split, max_tokens)."""
+    dense = (0, split, max_tokens)
+    attn = tuple(attention_parts) if attention_parts else dense
+    partitions = {"dense": dense, "attn": attn}
+    attn_ops = {"decode_attention", "prefill_attention"}
+    before = list(op_names[: op_names.index("decode_attention")])
+    after = [op for op in op_names[op_names.index("decode_attention"):] if op not in attn_ops]
+    steps: list[Step] = []
+    nattn = len(attn) - 1
+    for part in (0, 1):
+        steps += [Step(op, part, "dense") for op in before]
+        for a in range(nattn):  # the attention nano-batches inside this dense nano-batch
+            if attn[a] >= dense[part] and attn[a + 1] <= dense[part + 1]:
+                steps.append(Step("decode_attention", a, "attn", 1, decode_ctas))
+                steps.append(Step("prefill_attention", a, "attn", 0))
+    for part in (0, 1):
+        steps += [Step(op, part, "dense") for op in after]
+    return Schedule(min_tokens, max_tokens, partitions, tuple(steps))
