@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import step_plan
+from helpers import pipeline_for, step_plan
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
@@ -18,6 +18,7 @@ from nanoflow.executor.cuda_graph import GraphRunner, token_buckets
 from nanoflow.executor.model_runner import ModelRunner
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
+from nanoflow.pipeline.executor import PipelineExecutor
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_replay_equals_forward(runner_and_graphs, decodes, prefills, bucket, mix
     runner, fast, graphs = runner_and_graphs
     batch = fast.prepare(runner._build_batch(step_plan(decodes, prefills)))
     key = graphs.select(batch)
-    assert key == (bucket, mixed)
+    assert key == (bucket, mixed, False)
     with torch.inference_mode():
         want = fast(batch)
         got = graphs.run(batch, key)
@@ -71,12 +72,12 @@ def test_a_slower_small_bucket_is_skipped(runner_and_graphs) -> None:
     """cuBLAS can be slower at 448 rows than at 512: the batch pads up to the faster bucket."""
     runner, fast, graphs = runner_and_graphs
     batch = fast.prepare(runner._build_batch(step_plan([20, 5, 40], [])))
-    saved = graphs.replay_ms[(4, False)]
+    saved = graphs.replay_ms[(4, False, False)]
     try:
-        graphs.replay_ms[(4, False)] = 100.0
-        assert graphs.select(batch) == (8, False)
+        graphs.replay_ms[(4, False, False)] = 100.0
+        assert graphs.select(batch) == (8, False, False)
     finally:
-        graphs.replay_ms[(4, False)] = saved
+        graphs.replay_ms[(4, False, False)] = saved
 
 
 def test_token_buckets() -> None:
@@ -84,3 +85,41 @@ def test_token_buckets() -> None:
     big = token_buckets(2048)
     assert big[-7:] == [512, 768, 1024, 1280, 1536, 1792, 2048] and big == sorted(set(big))
     assert token_buckets(600)[-2:] == [512, 600]
+
+
+@pytest.fixture(scope="module")
+def pipelined_graphs(runner_and_graphs):
+    """The same buckets captured through a two-stream pipeline (pipeline_for): every bucket of two
+    tokens or more replays its nano-batches, copied in one by one."""
+    runner, fast, _ = runner_and_graphs
+    executors = [PipelineExecutor(s, fast.layer_ops, torch.device("cpu")) for s in pipeline_for("llama", 64).schedules]
+    graphs = GraphRunner(fast, max_tokens=64, max_seqs=8, max_pages=16, device=torch.device("cpu"),
+                         executor_for=lambda n: next((e for e in executors
+                                                      if e.schedule.min_tokens <= n <= e.schedule.max_tokens), None))
+    graphs.capture()
+    return graphs
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("decodes,prefills,pipelined", [
+    ([20, 5, 40], [], True),
+    ([20, 5], [(16, 17), (0, 9)], True),
+    # 33 tokens: the buckets that hold it (48, 64) are pipelined for 41 tokens or more only
+    ([], [(0, 33)], False),
+    ([33, 1, 17, 64, 2, 9, 100], [(0, 1)], True),
+])
+def test_pipelined_replay_equals_forward(runner_and_graphs, pipelined_graphs, decodes, prefills, pipelined) -> None:
+    runner, fast, _ = runner_and_graphs
+    batch = fast.prepare(runner._build_batch(step_plan(decodes, prefills)))
+    key = pipelined_graphs.select(batch)
+    assert key[2] == pipelined
+    with torch.inference_mode():
+        want = fast(batch)
+        got = pipelined_graphs.run(batch, key)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_too_small_for_a_pipelined_bucket_takes_another(pipelined_graphs, runner_and_graphs) -> None:
+    runner, fast, _ = runner_and_graphs
+    one = fast.prepare(runner._build_batch(step_plan([9], [])))
+    assert pipelined_graphs.select(one) == (1, False, False)  # a pipeline's nano-batches would be empty

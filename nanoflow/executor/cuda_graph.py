@@ -43,28 +43,34 @@ def token_buckets(max_tokens: int) -> list[int]:
     return sorted(sizes | {max_tokens})
 
 
+# (bucket, mixed, pipelined): the graph's token count, whether it runs prefill attention (else it
+# is decode-only) and whether it runs the bucket's pipeline schedule (else the sequential one).
+Key = tuple[int, bool, bool]
+
+
 class GraphRunner:
     def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_pages: int, device: torch.device,
                  executor_for: Callable[[int], PipelineExecutor | None] = lambda n: None) -> None:
-        """executor_for(bucket): the pipeline that runs the bucket's forward (None: sequential)."""
+        """executor_for(bucket): the pipeline schedule for a bucket, captured beside its sequential
+        graph (None: the sequential graph only)."""
         self.model, self.device, self.executor_for = model, device, executor_for
         self.buckets = token_buckets(max_tokens)
         self.max_seqs = min(max_seqs, max_tokens)
         self.max_pages = max_pages
-        # (bucket, mixed) -> the static batch it reads, the captured graph (on the CPU, where nothing
-        # is captured: None) and its output
-        self.static: dict[tuple[int, bool], ForwardBatch] = {}
-        self.capacity: dict[tuple[int, bool], dict[str, torch.Size]] = {}  # the static tensors' shapes
+        # per key: the static batch it reads, its tensors' shapes, the captured graph (on the CPU,
+        # where nothing is captured: None) and its output
+        self.static: dict[Key, ForwardBatch] = {}
+        self.capacity: dict[Key, dict[str, torch.Size]] = {}
+        self.graphs: dict[Key, torch.cuda.CUDAGraph | None] = {}
+        self.outputs: dict[Key, torch.Tensor] = {}
         # pipelined graphs: their executor, static nano-batches per partition, and the fewest tokens
         # a batch needs so that none of its nano-batches is empty
-        self.executors: dict[tuple[int, bool], PipelineExecutor] = {}
-        self.parts: dict[tuple[int, bool], dict[str, list[ForwardBatch]]] = {}
-        self.min_tokens: dict[tuple[int, bool], int] = {}
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | None] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.executors: dict[Key, PipelineExecutor] = {}
+        self.parts: dict[Key, dict[str, list[ForwardBatch]]] = {}
+        self.min_tokens: dict[Key, int] = {}
         # ms per replay measured at capture, with nothing to attend to: the part of a step's time
         # that depends on the bucket (on the CPU, where nothing is timed: the bucket size)
-        self.replay_ms: dict[tuple[int, bool], float] = {}
+        self.replay_ms: dict[Key, float] = {}
         self.num_replays = 0
 
     def _static_batch(self, num_tokens: int, mixed: bool, token_offset: int = 0) -> ForwardBatch:
@@ -72,29 +78,35 @@ class GraphRunner:
         return ForwardBatch.capacity(num_tokens, min(num_tokens, self.max_seqs), self.max_pages, tiles,
                                      self.device).replace(token_offset=token_offset)
 
-    def _walk(self, key: tuple[int, bool]):
+    def _keys(self) -> list[Key]:
+        """A mixed graph per bucket and a decode-only one per bucket of at most max_seqs tokens (the
+        most decodes a batch can have); each also pipelined where a schedule covers the bucket.
+        Largest first, so the smaller graphs reuse its memory in the shared pool."""
+        return [(b, mixed, piped) for b in reversed(self.buckets) for mixed in (True, False)
+                for piped in (True, False)
+                if (mixed or b <= self.max_seqs) and (not piped or self.executor_for(b) is not None)]
+
+    def _walk(self, key: Key):
         """The forward's walk for a key: its pipeline over static nano-batches, or None (sequential)."""
-        ex = self.executor_for(key[0])
-        self.min_tokens[key] = ex.schedule.min_tokens if ex else 1
-        if ex is None:
+        bucket, mixed, piped = key
+        self.min_tokens[key] = 1
+        if not piped:
             return None
-        self.executors[key] = ex
-        self.parts[key] = {name: [self._static_batch(b - a, key[1], a)
-                                  for a, b in itertools.pairwise(ex.schedule.bounds(name, key[0]))]
+        ex = self.executors[key] = self.executor_for(bucket)
+        self.min_tokens[key] = ex.schedule.min_tokens
+        self.parts[key] = {name: [self._static_batch(b - a, mixed, a)
+                                  for a, b in itertools.pairwise(ex.schedule.bounds(name, bucket))]
                            for name in ex.schedule.partitions}
         return partial(ex.run, parts=self.parts[key])
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Captures a mixed graph per bucket and a decode-only one (no prefill launch) per bucket of
-        at most max_seqs tokens (the most decodes a batch can have)."""
         on_gpu = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if on_gpu else None
-        keys = [(b, mixed) for b in reversed(self.buckets) for mixed in (True, False) if mixed or b <= self.max_seqs]
-        # largest first, so the smaller graphs reuse its memory in the shared pool
+        keys = self._keys()
         for key in tqdm(keys, desc="CUDA graphs", disable=not on_gpu, leave=False):
             # as made, a capacity batch computes nothing and writes no live page
-            batch = self.static[key] = self._static_batch(*key)
+            batch = self.static[key] = self._static_batch(key[0], key[1])
             # tensors a capacity batch leaves empty (the logits rows) are not inputs of the graph
             self.capacity[key] = {name: shape for name, shape in batch.shapes().items() if shape.numel()}
             walk = self._walk(key)
@@ -110,7 +122,8 @@ class GraphRunner:
                 self.outputs[key] = self.model(batch, walk)
             self.graphs[key] = graph
             self.replay_ms[key] = self._time_replay(graph)
-        log.info("captured %d CUDA graphs (token buckets %s)", len(self.graphs), self.buckets)
+        log.info("captured %d CUDA graphs (token buckets %s; %d pipelined)", len(self.graphs), self.buckets,
+                 len(self.executors))
 
     def _time_replay(self, graph: torch.cuda.CUDAGraph, reps: int = 3) -> float:
         graph.replay()
@@ -122,14 +135,16 @@ class GraphRunner:
         end.synchronize()
         return start.elapsed_time(end) / reps
 
-    def select(self, batch: ForwardBatch) -> tuple[int, bool] | None:
-        """The fastest graph that can run this batch, or None (run it eagerly)."""
+    def select(self, batch: ForwardBatch) -> Key | None:
+        """The graph that runs this batch: a pipelined one if any fits, else the fastest sequential
+        one it fits; None: run it eagerly."""
         n, mixed, shapes = batch.num_tokens, batch.num_prefills > 0, batch.shapes()
         fits = [key for key in self.graphs if key[1] == mixed and key[0] >= n >= self.min_tokens[key]
                 and (key[0] <= SMALL_BATCH or (key[0] - n) * 16 <= n) and _fits(shapes, self.capacity[key])]
-        return min(fits, key=self.replay_ms.__getitem__) if fits else None
+        piped = [key for key in fits if key[2]]
+        return min(piped or fits, key=self.replay_ms.__getitem__) if fits else None
 
-    def run(self, batch: ForwardBatch, key: tuple[int, bool]) -> torch.Tensor | None:
+    def run(self, batch: ForwardBatch, key: Key) -> torch.Tensor | None:
         """The graph's output rows of this batch; None if a nano-batch of it does not fit the graph's
         (run it eagerly then)."""
         static = self.static[key]
