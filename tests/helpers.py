@@ -115,17 +115,7 @@ def teacher_forced_agreement(llm, prompts: list[list[int]], continuations: list[
 
 def step_plan(decodes: list[int], prefills: list[tuple[int, int]], first_page: int = 0) -> StepPlan:
     """decodes: context lengths (one new token each); prefills: (tokens already cached, chunk length)."""
-    token_ids, starts, lens, tables, sample_at = [], [], [], [], []
-    page = first_page
-    for done, new in [(n - 1, 1) for n in decodes] + prefills:
-        token_ids.append([(7 * (done + i)) % 300 + 3 for i in range(new)])
-        starts.append(done)
-        lens.append(done + new)
-        pages = -(-(done + new) // 16)
-        tables.append(list(range(page, page + pages)))
-        page += pages
-        sample_at.append(sum(map(len, token_ids)) - 1)
-    return StepPlan(token_ids, starts, lens, tables, sample_at, len(decodes), [], [])
+    return StepPlan.synthetic(decodes, prefills, first_page=first_page)
 
 
 def layer_op_names(arch: str) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoflow.config import PAGE_SIZE
 from nanoflow.sampling_params import SamplingParams
 
 
@@ -41,3 +42,21 @@ class StepPlan:
     def for_workers(self) -> StepPlan:
         """What the other ranks need: the forward's inputs, not the sampling (generators stay here)."""
         return dataclasses.replace(self, sampling=None)
+
+    @classmethod
+    def synthetic(cls, decodes: list[int], prefills: list[tuple[int, int]], vocab_size: int = 300,
+                  first_page: int = 0) -> StepPlan:
+        """A plan for profiling and tests: decodes are context lengths (one new token each),
+        prefills (tokens already cached, chunk length); pages are numbered consecutively from
+        first_page; every sequence samples its last token."""
+        token_ids, starts, lens, tables, sample_at = [], [], [], [], []
+        page = first_page
+        for done, new in [(n - 1, 1) for n in decodes] + list(prefills):
+            token_ids.append([(7 * (done + i)) % (vocab_size - 3) + 3 for i in range(new)])
+            starts.append(done)
+            lens.append(done + new)
+            pages = -(-(done + new) // PAGE_SIZE)
+            tables.append(list(range(page, page + pages)))
+            page += pages
+            sample_at.append(sum(map(len, token_ids)) - 1)
+        return cls(token_ids, starts, lens, tables, sample_at, len(decodes), [], [])
