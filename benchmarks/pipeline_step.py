@@ -1,0 +1,100 @@
+"""One iteration, sequential vs nano-batch pipelines, on the GPU: graph replays of the same batch.
+
+Builds the engine's runner for a dummy model (random weights of the real shape, no graphs of its
+own), makes one step of `--decodes` decode sequences at `--context` tokens each plus one prefill
+chunk filling the token budget, and times a CUDA-graph replay of that step for the sequential
+schedule and for NanoFlow's two-nano-batch schedule at each split and decode-attention SM cap.
+A first look at what overlap gains on this GPU before `nanoflow tune` searches it properly.
+
+    python benchmarks/pipeline_step.py --dummy llama3-8b --decodes 440 --context 708 \\
+        --splits 512,768,1024 --ctas 16,32,44,66 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from nanoflow.bench.dummy_models import dummy_model_dir
+from nanoflow.entrypoints.llm import LLM
+from nanoflow.executor.step_plan import StepPlan
+from nanoflow.pipeline.executor import PipelineExecutor
+from nanoflow.pipeline.schedule import overlap_schedule
+
+
+def time_graph(fn, reps: int) -> float:
+    """Median ms of a CUDA-graph replay of fn()."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dummy", default="llama3-8b")
+    p.add_argument("--decodes", type=int, default=440)
+    p.add_argument("--context", type=int, default=708)
+    p.add_argument("--tokens", type=int, default=2048, help="the step's token count (decodes + one prefill chunk)")
+    p.add_argument("--splits", default="512,768,1024")
+    p.add_argument("--ctas", default="16,32,44,66")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    llm = LLM(dummy_model_dir(args.dummy), load_format="dummy", skip_tokenizer_init=True, pipeline="off",
+              cuda_graph_max_tokens=0, max_num_batched_tokens=args.tokens)
+    runner = llm.engine.runner
+    model = runner.model
+    chunk = args.tokens - args.decodes
+    plan = StepPlan.synthetic([args.context] * args.decodes, [(0, chunk)] if chunk else [],
+                              runner.arch.vocab_size)
+    batch = runner.build(plan)
+    names = [op.name for op in model.layer_ops[0]]
+    results = {"args": vars(args), "device": torch.cuda.get_device_name(), "build_s": time.perf_counter() - t0}
+    with torch.inference_mode():
+        seq_ms = time_graph(lambda: model(batch), args.reps)
+        results["sequential_ms"] = seq_ms
+        print(f"sequential: {seq_ms:.2f} ms", flush=True)
+        rows = []
+        for split in map(int, args.splits.split(",")):
+            for ctas in [int(c) if c != "all" else None for c in args.ctas.split(",")]:
+                schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas)
+                ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+                parts = ex.split(batch, model.prepare)
+                ms = time_graph(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)), args.reps)
+                rows.append({"split": split, "decode_ctas": ctas, "ms": ms, "speedup": seq_ms / ms})
+                print(f"split {split:5d} ctas {ctas}: {ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
+        # correctness: the pipelined forward computes the sequential one
+        want = model(batch)
+        ex = PipelineExecutor(overlap_schedule(names, args.tokens, 768, 769, 32), model.layer_ops, runner.device)
+        got = model(batch, partial(ex.run, parts=ex.split(batch, model.prepare)))
+        torch.cuda.synchronize()
+        results["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+        print(f"pipelined vs sequential hidden states: max |diff| {results['max_abs_diff']:.3g}")
+    results["pipelined"] = rows
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "pipeline_step.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
