@@ -1,4 +1,4 @@
-"""`nanoflow generate | serve | bench`: the top floor; each subcommand imports what it runs lazily,
+"""`nanoflow generate | serve | bench | tune`: the top floor; each subcommand imports what it runs lazily,
 so the engine's import path never pulls in server-only packages."""
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from nanoflow.bench.dummy_models import dummy_model_dir
+    from nanoflow.tune.cli import run_tune
+
+    return run_tune(args, dummy_model_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoflow", description="Throughput-first LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="offline throughput benchmark (vLLM `bench throughput` style)")
     add_bench_args(bench)
     bench.set_defaults(func=_bench)
+
+    from nanoflow.bench.cli_args import DUMMY_NAMES
+    from nanoflow.tune.cli import add_tune_args
+
+    tune = sub.add_parser("tune", help="profile the layer ops and search a nano-batch pipeline (--pipeline auto)")
+    add_tune_args(tune, DUMMY_NAMES)
+    tune.set_defaults(func=_tune)
     return parser
 
 

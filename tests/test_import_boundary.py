@@ -21,7 +21,7 @@ from typing import NamedTuple
 # another package of its own floor. Each floor maps its packages' names to their module prefixes.
 FLOORS: tuple[dict[str, tuple[str, ...]], ...] = (
     {"cli": ("nanoflow.cli",)},
-    {"bench": ("nanoflow.bench",)},
+    {"bench": ("nanoflow.bench",), "tune": ("nanoflow.tune",)},
     {"entrypoints": ("nanoflow.entrypoints",)},  # entrypoints.server included
     {"engine": ("nanoflow.engine",)},
     {"executor": ("nanoflow.executor",)},

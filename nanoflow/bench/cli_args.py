@@ -11,11 +11,13 @@ from nanoflow.engine_args import add_engine_args
 # imports nothing else.
 DUMMY_NAMES = ("llama3-8b", "llama2-7b", "qwen2-7b", "mixtral-8x7b", "llama2-70b")
 # hf: the workload's own requests in padded static batches; hf-mean: equal-length requests at the
-# workload's mean lengths (no padding, kinder to HF); see nanoflow/bench/hf_baseline.py
-COMPARE_CHOICES = ("nanoflow-fp8", "hf", "hf-mean", "sequential")
+# workload's mean lengths (no padding, kinder to HF); see nanoflow/bench/hf_baseline.py.
+# nanoflow-sequential: nanoflow with --pipeline off (the pipeline's gain); sequential: eager reference ops.
+COMPARE_CHOICES = ("nanoflow-sequential", "nanoflow-fp8", "hf", "hf-mean", "sequential")
 
 EXAMPLES = """examples:
   nanoflow bench --dummy llama3-8b --workload 512x512 --compare hf,sequential
+  nanoflow bench --dummy llama3-8b --workload 512x1024 --pipeline auto --compare nanoflow-sequential --timeline
   nanoflow bench --dummy llama3-8b --workload trace:benchmarks/data/splitwise_azure_conv_2023.csv \\
       --num-requests 1000 --compare hf,sequential
   nanoflow bench --model /path/to/hf_folder --workload 32x16 --num-requests 8 --device cpu --dtype float32
@@ -45,7 +47,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     c = p.add_argument_group("comparison")
     c.add_argument("--compare", default="",
-                   help="comma list of systems run after nanoflow, in this order: nanoflow-fp8 (our fast "
+                   help="comma list of systems run after nanoflow, in this order: nanoflow-sequential (the "
+                   "same engine, kernels and CUDA graphs as nanoflow with --pipeline off: nanoflow's speedup "
+                   "over it is the nano-batch pipeline's gain), nanoflow-fp8 (our fast "
                    "path with --kv-cache-dtype fp8), hf (Hugging Face "
                    "generate on the same requests, padded static batches), hf-mean (HF generate on "
                    "equal-length requests at the workload's mean lengths: no padding, kinder to HF), "
@@ -72,4 +76,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "git-ignored; a run to commit goes under benchmarks/results/ with a row in its "
                    "README.md index)")
     o.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    o.add_argument("--timeline", action="store_true",
+                   help="after the nanoflow run, time one full-budget step shaped like its full steps (eager, "
+                   "outside CUDA graphs): one layer's ops per stream over time, coloured by resource, "
+                   "written to <stem>_timeline.png and into the JSON")
     o.add_argument("--no-tqdm", action="store_true", help="no progress bars")

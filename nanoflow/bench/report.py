@@ -66,6 +66,20 @@ def peak_line(result: Result) -> str:
             f"{_num(result.get('optimum_tokens_per_s'))} tokens/s")
 
 
+def pipeline_line(name: str, pipeline: list[dict[str, Any]] | str) -> str:
+    """Which nano-batch pipeline an engine system ran: its schedules, or "sequential"."""
+    if isinstance(pipeline, str):
+        return f"pipeline ({name}): {pipeline}"
+
+    def schedule(s: dict[str, Any]) -> str:
+        splits = ", ".join(f"{k} {len(v) - 1}" for k, v in s["partitions"].items())
+        predicted = f", predicted {s['predicted_ms']:.2f} ms" if s.get("predicted_ms") is not None else ""
+        return f"{s['min_tokens']}-{s['max_tokens']} tokens ({splits} nano-batches, {s['num_streams']} streams" \
+            f"{predicted})"
+
+    return f"pipeline ({name}): " + "; ".join(map(schedule, pipeline))
+
+
 # --- text table --------------------------------------------------------------------------------
 def format_table(result: Result) -> str:
     m, w, env = result["model"], result["workload"], result["environment"]
@@ -85,6 +99,8 @@ def format_table(result: Result) -> str:
         if kv:
             lines.append(f"KV pool ({name}): {kv['pages']:,} pages = {kv['tokens']:,} tokens = "
                          f"{kv['gib']:.2f} GiB")
+        if s.get("pipeline"):
+            lines.append(pipeline_line(name, s["pipeline"]))
     header = ["system", "requests", "elapsed s", "req/s", "total tok/s", "output tok/s", "% optimum",
               "peak GiB", "preemptions"]
     rows = [header]
@@ -104,6 +120,8 @@ def format_table(result: Result) -> str:
     for name, s in result["systems"].items():
         if not _ok(s):
             lines.append(f"{name} failed: {s.get('error', '?')}")
+        elif s.get("timeline", {}).get("error"):
+            lines.append(f"{name} timeline failed: {s['timeline']['error']}")
         elif name in ("hf", "hf-mean"):
             batches = f"{s['num_batches']} batch{'es' if s['num_batches'] != 1 else ''}"
             lines.append(f"{name}: {batches} of up to {s['batch_size']}, {s['padding_efficiency']:.0%} of the "
@@ -139,8 +157,8 @@ def plot_result(result: Result, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(systems) + 2), 4.5))
     names = [n for n, _ in systems]
     rates = [s["total_tokens_per_s"] for _, s in systems]
-    colors = {"nanoflow": "#2a7ab0", "nanoflow-fp8": "#1d5580", "sequential": "#8fb9d6", "hf": "#c9a03d",
-              "hf-mean": "#e3c98a"}
+    colors = {"nanoflow": "#2a7ab0", "nanoflow-fp8": "#1d5580", "nanoflow-sequential": "#5b95bf",
+              "sequential": "#8fb9d6", "hf": "#c9a03d", "hf-mean": "#e3c98a"}
     bars = ax.bar(names, rates, color=[colors.get(n, "#888888") for n in names])
     top = max(rates + ([optimum] if optimum else []) + [1.0])
     for bar, (_, s) in zip(bars, systems, strict=True):
@@ -198,9 +216,9 @@ def plot_steps(result: Result, path: str, system: str = "nanoflow") -> bool:
 
 
 # --- markdown over several results ---------------------------------------------------------------
+BASELINES = ("hf", "hf-mean", "sequential", "nanoflow-sequential")
 MD_HEADER = ["model", "workload", "device", "system", "requests", "total tok/s", "output tok/s",
-             "% of optimum", "vs hf", "vs hf-mean", "vs sequential", "peak TFLOP/s", "date"]
-BASELINES = ("hf", "hf-mean", "sequential")
+             "% of optimum", *(f"vs {b}" for b in BASELINES), "peak TFLOP/s", "date"]
 
 
 def markdown_rows(result: Result) -> Iterable[list[str]]:

@@ -11,13 +11,10 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib.metadata
 import logging
 import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -30,7 +27,9 @@ from tqdm.auto import tqdm
 from nanoflow.bench import report
 from nanoflow.bench.cli_args import COMPARE_CHOICES
 from nanoflow.bench.dummy_models import dummy_model_dir
+from nanoflow.bench.environment import environment
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s, sync
+from nanoflow.bench.pipeline_info import bench_timeline, pipeline_summary
 from nanoflow.bench.workloads import Workload, build_workload
 from nanoflow.config import PAGE_SIZE, resolve_device, resolve_dtype
 from nanoflow.engine_args import engine_kwargs as cli_engine_kwargs
@@ -40,10 +39,13 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "nanoflow-bench/1"
 
-# Engine options per mode (see EngineArgs.enforce_eager).
+# Engine options per mode (see EngineArgs.enforce_eager); the others come from the engine flags.
 ENGINE_MODES: dict[str, dict[str, Any]] = {
-    # The fast path: whatever the engine picks on this device (Triton kernels, CUDA graphs).
+    # The fast path: whatever the engine picks on this device (Triton kernels, CUDA graphs), with the
+    # nano-batch pipeline of --pipeline (default auto: the one `nanoflow tune` cached, else sequential).
     "nanoflow": {"enforce_eager": False},
+    # The same engine, kernels and graphs with the pipeline off: nanoflow over this is the pipeline's gain.
+    "nanoflow-sequential": {"enforce_eager": False, "pipeline": "off"},
     # Our own plain mode: eager PyTorch reference ops, one after another, no CUDA graphs.
     "sequential": {"enforce_eager": True},
     # The fast path with the KV cache in fp8 (e4m3): twice the sequences, half the bytes per decode.
@@ -70,69 +72,6 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str]:
 
 def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-") or "x"
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    def version(pkg: str) -> str | None:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    import nanoflow
-
-    env: dict[str, Any] = {
-        "device": str(device),
-        "device_name": f"CPU ({platform.machine() or 'unknown'})",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": version("triton"),
-        "transformers": version("transformers"),
-        "nanoflow": nanoflow.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device_name=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count(),
-                   gpu_memory_gib=round(props.total_memory / 2**30, 2), sm_count=props.multi_processor_count,
-                   compute_capability=f"{props.major}.{props.minor}")
-    env.update(_git_state())
-    return env
-
-
-def _git_state() -> dict[str, Any]:
-    """nanoflow's own commit (and whether its tree has changes), whatever the working directory.
-
-    git is asked about the folder of the nanoflow package, and its answer is taken only if that
-    repository's top level holds this very package (`<toplevel>/nanoflow/__init__.py`): an exported
-    tree (a wheel, an sdist, a copy) inside some other repository gives "unknown", never the commit
-    of the repository around it."""
-    import nanoflow
-
-    unknown = {"git_commit": "unknown", "git_dirty": None}
-    package_init = os.path.realpath(nanoflow.__file__)
-    package_dir = os.path.dirname(package_init)
-    # -C alone decides which repository: variables a git hook or wrapper may have set would override it.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY")}
-
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", package_dir, *args], capture_output=True, text=True, timeout=10, env=env)
-        if out.returncode != 0:
-            raise subprocess.SubprocessError(out.stderr.strip())
-        return out.stdout.strip()
-
-    try:
-        toplevel = git("rev-parse", "--show-toplevel")
-        if not toplevel or not os.path.samefile(os.path.join(toplevel, "nanoflow", "__init__.py"), package_init):
-            return unknown
-        commit = git("rev-parse", "--verify", "HEAD^{commit}")  # fails (not "HEAD") before the first commit
-        dirty = git("status", "--porcelain")
-    except (OSError, subprocess.SubprocessError):  # no git, not a repository, no commit, no such file
-        return unknown
-    return {"git_commit": commit, "git_dirty": bool(dirty)}
 
 
 def _free_memory(device: torch.device) -> None:
@@ -168,7 +107,9 @@ def triton_compiles() -> Iterator[list[str]]:
 def run_engine(
     mode: str, model_dir: str, load_format: str, workload: Workload, engine_kwargs: dict[str, Any],
     device: torch.device, num_warmup: int, warmup_max_tokens: int, use_tqdm: bool,
+    timeline: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
+    """timeline: (PNG path, title) to draw one full-budget step's layer ops per stream after the run."""
     from nanoflow.entrypoints.llm import LLM
     from nanoflow.sampling_params import SamplingParams
 
@@ -185,6 +126,7 @@ def run_engine(
         "status": "ok",
         "options": opts,
         "fast_path": not cfg.enforce_eager,
+        "pipeline": pipeline_summary(runner),
         "init_s": init_s,
         "engine_config": dataclasses.asdict(cfg.args),
         "max_model_len": engine.max_model_len,
@@ -253,6 +195,8 @@ def run_engine(
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                             if device.type == "cuda" else None),
     })
+    if timeline is not None:  # before shutdown: tensor-parallel workers run the step too
+        out["timeline"] = bench_timeline(engine, out, workload, *timeline)
     llm.shutdown()  # tensor-parallel workers, if any, so the next system gets their memory
     return out
 
@@ -282,6 +226,7 @@ def run_bench(args: argparse.Namespace) -> int:
     stem = f"bench_{_safe(model_name)}_{_safe(workload.name)}_{_safe(env['device_name'])}_{stamp}"
     json_path = os.path.join(args.output_dir, stem + ".json")
     png_path = None if args.no_plot else os.path.join(args.output_dir, stem + ".png")
+    timeline_png = os.path.join(args.output_dir, stem + "_timeline.png") if args.timeline else None
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -337,8 +282,12 @@ def run_bench(args: argparse.Namespace) -> int:
                                       max_seconds=args.hf_max_seconds,
                                       shape="mean" if name == "hf-mean" else "requests")
             else:
+                timeline = (timeline_png, f"{name}: {model_name} on {env['device_name']}") \
+                    if timeline_png and name == "nanoflow" else None
                 res = run_engine(name, model_dir, load_format, workload, engine_kwargs, device,
-                                 args.num_warmup, args.warmup_max_tokens, use_tqdm)
+                                 args.num_warmup, args.warmup_max_tokens, use_tqdm, timeline)
+                if res.get("timeline", {}).get("png"):
+                    result["files"]["timeline_png"] = timeline_png
         except Exception as e:  # one system failing (e.g. out of memory) must not lose the others
             log.error("%s failed: %s", name, e)
             res = {"status": "error", "error": f"{type(e).__name__}: {e}",
@@ -380,7 +329,8 @@ def run_bench(args: argparse.Namespace) -> int:
             report.write_json(result, json_path)
     print()
     print(report.format_table(result))
-    print(f"\nwrote {json_path}" + (f" and {result['files']['png']}" if result["files"]["png"] else ""))
+    pngs = [result["files"][k] for k in ("png", "timeline_png") if result["files"].get(k)]
+    print(f"\nwrote {json_path}" + "".join(f" and {p}" for p in pngs))
     return 0 if all(s.get("status") == "ok" for s in result["systems"].values()) else 1
 
 

@@ -21,6 +21,8 @@ Buffers = dict[str, torch.Tensor]
 # An op that writes it writes its own tokens' K/V; an op that reads it reads the K/V of its
 # sequences' earlier tokens, which this nano-batch or an earlier one (in token order) wrote.
 KV = "kv"
+# A name "buffer@decode" or "buffer@prefill" declares only the decode rows (the first ones) or the
+# prefill rows of the nano-batch: decode and prefill attention write disjoint rows of `attn`.
 # What bounds an op's speed: the pipeline overlaps ops of different resources.
 Resource = Literal["compute", "memory", "network"]
 

@@ -11,7 +11,9 @@ graph capture, the streams and events become the graph's branches and edges.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,10 @@ import torch
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.op import KV, Buffers, Op, rows
 from nanoflow.pipeline.schedule import Schedule, Step
+
+# timer(op, layer, step, num_tokens): entered around one op instance, inside the op's stream (see
+# pipeline.timeline.OpTimer, which draws one layer's ops over time).
+Timer = Callable[[Op, int, Step, int], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,16 @@ class PipelineExecutor:
         return {name: [prepare(p) for p in batch.split(self.schedule.bounds(name, batch.num_tokens))]
                 for name in self.schedule.partitions}
 
-    def run(self, layer_ops: Sequence[Sequence[Op]], buffers: Buffers, parts: dict[str, list[ForwardBatch]]) -> None:
-        """A `Walk` (see layers.op) over the nano-batches in `parts` (from `split`)."""
+    def run(self, layer_ops: Sequence[Sequence[Op]], buffers: Buffers, parts: dict[str, list[ForwardBatch]],
+            timer: Timer | None = None) -> None:
+        """A `Walk` (see layers.op) over the nano-batches in `parts` (from `split`); `timer`, if
+        given, is entered around every op instance (outside CUDA graphs: it records events)."""
         if layer_ops is not self.layer_ops:
             raise ValueError("the executor was built for other layer ops (bind the KV caches before building it)")
         views = {name: [rows(buffers, p) for p in ps] for name, ps in parts.items()}
+        ops = self.ops if timer is None else self._timed_ops(timer)
         if not self.on_gpu:
-            for inst, op in zip(self.instances, self.ops, strict=True):
+            for inst, op in zip(self.instances, ops, strict=True):
                 st = inst.step
                 op.run(parts[st.partition][st.part], views[st.partition][st.part], st.num_ctas)
             return
@@ -68,7 +77,7 @@ class PipelineExecutor:
         for s in self.streams:
             s.wait_event(fork)
         events: dict[int, torch.cuda.Event] = {}
-        for i, (inst, op) in enumerate(zip(self.instances, self.ops, strict=True)):
+        for i, (inst, op) in enumerate(zip(self.instances, ops, strict=True)):
             st = inst.step
             stream = streams[st.stream]
             for j in self.waits[i]:
@@ -83,34 +92,54 @@ class PipelineExecutor:
             done.record(s)
             main.wait_event(done)
 
+    # --- per-op timing (pipeline.timeline) ---------------------------------------------------------
+    def _timed_ops(self, timer: Timer) -> list[Op]:
+        """self.ops with each run wrapped in the timer, so that the loops above stay as they are and
+        an untimed run pays nothing for the option."""
+        def timed(op: Op, inst: _Instance) -> Op:
+            def run(batch: ForwardBatch, bufs: Buffers, num_ctas: int | None) -> None:
+                with timer(op, inst.layer, inst.step, batch.num_tokens):
+                    op.run(batch, bufs, num_ctas)
+
+            return dataclasses.replace(op, run=run)
+
+        return [timed(op, inst) for inst, op in zip(self.instances, self.ops, strict=True)]
+
     def _dependencies(self) -> tuple[list[list[int]], set[int]]:
         """For each instance, the instances on other streams it must wait for (the last one per
         stream suffices: a stream runs in order), from row overlaps of the buffers each one reads
         and writes. Raises ValueError where the issue order puts an op before one it depends on
         in the sequential order (a schedule that would compute something else)."""
-        accesses: dict[tuple[str, int], list[tuple[int, int, int, bool]]] = {}  # buffer -> (inst, start, end, write)
+        # buffer -> accesses so far: (instance, first row, end row, rows subset or None, write)
+        accesses: dict[tuple[str, int], list[tuple[int, int, int, str | None, bool]]] = {}
         waits: list[list[int]] = []
         signals: set[int] = set()
         for i, (inst, op) in enumerate(zip(self.instances, self.ops, strict=True)):
-            mine = [(b, False) for b in op.reads] + [(b, True) for b in op.writes]
+            mine = [_access(name, inst, False) for name in op.reads] + [_access(name, inst, True) for name in op.writes]
             last: dict[int, int] = {}
-            for buf, write in mine:
-                key = (buf, inst.layer if buf == KV else -1)  # each layer has its own KV cache
-                lo = 0 if buf == KV and not write else inst.start  # attention reads earlier tokens' K/V
-                for j, a, b, w in accesses.get(key, ()):
-                    if (w or write) and a < inst.end and lo < b:
+            for key, lo, hi, subset, write in mine:
+                for j, a, b, sub, w in accesses.get(key, ()):
+                    if (w or write) and a < hi and lo < b and (sub is None or subset is None or sub == subset):
                         other = self.instances[j]
                         if (other.layer, other.op_index) > (inst.layer, inst.op_index):
-                            raise ValueError(f"schedule issues {inst.step.op}[{inst.step.part}] of layer "
-                                             f"{inst.layer} after {other.step.op}[{other.step.part}], which "
-                                             "comes later in the layer's own order and touches the same rows")
+                            raise ValueError(f"schedule issues {other.step.op}[{other.step.part}] of layer "
+                                             f"{other.layer} before {inst.step.op}[{inst.step.part}], which the "
+                                             "layer's own order runs first over the same rows")
                         s = other.step.stream
                         if s != inst.step.stream:
                             last[s] = max(last.get(s, -1), j)
-            for buf, write in mine:
-                key = (buf, inst.layer if buf == KV else -1)
-                lo = 0 if buf == KV and not write else inst.start
-                accesses.setdefault(key, []).append((i, lo, inst.end, write))
+            for key, lo, hi, subset, write in mine:
+                accesses.setdefault(key, []).append((i, lo, hi, subset, write))
             waits.append(sorted(last.values()))
             signals.update(last.values())
         return waits, signals
+
+
+def _access(name: str, inst: _Instance, write: bool) -> tuple[tuple[str, int], int, int, str | None, bool]:
+    """(buffer key, rows, rows subset, write) of one declared read or write. Each layer has its own
+    KV cache, and reading it reads the earlier tokens' K/V too; "buf@decode" / "buf@prefill" are
+    the decode / prefill rows of the nano-batch, which never overlap each other."""
+    buf, _, subset = name.partition("@")
+    if buf == KV:
+        return (buf, inst.layer), 0 if not write else inst.start, inst.end, None, write
+    return (buf, -1), inst.start, inst.end, subset or None, write

@@ -36,6 +36,8 @@ def test_parser_knows_the_options() -> None:
     args = build_parser().parse_args(["bench", "--hf-num-requests", "64", "--hf-max-seconds", "0"])
     assert (args.hf_num_requests, args.hf_max_seconds) == (64, 0.0)
     assert parse_compare("hf,hf-mean,sequential,hf") == ["hf", "hf-mean", "sequential"]
+    assert parse_compare("nanoflow-sequential,sequential") == ["nanoflow-sequential", "sequential"]
+    assert not args.timeline and build_parser().parse_args(["bench", "--timeline"]).timeline
     with pytest.raises(ValueError, match="--compare accepts"):
         parse_compare("hf,median")
 

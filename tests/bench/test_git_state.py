@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import nanoflow
-from nanoflow.bench.throughput import _git_state
+from nanoflow.bench.environment import _git_state
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -66,7 +66,7 @@ def test_exported_tree_inside_another_repository_is_unknown(tmp_path):
     shutil.copytree(Path(nanoflow.__file__).resolve().parent, export / "nanoflow",
                     ignore=shutil.ignore_patterns("__pycache__"))
     other = _other_repo(repo)
-    code = ("import json, nanoflow; from nanoflow.bench.throughput import _git_state; "
+    code = ("import json, nanoflow; from nanoflow.bench.environment import _git_state; "
             "print(json.dumps([nanoflow.__file__, _git_state()]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True,
                          env={**_ENV, "PYTHONPATH": str(export)}, timeout=300)

@@ -1,0 +1,121 @@
+"""The pipeline side of a bench run: which nano-batch pipeline an engine ran (for the JSON, so that
+`nanoflow` vs `nanoflow-sequential` says what was compared), and `--timeline`: one full-budget step
+of the run's own shape, one layer's ops per stream over time (nanoflow.pipeline.timeline)."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import traceback
+from typing import Any
+
+from nanoflow.bench.workloads import Workload
+from nanoflow.config import PAGE_SIZE
+from nanoflow.executor.step_plan import StepPlan
+from nanoflow.pipeline.executor import PipelineExecutor
+from nanoflow.pipeline.timeline import plot_timeline, record_timeline
+
+log = logging.getLogger(__name__)
+
+TIMELINE_LAYER = 1  # not layer 0, whose first op also embeds; any later layer runs the same ops
+
+
+def schedule_summary(ex: PipelineExecutor) -> dict[str, Any]:
+    s = ex.schedule
+    return {"min_tokens": s.min_tokens, "max_tokens": s.max_tokens,
+            "partitions": {k: list(v) for k, v in s.partitions.items()}, "num_streams": s.num_streams,
+            "predicted_ms": s.predicted_ms}
+
+
+def pipeline_summary(runner: Any) -> list[dict[str, Any]] | str:
+    """Each schedule the runner's pipeline holds, or "sequential" (no pipeline: --pipeline off, or
+    auto with none tuned for this GPU and model)."""
+    return [schedule_summary(ex) for ex in runner.executors] or "sequential"
+
+
+def representative_step(step_timeline: dict[str, list] | None, budget: int, max_seqs: int,
+                        mean_context: int) -> tuple[int, int]:
+    """(decodes, context tokens per decode) of the run's full steps: the median over the steps that
+    came within 10% of the fullest one. Without a timeline: half the budget decoding at mean_context."""
+    tokens = (step_timeline or {}).get("tokens") or []
+    if not tokens:
+        return min(budget // 2, max_seqs), mean_context
+    full = [i for i, t in enumerate(tokens) if t >= 0.9 * max(tokens)]
+    decodes = int(statistics.median(step_timeline["decodes"][i] for i in full))
+    per_seq = [step_timeline["decode_context_tokens"][i] / step_timeline["decodes"][i] for i in full
+               if step_timeline["decodes"][i]]
+    return min(decodes, budget, max_seqs), int(statistics.median(per_seq)) if per_seq else mean_context
+
+
+def full_budget_plan(budget: int, num_decodes: int, context: int, num_pages: int, max_model_len: int,
+                     vocab_size: int) -> StepPlan:
+    """A step of exactly `budget` tokens: num_decodes decodes of `context` tokens each (fewer or
+    shorter where the KV pool is too small) and the rest as prefill chunks from position 0 of at
+    most max_model_len tokens each. Every sequence has pages of its own."""
+    def pages(n: int) -> int:
+        return -(-n // PAGE_SIZE)
+
+    def prefill_pages(d: int) -> int:
+        rest = budget - d
+        return (rest // max_model_len) * pages(max_model_len) + pages(rest % max_model_len)
+
+    d = max(0, min(num_decodes, budget))
+    while d and prefill_pages(d) + d > num_pages:  # every decode needs at least one page
+        d -= 1
+    if prefill_pages(d) > num_pages:
+        raise ValueError(f"a {budget}-token step does not fit a KV pool of {num_pages} pages")
+    per_seq = min(pages(max(1, context)), (num_pages - prefill_pages(d)) // d) if d else 0
+    context = max(1, min(context, per_seq * PAGE_SIZE, max_model_len))
+    chunks = [(context - 1, 1)] * d  # (tokens already cached, new tokens)
+    rest = budget - d
+    while rest:
+        chunks.append((0, min(rest, max_model_len)))
+        rest -= chunks[-1][1]
+    token_ids, starts, lens, tables, page = [], [], [], [], 0
+    for done, new in chunks:
+        token_ids.append([(31 * (done + i) + 7) % vocab_size for i in range(new)])
+        starts.append(done)
+        lens.append(done + new)
+        tables.append(list(range(page, page + pages(done + new))))
+        page += pages(done + new)
+    return StepPlan(token_ids, starts, lens, tables, [], d, [], [])
+
+
+def bench_timeline(engine: Any, run: dict[str, Any], workload: Workload, png_path: str,
+                   title: str) -> dict[str, Any]:
+    """After an engine run (its pages all free again): one full-budget step shaped like the run's
+    own full steps, the ops of TIMELINE_LAYER timed per stream, drawn to png_path. What it could
+    not do goes into the result as an error: the run's numbers stand without the picture."""
+    runner, cfg = engine.runner, engine.config
+    out: dict[str, Any] = {"layer": TIMELINE_LAYER, "png": None}
+    try:
+        budget = cfg.max_num_batched_tokens
+        # a decode's context where the run kept no step timeline: halfway through a mean request
+        ins, outs = workload.input_lens, workload.output_lens
+        mean_context = (sum(ins) + sum(outs) // 2) // max(1, len(ins))
+        decodes, context = representative_step(run.get("step_timeline"), budget, cfg.max_num_seqs, mean_context)
+        plan = full_budget_plan(budget, decodes, context, runner.num_pages, engine.max_model_len,
+                                runner.arch.vocab_size)
+        ex = runner.executor_for(budget)
+        out["step"] = {"tokens": budget, "decodes": plan.num_decodes,
+                       "decode_context": plan.seq_lens[0] if plan.num_decodes else None,
+                       "prefill_chunks": [len(t) for t in plan.token_ids[plan.num_decodes:]]}
+        out["schedule"] = schedule_summary(ex) if ex else "sequential"
+        out["clock"] = ("CUDA events on each op's stream" if runner.device.type == "cuda"
+                        else "perf_counter: the CPU runs the schedule's ops in issue order, never overlapped")
+        t = time.perf_counter()
+        layer = min(TIMELINE_LAYER, runner.arch.num_layers - 1)
+        out["layer"] = layer
+        out["records"] = record_timeline(runner, plan, layer)
+        out["layer_ms"] = max(r["end_ms"] for r in out["records"])
+        out["elapsed_s"] = time.perf_counter() - t
+        step = out["step"]
+        plot_timeline(out["records"], png_path, f"{title}\nlayer {layer} of a {budget}-token step: "
+                      f"{step['decodes']} decodes of {step['decode_context'] or 0} tokens, prefill chunks "
+                      f"{step['prefill_chunks'] or 'none'}; {'pipelined' if ex else 'sequential'}")
+        out["png"] = png_path
+    except Exception as e:  # e.g. no matplotlib, or a pool too small for the step
+        log.error("timeline failed: %s", e)
+        out.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+    return out

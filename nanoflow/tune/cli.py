@@ -1,0 +1,236 @@
+"""`nanoflow tune`: profile the layer ops on this device, search a pipeline, cache it for `--pipeline auto`.
+
+The parser imports nothing heavy (the CLI builds it at every start); `run_tune` imports the engine.
+The bench's dummy models are handed in by the top-level CLI (`dummy_model_dir`): the bench sits on
+this package's floor, so this package does not import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nanoflow.engine_args import add_engine_args
+
+EXAMPLES = """examples:
+  nanoflow tune --dummy llama3-8b                      # profile, search, cache for --pipeline auto
+  nanoflow tune --dummy llama3-8b --sizes 512,1024,1536,2048 --split-step 128 --ctas 32,44,66 --repeats 5
+  nanoflow tune --dummy llama3-8b --profile-only       # the profile JSON alone
+  nanoflow tune --dummy llama3-8b --profile-json bench-results/tune-profile_....json  # search again
+  nanoflow tune --model /path/to/hf_folder --device cpu --dtype float32 --sizes 8,16,32
+"""
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EXAMPLES
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="Hugging Face model folder")
+    src.add_argument("--dummy", default=None, choices=list(dummy_names) or None,
+                     help="a published model's shape with random weights (nothing downloaded)")
+    p.add_argument("--load-format", default=None, choices=("auto", "dummy"),
+                   help="weights for --model: auto (safetensors) or dummy (random); --dummy forces dummy")
+
+    g = p.add_argument_group("profile")
+    g.add_argument("--sizes", type=_ints, default=None,
+                   help="nano-batch sizes in tokens, comma list (default: multiples of --size-step up to the "
+                   "token budget on a GPU; 8,16,32 on the CPU); each ends a token bucket of the pipeline")
+    g.add_argument("--size-step", type=int, default=128)
+    g.add_argument("--ctas", type=_ints, default=None,
+                   help="SM caps of decode attention to profile, comma list (default 16,24,32,44,66,88 below the "
+                   "SM count; none on the CPU)")
+    g.add_argument("--context-len", type=int, default=None, help="mean decode context (default 1024; CPU 32)")
+    g.add_argument("--decode-fraction", type=float, default=0.5,
+                   help="share of a step's tokens that are decodes (the rest prefill chunks)")
+    g.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill chunk (default 512; CPU 8)")
+    g.add_argument("--layers", type=int, default=4, help="layers each timed sample runs an op over")
+    g.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; CPU 1)")
+    g.add_argument("--repeats", type=int, default=None, help="timed calls, median taken (default 10; CPU 3)")
+    g.add_argument("--no-pairs", action="store_true", help="skip the interference table (GPU)")
+    g.add_argument("--pair-tokens", type=int, default=None,
+                   help="step size of the interference table (default: the profiled size nearest half the largest)")
+    g.add_argument("--pair-ops", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="ops measured beside decode attention, comma list (default: every other op)")
+
+    s = p.add_argument_group("search")
+    s.add_argument("--min-gain", type=float, default=0.01,
+                   help="a pipeline must beat the sequential schedule's predicted step time by this fraction")
+    s.add_argument("--split-step", type=int, default=None,
+                   help="split points tried are multiples of this (default: the gcd of the sizes)")
+    s.add_argument("--time-limit", type=float, default=60.0, help="seconds the MILP solver may take per bucket")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--profile-only", action="store_true", help="write the profile JSON and stop")
+    o.add_argument("--profile-json", default=None, help="search from this saved profile instead of profiling")
+    o.add_argument("--output", default=None,
+                   help="write the pipeline JSON here (default: the cache path --pipeline auto reads)")
+    o.add_argument("--output-dir", default="bench-results", help="where the profile and search JSONs go")
+    o.add_argument("--no-verify", action="store_true",
+                   help="skip timing the chosen schedules' forwards after the search")
+    o.add_argument("--no-tqdm", action="store_true", help="no progress bar")
+
+    # the engine's flags; --pipeline is ignored (profiling runs the sequential schedule)
+    add_engine_args(p.add_argument_group("engine"), positional_model=False)
+
+
+def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | None = None) -> int:
+    import torch
+
+    from nanoflow.config import EngineConfig
+    from nanoflow.engine_args import EngineArgs, engine_kwargs
+    from nanoflow.executor.model_runner import ModelRunner, pipeline_key
+    from nanoflow.pipeline.cache import cache_path
+    from nanoflow.tune.profile import Workload, profile_ops
+    from nanoflow.tune.search import search
+
+    profile = _read_profile(args.profile_json) if args.profile_json else None
+    model_dir, load_format, name = _resolve_model(args, dummy_model_dir)
+    runner, config = None, None
+    if model_dir is not None:
+        ea = EngineArgs(model=model_dir, load_format=load_format,
+                        **{**engine_kwargs(args), "pipeline": "off", "cuda_graph_max_tokens": 0,
+                           "skip_tokenizer_init": True})
+        config = EngineConfig.from_args(ea)
+        if config.tensor_parallel_size != 1:
+            raise ValueError("nanoflow tune profiles one GPU: tensor_parallel_size must be 1 for now")
+        if profile is not None:
+            _check_key(profile["key"], pipeline_key(config, 1), args.profile_json)
+    elif profile is None:
+        raise ValueError("give --model PATH or --dummy NAME (or --profile-json FILE to search a saved profile)")
+    out_dir = Path(args.output_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workload, profile_path = None, args.profile_json
+    if profile is None:
+        assert config is not None
+        on_gpu = config.device.type == "cuda"
+        budget = config.max_num_batched_tokens
+        sizes = args.sizes or (list(range(args.size_step, budget + 1, args.size_step)) if on_gpu else [8, 16, 32])
+        sizes = sorted({n for n in sizes if 0 < n <= budget})
+        if not sizes:
+            raise ValueError(f"no nano-batch size within the token budget ({budget})")
+        sms = torch.cuda.get_device_properties(config.device).multi_processor_count if on_gpu else 0
+        ctas = args.ctas if args.ctas is not None else [c for c in (16, 24, 32, 44, 66, 88) if c < sms]
+        workload = Workload(args.context_len or (1024 if on_gpu else 32), args.decode_fraction,
+                            args.prefill_chunk or (512 if on_gpu else 8))
+        print(f"tune: building {name} on {config.device} ({str(config.dtype).removeprefix('torch.')}, "
+              f"token budget {budget})", flush=True)
+        runner = ModelRunner(config)
+        profile = profile_ops(runner, sizes, ctas, workload=workload, layers=args.layers,
+                              warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1),
+                              repeats=args.repeats or (10 if on_gpu else 3), pairs=not args.no_pairs,
+                              pair_tokens=args.pair_tokens, pair_ops=args.pair_ops, use_tqdm=not args.no_tqdm)
+        profile_path = str(_write_json(out_dir / f"tune-profile_{_safe(profile['device'])}_{_safe(name)}_{stamp}.json",
+                                       profile))
+        print(f"profile: {profile_path} ({profile['elapsed_s']:.0f} s)")
+    if args.profile_only:
+        _print_profile(profile)
+        return 0
+    tuning = search(profile, min_gain=args.min_gain, time_limit_s=args.time_limit, split_step=args.split_step)
+    target = Path(args.output) if args.output else cache_path(profile["key"])
+    tuning.pipeline.save(target)
+    measured = _verify(runner, profile, tuning, workload) if runner is not None and not args.no_verify else {}
+    report = {**tuning.to_json(), "profile": profile_path, "pipeline_path": str(target),
+              "measured_ms": {str(k): v for k, v in measured.items()}}
+    _write_json(out_dir / f"tune-search_{_safe(profile['device'])}_{_safe(name)}_{stamp}.json", report)
+    _print_table(profile, tuning, measured)
+    for note in tuning.notes:
+        print(f"note: {note}")
+    print(f"\npipeline: {target} (search: {tuning.solver}, {tuning.seconds:.1f} s)")
+    if args.output:
+        print(f"the engine takes it with --pipeline {target}")
+    else:
+        print("the engine takes it at start with --pipeline auto (the default) whenever the GPU, model shape, "
+              "dtype, KV dtype, TP size and token budget match; --pipeline off runs the sequential schedule")
+    return 0
+
+
+def _resolve_model(args: argparse.Namespace,
+                   dummy_model_dir: Callable[[str], str] | None) -> tuple[str | None, str, str]:
+    if args.dummy:
+        if dummy_model_dir is None:
+            raise ValueError("--dummy needs the bench's dummy models (run it as `nanoflow tune`)")
+        return dummy_model_dir(args.dummy), "dummy", args.dummy
+    if args.model:
+        return args.model, args.load_format or "auto", Path(args.model).name
+    return None, "auto", "profile"
+
+
+def _read_profile(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read profile {path!r}: {e}") from e
+    if data.get("kind") != "nanoflow-tune-profile" or data.get("version") != 1:
+        raise ValueError(f"{path!r} is no nanoflow tune profile (version 1)")
+    return data
+
+
+def _check_key(got: dict[str, Any], want: dict[str, Any], path: str) -> None:
+    diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
+    if diff:
+        raise ValueError(f"profile {path!r} was measured for another setup than the engine flags give: " +
+                         ", ".join(f"{k}: profile {a!r} vs engine {b!r}" for k, (a, b) in diff.items()))
+
+
+def _verify(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any) -> dict[int, float]:
+    """Each pipelined bucket's forward at its largest size, timed as the profile timed the sequential one."""
+    from nanoflow.tune.profile import time_forward
+    from nanoflow.tune.timing import Timer
+
+    t = profile["timer"]
+    timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=not runner.arch.is_moe)
+    return {b.max_tokens: time_forward(runner, b.max_tokens, workload, timer, s)
+            for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True) if b.candidate.split is not None}
+
+
+def _print_profile(profile: dict[str, Any]) -> None:
+    names = list(profile["op_ms"])
+    print("ms per layer by nano-batch size (tokens):")
+    print(f"{'op':<22}" + "".join(f"{n:>9}" for n in profile["sizes"]))
+    for op in names:
+        print(f"{op:<22}" + "".join(f"{x:>9.4f}" for x in profile["op_ms"][op]))
+    for c, xs in profile.get("decode_attention_capped_ms", {}).items():
+        print(f"{'decode @' + c + ' CTAs':<22}" + "".join(f"{x:>9.4f}" for x in xs))
+    pairs = profile.get("interference", {}).get("pairs", {})
+    if pairs:
+        print("kept fractions beside capped decode attention (op / attention):")
+        for op, by_cap in pairs.items():
+            cells = (f"  {c}: {v['op_kept']:.2f}/{v['attention_kept']:.2f}" for c, v in by_cap.items())
+            print(f"{op:<22}" + "".join(cells))
+    else:
+        print(f"interference: {profile.get('interference', {}).get('note', 'not measured')}")
+
+
+def _print_table(profile: dict[str, Any], tuning: Any, measured: dict[int, float]) -> None:
+    forward = dict(zip(profile["sizes"], profile.get("forward_ms") or [], strict=False))
+    print("\npredicted step time (layers only) per token bucket; measured: one whole forward at the bucket's top")
+    print(f"{'tokens':>12} {'sequential ms':>14} {'chosen ms':>10} {'gain':>6} {'measured seq':>13} "
+          f"{'measured chosen':>16}  choice")
+    for b in tuning.buckets:
+        seq = forward.get(b.max_tokens)
+        got = measured.get(b.max_tokens)
+        print(f"{f'{b.min_tokens}-{b.max_tokens}':>12} {b.sequential_ms:>14.3f} {b.predicted_ms:>10.3f} "
+              f"{b.sequential_ms / b.predicted_ms:>5.2f}x {'' if seq is None else f'{seq:.3f}':>13} "
+              f"{'' if got is None else f'{got:.3f}':>16}  {b.candidate.describe()}")
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in s)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem, n = path.stem, 1
+    while path.exists():  # two runs in one second keep both files
+        n += 1
+        path = path.with_name(f"{stem}-{n}{path.suffix}")
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path

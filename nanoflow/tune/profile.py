@@ -1,0 +1,208 @@
+"""Per-op times of one decoder layer on this device: the numbers the search works from (JSON-able).
+
+Each op of the layer is timed alone at nano-batch sizes over a mixed step: decodes first (contexts
+spread around `context_len`, each on its own pages: the pool's pages are reused only when the
+contexts exceed it) then prefill chunks, as the engine orders its rows. Decode attention is timed
+again at each SM cap. One sample runs the op over several layers back to back: each layer has its
+own weights and KV cache, so a sample reads from memory what a real forward reads (one layer's
+weights alone would stay in L2 between repeats). Times are per layer.
+
+The interference table (NanoFlow's Table 3, measured here, GPU only): decode attention capped at
+each num_ctas on one stream, launched first, beside another op of the layer on a second stream;
+each keeps a fraction of its speed alone. The whole forward at each size is timed too, so the sum
+of the parts can be checked against the whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nanoflow.executor.model_runner import ModelRunner, pipeline_key
+from nanoflow.executor.step_plan import StepPlan
+from nanoflow.forward_batch import ForwardBatch
+from nanoflow.layers.op import Buffers, run_sequential
+from nanoflow.pipeline.executor import PipelineExecutor
+from nanoflow.pipeline.schedule import Schedule
+from nanoflow.tune.timing import Timer, kept_fractions, peak_tflops
+
+PROFILE_VERSION = 1
+DECODE = "decode_attention"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a profiled step holds: round(decode_fraction x tokens) decodes, the rest prefill chunks."""
+
+    context_len: int = 1024  # mean context of a decode
+    decode_fraction: float = 0.5
+    prefill_chunk: int = 512  # prefill tokens per sequence (none of them cached before)
+
+    def num_decodes(self, num_tokens: int) -> int:
+        return round(num_tokens * self.decode_fraction)
+
+
+def mixed_plan(num_tokens: int, w: Workload, vocab_size: int, num_pages: int, max_model_len: int) -> StepPlan:
+    d = w.num_decodes(num_tokens)
+    # contexts from L/2 to ~3L/2 (mean ~L): a kernel that only did well on equal lengths would show it
+    contexts = [max(1, min(max_model_len - 1, w.context_len // 2 + (i * 37 % 64) * w.context_len // 64))
+                for i in range(d)]
+    chunk = max(1, min(w.prefill_chunk, max_model_len))
+    rest, chunks = num_tokens - d, []
+    while rest > 0:
+        chunks.append((0, min(chunk, rest)))
+        rest -= chunks[-1][1]
+    plan = StepPlan.synthetic(contexts, chunks, vocab_size)
+    return dataclasses.replace(plan, tables=[[p % num_pages for p in t] for t in plan.tables])
+
+
+def step_batch(runner: ModelRunner, num_tokens: int, w: Workload) -> tuple[ForwardBatch, Buffers]:
+    """A prepared batch of the workload and its activation buffers, filled by one forward (so the
+    timed ops see values of a real step, and their kernels are compiled)."""
+    cfg = runner.config
+    plan = mixed_plan(num_tokens, w, runner.arch.vocab_size, runner.num_pages, cfg.max_model_len)
+    batch = runner.model.prepare(runner._build_batch(plan))
+    bufs = runner.model.buffers(batch)
+    run_sequential(runner.model.layer_ops, bufs, [batch])
+    return batch, bufs
+
+
+def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] = (), *,
+                workload: Workload | None = None, layers: int = 4, warmup: int = 3, repeats: int = 10,
+                pairs: bool = True, pair_tokens: int | None = None, pair_ops: Sequence[str] | None = None,
+                pair_repeats: int = 3, use_tqdm: bool = False) -> dict[str, Any]:
+    """Times every op of a layer at each size (tokens per nano-batch), decode attention at each SM
+    cap in `ctas`, and (on a GPU, `pairs`) the interference table at `pair_tokens`."""
+    w = workload or Workload()
+    t0 = time.perf_counter()
+    model, device = runner.model, runner.device
+    on_gpu = device.type == "cuda"
+    ops = model.layer_ops[0]
+    names = [op.name for op in ops]
+    num_layers = len(model.layer_ops)
+    # not layer 0, whose input norm has no residual add: the steady state is every later layer
+    timed = list(range(1, num_layers))[:layers] or [0]
+    timer = Timer(device, warmup, repeats, graphs=not runner.arch.is_moe)
+    ctas = list(ctas) if on_gpu else []
+    sizes = sorted(set(sizes))
+    do_pairs = pairs and on_gpu and bool(ctas)
+    candidates = [op.name for op in ops if op.name != DECODE and op.resource != "network"]
+    partners = [n for n in (pair_ops or candidates) if n in names and n != DECODE]
+    total = len(sizes) * (len(names) + len(ctas) + 1) + (len(ctas) * (len(partners) + 1) if do_pairs else 0)
+    bar = tqdm(total=total, desc="profile", unit="op", disable=not use_tqdm)
+
+    def over_layers(name: str, batch: ForwardBatch, bufs: Buffers, cap: int | None) -> Callable[[], None]:
+        i = names.index(name)
+        layer_ops = [model.layer_ops[layer][i] for layer in timed]
+
+        def run() -> None:
+            for op in layer_ops:
+                op.run(batch, bufs, cap)
+
+        return run
+
+    op_ms: dict[str, list[float]] = {n: [] for n in names}
+    capped: dict[str, list[float]] = {str(c): [] for c in ctas}
+    forward_ms, batches = [], []
+    with torch.inference_mode():
+        for n in sizes:
+            batch, bufs = step_batch(runner, n, w)
+            d = batch.num_decodes
+            batches.append({"num_tokens": n, "num_decodes": d, "prefill_tokens": n - d,
+                            "num_prefills": batch.num_prefills,
+                            "mean_context": statistics.fmean(batch.seq_lens_cpu[:d]) if d else 0.0})
+            for name in names:
+                bar.set_postfix_str(f"{n} tokens: {name}")
+                op_ms[name].append(timer.ms(over_layers(name, batch, bufs, None)) / len(timed))
+                bar.update()
+            for c in ctas:
+                bar.set_postfix_str(f"{n} tokens: {DECODE} on {c} CTAs")
+                capped[str(c)].append(timer.ms(over_layers(DECODE, batch, bufs, c)) / len(timed))
+                bar.update()
+            bar.set_postfix_str(f"{n} tokens: whole forward")
+            forward_ms.append(timer.ms(lambda batch=batch: model(batch)))
+            bar.update()
+            del batch, bufs
+        if do_pairs:
+            n = pair_tokens or min(sizes, key=lambda s: abs(s - sizes[-1] // 2))
+            batch, bufs = step_batch(runner, n, w)
+            interference = _interference(timer, {c: over_layers(DECODE, batch, bufs, c) for c in ctas},
+                                         {p: over_layers(p, batch, bufs, None) for p in partners},
+                                         len(timed), pair_repeats, bar)
+            interference |= {"num_tokens": n, "num_decodes": batch.num_decodes}
+        else:
+            why = "no CUDA device: streams do not run side by side here" if not on_gpu else \
+                "not measured (no --ctas, or pairs turned off)"
+            interference = {"needs_gpu": not on_gpu, "note": why, "pairs": {}}
+        peak = peak_tflops(device, timer)
+    bar.close()
+    key = pipeline_key(runner.config, runner.par.size)
+    return {
+        "version": PROFILE_VERSION, "kind": "nanoflow-tune-profile",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": key["gpu"], "key": key, "peak_tflops": peak,
+        "num_layers": num_layers, "layers_timed": timed, "workload": dataclasses.asdict(w),
+        "timer": {"kind": timer.kind, "warmup": warmup, "repeats": repeats, "unit": "ms per layer"},
+        "ops": [{"name": op.name, "resource": op.resource, "reads": list(op.reads), "writes": list(op.writes)}
+                for op in ops],
+        "sizes": sizes, "batches": batches, "op_ms": op_ms, "ctas": ctas, "decode_attention_capped_ms": capped,
+        "forward_ms": forward_ms, "interference": interference,
+        "elapsed_s": time.perf_counter() - t0,
+    }
+
+
+def _interference(timer: Timer, attention: dict[int, Callable[[], None]], partners: dict[str, Callable[[], None]],
+                  per: int, repeats: int, bar: tqdm, span_ms: float = 2.0) -> dict[str, Any]:
+    """For each SM cap and partner op: both alone and side by side (attention launched first), each
+    stream repeating its call until both carry about the same work, so that they overlap
+    throughout; median over `repeats` of the fractions each kept."""
+    def alone(fn: Callable[[], None]) -> float:
+        once = timer.side_by_side(fn, 1, None, 0)[0]
+        reps = max(1, math.ceil(span_ms / max(once, 1e-3)))
+        return statistics.median(timer.side_by_side(fn, reps, None, 0)[0] / reps for _ in range(repeats))
+
+    op_alone: dict[str, float] = {}
+    for name, fn in partners.items():
+        op_alone[name] = alone(fn)
+    table: dict[str, dict[str, Any]] = {name: {} for name in partners}
+    attention_alone = {}
+    for c, attn in attention.items():
+        bar.set_postfix_str(f"interference: {DECODE} on {c} CTAs alone")
+        a = attention_alone[c] = alone(attn)
+        bar.update()
+        for name, fn in partners.items():
+            bar.set_postfix_str(f"interference: {name} beside {DECODE} on {c} CTAs")
+            g = op_alone[name]
+            span = max(span_ms, a, g)
+            ra, rg = max(1, round(span / max(a, 1e-3))), max(1, round(span / max(g, 1e-3)))
+            kept = [kept_fractions(a, ra, g, rg, *timer.side_by_side(attn, ra, fn, rg)) for _ in range(repeats)]
+            table[name][str(c)] = {
+                "op_kept": statistics.median(k[1] for k in kept),
+                "attention_kept": statistics.median(k[0] for k in kept),
+                "op_alone_ms": g / per, "attention_alone_ms": a / per, "reps": [ra, rg]}
+            bar.update()
+    return {"ctas": list(attention), "unit": "kept: fraction of the op's speed alone (1: unharmed); ms per layer",
+            "launch": "eager, both streams released by one gate, attention first", "pairs": table}
+
+
+def time_forward(runner: ModelRunner, num_tokens: int, w: Workload, timer: Timer,
+                 schedule: Schedule | None = None) -> float:
+    """Milliseconds of one forward of the workload's step at num_tokens, through `schedule`'s
+    pipeline executor (None: the sequential walk): what the search predicted, measured."""
+    with torch.inference_mode():
+        batch, _ = step_batch(runner, num_tokens, w)
+        model = runner.model
+        if schedule is None:
+            return timer.ms(lambda: model(batch))
+        ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+        parts = ex.split(batch, model.prepare)
+        return timer.ms(lambda: model(batch, lambda layer_ops, bufs: ex.run(layer_ops, bufs, parts)))
