@@ -67,6 +67,10 @@ def main() -> None:
     chunk = args.tokens - args.decodes
     plan = StepPlan.synthetic([args.context] * args.decodes, [(0, chunk)] if chunk else [],
                               runner.arch.vocab_size)
+    pages = sum(len(t) for t in plan.tables)
+    if pages > runner.num_pages:
+        raise SystemExit(f"the step needs {pages} KV pages, the pool holds {runner.num_pages}: fewer --decodes or "
+                         "a shorter --context")
     batch = runner.build(plan)
     names = [op.name for op in model.layer_ops[0]]
     results = {"args": vars(args), "device": torch.cuda.get_device_name(), "build_s": time.perf_counter() - t0}
