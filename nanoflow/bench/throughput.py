@@ -47,7 +47,7 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     # The same engine, kernels and graphs with the pipeline off: nanoflow over this is the pipeline's gain.
     "nanoflow-sequential": {"enforce_eager": False, "pipeline": "off"},
     # Our own plain mode: eager PyTorch reference ops, one after another, no CUDA graphs.
-    "sequential": {"enforce_eager": True},
+    "sequential": {"enforce_eager": True, "pipeline": "off"},
     # The fast path with the KV cache in fp8 (e4m3): twice the sequences, half the bytes per decode.
     "nanoflow-fp8": {"enforce_eager": False, "kv_cache_dtype": "fp8"},
 }

@@ -78,7 +78,7 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         timeline = s["step_timeline"]
         assert sum(timeline["tokens"]) == 8 * (32 + 16 - 1)  # the last token is sampled, never fed back
         assert len(timeline["tokens"]) == s["step_stats"]["steps"] and max(timeline["tokens"]) <= 512
-    assert result["systems"]["sequential"]["options"] == {"enforce_eager": True}
+    assert result["systems"]["sequential"]["options"] == {"enforce_eager": True, "pipeline": "off"}
     hf = result["systems"]["hf"]
     assert (hf["batch_sizes"], hf["shape"], hf["padding_efficiency"]) == ([8], "requests", 1)
     assert hf["padded_tokens"] == 8 * (32 + 16) and "hf: 1 batch of up to 8, 100% of the computed" in proc.stdout
