@@ -6,7 +6,9 @@ CPU:  python benchmarks/kernel_check.py --out DIR --cpu-smoke (tiny shapes, Trit
 Sections: copy ceiling (device-to-device copy), correctness of every kernel vs its reference,
 decode attention bandwidth at batch 256 x 1024 and 64 x 4096 for num_ctas None/16/32/66 (with a
 sweep of launch configs), prefill attention, the small fused kernels vs their references, a CUDA
-graph capture, and (optional) decode on a capped grid overlapped with a GEMM on another stream.
+graph capture, (optional) decode on a capped grid overlapped with a GEMM on another stream, and
+decode_all_heads: the per-head decode kernel vs the all-heads one (DecodeConfig(all_heads=True))
+at 16/32/44/66/132 CTAs, one table. `--only decode_all_heads` runs just that (plus env and copy).
 Imports only torch, triton and nanoflow.kernels (not the package root, which pulls in the engine).
 """
 
@@ -49,13 +51,14 @@ class Shapes:
     tokens: int = 2048  # dense batch for the norm / activation / rope kernels
     decode_cases: tuple[tuple[int, int], ...] = ((256, 1024), (64, 4096))  # (batch, context)
     ctas: tuple[int | None, ...] = (None, 16, 32, 48, 66)
+    compare_ctas: tuple[int, ...] = (16, 32, 44, 66, 132)  # decode_all_heads: per-head vs all-heads kernel
     prefill: tuple[int, int, int] = (4, 512, 1024)  # sequences, new tokens each, context each
     page_size: int = 16
 
 
 SMOKE = Shapes(
     num_q_heads=8, num_kv_heads=2, head_dim=32, hidden=64, intermediate=96, tokens=8,
-    decode_cases=((4, 40), (2, 70)), ctas=(None, 3), prefill=(2, 20, 40),
+    decode_cases=((4, 40), (2, 70)), ctas=(None, 3), prefill=(2, 20, 40), compare_ctas=(3,),
 )  # fmt: skip
 
 
@@ -90,6 +93,8 @@ class Runner:
         return self.triton.testing.do_bench(fn, warmup=25, rep=self.args.rep_ms, return_mode="median")
 
     def section(self, name: str, fn: Callable[[], Any]) -> None:
+        if self.args.only and name not in ("env", "copy_ceiling", *self.args.only.split(",")):
+            return
         print(f"== {name}", flush=True)
         t = time.perf_counter()
         try:
@@ -343,6 +348,85 @@ class Runner:
         self.table.append((f"decode {b}x{ctx} ref", f"{ref_ms * 1e3:.0f} us"))
         return case
 
+    def decode_all_heads(self) -> dict[str, Any]:
+        """Per-head decode kernel (today's default) vs the all-heads kernel on capped grids: TB/s of
+        K+V at s.compare_ctas CTAs, each kernel's default and the best of a small sweep (the best
+        checked against the reference), for every decode case; one comparison table."""
+        dk, s = self.k.dk, self.s
+        C = dk.DecodeConfig
+        # per-head: the default, the sweep's deep-pipeline shapes, and the best configs decode_timing
+        # found for the case (when it ran)
+        per_head = [C()]
+        if not self.cpu:
+            per_head += [C(block_n=64, num_warps=8, num_stages=8), C(block_n=64, num_warps=4, num_stages=6),
+                         C(block_n=128, num_warps=8, num_stages=6)]  # fmt: skip
+        # all-heads (Llama-3-8B: 8 kv heads x 128, bf16): 64 KiB steps at 3 / 1 / 2 in flight, the
+        # 2-D dot, 4 or 2 kv heads per item with deeper pipelines, 32-token steps, flatten; then
+        # smaller partitions (balance of the persistent grid) on the best shape
+        AH = lambda **kw: C(all_heads=True, **kw)
+        all_heads = [AH(), AH(batched_dot=False, num_stages=5)]
+        if not self.cpu:
+            all_heads = [
+                AH(), AH(num_stages=3), AH(num_stages=5), AH(batched_dot=False), AH(batched_dot=False, num_stages=5),
+                AH(kv_heads_per_item=4), AH(kv_heads_per_item=4, num_stages=7), AH(kv_heads_per_item=4, num_warps=8),
+                AH(kv_heads_per_item=4, block_n=32, num_stages=7), AH(kv_heads_per_item=2), AH(flatten=True),
+            ]  # fmt: skip
+        default_cfg = dataclasses.asdict(C())
+        res: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        for b, ctx in s.decode_cases:
+            time_cfg, _ = self._decode_timer(b, ctx)
+            found = self.results.get("decode_timing", {}).get(f"{b}x{ctx}", {})
+            extra = [C(**e["best"]["config"]) for e in found.values() if isinstance(e, dict) and "config" in e["best"]]
+            ph_cfgs = list(dict.fromkeys(per_head + [c for c in extra if not c.all_heads]))
+            case: dict[str, Any] = {}
+            for n in s.compare_ctas:
+                entry: dict[str, Any] = {}
+                for kind, cfgs in (("per_head", ph_cfgs), ("all_heads", all_heads)):
+                    trials = [time_cfg(c, n) for c in cfgs]
+                    ok = [t for t in trials if "tbps" in t]
+                    if kind == "all_heads" and ok and not self.cpu:
+                        base = max(ok, key=lambda t: t["tbps"])["config"]
+                        trials += [time_cfg(C(**{**base, "partition_size": p}), n) for p in (256, 512, 1024)]
+                        ok = [t for t in trials if "tbps" in t]
+                    best = max(ok, key=lambda t: t["tbps"]) if ok else {}
+                    if best:
+                        best = time_cfg(C(**best["config"]), n, verify=True)
+                    entry[kind] = {"default": trials[0], "best": best, "trials": trials}
+                case[f"ctas={n}"] = entry
+                ph, ah = entry["per_head"], entry["all_heads"]
+                nan = float("nan")
+                row = {
+                    "case": f"{b}x{ctx}", "ctas": n,
+                    "per_head_default": ph["default"].get("tbps", nan), "per_head_best": ph["best"].get("tbps", nan),
+                    "all_heads_default": ah["default"].get("tbps", nan), "all_heads_best": ah["best"].get("tbps", nan),
+                    "per_head_rel_err": ph["best"].get("rel_err_vs_ref", nan),
+                    "all_heads_rel_err": ah["best"].get("rel_err_vs_ref", nan),
+                    "all_heads_best_config": {
+                        k: v for k, v in ah["best"].get("config", {}).items() if v != default_cfg.get(k)
+                    },
+                }  # fmt: skip
+                rows.append(row)
+                ratio = row["all_heads_best"] / row["per_head_best"]
+                print(f"   decode {b}x{ctx} ctas={n:3d}: per-head {row['per_head_default']:.2f} / best "
+                      f"{row['per_head_best']:.2f} TB/s, all-heads {row['all_heads_default']:.2f} / best "
+                      f"{row['all_heads_best']:.2f} TB/s ({ratio:.2f}x; rel_err {row['per_head_rel_err']:.1e} / "
+                      f"{row['all_heads_rel_err']:.1e}) {row['all_heads_best_config']}", flush=True)  # fmt: skip
+                self.table.append((f"decode {b}x{ctx} ctas={n} per-head vs all-heads",
+                                   f"best {row['per_head_best']:.2f} vs {row['all_heads_best']:.2f} TB/s "
+                                   f"({ratio:.2f}x)"))  # fmt: skip
+            res[f"{b}x{ctx}"] = case
+        ceiling = self.results.get("copy_ceiling", {}).get("tbps")
+        print(f"\n   TB/s of K+V, default / best of the sweep (copy ceiling {ceiling or float('nan'):.2f} TB/s)")
+        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'best':>6s} {'all-heads':>9s} {'best':>6s} "
+              f"{'ratio':>6s}  best all-heads config")  # fmt: skip
+        for r in rows:
+            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head_default']:9.2f} {r['per_head_best']:6.2f} "
+                  f"{r['all_heads_default']:9.2f} {r['all_heads_best']:6.2f} "
+                  f"{r['all_heads_best'] / r['per_head_best']:6.2f}x  {r['all_heads_best_config']}")  # fmt: skip
+        res["table"] = rows
+        return res
+
     def decode_flatten(self) -> dict[str, Any]:
         """The best decode config of each case again with tl.range(flatten=True) on the work loop."""
         res: dict[str, Any] = {}
@@ -559,6 +643,7 @@ class Runner:
         self.section("small_kernels", self.small_kernels)
         if not self.cpu and not self.args.no_overlap:
             self.section("overlap", self.overlap)
+        self.section("decode_all_heads", self.decode_all_heads)
         if not self.args.no_sweep:
             self.section("decode_flatten", self.decode_flatten)  # last: an experimental compiler path
         self.save()
@@ -579,6 +664,8 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true", help="decode: time the default config only")
     p.add_argument("--no-overlap", action="store_true", help="skip the decode || GEMM measurement")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
+    p.add_argument("--only", default="", help="comma-separated sections to run (env and copy_ceiling always run), "
+                   "e.g. decode_all_heads")
     args = p.parse_args()
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported

@@ -3,6 +3,10 @@
 The PyTorch reference and the Triton kernel (persistent over (sequence, kv head, partition) work
 items, with a reduce kernel that merges the partitions of long contexts). What both attention
 modules share, the cache-read conventions included, is in attention_common.py.
+
+DecodeConfig(all_heads=True) selects a second kernel (experimental, for capped grids, issue 12):
+work items (sequence, partition) covering every kv head, so each step loads whole pages (one
+contiguous run of all heads per page) and each item is Hkv times longer; same reduce kernel.
 """
 
 from __future__ import annotations
@@ -71,9 +75,29 @@ class DecodeConfig:
     # flatten the (work item x step) loop nest into one pipelined loop (tl.range(flatten=True)), so
     # loads of the next work item start before the current one ends; experimental
     flatten: bool = False
+    # --- the all-heads kernel (_decode_all_heads_kernel; experimental, issue 12): a work item is
+    # (sequence, partition) and covers the kv heads of the sequence, so each step loads whole pages
+    # (all heads: one contiguous Hkv x page_size x head_dim run per page, for K and for V) and the
+    # items are Hkv times longer (the pipeline ramp of each item is paid Hkv times less often).
+    # block_n / num_warps / num_stages keep their meaning; their defaults differ (resolved()).
+    all_heads: bool = False
+    # kv heads per work item (None: as many as fit 64 KiB of K+V per step: all 8 of Llama-3-8B
+    # in bf16). Fewer heads per item = fewer bytes per step = deeper pipelines in the same shared
+    # memory, but shorter runs per page and more work items.
+    kv_heads_per_item: int | None = None
+    # True: one batched 3-D tl.dot per step, [heads, G, D] x [heads, D, block_n] (MMA v2: Triton
+    # puts the warps on the head axis, one warp per kv head at 8 warps x 8 heads). False: one 2-D
+    # dot for all heads, [heads * G, D] x [D, heads * block_n], the (query head, other kv head)
+    # blocks masked out: the plain 2-D path of the per-head kernel, at heads times the useful FLOPs.
+    batched_dot: bool = True
 
-    def resolved(self, head_dim: int, elem_size: int, fp8_cache: bool = False) -> DecodeConfig:
-        """This config with the None fields filled in for the head_dim, q's element size and cache."""
+    def resolved(
+        self, head_dim: int, elem_size: int, fp8_cache: bool = False, num_kv_heads: int | None = None
+    ) -> DecodeConfig:
+        """This config with the None fields filled in for the head_dim, q's element size and cache
+        (and, for all_heads, the number of kv heads)."""
+        if self.all_heads:
+            return self._resolved_all_heads(head_dim, elem_size, fp8_cache, num_kv_heads or 1)
         if fp8_cache:
             block_n, warps, stages = 64, 4, 6
         else:
@@ -85,6 +109,46 @@ class DecodeConfig:
         return dataclasses.replace(
             self, block_n=self.block_n or block_n, num_warps=self.num_warps or warps,
             num_stages=self.num_stages or stages)
+
+    def _resolved_all_heads(self, head_dim: int, elem_size: int, fp8_cache: bool, num_kv_heads: int) -> DecodeConfig:
+        """Defaults of the all-heads kernel, not measured on a GPU yet (kernel_check's
+        decode_all_heads section sweeps around them). The trade-off, for Llama-3-8B's 8 kv heads x
+        128 in bf16:
+        - block_n = 16 tokens (one page of every head: 32 KiB of K + 32 KiB of V, each one
+          contiguous run) is the smallest step: p @ V's K dimension (block_n) must be >= 16. So a
+          step is 64 KiB, 8x the bytes per token of the per-head kernel's steps.
+        - Triton gives the page-table load (it feeds the K/V addresses) stages of its own: K/V
+          loads are issued L = (num_stages - 1) // 2 steps ahead into L shared-memory buffers of
+          one step each. Compiled for sm_90a (Triton 3.7.1 on the CPU, ptxas -v), 8 warps:
+          num_stages 5 -> L = 2, 136 KiB of shared memory, 128 KiB of K/V in flight per CTA;
+          num_stages 7 -> L = 3, 200 KiB (of 227), 192 KiB in flight; 3 -> L = 1, 72 KiB. The
+          streaming read that reaches 3.66 TB/s on 44 CTAs keeps ~96 KiB in flight per CTA, and
+          the per-head kernel's capped-grid default also spends ~200 KiB (8 stages). 204-206
+          registers a thread, no spills (4 warps spill: each warp then holds two heads' fp32
+          accumulators).
+        - Fewer heads per item (kv_heads_per_item=4: 32 KiB steps) buy a deeper pipeline in less
+          shared memory (9 stages: L = 4, 132 KiB) at shorter runs per page and 2x the work items.
+        - fp8 halves the bytes: block_n 32 (two pages a step) keeps 64 KiB steps (255 registers,
+          no spills at 7 stages)."""
+        cache_bytes = 1 if fp8_cache else elem_size
+        block_n = self.block_n or (32 if fp8_cache else 16)
+        if self.kv_heads_per_item:
+            heads = min(self.kv_heads_per_item, num_kv_heads)
+        else:  # as many heads as fit 64 KiB of K + V per step, a power of two
+            fit = max(1, (64 * 1024) // (2 * block_n * head_dim * cache_bytes))
+            heads = min(num_kv_heads, 1 << (fit.bit_length() - 1))
+        step = 2 * block_n * triton.next_power_of_2(heads) * head_dim * cache_bytes
+        latency = max(1, min(4, (192 * 1024) // step))  # K/V steps in flight = shared-memory buffers
+        return dataclasses.replace(
+            self, block_n=block_n, kv_heads_per_item=heads,
+            num_warps=self.num_warps or (8 if heads >= 8 else 4),
+            num_stages=self.num_stages or 2 * latency + 1)
+
+    def smem_per_stage(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> int:
+        """Bytes of K + V one step loads (one shared-memory buffer of the software pipeline), for a
+        resolved config."""
+        heads = triton.next_power_of_2(self.kv_heads_per_item or num_kv_heads) if self.all_heads else 1
+        return 2 * self.block_n * heads * head_dim * cache_bytes
 
 
 
@@ -159,6 +223,115 @@ def _decode_kernel(
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+@triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
+def _decode_all_heads_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_tables_ptr, seq_lens_ptr, num_seqs_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    qk_scale, num_kv_heads, num_head_blocks, num_parts, partition, sliding_window,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
+    stride_cp, stride_ch, stride_ct,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
+):  # fmt: skip
+    """Persistent over work items (seq, head block, partition); a head block is HEADS kv heads
+    (all of them by default), padded to BLOCK_H. Each step loads BLOCK_N tokens of every kv head
+    of the block: per page, one contiguous HEADS x PAGE_SIZE x HEAD_DIM run for K and one for V.
+
+    BATCHED: rows are [BLOCK_H, BLOCK_G] (kv head, query head of its group padded to a power of two),
+    one batched dot per step: [BLOCK_H, BLOCK_G, D] x [BLOCK_H, D, BLOCK_N]. Else rows are BLOCK_H * BLOCK_G
+    and columns BLOCK_H * BLOCK_N (kv head major), one 2-D dot with the scores of a query head
+    against another kv head's tokens masked to -inf (their p is 0, so p @ V adds nothing).
+    Rows of padded heads (h >= HEADS or past num_kv_heads) load zeros, stay finite and are not stored."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if BATCHED:
+        r_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]: kv head of a row
+        r_g = tl.arange(0, BLOCK_G)[None, :]  # [1, BLOCK_G]: query head within the group
+        c_h = tl.arange(0, BLOCK_H)  # kv head of a K/V slice
+        c_n = tl.arange(0, BLOCK_N)  # token of a K/V column
+    else:
+        r_h = tl.arange(0, BLOCK_H * BLOCK_G) // BLOCK_G
+        r_g = tl.arange(0, BLOCK_H * BLOCK_G) % BLOCK_G
+        c_h = tl.arange(0, BLOCK_H * BLOCK_N) // BLOCK_N
+        c_n = tl.arange(0, BLOCK_H * BLOCK_N) % BLOCK_N
+    num_work = tl.load(num_seqs_ptr) * num_head_blocks * num_parts
+    for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
+        # partition fastest: neighbouring CTAs share one long sequence's work
+        part = w % num_parts
+        hb = (w // num_parts) % num_head_blocks
+        b = w // (num_parts * num_head_blocks)
+        seq_len = tl.load(seq_lens_ptr + b)
+        start = part * partition
+        end = tl.minimum(start + partition, seq_len)
+        lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
+        kvh_r = hb * HEADS + r_h
+        row_ok = (r_h < HEADS) & (kvh_r < num_kv_heads) & (r_g < GROUP)  # the rows that are stored
+        heads = kvh_r * GROUP + r_g  # query head of each row
+        q = tl.load(
+            q_ptr + b * stride_qb + tl.expand_dims(heads, -1) * stride_qh + offs_d,
+            mask=tl.expand_dims(row_ok, -1), other=0.0,
+        )  # fmt: skip
+        if FP16_DOTS:
+            q = q.to(tl.float16)
+        kvh_c = hb * HEADS + c_h
+        c_ok = (c_h < HEADS) & (kvh_c < num_kv_heads)
+        head_off = kvh_c.to(tl.int64) * stride_ch
+        page_row = page_tables_ptr + b * stride_pt
+        m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros(heads.shape, dtype=tl.float32)
+        acc = tl.zeros(q.shape, dtype=tl.float32)  # [rows..., HEAD_DIM]
+        # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
+        # Every step then holds >= 1 valid token of every head, so m_new is finite on every row.
+        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
+            tok = n0 + c_n
+            t_mask = (tok >= lo) & (tok < end)
+            page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
+            tok_off = page.to(tl.int64) * stride_cp + (tok % PAGE_SIZE) * stride_ct
+            if BATCHED:
+                # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
+                kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
+                kv_mask = c_ok[:, None, None] & t_mask[None, :, None]
+                k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION)  # [H, G, N] fp32
+                qk = tl.where(t_mask[None, None, :], qk * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 2))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, :, None])
+                l_i = l_i * alpha + tl.sum(p, 2)
+                acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            else:
+                # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
+                kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
+                kv_mask = (c_ok & t_mask)[:, None]
+                k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [H * G, H * N] fp32
+                mine = (r_h[:, None] == c_h[None, :]) & t_mask[None, :]
+                qk = tl.where(mine, qk * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if SPLIT:
+            # unnormalised partials in the reduce kernel's [B, Hq, num_parts] rows
+            row_p = (b * num_kv_heads * GROUP + heads) * num_parts + part
+            keep = row_ok & (lo < end)
+            tl.store(part_acc_ptr + tl.expand_dims(row_p, -1) * HEAD_DIM + offs_d, acc, mask=tl.expand_dims(keep, -1))
+            tl.store(part_m_ptr + row_p, m_i, mask=keep)
+            tl.store(part_l_ptr + row_p, l_i, mask=keep)
+        else:
+            # an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets zeros, not NaN
+            o = acc / tl.expand_dims(tl.where(l_i > 0, l_i, 1.0), -1)
+            o_ptrs = out_ptr + b * stride_ob + tl.expand_dims(heads, -1) * stride_oh + offs_d
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, -1))
 
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
@@ -242,11 +415,14 @@ def paged_decode_attention(
     GPU. num_seqs ([1] int32 on the device, <= B) computes only the first num_seqs rows and leaves
     the others untouched: a CUDA graph captured for B rows then serves every smaller batch. A
     sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
+    config.all_heads=True runs the all-heads kernel instead (same arguments and results).
     """
     check_paged_inputs(q, k_cache, v_cache)
     # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
     # load): an fp8 cache keeps the tile shape of its model dtype and halves the bytes per step
-    cfg = (config or DecodeConfig()).resolved(q.shape[-1], q.element_size(), k_cache.dtype == torch.float8_e4m3fn)
+    cfg = (config or DecodeConfig()).resolved(
+        q.shape[-1], q.element_size(), k_cache.dtype == torch.float8_e4m3fn, num_kv_heads=k_cache.shape[1]
+    )
     if q.stride(-1) != 1:
         q = q.contiguous()
     B, Hq, D = q.shape
@@ -264,7 +440,10 @@ def paged_decode_attention(
     else:
         grid_cap = max(1, num_ctas)
     max_context = page_tables.shape[1] * page_size
-    part, num_parts = _decode_plan(B, Hkv, max_context, grid_cap, cfg)
+    # work items per (sequence, partition): one per kv head, or one per block of kv heads
+    heads_per_item = cfg.kv_heads_per_item if cfg.all_heads else 1
+    num_head_blocks = triton.cdiv(Hkv, heads_per_item)
+    part, num_parts = _decode_plan(B, num_head_blocks, max_context, grid_cap, cfg)
     split = num_parts > 1
     if split:
         part_acc = torch.empty(B, Hq, num_parts, D, device=q.device, dtype=torch.float32)
@@ -275,19 +454,40 @@ def paged_decode_attention(
     window = sliding_window or 0
     if num_seqs is None:
         num_seqs = torch.full((1,), B, dtype=torch.int32, device=q.device)
-    num_work = B * Hkv * num_parts
-    _decode_kernel[(min(num_work, grid_cap),)](
-        q, k_cache, v_cache, page_tables, seq_lens, num_seqs,
-        out, part_acc, part_m, part_l,
-        scale * LOG2E, Hkv, num_parts, part, window,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_N=cfg.block_n, SPLIT=split,
-        NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
-        FP16_DOTS=fp16_dots(q, k_cache),
-        num_warps=cfg.num_warps,
-    )  # fmt: skip
+    num_work = B * num_head_blocks * num_parts
+    if cfg.all_heads:
+        block_h = triton.next_power_of_2(heads_per_item)
+        # Triton >= 3.3 takes dots with M < 16 (it pads the MMA rows itself): the group is not
+        # padded in the batched dot, which keeps q's shared-memory copy at heads x G x D
+        # (Triton 3.7 for sm_90a: 200 KiB instead of 224 KiB of shared memory at 7 stages).
+        block_g = triton.next_power_of_2(group)
+        if not cfg.batched_dot:
+            block_g = max(block_g, 16 // block_h)  # >= 16 rows in all
+        _decode_all_heads_kernel[(min(num_work, grid_cap),)](
+            q, k_cache, v_cache, page_tables, seq_lens, num_seqs,
+            out, part_acc, part_m, part_l,
+            scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            GROUP=group, BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, HEAD_DIM=D,
+            PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SPLIT=split, BATCHED=cfg.batched_dot,
+            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
+            FP16_DOTS=fp16_dots(q, k_cache),
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+    else:
+        _decode_kernel[(min(num_work, grid_cap),)](
+            q, k_cache, v_cache, page_tables, seq_lens, num_seqs,
+            out, part_acc, part_m, part_l,
+            scale * LOG2E, Hkv, num_parts, part, window,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
+            BLOCK_N=cfg.block_n, SPLIT=split,
+            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
+            FP16_DOTS=fp16_dots(q, k_cache),
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
     if split:
         _decode_reduce_kernel[(min(B * Hq, grid_cap),)](
             part_acc, part_m, part_l, seq_lens, num_seqs, out,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from paged_cache import FP8, PAGE, f32, out_rows, paged_cache, poison_unwritten, qkv_views
@@ -14,6 +16,24 @@ from nanoflow.kernels.decode_attention import (
 )
 
 CUDA = torch.cuda.is_available()
+
+# The correctness cases run on each decode kernel: the default per-(seq, kv head) kernel and the
+# all-heads kernel (DecodeConfig(all_heads=True)) with its batched 3-D dot and its 2-D dot.
+KERNELS = {
+    "per_head": {},
+    "all_heads": {"all_heads": True},
+    "all_heads_2d": {"all_heads": True, "batched_dot": False},
+}
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernel(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def on(kernel: str, cfg: DecodeConfig | None = None) -> DecodeConfig:
+    """cfg (default DecodeConfig()) for the named kernel."""
+    return dataclasses.replace(cfg or DecodeConfig(), **KERNELS[kernel])
 
 
 SPLIT16 = DecodeConfig(block_n=16, partition_size=32)  # 3 partitions of 2 steps for 70 tokens
@@ -28,8 +48,9 @@ DECODE_CASES = {
 
 
 @pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
-def test_decode(case: tuple, device: str, dtype: torch.dtype, assert_rel) -> None:
+def test_decode(case: tuple, kernel: str, device: str, dtype: torch.dtype, assert_rel) -> None:
     Hq, Hkv, D, lens, window, cfg, num_ctas = case
+    cfg = on(kernel, cfg)
     k_cache, v_cache, tables = paged_cache(lens, Hkv, D, dtype, device)
     seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
     q = torch.randn(len(lens), Hq, D, device=device, dtype=dtype)
@@ -43,8 +64,9 @@ def test_decode(case: tuple, device: str, dtype: torch.dtype, assert_rel) -> Non
 
 
 @pytest.mark.parametrize("cfg", [DecodeConfig(), SPLIT16], ids=["one", "split"])
-def test_decode_empty_sequence_gives_zeros(cfg: DecodeConfig, device: str) -> None:
+def test_decode_empty_sequence_gives_zeros(cfg: DecodeConfig, kernel: str, device: str) -> None:
     lens = [0, 20]  # seq_len 0: a padded CUDA-graph slot
+    cfg = on(kernel, cfg)
     k_cache, v_cache, tables = paged_cache(lens, 2, 32, torch.float32, device)
     q = torch.randn(2, 4, 32, device=device)
     seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
@@ -55,8 +77,9 @@ def test_decode_empty_sequence_gives_zeros(cfg: DecodeConfig, device: str) -> No
 
 
 @pytest.mark.parametrize("cfg", [DecodeConfig(), SPLIT16], ids=["one", "split"])
-def test_decode_num_seqs_on_device_leaves_other_rows(cfg: DecodeConfig, device: str, assert_rel) -> None:
+def test_decode_num_seqs_on_device_leaves_other_rows(cfg: DecodeConfig, kernel: str, device: str, assert_rel) -> None:
     """A CUDA graph captured for 5 rows serving a batch of 3: rows 3 and 4 are not touched."""
+    cfg = on(kernel, cfg)
     lens = [40, 1, 70, 17, 33]
     k_cache, v_cache, tables = paged_cache(lens, 2, 64, torch.float32, device)
     seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
@@ -77,24 +100,24 @@ def test_decode_plan_splits_long_contexts_only() -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("num_ctas", [None, 16, 32, 66])
-def test_decode_real_shapes(num_ctas: int | None, assert_rel) -> None:
+@pytest.mark.parametrize("num_ctas", [None, 16, 32, 44, 66])
+def test_decode_real_shapes(num_ctas: int | None, kernel: str, assert_rel) -> None:
     lens = [1, 15, 16, 17, 1000, 4097, 333, 2048]
     k_cache, v_cache, tables = paged_cache(lens, 8, 128, torch.bfloat16, "cuda")
     seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
     q = torch.randn(len(lens), 32, 128, device="cuda", dtype=torch.bfloat16)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 128**-0.5, num_ctas=num_ctas)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 128**-0.5, num_ctas=num_ctas, config=on(kernel))
     q32, k32, v32 = f32(q, k_cache, v_cache)
     assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 128**-0.5), torch.bfloat16)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_decode_cuda_graph_capture(assert_rel) -> None:
+def test_decode_cuda_graph_capture(kernel: str, assert_rel) -> None:
     lens = [5, 300, 64, 1]
     k_cache, v_cache, tables = paged_cache(lens, 2, 128, torch.bfloat16, "cuda")
     seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
     q = torch.randn(len(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
-    cfg = DecodeConfig(partition_size=64)  # exercise the reduce kernel inside the graph too
+    cfg = on(kernel, DecodeConfig(partition_size=64))  # exercise the reduce kernel inside the graph too
     run = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_ctas=16, config=cfg)
     run()  # compile outside the capture
     torch.cuda.synchronize()
@@ -112,7 +135,7 @@ def test_decode_cuda_graph_capture(assert_rel) -> None:
 # fp8 exactly (it only mis-rounds fp8 stores), so these run on the CPU too.
 
 
-def test_decode_ignores_unwritten_slots(device: str, dtype: torch.dtype, assert_rel) -> None:
+def test_decode_ignores_unwritten_slots(kernel: str, device: str, dtype: torch.dtype, assert_rel) -> None:
     """Slots past seq_len and page 0 behind the table's padding are read by the reference's gather
     (and masked): NaN there must not reach the output, on either path."""
     lens = [1, 17, 40, 70]
@@ -123,12 +146,13 @@ def test_decode_ignores_unwritten_slots(device: str, dtype: torch.dtype, assert_
     q32, k32, v32 = f32(q, k_cache, v_cache)
     ref = paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 0.125)
     assert torch.equal(paged_decode_attention_ref(q32, *f32(kp, vp), tables, seq_lens, 0.125), ref)
-    assert_rel(paged_decode_attention(q, kp, vp, tables, seq_lens, 0.125), ref, dtype)
+    assert_rel(paged_decode_attention(q, kp, vp, tables, seq_lens, 0.125, config=on(kernel)), ref, dtype)
 
 
 @pytest.mark.parametrize("name", ["gqa4-d128-split-capped", "mha-d64-window-capped"])
-def test_decode_fp8_cache(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
+def test_decode_fp8_cache(name: str, kernel: str, device: str, dtype: torch.dtype, assert_rel) -> None:
     Hq, Hkv, D, lens, window, cfg, num_ctas = DECODE_CASES[name]
+    cfg = on(kernel, cfg)
     k_cache, v_cache, tables = paged_cache(lens, Hkv, D, dtype, device)
     k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
     seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
@@ -178,15 +202,63 @@ def test_decode_config_defaults_follow_the_cache_dtype() -> None:
     assert shape(DecodeConfig(block_n=32, num_stages=8).resolved(128, 2, fp8_cache=True)) == (32, 4, 8)
 
 
+# --- the all-heads kernel: its own head blocking and defaults
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "2d"])
+@pytest.mark.parametrize(
+    "Hq,Hkv,heads,window,cfg",
+    [
+        (6, 3, 2, None, DecodeConfig()),  # a ragged last head block: kv head 3 of 4 is padding
+        (4, 4, 2, 7, SPLIT16),  # MHA (one query head per kv head), window, split
+        (16, 4, 1, None, SPLIT32),  # one kv head per item: the per-head work split, all-heads code
+    ],
+    ids=["ragged", "mha-window-split", "one-head"],
+)
+def test_decode_all_heads_head_blocks(
+    Hq: int, Hkv: int, heads: int, window: int | None, cfg: DecodeConfig, batched: bool,
+    device: str, dtype: torch.dtype, assert_rel,
+) -> None:  # fmt: skip
+    lens, D = [1, 17, 40, 70], 32
+    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, dtype, device)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    q = torch.randn(len(lens), Hq, D, device=device, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    cfg = dataclasses.replace(cfg, all_heads=True, kv_heads_per_item=heads, batched_dot=batched)
+    paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, D**-0.5, window, num_ctas=3, out=out, config=cfg)
+    q32, k32, v32 = f32(q, k_cache, v_cache)
+    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, D**-0.5, window), dtype)
+
+
+def test_decode_all_heads_config_defaults() -> None:
+    """All-heads steps of 64 KiB of K + V (one page of Llama-3-8B's 8 kv heads in bf16, two in fp8)
+    with 3 of them in flight; the per-head kernel stays the default."""
+    assert not DecodeConfig().all_heads
+    shape = lambda c: (c.block_n, c.kv_heads_per_item, c.num_warps, c.num_stages)  # noqa: E731
+    ah = DecodeConfig(all_heads=True)
+    assert shape(ah.resolved(128, 2, num_kv_heads=8)) == (16, 8, 8, 7)
+    assert ah.resolved(128, 2, num_kv_heads=8).smem_per_stage(128, 2, 8) == 64 * 1024
+    assert shape(ah.resolved(128, 2, fp8_cache=True, num_kv_heads=8)) == (32, 8, 8, 7)
+    assert shape(ah.resolved(128, 2, num_kv_heads=32)) == (16, 8, 8, 7)  # MHA: 8 heads per item
+    assert shape(ah.resolved(128, 2, num_kv_heads=2)) == (16, 2, 4, 9)  # 16 KiB steps: 4 in flight
+    four = DecodeConfig(all_heads=True, kv_heads_per_item=4, num_stages=5)
+    assert shape(four.resolved(128, 2, num_kv_heads=8)) == (16, 4, 4, 5)
+    # the per-head defaults do not depend on the kv heads
+    assert DecodeConfig().resolved(128, 2, num_kv_heads=8) == DecodeConfig().resolved(128, 2)
+
+
 # --- the nano-batch layout: q read from a fused qkv buffer, out written into rows of a bigger buffer
 
 
 @pytest.mark.parametrize("name", ["mha-d64", "gqa4-d64-window-split"])
-def test_decode_q_from_qkv_buffer_out_into_rows(name: str, device: str, dtype: torch.dtype, assert_rel) -> None:
+def test_decode_q_from_qkv_buffer_out_into_rows(
+    name: str, kernel: str, device: str, dtype: torch.dtype, assert_rel
+) -> None:
     """q: the q part of a [B, (Hq + 2 * Hkv) * D] qkv buffer (row stride (Hq + 2 * Hkv) * D); out: rows
     2..2+B of a [B + 5, Hq * D] buffer. Both paths write exactly those rows (the split case through the
     reduce kernel's strides too)."""
     Hq, Hkv, D, lens, window, cfg, num_ctas = DECODE_CASES[name]
+    cfg = on(kernel, cfg)
     B = len(lens)
     k_cache, v_cache, tables = paged_cache(lens, Hkv, D, dtype, device)
     seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
