@@ -1,0 +1,122 @@
+"""The all-kv-heads decode attention kernel (DecodeConfig(all_heads=True), experimental, issue 12).
+
+A work item is (sequence, partition) and covers every kv head (or kv_heads_per_item of them), so
+each step loads whole pages: one contiguous run of all heads' K (and V) per page, instead of one
+4 KiB slice per head. Meant for capped grids, where today's per-head kernel keeps too few bytes in
+flight per CTA. Launched by decode_attention.paged_decode_attention, which it shares the split
+partitions and their reduce kernel with.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
+def decode_all_heads_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_tables_ptr, seq_lens_ptr, num_seqs_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    qk_scale, num_kv_heads, num_head_blocks, num_parts, partition, sliding_window,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
+    stride_cp, stride_ch, stride_ct,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
+):  # fmt: skip
+    """Persistent over work items (seq, head block, partition); a head block is HEADS kv heads
+    (all of them by default), padded to BLOCK_H. Each step loads BLOCK_N tokens of every kv head
+    of the block: per page, one contiguous HEADS x PAGE_SIZE x HEAD_DIM run for K and one for V.
+
+    BATCHED: rows are [BLOCK_H, BLOCK_G] (kv head, query head of its group padded to a power of two),
+    one batched dot per step: [BLOCK_H, BLOCK_G, D] x [BLOCK_H, D, BLOCK_N]. Else rows are BLOCK_H * BLOCK_G
+    and columns BLOCK_H * BLOCK_N (kv head major), one 2-D dot with the scores of a query head
+    against another kv head's tokens masked to -inf (their p is 0, so p @ V adds nothing).
+    Rows of padded heads (h >= HEADS or past num_kv_heads) load zeros, stay finite and are not stored."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if BATCHED:
+        r_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]: kv head of a row
+        r_g = tl.arange(0, BLOCK_G)[None, :]  # [1, BLOCK_G]: query head within the group
+        c_h = tl.arange(0, BLOCK_H)  # kv head of a K/V slice
+        c_n = tl.arange(0, BLOCK_N)  # token of a K/V column
+    else:
+        r_h = tl.arange(0, BLOCK_H * BLOCK_G) // BLOCK_G
+        r_g = tl.arange(0, BLOCK_H * BLOCK_G) % BLOCK_G
+        c_h = tl.arange(0, BLOCK_H * BLOCK_N) // BLOCK_N
+        c_n = tl.arange(0, BLOCK_H * BLOCK_N) % BLOCK_N
+    num_work = tl.load(num_seqs_ptr) * num_head_blocks * num_parts
+    for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
+        # partition fastest: neighbouring CTAs share one long sequence's work
+        part = w % num_parts
+        hb = (w // num_parts) % num_head_blocks
+        b = w // (num_parts * num_head_blocks)
+        seq_len = tl.load(seq_lens_ptr + b)
+        start = part * partition
+        end = tl.minimum(start + partition, seq_len)
+        lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
+        kvh_r = hb * HEADS + r_h
+        row_ok = (r_h < HEADS) & (kvh_r < num_kv_heads) & (r_g < GROUP)  # the rows that are stored
+        heads = kvh_r * GROUP + r_g  # query head of each row
+        q = tl.load(
+            q_ptr + b * stride_qb + tl.expand_dims(heads, -1) * stride_qh + offs_d,
+            mask=tl.expand_dims(row_ok, -1), other=0.0,
+        )  # fmt: skip
+        if FP16_DOTS:
+            q = q.to(tl.float16)
+        kvh_c = hb * HEADS + c_h
+        c_ok = (c_h < HEADS) & (kvh_c < num_kv_heads)
+        head_off = kvh_c.to(tl.int64) * stride_ch
+        page_row = page_tables_ptr + b * stride_pt
+        m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros(heads.shape, dtype=tl.float32)
+        acc = tl.zeros(q.shape, dtype=tl.float32)  # [rows..., HEAD_DIM]
+        # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
+        # Every step then holds >= 1 valid token of every head, so m_new is finite on every row.
+        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
+            tok = n0 + c_n
+            t_mask = (tok >= lo) & (tok < end)
+            page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
+            tok_off = page.to(tl.int64) * stride_cp + (tok % PAGE_SIZE) * stride_ct
+            if BATCHED:
+                # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
+                kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
+                kv_mask = c_ok[:, None, None] & t_mask[None, :, None]
+                k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION)  # [H, G, N] fp32
+                qk = tl.where(t_mask[None, None, :], qk * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 2))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, :, None])
+                l_i = l_i * alpha + tl.sum(p, 2)
+                acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            else:
+                # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
+                kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
+                kv_mask = (c_ok & t_mask)[:, None]
+                k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [H * G, H * N] fp32
+                mine = (r_h[:, None] == c_h[None, :]) & t_mask[None, :]
+                qk = tl.where(mine, qk * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if SPLIT:
+            # unnormalised partials in the reduce kernel's [B, Hq, num_parts] rows
+            row_p = (b * num_kv_heads * GROUP + heads) * num_parts + part
+            keep = row_ok & (lo < end)
+            tl.store(part_acc_ptr + tl.expand_dims(row_p, -1) * HEAD_DIM + offs_d, acc, mask=tl.expand_dims(keep, -1))
+            tl.store(part_m_ptr + row_p, m_i, mask=keep)
+            tl.store(part_l_ptr + row_p, l_i, mask=keep)
+        else:
+            # an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets zeros, not NaN
+            o = acc / tl.expand_dims(tl.where(l_i > 0, l_i, 1.0), -1)
+            o_ptrs = out_ptr + b * stride_ob + tl.expand_dims(heads, -1) * stride_oh + offs_d
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, -1))
+
+
