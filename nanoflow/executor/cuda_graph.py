@@ -5,8 +5,10 @@ launching them. With the fixed dense token budget every full iteration has the s
 so one graph serves all of them, and smaller ones replay the next bucket up. Each graph reads
 static input and metadata buffers; a batch is copied into them and padded: padding tokens write no
 K/V (slot -1), the decode kernel reads the decode count from the device, and the prefill kernel's
-spare tiles are idle (-1). Outside MoE and tensor parallelism (not captured), every Triton-path
-forward of a batch that fits a bucket is a replay.
+spare tiles are idle (-1). Outside tensor parallelism (not captured yet), every Triton-path
+forward of a batch that fits a bucket is a replay, MoE models' included (the fused MoE path has no
+host synchronisation). A bucket a pipeline schedule covers has a pipelined graph beside its
+sequential one (all layers, all streams, one graph).
 
 A batch replays the bucket that ran fastest at capture, among those it fits, not always the
 smallest: cuBLAS's choice of GEMM kernel is not monotonic in the row count (on the H100 one

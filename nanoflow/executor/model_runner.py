@@ -76,9 +76,9 @@ class ModelRunner:
 
     @property
     def _use_graphs(self) -> bool:
-        # Not captured: MoE routing picks experts on the host (a sync, illegal in a graph); graphs
-        # with NCCL collectives have not been tried yet.
-        return bool(self.config.cuda_graph_max_tokens) and self.par.size == 1 and not self.arch.is_moe
+        # MoE is captured too: its fast path groups tokens by expert on the device (no host sync).
+        # Not captured: graphs with NCCL collectives have not been tried yet.
+        return bool(self.config.cuda_graph_max_tokens) and self.par.size == 1
 
     def executor_for(self, num_tokens: int) -> PipelineExecutor | None:
         """The pipeline schedule that runs an iteration of num_tokens tokens (None: sequential)."""
@@ -252,7 +252,9 @@ class ModelRunner:
         """Queues one forward and the sampling on the device and returns without waiting for them."""
         on_gpu = self.device.type == "cuda"
         start = torch.cuda.Event(enable_timing=True) if on_gpu else None
-        self.par.broadcast_object(plan.for_workers())  # tensor parallel: the other ranks run the same step
+        # Tensor parallel: the other ranks run the same step. On one host the plan goes into the plan
+        # channel's ring and this returns at once (the workers read it while our forward runs).
+        self.par.broadcast_object(plan.for_workers())
         batch = self.build(plan, prev)
         if start is not None:
             start.record()

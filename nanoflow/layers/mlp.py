@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nanoflow.kernels import activation
+from nanoflow.kernels import activation, fused_moe
 from nanoflow.layers.linear import (
     CheckpointTensor,
     ColumnParallelLinear,
@@ -67,12 +66,11 @@ class MixtureOfExperts(nn.Module):
         experts.copy_(e)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> None:
-        out.zero_()
-        act = activation.silu_and_mul_ref if self.enforce_eager else activation.silu_and_mul
-        for e in experts.unique().tolist():
-            rows, slot = torch.where(experts == e)
-            h = act(F.linear(x[rows], self.w13[e]))
-            out.index_add_(0, rows, F.linear(h, self.w2[e]) * weights[rows, slot, None])
+        """out = sum over each token's k experts of weight * expert(x). The fast path (Triton grouped
+        GEMMs) never reads the routing on the host, so it runs inside CUDA graphs; the eager path
+        loops over the experts present (a host sync)."""
+        fn = fused_moe.moe_experts_ref if self.enforce_eager else fused_moe.fused_moe
+        fn(x, self.w13, self.w2, weights, experts, out)
 
     def load_expert(self, expert: int, which: str, tensor: CheckpointTensor) -> None:
         """which: 'w1' (gate), 'w3' (up) or 'w2' (down), as named in Mixtral checkpoints."""

@@ -186,7 +186,7 @@ def _verify(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any) ->
     from nanoflow.tune.timing import Timer
 
     t = profile["timer"]
-    timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=not runner.arch.is_moe)
+    timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=True)
     return {b.max_tokens: time_forward(runner, b.max_tokens, workload, timer, s)
             for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True) if b.candidate.split is not None}
 

@@ -91,7 +91,7 @@ def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] =
     num_layers = len(model.layer_ops)
     # not layer 0, whose input norm has no residual add: the steady state is every later layer
     timed = list(range(1, num_layers))[:layers] or [0]
-    timer = Timer(device, warmup, repeats, graphs=not runner.arch.is_moe)
+    timer = Timer(device, warmup, repeats, graphs=True)
     ctas = list(ctas) if on_gpu else []
     sizes = sorted(set(sizes))
     do_pairs = pairs and on_gpu and bool(ctas)

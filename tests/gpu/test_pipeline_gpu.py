@@ -29,7 +29,7 @@ def test_pipeline_matches_sequential_fp32(tiny_model, tmp_path, arch, graphs):
                   pipeline=name, cuda_graph_max_tokens=None if graphs else 0)
         if name != "off":
             assert llm.engine.runner.executors
-            if graphs and arch != "mixtral":  # MoE is not captured in graphs yet
+            if graphs:
                 assert llm.engine.runner.graphs.executors
         runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm

@@ -1,0 +1,238 @@
+"""Mixture-of-experts FFN (Mixtral): tokens grouped by expert on the device, then two grouped GEMMs.
+
+The fused path never synchronises with the host and every shape depends only on the token count,
+so a CUDA graph can capture it:
+
+1. `align`: the T * top_k (token, slot) pairs, numbered pair = token * top_k + slot, are sorted
+   by expert into `sorted_pairs`, each expert's run padded to a multiple of BLOCK_M with the
+   sentinel T * top_k. The array has a fixed capacity (T * top_k + E * (BLOCK_M - 1), rounded up
+   to BLOCK_M): the most any routing can need. `block_expert` names each block's expert and
+   `num_padded` (on the device) how many entries are live; the GEMM blocks past it exit at once.
+2. `_moe_gemm_kernel`, GATED: act[pair] = silu(x[token] @ w1[e].T) * (x[token] @ w3[e].T), the
+   gate and up halves of w13 accumulated side by side so SiLU-and-mul happens in registers and
+   [T * top_k, 2 * I] never reaches memory.
+3. `_moe_gemm_kernel`, not GATED: down[pair] = weight[pair] * (act[pair] @ w2[e].T), then
+   out[token] = sum over the top_k slots of down (a [T, top_k, H] sum, no atomics: deterministic).
+
+References: `moe_experts_ref` (the eager path: a loop over the experts present, which reads the
+expert ids on the host) and `moe_per_token_ref` (each token alone, the plainest statement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from nanoflow.kernels.activation import silu_and_mul_ref
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tile sizes of the grouped GEMMs (one config for both; per-shape tuned JSON can replace it)."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    group_m: int = 8  # row blocks that walk the N blocks together, so their weight tiles stay in L2
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+    """Small batches (decode) give each expert a few rows: a tall block would be mostly padding."""
+    per_expert = num_tokens * top_k / num_experts
+    if per_expert <= 16:
+        return MoEConfig(block_m=16, block_n=64, block_k=64, group_m=1)
+    if per_expert <= 64:
+        return MoEConfig(block_m=32, block_n=64, block_k=64)
+    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+# --- references ---------------------------------------------------------------------------------
+
+
+def moe_experts_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_weights [T, k] (x's dtype),
+    topk_ids [T, k] int; writes sum_k weight * down(silu(gate) * up) into out [T, H]. Syncs (.tolist())."""
+    out.zero_()
+    for e in topk_ids.unique().tolist():
+        rows, slot = torch.where(topk_ids == e)
+        h = silu_and_mul_ref(F.linear(x[rows], w13[e]))
+        out.index_add_(0, rows, F.linear(h, w2[e]) * topk_weights[rows, slot, None])
+    return out
+
+
+def moe_per_token_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The same sum as moe_experts_ref, token by token and slot by slot, in fp32."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for s in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, s])
+            gate_up = w13[e].float() @ x[t].float()
+            h = silu_and_mul_ref(gate_up[None])[0]
+            out[t] += float(topk_weights[t, s]) * (w2[e].float() @ h)
+    return out.to(x.dtype)
+
+
+# --- align --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Aligned:
+    sorted_pairs: torch.Tensor  # [capacity] int32: pair ids grouped by expert; num_pairs marks padding
+    block_expert: torch.Tensor  # [capacity // block_m] int32: each block's expert (-1 past num_padded)
+    num_padded: torch.Tensor  # [1] int32: live entries of sorted_pairs (a multiple of block_m)
+    num_pairs: int  # T * top_k
+    block_m: int
+
+
+def align_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Entries any routing of num_pairs pairs can need: each expert pads at most block_m - 1."""
+    return triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
+    """Groups the (token, slot) pairs by expert, block-aligned, with torch ops of fixed shapes only
+    (no nonzero/unique/.item()), so it runs inside a CUDA graph. Pairs keep their order within an
+    expert (stable), so the result is deterministic."""
+    ids = topk_ids.reshape(-1)
+    n, dev = ids.numel(), ids.device
+    cap = align_capacity(n, num_experts, block_m)
+    experts = torch.arange(num_experts, device=dev, dtype=ids.dtype)
+    # [n, E] one-hot: a column's running sum is each pair's rank among its expert's pairs (a sort
+    # would do too; this is one cumsum and stable by construction)
+    hot = (ids[:, None] == experts[None, :]).to(torch.int32)
+    ranks = hot.cumsum(0, dtype=torch.int32)
+    counts = ranks[-1] if n else torch.zeros(num_experts, dtype=torch.int32, device=dev)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0, dtype=torch.int32)
+    starts = ends - padded
+    rank = ranks.gather(1, ids[:, None].long())[:, 0] - 1
+    dest = starts.gather(0, ids.long()) + rank
+    sorted_pairs = torch.full((cap,), n, dtype=torch.int32, device=dev)
+    sorted_pairs.scatter_(0, dest.long(), torch.arange(n, dtype=torch.int32, device=dev))
+    block_starts = torch.arange(0, cap, block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
+    num_padded = ends[-1:]
+    block_expert = torch.where(block_starts < num_padded, block_expert, -1)
+    return Aligned(sorted_pairs, block_expert, num_padded, n, block_m)
+
+
+# --- grouped GEMM ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, weight_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+    stride_am, stride_we, stride_wn, stride_om,
+    num_pairs, N, K, num_blocks_m,
+    ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out[pair, n] = A[pair // ROW_DIV] @ W[e, n] over one expert's block of sorted pairs.
+    GATED: W holds N gate rows then N up rows; out = silu(gate) * up. MUL_WEIGHT: times weight[pair]."""
+    pid = tl.program_id(0)
+    num_blocks_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row blocks share each weight tile while it is in L2
+    per_group = GROUP_M * num_blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return  # past the live blocks: the grid is sized for the worst routing
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    live = pairs < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (pairs // ROW_DIV)[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [K, N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=live[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    dtype = out_ptr.dtype.element_ty
+    # round where the reference rounds: each GEMM's output, SiLU's output, the weighted product
+    y = acc.to(dtype).to(tl.float32)
+    if GATED:
+        y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+    if MUL_WEIGHT:
+        y = y * tl.load(weight_ptr + pairs, mask=live, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, y.to(dtype), mask=live[:, None] & n_mask[None, :])
+
+
+def _launch(
+    a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None, al: Aligned, row_div: int,
+    n: int, gated: bool, cfg: MoEConfig,
+) -> None:
+    assert a.stride(-1) == 1 and w.is_contiguous() and out.stride(-1) == 1 and cfg.block_m == al.block_m
+    K = a.shape[1]
+    assert w.shape[2] == K and w.shape[1] == (2 * n if gated else n)
+    num_blocks_m = al.block_expert.numel()
+    grid = (num_blocks_m * triton.cdiv(n, cfg.block_n),)
+    # fp32 weights: exact products, as the reference (tl.dot would otherwise round inputs to tf32)
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    _moe_gemm_kernel[grid](
+        a, w, out, weights if weights is not None else out, al.sorted_pairs, al.block_expert, al.num_padded,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        al.num_pairs, n, K, num_blocks_m,
+        ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def moe_gate_up(x: torch.Tensor, w13: torch.Tensor, al: Aligned, top_k: int, act: torch.Tensor,
+                cfg: MoEConfig) -> torch.Tensor:
+    """act [T * top_k, I] (pair rows) = silu(x[token] @ w1[e].T) * (x[token] @ w3[e].T)."""
+    assert act.shape == (al.num_pairs, w13.shape[1] // 2)
+    if al.num_pairs:
+        _launch(x, w13, act, None, al, top_k, act.shape[1], True, cfg)
+    return act
+
+
+def moe_down(act: torch.Tensor, w2: torch.Tensor, al: Aligned, topk_weights: torch.Tensor, down: torch.Tensor,
+             cfg: MoEConfig) -> torch.Tensor:
+    """down [T * top_k, H] (pair rows) = weight[pair] * (act[pair] @ w2[e].T)."""
+    assert down.shape == (al.num_pairs, w2.shape[1]) and topk_weights.is_contiguous()
+    if al.num_pairs:
+        _launch(act, w2, down, topk_weights.reshape(-1), al, 1, down.shape[1], False, cfg)
+    return down
+
+
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    out: torch.Tensor, cfg: MoEConfig | None = None,
+) -> torch.Tensor:
+    """Triton version of moe_experts_ref, without a host sync. out: [T, H] rows (e.g. a row slice of
+    a bigger buffer); scratch of [T * top_k, I + H] comes from the caching allocator (graph-safe)."""
+    T, top_k = topk_ids.shape
+    E, H = w13.shape[0], x.shape[1]
+    assert x.shape[0] == T and out.shape == (T, H) and out.is_contiguous()
+    cfg = cfg or default_config(T, top_k, E)
+    al = align(topk_ids, E, cfg.block_m)
+    act = torch.empty(T * top_k, w2.shape[2], device=x.device, dtype=x.dtype)
+    down = torch.empty(T, top_k, H, device=x.device, dtype=x.dtype)
+    moe_gate_up(x, w13, al, top_k, act, cfg)
+    moe_down(act, w2, al, topk_weights, down.view(T * top_k, H), cfg)
+    return torch.sum(down, dim=1, out=out)

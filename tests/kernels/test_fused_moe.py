@@ -1,0 +1,115 @@
+"""The fused MoE path (align, grouped gate_up and down GEMMs) against the references, at small
+shapes with uneven expert loads: experts with no tokens, and every token on one expert."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from nanoflow.kernels import fused_moe as fm
+from nanoflow.kernels.activation import silu_and_mul_ref
+
+H, INTER, TOP_K = 64, 128, 2
+# block_m 16 and two N blocks per projection: several row blocks per expert, masked tails
+SMALL = fm.MoEConfig(block_m=16, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1)
+
+
+def _routing(kind: str, T: int, E: int, device: str) -> torch.Tensor:
+    """[T, TOP_K] distinct experts per token."""
+    if kind == "random":
+        return torch.rand(T, E, device=device).argsort(dim=1)[:, :TOP_K]
+    if kind == "one_expert":  # every token's first slot on expert 1, the second on expert 2
+        return torch.tensor([[1, 2]], device=device).expand(T, TOP_K).contiguous()
+    assert kind == "skewed"  # experts 0 and E-1 get nothing; expert 1 most of the pairs
+    ids = torch.randint(2, E - 1, (T, TOP_K), device=device)
+    ids[:, 0] = 1
+    return ids
+
+
+def _problem(T: int, E: int, kind: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    w13 = (torch.randn(E, 2 * INTER, H, device=device) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, H, INTER, device=device) * INTER**-0.5).to(dtype)
+    ids = _routing(kind, T, E, device)
+    w = torch.rand(T, TOP_K, device=device)
+    return x, w13, w2, (w / w.sum(1, keepdim=True)).to(dtype), ids
+
+
+@pytest.mark.parametrize("T", [0, 1, 5, 33])
+@pytest.mark.parametrize("kind", ["random", "one_expert", "skewed"])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_align(T: int, kind: str, block_m: int, device: str) -> None:
+    E = 8
+    ids = _routing(kind, T, E, device) if T else torch.empty(0, TOP_K, dtype=torch.int64, device=device)
+    al = fm.align(ids, E, block_m)
+    n = T * TOP_K
+    cap = fm.align_capacity(n, E, block_m)
+    assert al.sorted_pairs.shape == (cap,) and al.block_expert.shape == (cap // block_m,) and al.num_pairs == n
+    pairs, experts = al.sorted_pairs.cpu(), al.block_expert.cpu()
+    live = int(al.num_padded)
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E)
+    assert live == int(((counts + block_m - 1) // block_m * block_m).sum()) and live % block_m == 0
+    real = pairs[pairs < n]
+    assert sorted(real.tolist()) == list(range(n)), "every (token, slot) pair exactly once"
+    assert (pairs[live:] == n).all(), "beyond the live blocks: padding only"
+    flat_ids = ids.reshape(-1).cpu()
+    for b in range(cap // block_m):
+        blk = pairs[b * block_m : (b + 1) * block_m]
+        if b * block_m >= live:
+            assert experts[b] == -1
+            continue
+        mine = blk[blk < n]
+        assert len(mine) > 0, "no block is all padding"
+        assert (flat_ids[mine.long()] == experts[b]).all(), "a block holds one expert's pairs"
+        # padding only at the end of an expert's run
+        assert (blk[: len(mine)] < n).all()
+        assert mine.tolist() == sorted(mine.tolist()), "stable: pairs in order within an expert"
+
+
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("kind", ["random", "one_expert", "skewed"])
+def test_gate_up_and_down(T: int, kind: str, device: str, dtype: torch.dtype, assert_rel: Callable) -> None:
+    E = 4 if kind == "random" else 8
+    x, w13, w2, w, ids = _problem(T, E, kind, device, dtype)
+    al = fm.align(ids, E, SMALL.block_m)
+    act = torch.full((T * TOP_K, INTER), float("nan"), device=device, dtype=dtype)
+    fm.moe_gate_up(x, w13, al, TOP_K, act, SMALL)
+    flat = ids.reshape(-1)
+    tok = torch.arange(T * TOP_K, device=device) // TOP_K
+    want_act = torch.stack([silu_and_mul_ref(x[t : t + 1] @ w13[e].T)[0]
+                            for t, e in zip(tok.tolist(), flat.tolist(), strict=True)])
+    assert_rel(act, want_act, dtype)
+
+    down = torch.full((T * TOP_K, H), float("nan"), device=device, dtype=dtype)
+    fm.moe_down(want_act, w2, al, w, down, SMALL)
+    want_down = torch.stack([want_act[p] @ w2[e].T for p, e in enumerate(flat.tolist())]) * w.reshape(-1, 1)
+    assert_rel(down, want_down, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("kind", ["random", "one_expert", "skewed"])
+@pytest.mark.parametrize("E", [4, 8])
+def test_fused_moe(T: int, kind: str, E: int, device: str, dtype: torch.dtype, assert_rel: Callable) -> None:
+    x, w13, w2, w, ids = _problem(T, E, kind, device, dtype)
+    ref = fm.moe_experts_ref(x, w13, w2, w, ids, torch.empty_like(x))
+    assert_rel(ref, fm.moe_per_token_ref(x, w13, w2, w, ids), dtype)
+    # the default config (as the model runs it) and a small one with several blocks per expert
+    for cfg in (None, SMALL):
+        buf = torch.full((T + 3, H), float("nan"), device=device, dtype=dtype)
+        out = buf[1 : T + 1]  # rows of a bigger buffer, as a nano-batch's
+        assert fm.fused_moe(x, w13, w2, w, ids, out, cfg) is out
+        assert buf[0].isnan().all() and buf[T + 1 :].isnan().all()
+        assert_rel(out, ref, dtype)
+
+
+def test_fused_moe_no_tokens(device: str) -> None:
+    x, w13, w2, w, ids = _problem(0, 4, "random", device, torch.float32)
+    out = torch.empty(0, H, device=device)
+    assert fm.fused_moe(x, w13, w2, w, ids, out).shape == (0, H)
+
+
+def test_default_config_block_m() -> None:
+    assert fm.default_config(1, 2, 8).block_m == 16  # decode: little padding per expert
+    assert fm.default_config(2048, 2, 8).block_m == 64
