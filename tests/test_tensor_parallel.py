@@ -1,7 +1,9 @@
 """Tensor parallelism on the CPU: 2 gloo ranks (rank 0 in this process, rank 1 spawned) give the
-same greedy tokens as one process; bad sizes are clear errors; each rank reads only its slices."""
+same greedy tokens as one process, with the plans sent through the plan channel (a shared-memory
+ring) and through the gloo fallback; bad sizes are clear errors; each rank reads only its slices."""
 
 import multiprocessing
+import os
 import random
 import shutil
 
@@ -12,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.executor.distributed import check_tensor_parallel
+from nanoflow.executor.distributed import NO_MULTICAST, check_tensor_parallel
+from nanoflow.executor.plan_channel import PREFIX, SHM_DIR
 from nanoflow.layers.linear import LazyTensor
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.model_arch import ModelArch, load_hf_config
@@ -42,13 +45,38 @@ def test_two_ranks_match_one(tiny_model, arch):
     llm = LLM(path, tensor_parallel_size=2, **settings)
     try:
         assert llm.engine.runner.par.size == 2
+        assert llm.engine.runner.par.plans is not None  # one host: the plans go through the ring
+        assert not _ring_files()  # unlinked once every rank mapped it
         assert llm.engine.runner.kv_cache.shape[3] == 1  # this rank's KV heads
         assert _greedy(llm, prompts) == expected
         assert _greedy(llm, prompts[:3]) == expected[:3]  # the engine keeps working across generate calls
+        (worker,) = llm.engine.tp.worker_gpu_idle()
+        assert worker["messages_read"] == llm.engine.runner.par.plans.seq  # it read every plan
+        assert all(os.environ[k] == v for k, v in NO_MULTICAST.items())
     finally:
         llm.shutdown()
     assert not multiprocessing.active_children()
     llm.shutdown()  # idempotent
+
+
+def _ring_files() -> list:
+    return list(SHM_DIR.glob(f"{PREFIX}{os.getpid()}-*"))
+
+
+def test_gloo_fallback_matches_one(tiny_model, monkeypatch):
+    """NANOFLOW_PLAN_CHANNEL=gloo (what ranks on several hosts use): the synchronous broadcast."""
+    monkeypatch.setenv("NANOFLOW_PLAN_CHANNEL", "gloo")
+    path = tiny_model("llama")
+    prompts = _prompts(3, 4)
+    settings = dict(max_model_len=256, max_num_batched_tokens=64)
+    expected = _greedy(LLM(path, **settings), prompts)
+    llm = LLM(path, tensor_parallel_size=2, **settings)
+    try:
+        assert llm.engine.runner.par.plans is None and llm.engine.tp.worker_gpu_idle() is None
+        assert _greedy(llm, prompts) == expected
+    finally:
+        llm.shutdown()
+    assert not multiprocessing.active_children()
 
 
 def test_two_ranks_fp8_kv_cache(tiny_model):
@@ -77,6 +105,7 @@ def test_dead_worker_fails_loudly(tiny_model):
     finally:
         llm.shutdown()  # must not hang on the dead worker
     assert not multiprocessing.active_children()
+    assert not _ring_files()
 
 
 def test_bad_sizes_are_clear_errors(tiny_model, monkeypatch):

@@ -11,12 +11,19 @@ Two ways to start the ranks:
 - torchrun (env://, also across hosts) starts every rank with the same program: on ranks other than
   0, creating the engine runs the worker loop instead, and exits the process once rank 0 shuts down.
 
+Plans reach the workers of rank 0's host through the plan channel (nanoflow.executor.plan_channel:
+a shared-memory ring rank 0 writes without waiting for the readers); across hosts (torchrun with
+LOCAL_WORLD_SIZE != WORLD_SIZE), where a rank cannot map the ring, or with NANOFLOW_PLAN_CHANNEL=gloo,
+through the gloo control group's synchronous broadcast.
+
 A worker that dies makes rank 0 fail loudly: it checks its spawned workers before each step, names
-a dead one when a collective fails, and every collective has a timeout (NANOFLOW_TP_TIMEOUT_S).
+a dead one when a collective fails, the ring's writer names a dead reader it waits for, and every
+collective has a timeout (NANOFLOW_TP_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import multiprocessing.connection
@@ -31,6 +38,7 @@ import torch.multiprocessing as mp
 
 from nanoflow.config import EngineConfig
 from nanoflow.executor.model_runner import ModelRunner
+from nanoflow.executor.plan_channel import PlanRing
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.model_arch import ModelArch
 
@@ -41,6 +49,13 @@ TIMEOUT_S = float(os.environ.get("NANOFLOW_TP_TIMEOUT_S", 600))
 # Workers wait for rank 0's next step on the control group for as long as the engine idles.
 _IDLE_TIMEOUT = datetime.timedelta(days=3650)
 _SHUTDOWN_TIMEOUT = datetime.timedelta(seconds=30)
+# NVLink multicast (NVLS) can take a shared host's GPUs out of service: off in rank 0 and, through
+# the environment they inherit (and set again in each), in every spawned worker.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def disable_multicast() -> None:
+    os.environ.update(NO_MULTICAST)
 
 
 def check_tensor_parallel(arch: ModelArch, size: int, device: torch.device) -> None:
@@ -77,11 +92,13 @@ class TensorParallelGroup:
         """Starts (or, under torchrun, joins) the ranks. On a torchrun rank other than 0 this runs the
         worker loop and then exits the process."""
         size = config.tensor_parallel_size
+        disable_multicast()  # before any process group exists or any worker is spawned
         if launched_by_torchrun():
             world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
             if world != size:
                 raise ValueError(f"torchrun started {world} processes but tensor_parallel_size is {size}")
-            par, owns, config = _join(rank, size, "env://", config)
+            one_host = os.environ.get("LOCAL_WORLD_SIZE") == str(world)
+            par, owns, config = _join(rank, size, "env://", config, one_host)
             if rank != 0:
                 run_worker(config, par, owns)
                 raise SystemExit(0)
@@ -101,7 +118,7 @@ class TensorParallelGroup:
             processes.append(p)
         group = cls(ParallelState(0, size), processes, True, config)
         try:
-            group.par, group.owns_group, group.config = _join(0, size, init_method, config)
+            group.par, group.owns_group, group.config = _join(0, size, init_method, config, True)
         except BaseException as e:
             try:
                 group.check_workers(e)
@@ -120,13 +137,22 @@ class TensorParallelGroup:
                 raise RuntimeError(f"tensor-parallel worker rank {rank} (pid {p.pid}) died with exit code "
                                    f"{p.exitcode}; its error, if any, is printed above") from cause
 
+    def worker_gpu_idle(self) -> list[dict[str, float]] | None:
+        """Per worker (rank 1, 2, ...): plans read and, on GPUs, its GPU's idle time between steps as it
+        measured it (CUDA events, like rank 0's StepStats). None without the plan channel."""
+        plans = self.par.plans
+        return None if plans is None or self._closed else plans.reader_stats()
+
     def shutdown(self) -> None:
         """Stops the workers and leaves the process groups; idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.par.broadcast_object(None)  # the workers' loop ends
+            if self.par.plans is not None:  # a stuck worker must not hold the shutdown for long
+                self.par.plans.send(None, timeout_s=_SHUTDOWN_TIMEOUT.total_seconds())
+            else:
+                self.par.broadcast_object(None)  # the workers' loop ends
             dist.monitored_barrier(group=self.par.control_group, timeout=_SHUTDOWN_TIMEOUT)
         except Exception as e:  # a worker already gone or stuck: the spawned ones are killed below
             log.warning("tensor-parallel shutdown: %s", e)
@@ -141,6 +167,8 @@ class TensorParallelGroup:
             if p.is_alive():
                 p.kill()
             p.join()
+        if self.par.plans is not None:
+            self.par.plans.close()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
@@ -150,19 +178,51 @@ def run_worker(config: EngineConfig, par: ParallelState, owns_group: bool) -> No
     """A rank other than 0: builds its shard, then runs each step rank 0 broadcasts, until told to stop."""
     torch.manual_seed(config.seed)
     runner = ModelRunner(config, par)
+    idle = _IdleMeter(par.plans) if config.device.type == "cuda" and par.plans is not None else None
     with torch.inference_mode():
         while (plan := par.broadcast_object(None)) is not None:
-            runner.forward(runner.build(plan))
+            batch = runner.build(plan)
+            if idle is not None:
+                idle.start()
+            runner.forward(batch)
+            if idle is not None:
+                idle.end()
     dist.monitored_barrier(group=par.control_group, timeout=_SHUTDOWN_TIMEOUT)
+    if par.plans is not None:
+        par.plans.close()
     if owns_group:
         dist.destroy_process_group()
 
 
-def _join(rank: int, size: int, init_method: str,
-          config: EngineConfig) -> tuple[ParallelState, bool, EngineConfig]:
-    """Joins the default process group (NCCL on GPUs, gloo on the CPU) and a gloo control group;
-    returns the rank's parallel state, whether it created the default group, and its configuration
-    (on its own GPU)."""
+class _IdleMeter:
+    """A worker's GPU idle time per step, from the end of its previous forward to the start of this
+    one (recorded where rank 0 records its own: after the batch upload), into its ring slot for rank
+    0 to read. Events are read only once complete (query), so measuring never waits for the GPU."""
+
+    def __init__(self, ring: PlanRing) -> None:
+        self.ring = ring
+        self.last_end: torch.cuda.Event | None = None
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self) -> None:
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        if self.last_end is not None:
+            self.pending.append((self.last_end, start))
+
+    def end(self) -> None:
+        self.last_end = torch.cuda.Event(enable_timing=True)
+        self.last_end.record()
+        while self.pending and self.pending[0][1].query():
+            prev_end, start = self.pending.pop(0)
+            self.ring.record_idle(max(0.0, prev_end.elapsed_time(start)))
+
+
+def _join(rank: int, size: int, init_method: str, config: EngineConfig,
+          one_host: bool) -> tuple[ParallelState, bool, EngineConfig]:
+    """Joins the default process group (NCCL on GPUs, gloo on the CPU), a gloo control group and,
+    on one host, the plan channel; returns the rank's parallel state, whether it created the default
+    group, and its configuration (on its own GPU)."""
     if config.device.type == "cuda":
         config = config.for_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))))
         torch.cuda.set_device(config.device)
@@ -175,14 +235,47 @@ def _join(rank: int, size: int, init_method: str,
         raise ValueError(f"the existing process group has {dist.get_world_size()} ranks, but tensor_parallel_size "
                          f"is {size}")
     control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
-    return ParallelState(rank, size, control), owns, config
+    return _open_plan_channel(ParallelState(rank, size, control), one_host), owns, config
+
+
+def _open_plan_channel(par: ParallelState, one_host: bool) -> ParallelState:
+    """Collective on the control group: rank 0 creates the ring and sends its path over gloo, the
+    others map it; unless every rank succeeded, all keep the gloo broadcast. Once all have mapped it,
+    rank 0 unlinks the file: the memory goes when the last rank exits, however it exits."""
+    ring = None
+    if par.rank == 0:
+        path = None
+        if one_host and os.environ.get("NANOFLOW_PLAN_CHANNEL", "shm") != "gloo":
+            try:
+                ring = PlanRing.create(par.size - 1, timeout_s=TIMEOUT_S)
+                path = str(ring.path)
+            except (OSError, ValueError) as e:
+                log.warning("plan channel: no shared-memory ring (%s); plans go over gloo", e)
+        par.broadcast_object(path)
+    else:
+        path = par.broadcast_object(None)
+        if path is not None:
+            try:
+                ring = PlanRing.attach(path, par.rank - 1, timeout_s=TIMEOUT_S)
+            except (OSError, ValueError) as e:  # e.g. another host: torchrun set LOCAL_WORLD_SIZE oddly
+                log.warning("plan channel: rank %d cannot map %s (%s); plans go over gloo", par.rank, path, e)
+    if path is None:
+        return par
+    if not par.min(int(ring is not None)):
+        if ring is not None:
+            ring.close()
+        return par
+    if par.rank == 0:
+        ring.unlink()
+    return dataclasses.replace(par, plans=ring)
 
 
 def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, num_threads: int) -> None:
     # Ctrl-C reaches the whole process group: let rank 0 alone handle it (and then stop the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    disable_multicast()  # inherited from rank 0 already; set again before NCCL reads it
     torch.set_num_threads(num_threads)
-    par, owns, config = _join(rank, size, init_method, config)
+    par, owns, config = _join(rank, size, init_method, config, True)
     run_worker(config, par, owns)
 
 

@@ -3,6 +3,8 @@
 Device collectives (all-reduce, all-gather, broadcast of device tensors) run on the default
 process group (NCCL on GPUs, gloo on the CPU). Host-side messages (each step's batch description,
 the KV page count) run on `control_group`, a gloo group: on GPUs they never wait for the device.
+Where every rank is on one host, `plans` is the plan channel (nanoflow.executor.plan_channel): rank 0's
+`broadcast_object` then writes into a shared-memory ring and returns without waiting for the workers.
 Starting and stopping the processes is nanoflow.executor.distributed's job.
 """
 
@@ -20,6 +22,8 @@ class ParallelState:
     rank: int = 0
     size: int = 1
     control_group: Any = field(default=None, compare=False, repr=False)
+    # Rank 0: the ring's writer end (send(obj)); other ranks: their reader end (recv()). None: gloo.
+    plans: Any = field(default=None, compare=False, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -40,9 +44,15 @@ class ParallelState:
         return x
 
     def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's picklable obj (the other ranks pass None), returned on every rank."""
+        """Rank 0's picklable obj (the other ranks pass None), returned on every rank. Through the plan
+        channel rank 0 does not wait for the others to receive it (the messages keep their order)."""
         if self.size == 1:
             return obj
+        if self.plans is not None:
+            if self.rank == 0:
+                self.plans.send(obj)
+                return obj
+            return self.plans.recv()
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         return box[0]
