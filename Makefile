@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The converted default model (nanoflow/models/default_model.py): when it is there, a shell test
+# answers and no Python starts; otherwise it is converted once.
+NANOFLOW_CACHE ?= $(HOME)/.cache/nanoflow
+DEFAULT_MODEL_DIR := $(NANOFLOW_CACHE)/SmolLM2-135M-Instruct
+
 default-model: install
-	$(PY) -c "from nanoflow.models.default_model import prepare_default_model as p; print(p())"
+	@if [ -f "$(DEFAULT_MODEL_DIR)/config.json" ] && ls "$(DEFAULT_MODEL_DIR)"/*.safetensors >/dev/null 2>&1; then \
+		echo "$(DEFAULT_MODEL_DIR)"; \
+	else \
+		$(PY) -c "from nanoflow.models.default_model import prepare_default_model as p; print(p())"; \
+	fi
 
 demo: default-model
 	$(VENV)/bin/nanoflow generate --prompt "What is the capital of France?"

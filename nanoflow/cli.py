@@ -4,17 +4,30 @@ so the engine's import path never pulls in server-only packages."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nanoflow.engine_args import add_engine_args, engine_args_from_cli, engine_kwargs
 
+# The built-in default model's Hugging Face id: the name it is served under, and a model argument
+# equal to it (what a vLLM user types) loads the built-in copy, since nothing is fetched from a hub.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """(the folder to load, the name to serve it as): the model argument as given, as vLLM does."""
+    if model is None or (model == DEFAULT_MODEL_ID and not os.path.isdir(model)):
+        from nanoflow.models.default_model import default_model_path
+
+        return default_model_path(), DEFAULT_MODEL_ID
+    return model, model
+
 
 def _generate(args: argparse.Namespace) -> int:
     from nanoflow.entrypoints.llm import LLM
-    from nanoflow.models.default_model import default_model_path
     from nanoflow.sampling_params import SamplingParams
 
-    llm = LLM(args.model or default_model_path(), **engine_kwargs(args))
+    llm = LLM(resolve_model(args.model)[0], **engine_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed, n=args.n)
     prompts = args.prompt or ["What is the capital of France?"]
@@ -33,15 +46,19 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from nanoflow.entrypoints.server.app import run_server
-    from nanoflow.models.default_model import default_model_path
 
-    config = engine_args_from_cli(args, args.model or default_model_path())
-    return run_server(config, host=args.host, port=args.port, served_model_name=args.served_model_name,
-                      api_key=args.api_key)
+    path, name = resolve_model(args.model)
+    config = engine_args_from_cli(args, path)
+    return run_server(config, host=args.host, port=args.port, served_model_name=args.served_model_name or [name],
+                      api_key=args.api_key, chat_template=args.chat_template, generation_config=args.generation_config,
+                      disable_log_requests=args.disable_log_requests, uvicorn_log_level=args.uvicorn_log_level)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from nanoflow.bench.throughput import run_bench
+
+    if not args.model and not args.dummy:  # like generate and serve: the built-in model
+        args.model = resolve_model(None)[0]
 
     return run_bench(args)
 
@@ -73,8 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="the names clients send as `model` (all accepted, the first reported in responses; "
+                     "default: the model argument as given, or HuggingFaceTB/SmolLM2-135M-Instruct)")
+    srv.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $NANOFLOW_API_KEY, like vLLM's VLLM_API_KEY)")
+    srv.add_argument("--chat-template", default=None,
+                     help="a Jinja chat template file (or the template text) replacing the tokenizer's")
+    srv.add_argument("--generation-config", default="auto",
+                     help="auto: the model's generation_config.json sampling defaults (temperature, top_p, top_k, "
+                     "min_p, repetition_penalty, max_new_tokens) for requests that leave them unset; vllm: ignore "
+                     "it; PATH: a folder holding generation_config.json (or the file)")
+    srv.add_argument("--disable-log-requests", action="store_true", help="no log line per received request")
+    srv.add_argument("--uvicorn-log-level", default="info",
+                     choices=("critical", "error", "warning", "info", "debug", "trace"))
     srv.set_defaults(func=_serve)
 
     from nanoflow.bench.cli_args import add_bench_args

@@ -76,7 +76,7 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
                    help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
     p.add_argument("--cuda-graph-max-tokens", type=int, default=None,
                    help="largest iteration replayed from a CUDA graph (default: the token budget; 0: none)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--skip-tokenizer-init", action="store_true",

@@ -29,7 +29,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.epilog = EXAMPLES
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="Hugging Face model folder (weights loaded unless "
-                     "--load-format dummy)")
+                     "--load-format dummy; default: the built-in SmolLM2-135M-Instruct)")
     src.add_argument("--dummy", default=None, choices=DUMMY_NAMES,
                      help="a published model's config.json with random weights (nothing downloaded)")
     p.add_argument("--load-format", default=None, choices=("auto", "dummy"),
@@ -39,7 +39,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--workload", default="512x512",
                    help="INPUTxOUTPUT (e.g. 512x512, 1024x512, 512x1024) or trace:FILE (CSV with "
                    "ContextTokens,GeneratedTokens columns)")
-    w.add_argument("--num-requests", type=int, default=None,
+    w.add_argument("--num-requests", "--num-prompts", type=int, default=None,  # --num-prompts: vLLM's name
                    help="requests to run (default 1000; for a trace, its first N rows)")
     w.add_argument("--num-warmup", type=int, default=16,
                    help="requests run untimed before each engine run (compile, autotune, graph capture)")

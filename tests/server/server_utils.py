@@ -41,24 +41,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path: str, log_path: Path, *extra: str, timeout: float = 600.0) -> Server:
+def start_server(model_path: str, log_path: Path, *extra: str, timeout: float = 600.0,
+                 served_names: tuple[str, ...] = (MODEL_NAME,), api_key: str | None = API_KEY,
+                 env: dict[str, str] | None = None) -> Server:
     """Starts `nanoflow serve` and waits until /health answers 200. It waits as long as the process is
     alive and still starting (a busy 2-core CI machine can take minutes to import torch and load the
     model), and fails at once if the process exits; `timeout` only guards against a hung start."""
     port = free_port()
     cmd = [sys.executable, "-m", "nanoflow.cli", "serve", model_path, "--port", str(port), "--device", "cpu",
            "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-pages", str(NUM_KV_PAGES),
-           "--served-model-name", MODEL_NAME, "--api-key", API_KEY, *extra]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+           "--served-model-name", *served_names, *extra]
+    if api_key is not None:
+        cmd += ["--api-key", api_key]
+    # A NANOFLOW_API_KEY of the shell running the tests must not turn on auth; only `env` may set it.
+    base = {k: v for k, v in os.environ.items() if k != "NANOFLOW_API_KEY"}
+    env = {**base, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", model_path, proc, log_path)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
         try:
             if httpx.get(f"{server.url}/health", timeout=5.0).status_code == 200:
+                # Start-up time (imports, model load, first health answer), for the -s log.
+                print(f"\nnanoflow serve healthy after {time.monotonic() - started:.1f}s", flush=True)
                 return server
         except httpx.HTTPError:
             pass

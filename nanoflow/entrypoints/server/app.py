@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -15,12 +17,14 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from nanoflow import __version__
 from nanoflow.engine.engine import LLMEngine
 from nanoflow.engine_args import EngineArgs
 from nanoflow.entrypoints.server.async_engine import AsyncEngine
 from nanoflow.entrypoints.server.chat import create_chat_completion
 from nanoflow.entrypoints.server.completions import create_completion
 from nanoflow.entrypoints.server.errors import error_response, install_error_handlers, json_response
+from nanoflow.entrypoints.server.generation_config import load_sampling_defaults
 from nanoflow.entrypoints.server.metrics import EngineMetrics
 from nanoflow.entrypoints.server.protocol import (
     ChatCompletionRequest,
@@ -34,14 +38,19 @@ from nanoflow.entrypoints.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from nanoflow.entrypoints.server.serving import ServerContext
+from nanoflow.entrypoints.server.serving import ServerContext, log_ignored_fields
 
 log = logging.getLogger(__name__)
 
 # Probes and scrapers must work without the API key.
-_OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
-                     "/tokenize", "/detokenize"})
+_OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs",
+                         "/docs/oauth2-redirect", "/redoc"})
+_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ping", "/version",
+                     "/metrics", "/tokenize", "/detokenize"})
+# vLLM endpoints of features nanoflow does not have: a 404 that names the feature, not a bare "Not Found".
+_MISSING_ENDPOINTS = {"/v1/embeddings": "embeddings", "/pooling": "pooling", "/classify": "classification",
+                      "/score": "scoring", "/v1/score": "scoring", "/rerank": "reranking", "/v1/rerank": "reranking",
+                      "/v1/audio/transcriptions": "audio transcription"}
 
 
 class _Gate:
@@ -95,11 +104,22 @@ def _load_tokenizer(engine: AsyncEngine) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
 
 
-def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              tokenizer: PreTrainedTokenizerBase | None = None) -> FastAPI:
-    """The OpenAI-compatible app. Its lifespan starts the engine thread and stops it at shutdown."""
-    ctx = ServerContext(async_engine, tokenizer if tokenizer is not None else _load_tokenizer(async_engine),
-                        served_model_name)
+def build_app(async_engine: AsyncEngine, served_model_name: str | Sequence[str], api_key: str | None = None,
+              tokenizer: PreTrainedTokenizerBase | None = None, chat_template: str | None = None,
+              sampling_defaults: dict[str, Any] | None = None, log_requests: bool = True) -> FastAPI:
+    """The OpenAI-compatible app. Its lifespan starts the engine thread and stops it at shutdown.
+    served_model_name: one name or several (all accepted in requests, the first reported);
+    chat_template: replaces the tokenizer's (--chat-template); sampling_defaults: --generation-config's."""
+    names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
+    if not names:
+        raise ValueError("at least one served model name is needed")
+    tok = tokenizer if tokenizer is not None else _load_tokenizer(async_engine)
+    if chat_template is not None:
+        if tok is None:
+            raise ValueError("--chat-template needs a tokenizer (the server runs with --skip-tokenizer-init)")
+        tok.chat_template = chat_template
+    ctx = ServerContext(async_engine, tok, names, dict(sampling_defaults or {}), log_requests)
+    first_name = names[0]
     metrics = async_engine.metrics
 
     @contextlib.asynccontextmanager
@@ -124,7 +144,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         return await create_chat_completion(ctx, body, raw)
 
     def card() -> ModelCard:
-        return ModelCard(id=served_model_name, root=async_engine.engine.config.model,
+        return ModelCard(id=first_name, root=async_engine.engine.config.model,
                          max_model_len=async_engine.max_model_len)
 
     @app.get("/v1/models")
@@ -142,6 +162,18 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
             return Response(status_code=200)
         return error_response(503, "the engine is not running", "service_unavailable_error")
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        # vLLM's (SageMaker's) liveness probe: the same answer as /health.
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    for path, feature in _MISSING_ENDPOINTS.items():
+        app.add_api_route(path, _missing(feature, path), methods=["POST"], include_in_schema=False)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         if metrics is None:
@@ -151,6 +183,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @app.post("/tokenize", responses=errors)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        log_ignored_fields(body)
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError("give exactly one of prompt and messages", param="prompt")
@@ -162,11 +195,31 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @app.post("/detokenize", responses=errors)
     async def detokenize(body: DetokenizeRequest) -> Response:
+        log_ignored_fields(body)
         ctx.check_model(body.model)
         text = ctx.decode(body.tokens)
         return json_response(200, DetokenizeResponse(prompt=text).model_dump())
 
     return app
+
+
+def _missing(feature: str, path: str) -> Callable[[], Awaitable[Response]]:
+    async def endpoint() -> Response:
+        return error_response(404, f"{feature}: not supported by nanoflow (no {path} endpoint); it serves "
+                              "generative models through /v1/completions and /v1/chat/completions",
+                              "not_found_error", code="not_supported")
+
+    return endpoint
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template as vLLM takes it: a file's path, or the Jinja template itself."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r}: no such file (give a Jinja template file or the template text)")
 
 
 class _Server(uvicorn.Server):
@@ -191,18 +244,33 @@ class _Server(uvicorn.Server):
 
 
 def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000,
-               served_model_name: str | None = None, api_key: str | None = None,
-               graceful_timeout_s: float = 30.0) -> int:
+               served_model_name: str | Sequence[str] | None = None, api_key: str | None = None,
+               graceful_timeout_s: float = 30.0, chat_template: str | None = None,
+               generation_config: str = "auto", disable_log_requests: bool = False,
+               uvicorn_log_level: str = "info") -> int:
     """Serves until SIGTERM/SIGINT: then stops accepting, lets in-flight requests finish for up to
-    graceful_timeout_s, aborts the rest, and returns 0."""
+    graceful_timeout_s, aborts the rest, and returns 0. The vLLM-named options: chat_template (a
+    file or the template), generation_config (auto | vllm | PATH), disable_log_requests, uvicorn_log_level."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = served_model_name or args.model
-    metrics = EngineMetrics(name)
+    if not served_model_name:
+        names: tuple[str, ...] = (args.model,)
+    elif isinstance(served_model_name, str):
+        names = (served_model_name,)
+    else:
+        names = tuple(served_model_name)
+    # Bad option values fail before the model loads.
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    defaults = load_sampling_defaults(generation_config, args.model)
+    if defaults:
+        log.info("--generation-config %s: sampling defaults %s for requests that leave them unset",
+                 generation_config, defaults)
+    metrics = EngineMetrics(names[0])
     async_engine = AsyncEngine(LLMEngine.from_args(args), metrics)
-    app = build_app(async_engine, name, api_key)
-    log.info("serving %s as %r on http://%s:%d (max_model_len=%d, %d KV pages)", args.model, name, host,
-             port, async_engine.max_model_len, async_engine.num_pages)
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on",
+    app = build_app(async_engine, names, api_key, chat_template=template, sampling_defaults=defaults,
+                    log_requests=not disable_log_requests)
+    log.info("serving %s as %s on http://%s:%d (max_model_len=%d, %d KV pages)", args.model,
+             " / ".join(repr(n) for n in names), host, port, async_engine.max_model_len, async_engine.num_pages)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level, lifespan="on",
                                     timeout_graceful_shutdown=int(graceful_timeout_s)))
     server.run()
     async_engine.shutdown()  # idempotent; covers a startup that failed before the lifespan ran

@@ -30,6 +30,7 @@ from nanoflow.entrypoints.server.serving import (
     EngineStreamingResponse,
     ServerContext,
     collect_final,
+    log_ignored_fields,
     ranked,
     sse,
     sse_error,
@@ -40,9 +41,12 @@ from nanoflow.entrypoints.server.serving import (
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
+    log_ignored_fields(req)
     ctx.check_model(req.model)
-    params = req.to_sampling_params(ctx.engine.vocab_size)
+    params = req.to_sampling_params(ctx.engine.vocab_size, ctx.sampling_defaults)
     text, ids = ctx.apply_chat_template(req.messages, req.add_generation_prompt)
+    limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    ctx.check_room([(text, ids)], params.max_tokens, "messages", limit_param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     (stream,) = await ctx.submit(request_id, [(text, ids)], params, "messages")

@@ -27,6 +27,7 @@ from nanoflow.entrypoints.server.serving import (
     EngineStreamingResponse,
     ServerContext,
     collect_final,
+    log_ignored_fields,
     merge,
     ranked,
     sse,
@@ -38,8 +39,9 @@ from nanoflow.entrypoints.server.serving import (
 
 
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
+    log_ignored_fields(req)
     ctx.check_model(req.model)
-    params = req.to_sampling_params(ctx.engine.vocab_size)
+    params = req.to_sampling_params(ctx.engine.vocab_size, ctx.sampling_defaults)
     prompts = req.prompts()
     if len(prompts) > MAX_BATCH:
         raise OpenAIError(f"at most {MAX_BATCH} prompts per request, got {len(prompts)}", param="prompt")
@@ -52,6 +54,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
             inputs.append((p, ctx.encode(p)))
         else:
             inputs.append((None, list(p)))
+    ctx.check_room(inputs, params.max_tokens, "prompt", "max_tokens")
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     echo = [_echo_text(ctx, text, ids) if req.echo else "" for text, ids in inputs]

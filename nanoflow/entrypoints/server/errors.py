@@ -40,21 +40,41 @@ def _is_type_label(part: object) -> bool:
 _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextContentPart"})
 
 
-def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _param(err: dict[str, Any]) -> str | None:
+    loc = [str(x) for x in err.get("loc", ())[1:] if not _is_type_label(x)]  # loc[0] is "body"
+    return loc[0] if loc else None
+
+
+def _validation_message(err: dict[str, Any], content_type: str) -> tuple[str, str | None]:
     loc = [str(x) for x in err.get("loc", ())[1:] if not _is_type_label(x)]  # loc[0] is "body"
     param = loc[0] if loc else None
     kind, msg = err.get("type", ""), err.get("msg", "invalid value")
+    if not loc and content_type and not _is_json(content_type):
+        # FastAPI hands a non-JSON content type's body over as bytes; curl -d sends form encoding.
+        return (f"The request body must be JSON, sent with 'Content-Type: application/json' "
+                f"(this request has Content-Type '{content_type}')."), None
     if kind == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "")
-        return f"We could not parse the JSON body of your request ({detail}).", None
-    if kind == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
+        return f"The request body must be valid JSON: it could not be parsed ({detail}).", None
     if kind == "missing":
         if not loc:
-            return "The request body is required.", None
+            return "The request body is required: a JSON object.", None
         return f"Missing required parameter: '{'.'.join(loc)}'.", param
-    where = ".".join(loc) if loc else "body"
+    if not loc:
+        return "The request body must be a JSON object ({...}), " + f"not {_json_kind(err.get('input'))}.", None
+    where = ".".join(loc)
     return f"Invalid value for '{where}': {msg}.", param
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             bytes: "raw bytes", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -63,11 +83,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(e.status, e.message, e.type, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> Response:
+    async def _validation(request: Request, e: RequestValidationError) -> Response:
         errors = list(e.errors())
-        message, param = _validation_message(errors[0]) if errors else ("Invalid request.", None)
-        if len(errors) > 1:
-            message += f" ({len(errors) - 1} more error(s))"
+        content_type = request.headers.get("content-type", "")
+        message, param = _validation_message(errors[0], content_type) if errors else ("Invalid request.", None)
+        # A union field (stop: a string or a list of strings) fails once per member: one message
+        # about it is enough; other fields that failed as well are named, not counted.
+        others = list(dict.fromkeys(p for p in map(_param, errors[1:]) if p is not None and p != param))
+        if others:
+            message += " Also invalid: " + ", ".join(f"'{p}'" for p in others) + "."
         return error_response(400, message, param=param)
 
     @app.exception_handler(HTTPException)

@@ -1,7 +1,8 @@
 """OpenAI wire format: pydantic request/response models and the mapping to SamplingParams.
 
-Request models are strict (no "0.5" for a float, no true for an int) and reject unknown fields,
-as OpenAI does ("Unrecognized request argument supplied"). nanoflow's extra sampling knobs
+Request models are strict (no "0.5" for a float, no true for an int). Unknown fields are ignored
+as vLLM does (clients such as LangChain and LiteLLM send extras); the endpoints log their names
+(`ignored_fields`). nanoflow's extra sampling knobs
 (top_k, min_p, repetition_penalty, ignore_eos, ...) are declared fields, so the openai client
 sends them through `extra_body`.
 """
@@ -9,6 +10,7 @@ sends them through `extra_body`.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
@@ -22,6 +24,13 @@ _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
 MAX_N = 128
 MAX_STOP = 64
 _TOP_K_MAX = 2**31 - 1  # the sampler puts top_k in an int64 tensor
+# Fields of features nanoflow does not have (vLLM's or OpenAI's names): ignoring them like other unknown
+# fields would silently answer without the feature, so each is a 400 that names the feature.
+UNSUPPORTED_FIELDS = {
+    "guided_json": "structured output", "guided_regex": "structured output", "guided_choice": "structured output",
+    "guided_grammar": "structured output", "structured_outputs": "structured output",
+    "functions": "tool calling", "function_call": "tool calling", "prompt_logprobs": "prompt logprobs",
+}
 
 
 class OpenAIError(Exception):
@@ -41,25 +50,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
+class TolerantModel(_Strict):
+    """Request objects whose unknown fields are kept aside (model_extra) and then ignored."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+    def ignored_fields(self) -> list[str]:
+        """The unknown field names, nested ones as parent.child (messages[].name for a message)."""
+        names = [n for n in self.model_extra or {} if n not in UNSUPPORTED_FIELDS]
+        for field in type(self).model_fields:
+            value = getattr(self, field)
+            items = value if isinstance(value, list) else [value]
+            suffix = "[]" if isinstance(value, list) else ""
+            for item in items:
+                if isinstance(item, TolerantModel):
+                    names += [f"{field}{suffix}.{n}" for n in item.ignored_fields()]
+        return list(dict.fromkeys(names))
+
+
 class _Lenient(BaseModel):
     """Response models: no validation beyond construction."""
 
     model_config = ConfigDict(extra="allow")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(TolerantModel):
     include_usage: bool = False
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(TolerantModel):
     """Fields shared by completions and chat, including the vLLM-style extras."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    # Stop strings are checked after every token: a bound keeps one request from slowing the batch.
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    # Stop strings are checked after every token: at most MAX_STOP (_check_common) keeps one request
+    # from slowing the batch; checked there, not here, so the error says the limit in plain words.
+    stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -82,8 +110,14 @@ class _SamplingFields(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _check_common(self, vocab_size: int) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_FIELDS and value is not None:
+                raise OpenAIError(f"{UNSUPPORTED_FIELDS[name]} is not supported by nanoflow (field '{name}')",
+                                  param=name)
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise OpenAIError(f"at most {MAX_STOP} stop strings are allowed, got {len(self.stop)}", param="stop")
         if self.logit_bias:
             raise OpenAIError("logit_bias is not supported", param="logit_bias")
         # The sampler indexes the logits with these ids: out-of-vocab ids must never reach it.
@@ -92,8 +126,9 @@ class _SamplingFields(_Strict):
                 raise OpenAIError(f"stop_token_ids must be token ids in [0, {vocab_size}), got {t}",
                                   param="stop_token_ids")
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, renames: dict[str, str]
-                         ) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, renames: dict[str, str],
+                         defaults: Mapping[str, Any]) -> SamplingParams:
+        """defaults: --generation-config's values for the fields this request leaves unset."""
         kwargs: dict[str, Any] = dict(
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
@@ -103,6 +138,8 @@ class _SamplingFields(_Strict):
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name)
             if value is not None:
                 kwargs[name] = value
         try:
@@ -132,7 +169,8 @@ class CompletionRequest(_SamplingFields):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, vocab_size: int) -> SamplingParams:
+    def to_sampling_params(self, vocab_size: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        defaults = defaults or {}
         self._check_common(vocab_size)
         if self.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
@@ -141,15 +179,17 @@ class CompletionRequest(_SamplingFields):
         if self.echo and self.logprobs is not None:
             raise OpenAIError("echo with logprobs is not supported (prompt logprobs are not computed)",
                               param="echo")
-        return self._sampling_params(self.max_tokens, self.logprobs, {})
+        # OpenAI's 16 applies only when neither the request nor the generation config gives a limit.
+        max_tokens = self.max_tokens if "max_tokens" in self.model_fields_set else defaults.get("max_tokens", 16)
+        return self._sampling_params(max_tokens, self.logprobs, {}, defaults)
 
 
-class TextContentPart(_Strict):
+class TextContentPart(TolerantModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(TolerantModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -181,25 +221,30 @@ class ChatCompletionRequest(_SamplingFields):
     # Extras.
     add_generation_prompt: bool = True
 
-    def to_sampling_params(self, vocab_size: int) -> SamplingParams:
+    def to_sampling_params(self, vocab_size: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        defaults = defaults or {}
         self._check_common(vocab_size)
         if self.tools:
-            raise OpenAIError("tools are not supported", param="tools")
+            raise OpenAIError("tool calling is not supported by nanoflow (tools)", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
-            raise OpenAIError("tool_choice is not supported", param="tool_choice")
+            raise OpenAIError("tool calling is not supported by nanoflow (tool_choice)", param="tool_choice")
         if self.response_format is not None and self.response_format.get("type") != "text":
-            raise OpenAIError('only response_format {"type": "text"} is supported', param="response_format")
+            raise OpenAIError(f"structured output is not supported by nanoflow (response_format type "
+                              f"{self.response_format.get('type')!r}); only {{\"type\": \"text\"}}",
+                              param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is None:
+            max_tokens = defaults.get("max_tokens")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         renames = {"logprobs": "top_logprobs"}
         if self.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        return self._sampling_params(max_tokens, logprobs, renames)
+        return self._sampling_params(max_tokens, logprobs, renames, defaults)
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(TolerantModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -207,7 +252,7 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(TolerantModel):
     model: str | None = None
     tokens: list[int]
 

@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -19,12 +19,16 @@ from transformers import PreTrainedTokenizerBase
 
 from nanoflow.engine.request import CompletionOutput, Logprob, RequestOutput
 from nanoflow.entrypoints.server.async_engine import AsyncEngine, RequestStream
-from nanoflow.entrypoints.server.protocol import ChatMessage, OpenAIError, error_body
+from nanoflow.entrypoints.server.protocol import ChatMessage, OpenAIError, TolerantModel, error_body
 from nanoflow.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Unknown request fields are logged once per name: a client sends the same extras on every request.
+# The set is bounded so that a client inventing names cannot grow it (or the log) without end.
+_LOGGED_FIELDS: set[str] = set()
+_MAX_LOGGED_FIELDS = 1024
 MAX_BATCH = 256  # prompts in one completions request
 MAX_SEQUENCES = 1024  # prompts x n: every sequence is built up front, so one request stays bounded
 
@@ -35,12 +39,34 @@ class ServerContext:
     # The HTTP side's own tokenizer instance: the engine thread detokenizes with the engine's, and
     # a tokenizer object is not guaranteed safe to share across threads.
     tokenizer: PreTrainedTokenizerBase | None
-    model_name: str
+    # --served-model-name: every name is accepted in requests; the first is the one responses report.
+    served_names: tuple[str, ...]
+    # --generation-config: sampling defaults for the fields a request leaves unset.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    # vLLM logs every request it receives unless --disable-log-requests.
+    log_requests: bool = True
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.served_names:
             raise OpenAIError(f"The model `{model}` does not exist.", status=404, param="model",
                               code="model_not_found")
+
+    def check_room(self, inputs: Sequence[tuple[str | None, list[int]]], max_tokens: int | None, what: str,
+                   param: str) -> None:
+        """vLLM's 400 for max_tokens beyond what max_model_len leaves after the prompt (the engine
+        would cut the output short silently). A prompt with no room at all is the engine's error."""
+        limit = self.engine.max_model_len
+        for _, ids in inputs:
+            n = len(ids)
+            if max_tokens is not None and n < limit and n + max_tokens > limit:
+                raise OpenAIError(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{n + max_tokens} tokens ({n} in the {what}, {max_tokens} in the completion). "
+                    f"Please reduce the length of the {what} or the completion ({param}).", param=param)
 
     def _need_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
@@ -81,6 +107,9 @@ class ServerContext:
     async def submit(self, request_id: str, inputs: list[tuple[str | None, list[int]]],
                      params: SamplingParams, param: str) -> list[RequestStream]:
         """Adds one engine request per prompt; a rejection aborts the ones already added."""
+        if self.log_requests:
+            log.info("Received request %s: %d prompt(s) of %s tokens, %s", request_id, len(inputs),
+                     [len(ids) for _, ids in inputs], params)
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(inputs):
@@ -93,6 +122,14 @@ class ServerContext:
                 for s in streams:
                     s.abort()
         return streams
+
+
+def log_ignored_fields(body: TolerantModel) -> None:
+    """One log line per unknown field name (vLLM ignores them with a warning as well)."""
+    for name in body.ignored_fields():
+        if name not in _LOGGED_FIELDS and len(_LOGGED_FIELDS) < _MAX_LOGGED_FIELDS:
+            _LOGGED_FIELDS.add(name)
+            log.warning("ignoring the unknown request field %r (logged once per field name)", name)
 
 
 @dataclass
