@@ -19,6 +19,11 @@ from nanoflow.model_arch import ModelArch, load_hf_config
 
 PAGE_SIZE = 16
 
+
+def pages_for(num_tokens: int) -> int:
+    """KV pages that hold num_tokens tokens."""
+    return -(-num_tokens // PAGE_SIZE)
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

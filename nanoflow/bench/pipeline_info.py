@@ -4,6 +4,7 @@ of the run's own shape, one layer's ops per stream over time (nanoflow.pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -11,7 +12,7 @@ import traceback
 from typing import Any
 
 from nanoflow.bench.workloads import Workload
-from nanoflow.config import PAGE_SIZE
+from nanoflow.config import PAGE_SIZE, pages_for
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.timeline import plot_timeline, record_timeline
@@ -53,33 +54,23 @@ def full_budget_plan(budget: int, num_decodes: int, context: int, num_pages: int
     """A step of exactly `budget` tokens: num_decodes decodes of `context` tokens each (fewer or
     shorter where the KV pool is too small) and the rest as prefill chunks from position 0 of at
     most max_model_len tokens each. Every sequence has pages of its own."""
-    def pages(n: int) -> int:
-        return -(-n // PAGE_SIZE)
-
     def prefill_pages(d: int) -> int:
         rest = budget - d
-        return (rest // max_model_len) * pages(max_model_len) + pages(rest % max_model_len)
+        return (rest // max_model_len) * pages_for(max_model_len) + pages_for(rest % max_model_len)
 
     d = max(0, min(num_decodes, budget))
     while d and prefill_pages(d) + d > num_pages:  # every decode needs at least one page
         d -= 1
     if prefill_pages(d) > num_pages:
         raise ValueError(f"a {budget}-token step does not fit a KV pool of {num_pages} pages")
-    per_seq = min(pages(max(1, context)), (num_pages - prefill_pages(d)) // d) if d else 0
+    per_seq = min(pages_for(max(1, context)), (num_pages - prefill_pages(d)) // d) if d else 0
     context = max(1, min(context, per_seq * PAGE_SIZE, max_model_len))
-    chunks = [(context - 1, 1)] * d  # (tokens already cached, new tokens)
-    rest = budget - d
+    chunks, rest = [], budget - d
     while rest:
         chunks.append((0, min(rest, max_model_len)))
         rest -= chunks[-1][1]
-    token_ids, starts, lens, tables, page = [], [], [], [], 0
-    for done, new in chunks:
-        token_ids.append([(31 * (done + i) + 7) % vocab_size for i in range(new)])
-        starts.append(done)
-        lens.append(done + new)
-        tables.append(list(range(page, page + pages(done + new))))
-        page += pages(done + new)
-    return StepPlan(token_ids, starts, lens, tables, [], d, [], [])
+    # nothing sampled: the step is timed, not decoded
+    return dataclasses.replace(StepPlan.synthetic([context] * d, chunks, vocab_size), sample_at=[])
 
 
 def bench_timeline(engine: Any, run: dict[str, Any], workload: Workload, png_path: str,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from nanoflow.config import PAGE_SIZE, EngineConfig
+from nanoflow.config import PAGE_SIZE, EngineConfig, pages_for
 from nanoflow.engine.output_processor import OutputProcessor
 from nanoflow.engine.request import Logprob, Request, RequestOutput, Sequence
 from nanoflow.engine.scheduler import Scheduler
@@ -114,7 +114,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room for output within "
                              f"max_model_len={self.max_model_len}")
-        pages = (len(ids) + 1 + PAGE_SIZE - 1) // PAGE_SIZE
+        pages = pages_for(len(ids) + 1)
         if pages > self.runner.num_pages:
             raise ValueError(f"the prompt has {len(ids)} tokens and needs {pages} KV pages, but the whole cache "
                              f"holds {self.runner.num_pages} pages ({self.runner.num_pages * PAGE_SIZE} tokens)")

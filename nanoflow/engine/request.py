@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoflow.config import PAGE_SIZE
+from nanoflow.config import pages_for
 from nanoflow.sampling_params import SamplingParams
 
 
@@ -80,7 +80,7 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     def pages_needed(self, num_tokens: int) -> int:
-        return (num_tokens + PAGE_SIZE - 1) // PAGE_SIZE - len(self.pages)
+        return pages_for(num_tokens) - len(self.pages)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nanoflow.forward_batch import ForwardBatch
+from nanoflow.layers.op import Walk
 from nanoflow.pipeline.executor import PipelineExecutor
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class GraphRunner:
         # a batch needs so that none of its nano-batches is empty
         self.executors: dict[Key, PipelineExecutor] = {}
         self.parts: dict[Key, dict[str, list[ForwardBatch]]] = {}
+        self.walks: dict[Key, Walk] = {}
         self.min_tokens: dict[Key, int] = {}
         # ms per replay measured at capture, with nothing to attend to: the part of a step's time
         # that depends on the bucket (on the CPU, where nothing is timed: the bucket size)
@@ -88,7 +90,7 @@ class GraphRunner:
                 for piped in (True, False)
                 if (mixed or b <= self.max_seqs) and (not piped or self.executor_for(b) is not None)]
 
-    def _walk(self, key: Key):
+    def _walk(self, key: Key) -> Walk | None:
         """The forward's walk for a key: its pipeline over static nano-batches, or None (sequential)."""
         bucket, mixed, piped = key
         self.min_tokens[key] = 1
@@ -99,7 +101,8 @@ class GraphRunner:
         self.parts[key] = {name: [self._static_batch(b - a, mixed, a)
                                   for a, b in itertools.pairwise(ex.schedule.bounds(name, bucket))]
                            for name in ex.schedule.partitions}
-        return partial(ex.run, parts=self.parts[key])
+        walk = self.walks[key] = partial(ex.run, parts=self.parts[key])
+        return walk
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -161,8 +164,7 @@ class GraphRunner:
         self.num_replays += 1
         graph = self.graphs[key]
         if graph is None:  # the CPU: run the forward the graph would replay, on the same buffers
-            walk = partial(self.executors[key].run, parts=self.parts[key]) if key in self.executors else None
-            return self.model(static, walk)[: batch.num_tokens]
+            return self.model(static, self.walks.get(key))[: batch.num_tokens]
         graph.replay()
         return self.outputs[key][: batch.num_tokens]
 

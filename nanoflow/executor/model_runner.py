@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoflow.config import PAGE_SIZE, EngineConfig
+from nanoflow.config import PAGE_SIZE, EngineConfig, pages_for
 from nanoflow.executor.cuda_graph import GraphRunner
 from nanoflow.executor.sampler import SampledTensors, Sampler, SamplerOutput, SamplingMetadata
 from nanoflow.executor.step_plan import SamplingRows, StepPlan
@@ -29,10 +29,6 @@ from nanoflow.pipeline.executor import PipelineExecutor
 log = logging.getLogger(__name__)
 
 _CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU when --num-kv-pages is not given
-
-
-def pages_for(num_tokens: int) -> int:
-    return -(-num_tokens // PAGE_SIZE)
 
 
 def pipeline_key(config: EngineConfig, tp_size: int) -> dict[str, Any]:
@@ -123,8 +119,7 @@ class ModelRunner:
         self.model.bind_kv_caches([(kv[0], kv[1])] * self.arch.num_layers)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        batch = self.model.prepare(self._build_batch(StepPlan([[0] * n], [0], [n], [list(range(pages))], [n - 1], 0,
-                                                              [], [])))
+        batch = self.model.prepare(self._build_batch(StepPlan.synthetic([], [(0, n)], self.arch.vocab_size)))
         with torch.inference_mode():
             self.model.compute_logits(self.model(batch)[batch.logits_indices])
         torch.cuda.synchronize(self.device)

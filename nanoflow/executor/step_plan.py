@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoflow.config import PAGE_SIZE
+from nanoflow.config import pages_for
 from nanoflow.sampling_params import SamplingParams
 
 
@@ -55,7 +55,7 @@ class StepPlan:
             token_ids.append([(7 * (done + i)) % (vocab_size - 3) + 3 for i in range(new)])
             starts.append(done)
             lens.append(done + new)
-            pages = -(-(done + new) // PAGE_SIZE)
+            pages = pages_for(done + new)
             tables.append(list(range(page, page + pages)))
             page += pages
             sample_at.append(sum(map(len, token_ids)) - 1)

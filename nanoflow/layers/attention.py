@@ -34,12 +34,8 @@ class AttentionShape:
     def scale(self) -> float:
         return self.head_dim**-0.5
 
-    @property
-    def qkv_width(self) -> int:
-        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[T, qkv_width] -> views q [T, Hq, D], k and v [T, Hkv, D] (strided, nothing copied)."""
+        """[T, (Hq + 2 Hkv) * D] -> views q [T, Hq, D], k and v [T, Hkv, D] (strided, nothing copied)."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         T = qkv.shape[0]

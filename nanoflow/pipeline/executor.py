@@ -53,9 +53,16 @@ class PipelineExecutor:
 
     def split(self, batch: ForwardBatch,
               prepare: Callable[[ForwardBatch], ForwardBatch]) -> dict[str, list[ForwardBatch]]:
-        """The batch's nano-batches for each partition, with their attention metadata."""
-        return {name: [prepare(p) for p in batch.split(self.schedule.bounds(name, batch.num_tokens))]
-                for name in self.schedule.partitions}
+        """The batch's nano-batches for each partition, with their attention metadata (built once for
+        partitions with the same bounds)."""
+        by_bounds: dict[tuple[int, ...], list[ForwardBatch]] = {}
+        parts = {}
+        for name in self.schedule.partitions:
+            bounds = tuple(self.schedule.bounds(name, batch.num_tokens))
+            if bounds not in by_bounds:
+                by_bounds[bounds] = [prepare(p) for p in batch.split(bounds)]
+            parts[name] = by_bounds[bounds]
+        return parts
 
     def run(self, layer_ops: Sequence[Sequence[Op]], buffers: Buffers, parts: dict[str, list[ForwardBatch]],
             timer: Timer | None = None) -> None:
