@@ -349,9 +349,9 @@ class Runner:
         return case
 
     def decode_all_heads(self) -> dict[str, Any]:
-        """Per-head decode kernel (today's default) vs the all-heads kernel on capped grids: TB/s of
-        K+V at s.compare_ctas CTAs, each kernel's default and the best of a small sweep (the best
-        checked against the reference), for every decode case; one comparison table."""
+        """Per-head decode kernel (today's default) vs the all-heads kernel vs the TMA kernel on
+        capped grids: TB/s of K+V at s.compare_ctas CTAs, each kernel's default and the best of a
+        small sweep (the best checked against the reference), for every decode case; one table."""
         dk, s = self.k.dk, self.s
         C = dk.DecodeConfig
         # per-head: the default, the sweep's deep-pipeline shapes, and the best configs decode_timing
@@ -361,31 +361,40 @@ class Runner:
             per_head += [C(block_n=64, num_warps=8, num_stages=8), C(block_n=64, num_warps=4, num_stages=6),
                          C(block_n=128, num_warps=8, num_stages=6)]  # fmt: skip
         # all-heads (Llama-3-8B: 8 kv heads x 128, bf16): 64 KiB steps at 3 / 1 / 2 in flight, the
-        # 2-D dot, 4 or 2 kv heads per item with deeper pipelines, 32-token steps, flatten; then
-        # smaller partitions (balance of the persistent grid) on the best shape
+        # 2-D dot, 4 or 2 kv heads per item with deeper pipelines, 32-token steps
         AH = lambda **kw: C(all_heads=True, **kw)
+        T = lambda **kw: C(tma=True, **kw)
         all_heads = [AH(), AH(batched_dot=False, num_stages=5)]
+        tma = [T(), T(kv_heads_per_item=1, num_stages=4)]
         if not self.cpu:
             all_heads = [
-                AH(), AH(num_stages=3), AH(num_stages=5), AH(batched_dot=False), AH(batched_dot=False, num_stages=5),
-                AH(kv_heads_per_item=4), AH(kv_heads_per_item=4, num_stages=7), AH(kv_heads_per_item=4, num_warps=8),
-                AH(kv_heads_per_item=4, block_n=32, num_stages=7), AH(kv_heads_per_item=2), AH(flatten=True),
+                AH(), AH(num_stages=5), AH(batched_dot=False), AH(batched_dot=False, num_stages=5),
+                AH(kv_heads_per_item=4), AH(kv_heads_per_item=4, num_stages=7), AH(kv_heads_per_item=2),
             ]  # fmt: skip
+            # TMA: 64 KiB steps (8 heads) at 2-3 buffers, 4 / 8 warps; 32 / 16 KiB steps deeper
+            tma = [
+                T(), T(num_stages=2), T(num_warps=8), T(num_stages=4),
+                T(kv_heads_per_item=4, num_stages=4), T(kv_heads_per_item=4, num_stages=6),
+                T(kv_heads_per_item=2, num_stages=8), T(kv_heads_per_item=4, num_stages=6, num_warps=8),
+            ]  # fmt: skip
+        kinds = {"per_head": per_head, "all_heads": all_heads, "tma": tma}
         default_cfg = dataclasses.asdict(C())
+        nan = float("nan")
         res: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
         for b, ctx in s.decode_cases:
             time_cfg, _ = self._decode_timer(b, ctx)
             found = self.results.get("decode_timing", {}).get(f"{b}x{ctx}", {})
             extra = [C(**e["best"]["config"]) for e in found.values() if isinstance(e, dict) and "config" in e["best"]]
-            ph_cfgs = list(dict.fromkeys(per_head + [c for c in extra if not c.all_heads]))
+            kinds["per_head"] = list(dict.fromkeys(per_head + [c for c in extra if not c.all_heads]))
             case: dict[str, Any] = {}
             for n in s.compare_ctas:
                 entry: dict[str, Any] = {}
-                for kind, cfgs in (("per_head", ph_cfgs), ("all_heads", all_heads)):
+                row: dict[str, Any] = {"case": f"{b}x{ctx}", "ctas": n}
+                for kind, cfgs in kinds.items():
                     trials = [time_cfg(c, n) for c in cfgs]
                     ok = [t for t in trials if "tbps" in t]
-                    if kind == "all_heads" and ok and not self.cpu:
+                    if kind != "per_head" and ok and not self.cpu:  # then the partition size
                         base = max(ok, key=lambda t: t["tbps"])["config"]
                         trials += [time_cfg(C(**{**base, "partition_size": p}), n) for p in (256, 512, 1024)]
                         ok = [t for t in trials if "tbps" in t]
@@ -393,37 +402,26 @@ class Runner:
                     if best:
                         best = time_cfg(C(**best["config"]), n, verify=True)
                     entry[kind] = {"default": trials[0], "best": best, "trials": trials}
+                    row[kind] = best.get("tbps", nan)
+                    row[f"{kind}_default"] = trials[0].get("tbps", nan)
+                    row[f"{kind}_rel_err"] = best.get("rel_err_vs_ref", nan)
+                    row[f"{kind}_config"] = {k: v for k, v in best.get("config", {}).items() if v != default_cfg.get(k)}
+                    if not ok:
+                        row[f"{kind}_error"] = trials[0].get("error", "")
                 case[f"ctas={n}"] = entry
-                ph, ah = entry["per_head"], entry["all_heads"]
-                nan = float("nan")
-                row = {
-                    "case": f"{b}x{ctx}", "ctas": n,
-                    "per_head_default": ph["default"].get("tbps", nan), "per_head_best": ph["best"].get("tbps", nan),
-                    "all_heads_default": ah["default"].get("tbps", nan), "all_heads_best": ah["best"].get("tbps", nan),
-                    "per_head_rel_err": ph["best"].get("rel_err_vs_ref", nan),
-                    "all_heads_rel_err": ah["best"].get("rel_err_vs_ref", nan),
-                    "all_heads_best_config": {
-                        k: v for k, v in ah["best"].get("config", {}).items() if v != default_cfg.get(k)
-                    },
-                }  # fmt: skip
                 rows.append(row)
-                ratio = row["all_heads_best"] / row["per_head_best"]
-                print(f"   decode {b}x{ctx} ctas={n:3d}: per-head {row['per_head_default']:.2f} / best "
-                      f"{row['per_head_best']:.2f} TB/s, all-heads {row['all_heads_default']:.2f} / best "
-                      f"{row['all_heads_best']:.2f} TB/s ({ratio:.2f}x; rel_err {row['per_head_rel_err']:.1e} / "
-                      f"{row['all_heads_rel_err']:.1e}) {row['all_heads_best_config']}", flush=True)  # fmt: skip
-                self.table.append((f"decode {b}x{ctx} ctas={n} per-head vs all-heads",
-                                   f"best {row['per_head_best']:.2f} vs {row['all_heads_best']:.2f} TB/s "
-                                   f"({ratio:.2f}x)"))  # fmt: skip
+                print(f"   decode {b}x{ctx} ctas={n:3d}: " + ", ".join(
+                    f"{k} {row[k + '_default']:.2f} / best {row[k]:.2f} TB/s (rel_err {row[k + '_rel_err']:.1e}) "
+                    f"{row[k + '_config'] or row.get(k + '_error', '')}" for k in kinds), flush=True)  # fmt: skip
+                self.table.append((f"decode {b}x{ctx} ctas={n} per-head / all-heads / tma",
+                                   " / ".join(f"{row[k]:.2f}" for k in kinds) + " TB/s"))  # fmt: skip
             res[f"{b}x{ctx}"] = case
         ceiling = self.results.get("copy_ceiling", {}).get("tbps")
-        print(f"\n   TB/s of K+V, default / best of the sweep (copy ceiling {ceiling or float('nan'):.2f} TB/s)")
-        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'best':>6s} {'all-heads':>9s} {'best':>6s} "
-              f"{'ratio':>6s}  best all-heads config")  # fmt: skip
+        print(f"\n   TB/s of K+V, best of each kernel's sweep (copy ceiling {ceiling or nan:.2f} TB/s)")
+        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'all-heads':>9s} {'tma':>6s}  best tma config")
         for r in rows:
-            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head_default']:9.2f} {r['per_head_best']:6.2f} "
-                  f"{r['all_heads_default']:9.2f} {r['all_heads_best']:6.2f} "
-                  f"{r['all_heads_best'] / r['per_head_best']:6.2f}x  {r['all_heads_best_config']}")  # fmt: skip
+            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head']:9.2f} {r['all_heads']:9.2f} {r['tma']:6.2f}  "
+                  f"{r['tma_config']}")  # fmt: skip
         res["table"] = rows
         return res
 

@@ -24,8 +24,13 @@ import torch
 from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.step_plan import StepPlan
+from nanoflow.kernels.decode_attention import DecodeConfig
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import overlap_schedule
+
+# decode kernel configs for the capped grid (DecodeAttention.capped_config)
+CAPPED_KERNELS = {"per_head": None, "all_heads": DecodeConfig(all_heads=True), "tma": DecodeConfig(tma=True),
+                  "tma4": DecodeConfig(tma=True, kv_heads_per_item=4, num_stages=4)}
 
 
 def time_graph(fn, reps: int) -> float:
@@ -56,6 +61,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048, help="the step's token count (decodes + one prefill chunk)")
     p.add_argument("--splits", default="512,768,1024")
     p.add_argument("--ctas", default="16,32,44,66")
+    p.add_argument("--kernels", default="per_head",
+                   help="decode kernels on the capped grid, comma list of: " + ", ".join(CAPPED_KERNELS))
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -79,14 +86,23 @@ def main() -> None:
         results["sequential_ms"] = seq_ms
         print(f"sequential: {seq_ms:.2f} ms", flush=True)
         rows = []
-        for split in map(int, args.splits.split(",")):
-            for ctas in [int(c) if c != "all" else None for c in args.ctas.split(",")]:
-                schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas)
-                ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
-                parts = ex.split(batch, model.prepare)
-                ms = time_graph(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)), args.reps)
-                rows.append({"split": split, "decode_ctas": ctas, "ms": ms, "speedup": seq_ms / ms})
-                print(f"split {split:5d} ctas {ctas}: {ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
+        for kernel in args.kernels.split(","):
+            for layer in model.layers:
+                layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
+            for split in map(int, args.splits.split(",")):
+                for ctas in [int(c) if c != "all" else None for c in args.ctas.split(",")]:
+                    schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas)
+                    ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+                    parts = ex.split(batch, model.prepare)
+                    try:
+                        ms = time_graph(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)),
+                                        args.reps)
+                    except Exception as e:  # e.g. a kernel config that does not compile on this GPU
+                        print(f"{kernel} split {split} ctas {ctas}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        continue
+                    rows.append({"kernel": kernel, "split": split, "decode_ctas": ctas, "ms": ms,
+                                 "speedup": seq_ms / ms})
+                    print(f"{kernel:9s} split {split:5d} ctas {ctas}: {ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
         # correctness: the pipelined forward computes the sequential one
         want = model(batch)
         ex = PipelineExecutor(overlap_schedule(names, args.tokens, 768, 769, 32), model.layer_ops, runner.device)

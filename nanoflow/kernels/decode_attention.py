@@ -16,9 +16,11 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nanoflow.kernels.attention_common import LOG2E, check_paged_inputs, dot_precision, fp16_dots, gather_pages, num_sms
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
+from nanoflow.kernels.decode_tma import decode_tma_kernel
 
 
 def paged_decode_attention_ref(
@@ -91,12 +93,19 @@ class DecodeConfig:
     # dot for all heads, [heads * G, D] x [D, heads * block_n], the (query head, other kv head)
     # blocks masked out: the plain 2-D path of the per-head kernel, at heads times the useful FLOPs.
     batched_dot: bool = True
+    # --- the TMA kernel (decode_tma_kernel; experimental, issue 12): all-heads work items whose
+    # steps are one page of the head block, fetched by two bulk tensor copies (K and V). block_n
+    # is the page size; kv_heads_per_item must divide the kv heads (None: as many as fit 64 KiB of
+    # K+V per step); num_stages defaults to 3 (three 64 KiB buffers).
+    tma: bool = False
 
     def resolved(
         self, head_dim: int, elem_size: int, fp8_cache: bool = False, num_kv_heads: int | None = None
     ) -> DecodeConfig:
         """This config with the None fields filled in for the head_dim, q's element size and cache
         (and, for all_heads, the number of kv heads)."""
+        if self.tma:
+            return self._resolved_tma(head_dim, 1 if fp8_cache else elem_size, num_kv_heads or 1)
         if self.all_heads:
             return self._resolved_all_heads(head_dim, elem_size, fp8_cache, num_kv_heads or 1)
         if fp8_cache:
@@ -144,6 +153,17 @@ class DecodeConfig:
             self, block_n=block_n, kv_heads_per_item=heads,
             num_warps=self.num_warps or (8 if heads >= 8 else 4),
             num_stages=self.num_stages or 2 * latency + 1)
+
+    def _resolved_tma(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> DecodeConfig:
+        # block_n is the page size: the launcher sets it from the cache before resolving
+        page = self.block_n or 16
+        want = self.kv_heads_per_item or max(1, (64 * 1024) // (2 * page * head_dim * cache_bytes))
+        # a bulk copy's box is at most 256 rows; the head block must tile the kv heads exactly
+        heads = min(want, 256 // page, num_kv_heads)
+        while num_kv_heads % heads:
+            heads -= 1
+        return dataclasses.replace(self, all_heads=True, block_n=page, kv_heads_per_item=heads,
+                                   num_warps=self.num_warps or 4, num_stages=self.num_stages or 3)
 
     def smem_per_stage(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> int:
         """Bytes of K + V one step loads (one shared-memory buffer of the software pipeline), for a
@@ -284,6 +304,31 @@ def _decode_plan(
     return part, triton.cdiv(max_context, part)
 
 
+def _launch_tma(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
+    seq_lens: torch.Tensor, num_seqs: torch.Tensor, out: torch.Tensor, part_acc: torch.Tensor,
+    part_m: torch.Tensor, part_l: torch.Tensor, scale: float, window: int, num_parts: int, part: int,
+    grid: int, cfg: DecodeConfig,
+) -> None:  # fmt: skip
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the TMA kernel reads a contiguous cache"
+    B, Hq, D = q.shape
+    Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
+    heads = cfg.kv_heads_per_item
+    # the cache as rows of head_dim: one page of `heads` kv heads is `heads * page_size` rows
+    rows = k_cache.shape[0] * Hkv * page_size
+    k_desc, v_desc = (TensorDescriptor(c, [rows, D], [D, 1], [heads * page_size, D]) for c in (k_cache, v_cache))
+    decode_tma_kernel[(grid,)](
+        q, k_desc, v_desc, page_tables, seq_lens, num_seqs,
+        out, part_acc, part_m, part_l,
+        scale * LOG2E, Hkv, Hkv // heads, num_parts, part, window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
+        GROUP=Hq // Hkv, BLOCK_G=triton.next_power_of_2(Hq // Hkv), HEADS=heads, HEAD_DIM=D,
+        PAGE_SIZE=page_size, SPLIT=num_parts > 1, NUM_STAGES=cfg.num_stages,
+        PRECISION=dot_precision(q.dtype), FP16_DOTS=fp16_dots(q, k_cache),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -312,7 +357,10 @@ def paged_decode_attention(
     check_paged_inputs(q, k_cache, v_cache)
     # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
     # load): an fp8 cache keeps the tile shape of its model dtype and halves the bytes per step
-    cfg = (config or DecodeConfig()).resolved(
+    config = config or DecodeConfig()
+    if config.tma:  # one page per step
+        config = dataclasses.replace(config, block_n=k_cache.shape[2])
+    cfg = config.resolved(
         q.shape[-1], q.element_size(), k_cache.dtype == torch.float8_e4m3fn, num_kv_heads=k_cache.shape[1]
     )
     if q.stride(-1) != 1:

@@ -63,8 +63,12 @@ class RopeKVWrite:
 class DecodeAttention:
     """The batch's first num_decodes rows: one query each, over its sequence's pages."""
 
-    def __init__(self, shape: AttentionShape, enforce_eager: bool) -> None:
+    def __init__(self, shape: AttentionShape, enforce_eager: bool,
+                 capped_config: dk.DecodeConfig | None = None) -> None:
         self.shape, self.enforce_eager = shape, enforce_eager
+        # the kernel config on a capped grid (beside a GEMM in a pipeline), where bytes in flight per
+        # CTA decide the rate; None: the default config, as on all SMs
+        self.capped_config = capped_config
 
     def metadata(self, batch: ForwardBatch) -> ForwardBatch:
         """The batch with its decode count on the device (the Triton kernel reads it there, so a
@@ -88,7 +92,8 @@ class DecodeAttention:
         if rows:
             dk.paged_decode_attention(q[:rows], kv[0], kv[1], batch.page_tables[:rows], batch.seq_lens[:rows],
                                       s.scale, s.sliding_window, num_ctas=num_ctas, out=out[:rows],
-                                      num_seqs=batch.decode_count)
+                                      num_seqs=batch.decode_count,
+                                      config=self.capped_config if num_ctas is not None else None)
 
 
 class PrefillAttention:

@@ -23,6 +23,7 @@ KERNELS = {
     "per_head": {},
     "all_heads": {"all_heads": True},
     "all_heads_2d": {"all_heads": True, "batched_dot": False},
+    "tma": {"tma": True},
 }
 
 
