@@ -225,8 +225,13 @@ def run_bench(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = f"bench_{_safe(model_name)}_{_safe(workload.name)}_{_safe(env['device_name'])}_{stamp}"
     json_path = os.path.join(args.output_dir, stem + ".json")
+    if args.output_json:  # vLLM's flag: the JSON exactly there, the pictures named after it
+        json_path = args.output_json
+        stem = os.path.splitext(os.path.basename(json_path))[0]
     png_path = None if args.no_plot else os.path.join(args.output_dir, stem + ".png")
     timeline_png = os.path.join(args.output_dir, stem + "_timeline.png") if args.timeline else None
+    if png_path or timeline_png:  # with --output-json the pictures' folder need not be the JSON's
+        os.makedirs(args.output_dir, exist_ok=True)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from nanoflow.bench.cli_args import FIXED_SPEC
+
 DEFAULT_NUM_REQUESTS = 1000
-_FIXED = re.compile(r"^(\d+)x(\d+)$")
 
 
 @dataclass
@@ -81,7 +81,7 @@ def parse_workload_spec(spec: str) -> tuple[str, Any]:
             raise ValueError("--workload trace: needs a file, e.g. "
                              "trace:benchmarks/data/splitwise_azure_conv_2023.csv")
         return "trace", path
-    m = _FIXED.match(spec)
+    m = FIXED_SPEC.match(spec)
     if m is None:
         raise ValueError(f"--workload must be INPUTxOUTPUT (e.g. 512x512) or trace:FILE, got {spec!r}")
     inp, out = int(m.group(1)), int(m.group(2))
