@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import statistics
@@ -80,10 +79,20 @@ def _graph_check(fm: types.ModuleType, args: tuple, out: Any, ref: Any) -> float
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def _sweep_configs(fm: types.ModuleType) -> list[Any]:
-    grid = itertools.product((16, 32, 64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4))
-    return [fm.MoEConfig(block_m=m, block_n=n, block_k=k, group_m=8 if m >= 64 else 1, num_warps=w, num_stages=s)
-            for m, n, k, w, s in grid if m * n <= 128 * 128 and not (m >= 128 and w == 4)]
+def _sweep_configs(fm: types.ModuleType, num_tokens: int, top_k: int, num_experts: int) -> list[Any]:
+    """Tile shapes around what fills Hopper's tensor cores: tall-and-wide tiles with 8 warps for
+    many rows per expert, short tiles with long K steps for few (decode)."""
+    C = fm.MoEConfig
+    per_expert = num_tokens * top_k / num_experts
+    if per_expert <= 64:
+        shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 5),
+                  (32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (32, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
+    else:
+        shapes = [(64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (64, 128, 128, 8, 3), (64, 256, 64, 8, 3),
+                  (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 128, 8, 2),
+                  (64, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
+    return [C(block_m=m, block_n=n, block_k=k, group_m=g, num_warps=w, num_stages=st)
+            for m, n, k, w, st in shapes for g in ((1, 16) if per_expert > 64 else (1,))]
 
 
 def check_tokens(fm: types.ModuleType, T: int, E: int, top_k: int, H: int, inter: int, dtype: Any, device: str,
@@ -100,7 +109,7 @@ def check_tokens(fm: types.ModuleType, T: int, E: int, top_k: int, H: int, inter
     w = (w / w.sum(-1, keepdim=True)).to(dtype)
     out = torch.empty(T, H, device=device, dtype=dtype)
     ref = fm.moe_experts_ref(x, w13, w2, w, ids, torch.empty_like(out))
-    cfg = fm.default_config(T, top_k, E)
+    cfg = fm.pick_config(T, top_k, w13)  # what fused_moe runs: the tuned config on a tuned GPU
     fm.fused_moe(x, w13, w2, w, ids, out, cfg)
     row: dict[str, Any] = {"tokens": T, "config": dataclasses.asdict(cfg),
                            "rel_err": ((out.float() - ref.float()).norm() / ref.float().norm()).item()}
@@ -127,30 +136,52 @@ def check_tokens(fm: types.ModuleType, T: int, E: int, top_k: int, H: int, inter
         tflops = 2 * n * K * N / 1e9
         row[name] = {"grouped_ms": grouped_ms, "dense_ms": dense_ms, "tflops_grouped": tflops / grouped_ms,
                      "pct_of_dense": 100 * dense_ms / grouped_ms}
-        if sweep and on_gpu:
-            best = None
-            for c in _sweep_configs(fm):
-                a_c = fm.align(ids, E, c.block_m)
-                try:
-                    ms = _time_ms(lambda: run(c, a_c), on_gpu, max(reps // 2, 3))  # noqa: B023
-                except Exception as exc:  # noqa: BLE001 (out of shared memory and the like: skip the config)
-                    print(f"  skip {c}: {type(exc).__name__}", file=sys.stderr)
-                    continue
-                if best is None or ms < best[0]:
-                    best = (ms, c)
-            if best is not None:
-                row[name]["best"] = {"ms": best[0], "pct_of_dense": 100 * dense_ms / best[0],
-                                     "config": dataclasses.asdict(best[1])}
+    if sweep and on_gpu:  # one config serves both GEMMs (one align): the best sum of the two
+        best = None
+        for c in _sweep_configs(fm, T, top_k, E):
+            a_c = fm.align(ids, E, c.block_m)
+            both = lambda c=c, a_c=a_c: [run(c, a_c) for run, _, _ in projections.values()]
+            try:
+                ms = _time_ms(both, on_gpu, max(reps // 2, 3))
+            except Exception as exc:  # noqa: BLE001 (out of shared memory and the like: skip the config)
+                print(f"  skip {c}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, c)
+        if best is not None:
+            dense = sum(row[name]["dense_ms"] for name in projections)
+            row["best"] = {"ms": best[0], "pct_of_dense": 100 * dense / best[0], "config": dataclasses.asdict(best[1]),
+                           "per_projection": {}}
+            a_b = fm.align(ids, E, best[1].block_m)
+            for name, (run, _, _) in projections.items():
+                ms = _time_ms(lambda: run(best[1], a_b), on_gpu, reps)  # noqa: B023
+                row["best"]["per_projection"][name] = {"ms": ms, "pct_of_dense": 100 * row[name]["dense_ms"] / ms}
     return row
+
+
+def _write_config(fm: types.ModuleType, results: dict[str, Any]) -> None:
+    """Merges this GPU's best config per token count into the tuned-config file."""
+    path = fm.CONFIG_FILE
+    table = json.loads(path.read_text()) if path.exists() else {}
+    key = fm.shape_key(results["experts"], results["hidden"], results["intermediate"])
+    entry = table.setdefault(results["device"], {}).setdefault(key, {})
+    for r in results["rows"]:
+        if "best" in r:
+            entry[str(r["tokens"])] = r["best"]["config"]
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="folder for moe_check.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
-    ap.add_argument("--tokens", type=int, nargs="*", help="token counts (default 128 256 512 1024 2048)")
+    ap.add_argument("--tokens", type=int, nargs="*", help="token counts (default 16 64 128 256 512 1024 2048 4096)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--sweep", action="store_true", help="also try a grid of tile configs per projection")
+    ap.add_argument("--sweep", action="store_true", help="also try a grid of tile configs per token count")
+    ap.add_argument("--write-config", action="store_true",
+                    help="with --sweep: record the best config per token count for this GPU in "
+                    "nanoflow/kernels/fused_moe_configs.json (what fused_moe then uses)")
     args = ap.parse_args()
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -163,7 +194,7 @@ def main() -> None:
     else:
         assert torch.cuda.is_available(), "no GPU: use --cpu-smoke"
         device, dtype, E, top_k, H, inter = "cuda", torch.bfloat16, 8, 2, 4096, 14336
-        tokens, reps = args.tokens or [128, 256, 512, 1024, 2048], args.reps
+        tokens, reps = args.tokens or [16, 64, 128, 256, 512, 1024, 2048, 4096], args.reps
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
                "experts": E, "top_k": top_k, "hidden": H, "intermediate": inter, "rows": []}
     print(f"{'T':>5} {'err':>8} {'align':>7} {'gate_up':>8} {'%dense':>7} {'down':>8} {'%dense':>7} "
@@ -175,12 +206,14 @@ def main() -> None:
         print(f"{T:>5} {r['rel_err']:>8.1e} {r['align_ms']:>7.3f} {gu['grouped_ms']:>8.3f} {gu['pct_of_dense']:>6.1f}% "
               f"{dn['grouped_ms']:>8.3f} {dn['pct_of_dense']:>6.1f}% {r['sum_ms']:>7.3f} {r['fused_ms']:>8.3f} "
               f"{r['loop_ms']:>8.3f}")
-        for name in ("gate_up", "down"):
-            if "best" in r[name]:
-                b = r[name]["best"]
-                print(f"      best {name}: {b['ms']:.3f} ms = {b['pct_of_dense']:.1f}% of dense, {b['config']}")
+        if "best" in r:
+            b = r["best"]
+            per = ", ".join(f"{k} {v['ms']:.3f} ms = {v['pct_of_dense']:.1f}%" for k, v in b["per_projection"].items())
+            print(f"      best: {b['ms']:.3f} ms = {b['pct_of_dense']:.1f}% of dense ({per}), {b['config']}")
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         assert r["rel_err"] < tol and r.get("graph_rel_err", 0.0) < tol, f"fused MoE wrong at T={T}: {r}"
+    if args.write_config and args.sweep:
+        _write_config(fm, results)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "moe_check.json").write_text(json.dumps(results, indent=1))

@@ -118,20 +118,23 @@ def step_plan(decodes: list[int], prefills: list[tuple[int, int]], first_page: i
     return StepPlan.synthetic(decodes, prefills, first_page=first_page)
 
 
-def layer_op_names(arch: str) -> list[str]:
-    """The op names a single-GPU decoder layer publishes (models/llama.py)."""
+def layer_op_names(arch: str, tp: bool = False) -> list[str]:
+    """The op names a decoder layer publishes (models/llama.py): on one GPU, or (tp) with its
+    tensor-parallel all-reduces."""
     ffn = ["route", "experts"] if arch == "mixtral" else ["gate_up", "act", "down"]
-    return ["input_norm", "qkv", "rope_kv_write", "decode_attention", "prefill_attention", "o",
-            "post_attention_norm", *ffn]
+    reduce = (["attn_all_reduce"], ["ffn_all_reduce"]) if tp else ([], [])
+    return ["input_norm", "qkv", "rope_kv_write", "decode_attention", "prefill_attention", "o", *reduce[0],
+            "post_attention_norm", *ffn, *reduce[1]]
 
 
-def pipeline_for(arch: str, max_tokens: int):
+def pipeline_for(arch: str, max_tokens: int, tp: bool = False):
     """A pipeline covering every size from 2 to max_tokens tokens with two dense nano-batches and
     three attention nano-batches at uneven bounds: boundaries fall inside the decode rows and inside
-    prefill chunks, and the attention runs on a second stream (in order on the CPU)."""
+    prefill chunks, and the attention runs on a second stream (in order on the CPU). tp: over the ops
+    of a tensor-parallel layer."""
     from nanoflow.pipeline.schedule import Pipeline, overlap_schedule
 
-    names = layer_op_names(arch)
+    names = layer_op_names(arch, tp)
     ranges = [(2, 9, 1, None), (10, 40, 7, (0, 3, 7, 40)), (41, max_tokens, 29, (0, 13, 29, max_tokens))]
     schedules = tuple(overlap_schedule(names, hi, split, lo, decode_ctas=8, attention_parts=attn)
                       for lo, hi, split, attn in ranges if lo <= max_tokens)

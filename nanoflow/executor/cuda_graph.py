@@ -5,14 +5,26 @@ launching them. With the fixed dense token budget every full iteration has the s
 so one graph serves all of them, and smaller ones replay the next bucket up. Each graph reads
 static input and metadata buffers; a batch is copied into them and padded: padding tokens write no
 K/V (slot -1), the decode kernel reads the decode count from the device, and the prefill kernel's
-spare tiles are idle (-1). Outside tensor parallelism (not captured yet), every Triton-path
-forward of a batch that fits a bucket is a replay, MoE models' included (the fused MoE path has no
-host synchronisation). A bucket a pipeline schedule covers has a pipelined graph beside its
-sequential one (all layers, all streams, one graph).
+spare tiles are idle (-1). Every Triton-path forward of a batch that fits a bucket is a replay,
+MoE models' included (the fused MoE path has no host synchronisation). A bucket a pipeline schedule
+covers has a pipelined graph beside its sequential one (all layers, all streams, one graph).
 
 A batch replays the bucket that ran fastest at capture, among those it fits, not always the
 smallest: cuBLAS's choice of GEMM kernel is not monotonic in the row count (on the H100 one
 Llama-3-8B layer's GEMMs take 447 us at 448 rows but 330 us at 512), so padding further can pay.
+
+Tensor parallelism: each rank captures its shard's forward, NCCL all-reduces inside. A replay's
+collectives pair with the other ranks' replays of the same graph, so every rank must replay the same
+key for the same step, and capture the same keys in the same order:
+- the tables every choice reads (keys, capacities, pipeline schedules) are checked identical on every
+  rank before anything is captured (`ParallelState.check_same`);
+- the replay times are reduced to their maximum over the ranks after capture (a step runs at its
+  slowest rank's pace), so `select` reads the same table on every rank; given the same plan (the
+  workers build their batch from rank 0's), `select` and `run`'s eager fallback then decide alike;
+- a warm-up or capture that fails on one rank fails on every rank: after each, the ranks agree on
+  success over the gloo control group before anyone waits on the device (`_together`), so no rank
+  waits in a collective its peer will never join.
+Warm-up runs each key's collectives eagerly before its capture (NCCL must have run them once).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from tqdm import tqdm
 
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.op import Walk
+from nanoflow.layers.parallel import ParallelState
 from nanoflow.pipeline.executor import PipelineExecutor
 
 log = logging.getLogger(__name__)
@@ -53,10 +66,13 @@ Key = tuple[int, bool, bool]
 
 class GraphRunner:
     def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_pages: int, device: torch.device,
-                 executor_for: Callable[[int], PipelineExecutor | None] = lambda n: None) -> None:
+                 executor_for: Callable[[int], PipelineExecutor | None] = lambda n: None,
+                 par: ParallelState | None = None) -> None:
         """executor_for(bucket): the pipeline schedule for a bucket, captured beside its sequential
-        graph (None: the sequential graph only)."""
+        graph (None: the sequential graph only). par: this rank's (tensor parallel: every rank captures
+        together and agrees on the replay times)."""
         self.model, self.device, self.executor_for = model, device, executor_for
+        self.par = par or ParallelState()
         self.buckets = token_buckets(max_tokens)
         self.max_seqs = min(max_seqs, max_tokens)
         self.max_pages = max_pages
@@ -73,8 +89,10 @@ class GraphRunner:
         self.walks: dict[Key, Walk] = {}
         self.min_tokens: dict[Key, int] = {}
         # ms per replay measured at capture, with nothing to attend to: the part of a step's time
-        # that depends on the bucket (on the CPU, where nothing is timed: the bucket size)
+        # that depends on the bucket (on the CPU, where nothing is timed: the bucket size). What
+        # select reads: the slowest rank's time; local_replay_ms: this rank's own measurement.
         self.replay_ms: dict[Key, float] = {}
+        self.local_replay_ms: dict[Key, float] = {}
         self.num_replays = 0
 
     def _static_batch(self, num_tokens: int, mixed: bool, token_offset: int = 0) -> ForwardBatch:
@@ -104,31 +122,78 @@ class GraphRunner:
         walk = self.walks[key] = partial(ex.run, parts=self.parts[key])
         return walk
 
+    def _prepare(self, key: Key) -> None:
+        """The key's static batch (as made, a capacity batch computes nothing and writes no live
+        page), its capacity and, pipelined, its static nano-batches."""
+        batch = self.static[key] = self._static_batch(key[0], key[1])
+        # tensors a capacity batch leaves empty (the logits rows) are not inputs of the graph
+        self.capacity[key] = {name: shape for name, shape in batch.shapes().items() if shape.numel()}
+        self._walk(key)
+
+    def _tables(self, keys: list[Key]) -> list[tuple]:
+        """Everything select and run decide from besides the batch and the replay times."""
+        return [(key, sorted(self.capacity[key].items()), self.min_tokens[key],
+                 repr(self.executors[key].schedule) if key in self.executors else None,
+                 {name: [sorted(p.shapes().items()) for p in ps] for name, ps in self.parts.get(key, {}).items()})
+                for key in keys]
+
     @torch.inference_mode()
     def capture(self) -> None:
         on_gpu = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if on_gpu else None
         keys = self._keys()
-        for key in tqdm(keys, desc="CUDA graphs", disable=not on_gpu, leave=False):
-            # as made, a capacity batch computes nothing and writes no live page
-            batch = self.static[key] = self._static_batch(key[0], key[1])
-            # tensors a capacity batch leaves empty (the logits rows) are not inputs of the graph
-            self.capacity[key] = {name: shape for name, shape in batch.shapes().items() if shape.numel()}
-            walk = self._walk(key)
-            if not on_gpu:
-                self.graphs[key] = None
-                self.replay_ms[key] = float(key[0])
-                continue
-            for _ in range(2):  # warm-up: Triton compiles outside the capture
-                self.model(batch, walk)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[key] = self.model(batch, walk)
-            self.graphs[key] = graph
-            self.replay_ms[key] = self._time_replay(graph)
+        for key in keys:
+            self._prepare(key)
+        self.par.check_same("the CUDA graph tables (buckets, capacities, pipeline schedules)", self._tables(keys))
+        measured = []
+        for key in tqdm(keys, desc="CUDA graphs", disable=not on_gpu or self.par.rank != 0, leave=False):
+            self._together(key, "warm-up", partial(self._warm_up, key))
+            self._together(key, "capture", partial(self._capture_one, key, pool))
+            # every rank replays it as often, so the replays' collectives pair up
+            measured.append(self._replay_time(key))
+        self.local_replay_ms = dict(zip(keys, measured, strict=True))
+        # a step runs at its slowest rank's pace (every all-reduce waits for it)
+        self.replay_ms = dict(zip(keys, self.par.max_each(measured), strict=True))
         log.info("captured %d CUDA graphs (token buckets %s; %d pipelined)", len(self.graphs), self.buckets,
                  len(self.executors))
+
+    def _together(self, key: Key, what: str, step: Callable[[], None]) -> None:
+        """Runs one step of the capture and, under tensor parallelism, agrees with the other ranks on
+        its success before going on: a rank that failed raises its own error, the others a
+        RuntimeError instead of waiting on the device for collectives the failed rank never issues."""
+        try:
+            step()
+            error = None
+        except Exception as e:  # re-raised below, once the other ranks know
+            error = e
+        if self.par.min(int(error is None)):
+            return
+        if error is not None:
+            raise error
+        raise RuntimeError(f"CUDA graph {what} of {key} failed on another tensor-parallel rank (its error is "
+                           f"logged there); rank {self.par.rank} stops too")
+
+    def _warm_up(self, key: Key) -> None:
+        """Two eager forwards, not waited for: Triton compiles, cuBLAS picks, NCCL runs the collectives
+        once, all outside the capture."""
+        if self.device.type == "cuda":
+            for _ in range(2):
+                self.model(self.static[key], self.walks.get(key))
+
+    def _capture_one(self, key: Key, pool: tuple[int, int] | None) -> None:
+        if self.device.type != "cuda":  # the CPU: nothing to capture; run replays the forward
+            self.graphs[key] = None
+            return
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.outputs[key] = self.model(self.static[key], self.walks.get(key))
+        self.graphs[key] = graph
+
+    def _replay_time(self, key: Key) -> float:
+        """ms per replay of the key's graph (on the CPU: the bucket size)."""
+        graph = self.graphs[key]
+        return float(key[0]) if graph is None else self._time_replay(graph)
 
     def _time_replay(self, graph: torch.cuda.CUDAGraph, reps: int = 3) -> float:
         graph.replay()
@@ -153,13 +218,11 @@ class GraphRunner:
         """The graph's output rows of this batch; None if a nano-batch of it does not fit the graph's
         (run it eagerly then)."""
         static = self.static[key]
-        if key in self.executors:
-            live = self.executors[key].split(batch, self.model.prepare)
-            pairs = [(p, s) for name, ps in live.items() for p, s in zip(ps, self.parts[key][name], strict=True)]
-            if not all(_fits(p.shapes(), s.shapes()) for p, s in pairs):
-                return None
-            for p, s in pairs:
-                p.copy_into(s)
+        pairs = self.nano_batches(batch, key)
+        if pairs is None:
+            return None
+        for p, s in pairs:
+            p.copy_into(s)
         batch.copy_into(static)
         self.num_replays += 1
         graph = self.graphs[key]
@@ -167,6 +230,16 @@ class GraphRunner:
             return self.model(static, self.walks.get(key))[: batch.num_tokens]
         graph.replay()
         return self.outputs[key][: batch.num_tokens]
+
+    def nano_batches(self, batch: ForwardBatch, key: Key) -> list[tuple[ForwardBatch, ForwardBatch]] | None:
+        """A pipelined key's nano-batches of the batch, each beside the static one it is copied into
+        (none for a sequential key); None if one does not fit. Decided from the batch's shapes and the
+        key's schedule alone, so every tensor-parallel rank decides alike."""
+        if key not in self.executors:
+            return []
+        live = self.executors[key].split(batch, self.model.prepare)
+        pairs = [(p, s) for name, ps in live.items() for p, s in zip(ps, self.parts[key][name], strict=True)]
+        return pairs if all(_fits(p.shapes(), s.shapes()) for p, s in pairs) else None
 
 
 def _fits(shapes: dict[str, torch.Size], capacity: dict[str, torch.Size]) -> bool:

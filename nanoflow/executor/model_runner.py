@@ -64,17 +64,21 @@ class ModelRunner:
         # one executor per schedule of the pipeline (none: every step runs the sequential schedule)
         self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device)
                           for s in (pipeline.schedules if pipeline else ())]
+        # Tensor parallel: a step's schedule decides how many collectives it issues, and in which
+        # order; every rank reads its own pipeline cache, so check that they all read the same.
+        self.par.check_same("the pipeline schedules", [ex.schedule for ex in self.executors])
         self.graphs: GraphRunner | None = None
         if self._use_graphs:
             self.graphs = GraphRunner(self.model, config.cuda_graph_max_tokens, config.max_num_seqs,
-                                      pages_for(config.max_model_len), self.device, self.executor_for)
+                                      pages_for(config.max_model_len), self.device, self.executor_for, self.par)
             self.graphs.capture()
 
     @property
     def _use_graphs(self) -> bool:
         # MoE is captured too: its fast path groups tokens by expert on the device (no host sync).
-        # Not captured: graphs with NCCL collectives have not been tried yet.
-        return bool(self.config.cuda_graph_max_tokens) and self.par.size == 1
+        # Tensor parallel too: every rank captures its forward with the NCCL all-reduces inside, and
+        # all replay the same graph for a step (GraphRunner: same tables, same replay times).
+        return bool(self.config.cuda_graph_max_tokens)
 
     def executor_for(self, num_tokens: int) -> PipelineExecutor | None:
         """The pipeline schedule that runs an iteration of num_tokens tokens (None: sequential)."""
@@ -91,6 +95,9 @@ class ModelRunner:
             return self.config.args.num_kv_pages
         if self.device.type != "cuda":
             return max(_CPU_KV_BYTES // self.page_bytes, pages_for(self.config.max_model_len))
+        if self.par.size > 1:
+            # NCCL makes its communicator's buffers at the first collective: they count as used
+            self.par.all_reduce(torch.zeros(1, device=self.device))
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         activations = self._profile_activation_bytes()

@@ -20,7 +20,11 @@ expert ids on the host) and `moe_per_token_ref` (each token alone, the plainest 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,7 @@ import triton
 import triton.language as tl
 
 from nanoflow.kernels.activation import silu_and_mul_ref
+from nanoflow.kernels.moe_align import moe_align
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,41 @@ class MoEConfig:
 
 
 def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """Small batches (decode) give each expert a few rows: a tall block would be mostly padding."""
+    """Untuned shapes: small batches (decode) give each expert a few rows, where a tall block would
+    be mostly padding; large ones take the big tiles that keep Hopper's tensor cores busy."""
     per_expert = num_tokens * top_k / num_experts
     if per_expert <= 16:
-        return MoEConfig(block_m=16, block_n=64, block_k=64, group_m=1)
+        return MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_stages=4)
     if per_expert <= 64:
-        return MoEConfig(block_m=32, block_n=64, block_k=64)
-    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return MoEConfig(block_m=32, block_n=64, block_k=128, group_m=8, num_stages=4)
+    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
+
+
+CONFIG_FILE = Path(__file__).with_name("fused_moe_configs.json")
+
+
+def shape_key(num_experts: int, hidden: int, intermediate: int) -> str:
+    return f"E={num_experts},H={hidden},I={intermediate}"
+
+
+@functools.cache
+def _tuned(device_name: str, key: str) -> dict[int, MoEConfig]:
+    """Token count -> config tuned on this GPU for this shape (benchmarks/moe_check.py --sweep
+    writes the file); empty if never tuned here."""
+    table = json.loads(CONFIG_FILE.read_text()) if CONFIG_FILE.exists() else {}
+    return {int(t): MoEConfig(**c) for t, c in table.get(device_name, {}).get(key, {}).items()}
+
+
+def pick_config(num_tokens: int, top_k: int, w13: torch.Tensor) -> MoEConfig:
+    """The tuned config of the nearest tuned token count on this GPU, else default_config."""
+    E, two_i, H = w13.shape
+    if w13.element_size() > 2:  # fp32 (the tests): half the K step keeps 4-byte tiles in shared memory
+        cfg = default_config(num_tokens, top_k, E)
+        return dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2))
+    tuned = _tuned(torch.cuda.get_device_name(w13.device), shape_key(E, H, two_i // 2)) if w13.is_cuda else {}
+    if not tuned:
+        return default_config(num_tokens, top_k, E)
+    return tuned[min(tuned, key=lambda t: (abs(t - num_tokens), t))]
 
 
 # --- references ---------------------------------------------------------------------------------
@@ -101,6 +134,18 @@ def align_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
+    """Groups the (token, slot) pairs by expert, block-aligned: align_ref's result, bit for bit,
+    from one Triton launch (moe_align.py) instead of ~14 small torch ops. No host sync."""
+    n, dev = topk_ids.numel(), topk_ids.device
+    cap = align_capacity(n, num_experts, block_m)
+    sorted_pairs = torch.empty(cap, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    moe_align(topk_ids, num_experts, block_m, sorted_pairs, block_expert, num_padded)
+    return Aligned(sorted_pairs, block_expert, num_padded, n, block_m)
+
+
+def align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
     """Groups the (token, slot) pairs by expert, block-aligned, with torch ops of fixed shapes only
     (no nonzero/unique/.item()), so it runs inside a CUDA graph. Pairs keep their order within an
     expert (stable), so the result is deterministic."""
@@ -136,7 +181,7 @@ def _moe_gemm_kernel(
     stride_am, stride_we, stride_wn, stride_om,
     num_pairs, N, K, num_blocks_m,
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """out[pair, n] = A[pair // ROW_DIV] @ W[e, n] over one expert's block of sorted pairs.
     GATED: W holds N gate rows then N up rows; out = silu(gate) * up. MUL_WEIGHT: times weight[pair]."""
@@ -157,16 +202,25 @@ def _moe_gemm_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (pairs // ROW_DIV)[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [K, N]
+    # columns past N wrap onto real rows (never stored): the weight loads need no N mask
+    w_rows = (offs_n % N).to(tl.int64)
+    w_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None]  # [K, N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k0 * BLOCK_K
-        a = tl.load(a_ptrs, mask=live[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if EVEN_K:  # the model shapes: unmasked weight loads, plain wide copies
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = offs_k < K - k0 * BLOCK_K
+            a = tl.load(a_ptrs, mask=live[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if GATED:
-            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if EVEN_K:
+                w_up = tl.load(w_ptrs + N * stride_wn)
+            else:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None], other=0.0)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -196,7 +250,7 @@ def _launch(
         a, w, out, weights if weights is not None else out, al.sorted_pairs, al.block_expert, al.num_padded,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         al.num_pairs, n, K, num_blocks_m,
-        ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=precision,
+        ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=precision, EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -229,7 +283,7 @@ def fused_moe(
     T, top_k = topk_ids.shape
     E, H = w13.shape[0], x.shape[1]
     assert x.shape[0] == T and out.shape == (T, H) and out.is_contiguous()
-    cfg = cfg or default_config(T, top_k, E)
+    cfg = cfg or pick_config(T, top_k, w13)
     al = align(topk_ids, E, cfg.block_m)
     act = torch.empty(T * top_k, w2.shape[2], device=x.device, dtype=x.dtype)
     down = torch.empty(T, top_k, H, device=x.device, dtype=x.dtype)

@@ -10,6 +10,8 @@ Starting and stopping the processes is nanoflow.executor.distributed's job.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +66,26 @@ class ParallelState:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control_group)
         return int(t.item())
+
+    def max_each(self, values: Sequence[float]) -> list[float]:
+        """Elementwise, the largest of every rank's values: the same list on every rank (e.g. each CUDA
+        graph's replay time, so that every rank picks the same graph)."""
+        if self.size == 1 or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return t.tolist()
+
+    def check_same(self, what: str, value: Any) -> None:
+        """Raises ValueError on every rank unless repr(value) is the same on all of them: tables each
+        rank builds on its own (graphs to capture, pipeline schedules) that must match, or the ranks'
+        collectives would pair up wrongly. Raising everywhere keeps a mismatch from becoming a hang."""
+        if self.size == 1:
+            return
+        # 56 bits: the digest and its negation both fit an int64 (MIN of both = min and -max)
+        digest = int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:7], "little")
+        if self.min(digest) != -self.min(-digest):
+            raise ValueError(f"{what} differ between the tensor-parallel ranks (rank {self.rank}: {value!r:.300})")
 
     def split(self, total: int, what: str) -> int:
         if total % self.size:

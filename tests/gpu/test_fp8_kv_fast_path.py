@@ -96,6 +96,9 @@ def test_fp8_fast_path_matches_eager(tiny_model):
 def test_fp8_pool_doubles_under_gpu_memory_utilization(tiny_model):
     path = tiny_model("llama")
     pages = {}
+    # what earlier tests left in the caching allocator would shrink the first engine's budget only
+    gc.collect()
+    torch.cuda.empty_cache()
     for kv in ("auto", "fp8"):
         # eager: no CUDA-graph pool that could outlive the first engine and shrink the second's budget
         llm = LLM(path, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5, kv_cache_dtype=kv,

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Tensor parallelism with CUDA graphs (issue 13) on a 2-GPU machine, in one call of under 10 minutes:
+# the GPU test (TP2 with graphs against TP2 without them and one GPU), then `nanoflow bench` of
+# Llama-3-8B TP2 on the Splitwise trace with graphs and, for comparison, with EAGER_FLAGS. Every step
+# runs under `timeout`; the whole script ends within TP_CHECK_TOTAL_S. Logs and JSON go into $OUT.
+#
+#   OUT=/some/dir bash benchmarks/tp_check.sh
+#   EAGER_FLAGS="--cuda-graph-max-tokens 0" bash benchmarks/tp_check.sh   # graphs off, same kernels
+#
+# Environment (all optional): OUT (default bench-results/tp_check_<time>, git-ignored), NUM_REQUESTS
+# (1000), TRACE, EAGER_FLAGS (--enforce-eager), TP_CHECK_TOTAL_S (540), TESTS_S, BENCH_S (170 each).
+
+set -u -o pipefail
+# NVLink multicast can take a shared host's GPUs out of service: off in every process started here
+# (the engine sets them again in itself and in each worker it spawns).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+export OUT=${OUT:-bench-results/tp_check_$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+TOTAL_S=${TP_CHECK_TOTAL_S:-540}
+NUM_REQUESTS=${NUM_REQUESTS:-1000}
+TRACE=${TRACE:-benchmarks/data/splitwise_azure_conv_2023.csv}
+EAGER_FLAGS=${EAGER_FLAGS:---enforce-eager}
+SUMMARY="$OUT/tp_check_summary.txt"
+: > "$SUMMARY"
+
+# step NAME CAP RESERVE CMD...: runs CMD under min(CAP, the time left less RESERVE kept for later steps).
+step() {
+  local name=$1 cap=$2 reserve=$3 left limit rc t0 verdict=ok
+  shift 3
+  left=$(( START + TOTAL_S - $(date +%s) - reserve ))
+  limit=$(( cap < left ? cap : left ))
+  if (( limit < 20 )); then
+    echo "$name: SKIPPED (${left}s left)" | tee -a "$SUMMARY"
+    return 0
+  fi
+  echo "=== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  if (( rc == 124 || rc == 137 )); then verdict="TIMED OUT"; elif (( rc != 0 )); then verdict="FAILED rc=$rc"; fi
+  echo "$name: $verdict after $(( $(date +%s) - t0 ))s (log $name.log)" | tee -a "$SUMMARY"
+}
+
+{
+  echo "tp_check $(date -Is) on $(hostname), commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv 2>&1 || true
+  nvidia-smi topo -m 2>&1 | head -4 || true
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'gpus', torch.cuda.device_count())" 2>&1
+} | tee "$OUT/env.log"
+if ! python -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)"; then
+  echo "tp_check needs 2 GPUs" | tee -a "$SUMMARY"
+  exit 2
+fi
+
+bench=(python -m nanoflow.cli bench --dummy llama3-8b --tensor-parallel-size 2 --workload "trace:$TRACE"
+       --num-requests "$NUM_REQUESTS" --no-tqdm)
+step tests "${TESTS_S:-170}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q --no-header \
+  -p no:cacheprovider
+step bench_graphs "${BENCH_S:-170}" 170 "${bench[@]}" --output-dir "$OUT/graphs"
+# shellcheck disable=SC2086  # EAGER_FLAGS is an argument list
+step bench_eager "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/eager" $EAGER_FLAGS
+
+echo "=== summary ($(( $(date +%s) - START ))s)"
+cat "$SUMMARY"
+if compgen -G "$OUT/*/bench_*.json" > /dev/null; then
+  python -m nanoflow.bench.report "$OUT"/*/bench_*.json 2>&1 | tee "$OUT/bench_table.md"
+fi
+! grep -qE "FAILED|TIMED OUT" "$SUMMARY"

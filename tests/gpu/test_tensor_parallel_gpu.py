@@ -1,0 +1,94 @@
+"""2 GPUs: tensor parallelism with whole-iteration CUDA graphs, the NCCL all-reduces captured inside
+them on every rank, against the same engine without graphs (the same Triton kernels launched one by
+one) and against one GPU.
+
+In fp32 (Triton dots in IEEE mode, cuBLAS without TF32) a graph computes what the launches compute,
+so greedy tokens with and without graphs must be identical. Against one GPU, or through a pipeline
+(its decode attention capped to fewer CTAs splits the context differently), only the summation
+order differs: the leading tokens must agree almost everywhere.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+
+import pytest
+import torch
+from helpers import pipeline_for
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.bench.dummy_models import DUMMY_CONFIGS
+from nanoflow.executor.distributed import NO_MULTICAST, disable_multicast
+
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
+@pytest.fixture(autouse=True)
+def _no_multicast():
+    """The engine sets these before its process group exists and in every worker it spawns; set here
+    too, so that nothing this test process does with the GPUs ever runs with NVLink multicast on."""
+    disable_multicast()
+
+
+def _prompts(n: int, vocab: int, max_len: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(rng.randrange(5, max_len))]}
+            for _ in range(n)]
+
+
+def _run(path: str, prompts: list[dict], max_tokens: int, **engine_kwargs) -> tuple[list[list[int]], int]:
+    """Greedy tokens and rank 0's number of graph replays."""
+    llm = LLM(path, dtype="float32", **engine_kwargs)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                            use_tqdm=False)
+        graphs = llm.engine.runner.graphs
+        replays = graphs.num_replays if graphs is not None else 0
+        if llm.engine.tp is not None:
+            assert all(os.environ[k] == v for k, v in NO_MULTICAST.items())
+            assert graphs is None or graphs.replay_ms  # the table every rank selects from
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    return [o.outputs[0].token_ids for o in outs], replays
+
+
+def _leading_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Tokens up to each sequence's first divergence, over all tokens."""
+    same = sum(next((i for i, (x, y) in enumerate(zip(ta, tb, strict=True)) if x != y), len(ta))
+               for ta, tb in zip(a, b, strict=True))
+    return same / sum(len(t) for t in a)
+
+
+def test_tp2_graphs_match_no_graphs_and_one_gpu(tiny_model, tmp_path):
+    path = tiny_model("llama")
+    prompts = _prompts(40, 380, 300, seed=3)
+    settings = dict(max_model_len=512, max_num_batched_tokens=256, num_kv_pages=2048)
+    pipeline = tmp_path / "tp2.json"
+    pipeline_for("llama", 256, tp=True).save(pipeline)
+    graphs, replays = _run(path, prompts, 20, tensor_parallel_size=2, **settings)
+    launches, no_replays = _run(path, prompts, 20, tensor_parallel_size=2, cuda_graph_max_tokens=0, **settings)
+    piped, piped_replays = _run(path, prompts, 20, tensor_parallel_size=2, pipeline=str(pipeline), **settings)
+    one_gpu, _ = _run(path, prompts, 20, **settings)
+    assert replays > 0 and piped_replays > 0 and no_replays == 0
+    assert graphs == launches
+    assert _leading_agreement(piped, launches) >= 0.95
+    assert _leading_agreement(graphs, one_gpu) >= 0.95
+
+
+def test_llama3_8b_shaped_tp2_graphs(tmp_path):
+    """2 layers of Llama-3-8B (random weights, the same on both runs: each rank draws its shard from
+    the same seed) at the default 2048-token budget: buckets up to 2048 tokens, 16 MiB all-reduces."""
+    (tmp_path / "config.json").write_text(json.dumps({**DUMMY_CONFIGS["llama3-8b"], "num_hidden_layers": 2}))
+    prompts = _prompts(24, DUMMY_CONFIGS["llama3-8b"]["vocab_size"], 1500, seed=4)
+    settings = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=2048, num_kv_pages=4096,
+                    tensor_parallel_size=2)
+    graphs, replays = _run(str(tmp_path), prompts, 16, **settings)
+    launches, _ = _run(str(tmp_path), prompts, 16, cuda_graph_max_tokens=0, **settings)
+    assert replays > 0
+    assert graphs == launches
