@@ -204,6 +204,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stops the tensor-parallel workers (if any); idempotent. The engine cannot step afterwards."""
         if self.tp is not None:
+            self.runner.release_graphs()  # before the NCCL group goes (see release_graphs)
             self.tp.shutdown()
 
     # --- introspection (metrics, tests) ----------------------------------------------------------

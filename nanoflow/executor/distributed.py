@@ -30,6 +30,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -170,8 +171,20 @@ class TensorParallelGroup:
         if self.par.plans is not None:
             self.par.plans.close()
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_group()
             self.owns_group = False
+
+
+def _leave_group() -> None:
+    """Destroys the default process group, waiting at most _SHUTDOWN_TIMEOUT: a communicator that
+    cannot finish (a peer gone, or work CUDA graphs still hold) must not hang the shutdown; what is
+    left is freed when the process exits."""
+    t = threading.Thread(target=dist.destroy_process_group, name="nanoflow-leave-group", daemon=True)
+    t.start()
+    t.join(_SHUTDOWN_TIMEOUT.total_seconds())
+    if t.is_alive():
+        log.warning("tensor-parallel shutdown: the process group did not close within %.0f s; left to the "
+                    "process exit", _SHUTDOWN_TIMEOUT.total_seconds())
 
 
 def run_worker(config: EngineConfig, par: ParallelState, owns_group: bool) -> None:
@@ -187,11 +200,12 @@ def run_worker(config: EngineConfig, par: ParallelState, owns_group: bool) -> No
             runner.forward(batch)
             if idle is not None:
                 idle.end()
+    runner.release_graphs()
     dist.monitored_barrier(group=par.control_group, timeout=_SHUTDOWN_TIMEOUT)
     if par.plans is not None:
         par.plans.close()
     if owns_group:
-        dist.destroy_process_group()
+        _leave_group()
 
 
 class _IdleMeter:

@@ -8,6 +8,7 @@ same forward, meeting rank 0 in its collectives.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from functools import partial
@@ -72,6 +73,15 @@ class ModelRunner:
             self.graphs = GraphRunner(self.model, config.cuda_graph_max_tokens, config.max_num_seqs,
                                       pages_for(config.max_model_len), self.device, self.executor_for, self.par)
             self.graphs.capture()
+
+    def release_graphs(self) -> None:
+        """Frees the CUDA graphs and waits for the GPU. Tensor parallel: before the NCCL group is
+        destroyed, on every rank; destroying a communicator that live graphs still hold work on hung
+        on 2 H200s (NCCL in torch 2.11)."""
+        self.graphs = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @property
     def _use_graphs(self) -> bool:

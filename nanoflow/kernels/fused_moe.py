@@ -135,7 +135,8 @@ def align_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
     """Groups the (token, slot) pairs by expert, block-aligned: align_ref's result, bit for bit,
-    from one Triton launch (moe_align.py) instead of ~14 small torch ops. No host sync."""
+    from one Triton launch, two past one chunk of pairs (moe_align.py), instead of ~14 small torch
+    ops. No host sync."""
     n, dev = topk_ids.numel(), topk_ids.device
     cap = align_capacity(n, num_experts, block_m)
     sorted_pairs = torch.empty(cap, dtype=torch.int32, device=dev)

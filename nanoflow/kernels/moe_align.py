@@ -15,10 +15,10 @@ The pairs are cut into chunks of CHUNK, one program each; a program holds its ch
    the one-hot column); it also writes its share of the sentinel slots (the padded tails of the
    experts it owns, a stride of the slots past num_padded) and of block_expert.
 
-A single program would do the same in a loop over the chunks, but its work grows as pairs times
-experts on one SM (0.2 ms at T=2048, E=64 on an H200); spread over programs it stays a few
-microseconds. Every slot is written by exactly one program, so no barrier or atomic is needed
-and the result is deterministic.
+A single program can do the same in a loop over the chunks, but its work grows as pairs times
+experts on one SM: on an H200 that version took 25 us at T=2048, E=8 and 200 us at T=2048, E=64
+(top-2, graph replay), so the chunks go to programs of their own. Every slot is written by
+exactly one program, so no barrier or atomic is needed and the result is deterministic.
 """
 
 from __future__ import annotations
