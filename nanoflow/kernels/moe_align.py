@@ -50,7 +50,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK_E: tl.constexpr, CHUNK: 
 @triton.jit
 def _place_kernel(
     ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
-    num_pairs, num_chunks, block_m, capacity, num_blocks,
+    num_pairs, num_experts, num_chunks, block_m, capacity, num_blocks,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_MP: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
 ):  # fmt: skip
@@ -104,7 +104,10 @@ def _place_kernel(
         blk = b0 + offs
         first = blk * block_m
         expert = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blk, tl.where(first < num_padded, expert, -1), mask=blk < num_blocks)
+        # a block at or past num_padded has every end (the padding lanes' too) at or before its
+        # first slot, so its count is >= num_experts: tested on the count, as `first < num_padded`
+        # let the first block past the end through on an H200 (Triton 3.6)
+        tl.store(block_expert_ptr + blk, tl.where(expert < num_experts, expert, -1), mask=blk < num_blocks)
 
     if g == 0:
         tl.store(num_padded_ptr, num_padded)
@@ -136,7 +139,7 @@ def moe_align(
         _count_kernel[(num_chunks,)](ids, counts, n, BLOCK_E=block_e, CHUNK=chunk, num_warps=4)
     _place_kernel[(num_chunks,)](
         ids, counts, sorted_pairs, block_expert, num_padded,
-        n, num_chunks, block_m, cap, block_expert.numel(),
+        n, num_experts, num_chunks, block_m, cap, block_expert.numel(),
         BLOCK_E=block_e, CHUNK=chunk, ROWS=max(1, _TILE // block_e), BLOCK_MP=triton.next_power_of_2(block_m),
         ONE_CHUNK=one_chunk, num_warps=4,
     )  # fmt: skip
