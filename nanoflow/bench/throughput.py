@@ -190,6 +190,8 @@ def run_engine(
         "cuda_graph_steps": (runner.graphs.num_replays if runner.graphs else 0) - replays0,
         # GPU busy inside steps vs idle between them (CUDA events; generate() resets them per call).
         "step_stats": engine.stats.summary(),
+        # tensor parallel, one host: each worker's plans read and GPU idle between its steps (issue 13)
+        "worker_gpu_idle": engine.tp.worker_gpu_idle() if engine.tp is not None else None,
         "step_timeline": engine.stats.timeline_columns(),
         "triton_compiles_during_run": {"count": len(compiled), "examples": [c[:400] for c in compiled[:5]]},
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
