@@ -9,7 +9,7 @@ sweep of launch configs), prefill attention, the small fused kernels vs their re
 graph capture, (optional) decode on a capped grid overlapped with a GEMM on another stream, and
 decode_all_heads: the per-head decode kernel vs the all-heads one (DecodeConfig(all_heads=True))
 at 16/32/44/66/132 CTAs, one table. `--only decode_all_heads` runs just that (plus env and copy).
-Imports only torch, triton and nanoflow.kernels (not the package root, which pulls in the engine).
+Imports only torch, triton and nanoflow.kernels.
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_kernels() -> types.SimpleNamespace:
-    # A bare package stub, so `nanoflow.kernels` imports without nanoflow/__init__ (engine, server).
-    if "nanoflow" not in sys.modules:
-        pkg = types.ModuleType("nanoflow")
-        pkg.__path__ = [str(ROOT / "nanoflow")]
-        sys.modules["nanoflow"] = pkg
+    # this checkout's package, however the script is started; importing it loads nothing else
+    # (its public names are lazy), and it runs after --cpu-smoke has set TRITON_INTERPRET
+    sys.path.insert(0, str(ROOT))
     from nanoflow.kernels import activation, decode_attention, kv_cache, prefill_attention, rms_norm
 
     return types.SimpleNamespace(act=activation, dk=decode_attention, pk=prefill_attention, norm=rms_norm, kvk=kv_cache)

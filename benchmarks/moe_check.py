@@ -8,7 +8,7 @@ error), a CUDA-graph capture and replay of it (no host sync inside), then the ti
 (align, gate_up, down, the top-k sum) and of the whole, and each grouped GEMM's rate as a % of
 the dense cuBLAS rate for the same FLOPs ([T * top_k, K] x [K, N] in one torch.mm). Target: >= 70%
 per projection at T = 2048. --sweep tries a grid of tile configs per T and reports the best.
-Imports only torch, triton and nanoflow.kernels (not the package root, which pulls in the engine).
+Imports only torch, triton and nanoflow.kernels.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_fused_moe() -> types.ModuleType:
-    # A bare package stub, so `nanoflow.kernels` imports without nanoflow/__init__ (engine, server).
-    if "nanoflow" not in sys.modules:
-        pkg = types.ModuleType("nanoflow")
-        pkg.__path__ = [str(ROOT / "nanoflow")]
-        sys.modules["nanoflow"] = pkg
+    # this checkout's package, however the script is started; importing it loads nothing else
+    # (its public names are lazy), and it runs after --cpu-smoke has set TRITON_INTERPRET
+    sys.path.insert(0, str(ROOT))
     from nanoflow.kernels import fused_moe
 
     return fused_moe

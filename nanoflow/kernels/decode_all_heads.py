@@ -10,6 +10,8 @@ partitions and their reduce kernel with.
 import triton
 import triton.language as tl
 
+from nanoflow.kernels.decode_common import store_item, work_item
+
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
 def decode_all_heads_kernel(
@@ -47,14 +49,7 @@ def decode_all_heads_kernel(
         c_n = tl.arange(0, BLOCK_H * BLOCK_N) % BLOCK_N
     num_work = tl.load(num_seqs_ptr) * num_head_blocks * num_parts
     for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
-        # partition fastest: neighbouring CTAs share one long sequence's work
-        part = w % num_parts
-        hb = (w // num_parts) % num_head_blocks
-        b = w // (num_parts * num_head_blocks)
-        seq_len = tl.load(seq_lens_ptr + b)
-        start = part * partition
-        end = tl.minimum(start + partition, seq_len)
-        lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
+        part, hb, b, lo, end = work_item(w, num_parts, num_head_blocks, partition, sliding_window, seq_lens_ptr)
         kvh_r = hb * HEADS + r_h
         row_ok = (r_h < HEADS) & (kvh_r < num_kv_heads) & (r_g < GROUP)  # the rows that are stored
         heads = kvh_r * GROUP + r_g  # query head of each row
@@ -106,17 +101,5 @@ def decode_all_heads_kernel(
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        if SPLIT:
-            # unnormalised partials in the reduce kernel's [B, Hq, num_parts] rows
-            row_p = (b * num_kv_heads * GROUP + heads) * num_parts + part
-            keep = row_ok & (lo < end)
-            tl.store(part_acc_ptr + tl.expand_dims(row_p, -1) * HEAD_DIM + offs_d, acc, mask=tl.expand_dims(keep, -1))
-            tl.store(part_m_ptr + row_p, m_i, mask=keep)
-            tl.store(part_l_ptr + row_p, l_i, mask=keep)
-        else:
-            # an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets zeros, not NaN
-            o = acc / tl.expand_dims(tl.where(l_i > 0, l_i, 1.0), -1)
-            o_ptrs = out_ptr + b * stride_ob + tl.expand_dims(heads, -1) * stride_oh + offs_d
-            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, -1))
-
-
+        store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
+                   out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)

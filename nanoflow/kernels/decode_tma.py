@@ -18,6 +18,8 @@ partitions and their reduce kernel with.
 import triton
 import triton.language as tl
 
+from nanoflow.kernels.decode_common import store_item, work_item
+
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
 def decode_tma_kernel(
@@ -45,14 +47,7 @@ def decode_tma_kernel(
     same_head = r_h[:, None] == c_h[None, :]
     num_work = tl.load(num_seqs_ptr) * num_head_blocks * num_parts
     for w in tl.range(pid, num_work, nprog):
-        # partition fastest: neighbouring CTAs share one long sequence's work
-        part = w % num_parts
-        hb = (w // num_parts) % num_head_blocks
-        b = w // (num_parts * num_head_blocks)
-        seq_len = tl.load(seq_lens_ptr + b)
-        start = part * partition
-        end = tl.minimum(start + partition, seq_len)
-        lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
+        part, hb, b, lo, end = work_item(w, num_parts, num_head_blocks, partition, sliding_window, seq_lens_ptr)
         row_ok = r_g < GROUP
         heads = (hb * HEADS + r_h) * GROUP + r_g  # query head of each row
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -84,15 +79,5 @@ def decode_tma_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        if SPLIT:
-            # unnormalised partials in the reduce kernel's [B, Hq, num_parts] rows
-            row_p = (b * num_kv_heads * GROUP + heads) * num_parts + part
-            keep = row_ok & (lo < end)
-            tl.store(part_acc_ptr + row_p[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
-            tl.store(part_m_ptr + row_p, m_i, mask=keep)
-            tl.store(part_l_ptr + row_p, l_i, mask=keep)
-        else:
-            # an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets zeros, not NaN
-            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
+                   out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)

@@ -63,3 +63,12 @@ def out_rows(
     the way a nano-batch writes its slice of the whole batch's attention output."""
     buf = torch.full((first + T + spare, num_q_heads * head_dim), float("nan"), device=device, dtype=dtype)
     return buf, buf[first : first + T].view(T, num_q_heads, head_dim)
+
+
+def fp8_and_widened(lens: list[int], num_kv_heads: int, head_dim: int, qdtype: torch.dtype):
+    """An fp8 cache (unwritten slots poisoned with NaN bytes), the same values widened to qdtype
+    (unwritten slots clean), and the page tables: the two caches the eager paths must agree on."""
+    k_cache, v_cache, tables = paged_cache(lens, num_kv_heads, head_dim, torch.float32, "cpu")
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    kw, vw = k8.to(qdtype), v8.to(qdtype)
+    return poison_unwritten(k8, tables, lens), poison_unwritten(v8, tables, lens), kw, vw, tables

@@ -6,14 +6,10 @@ import dataclasses
 
 import pytest
 import torch
-from paged_cache import FP8, PAGE, f32, out_rows, paged_cache, poison_unwritten, qkv_views
+from paged_cache import FP8, PAGE, f32, fp8_and_widened, out_rows, paged_cache, poison_unwritten, qkv_views
 
-from nanoflow.kernels.decode_attention import (
-    DecodeConfig,
-    _decode_plan,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-)
+from nanoflow.kernels.decode_attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
+from nanoflow.kernels.decode_common import decode_plan
 
 CUDA = torch.cuda.is_available()
 
@@ -94,10 +90,10 @@ def test_decode_num_seqs_on_device_leaves_other_rows(cfg: DecodeConfig, kernel: 
 
 def test_decode_plan_splits_long_contexts_only() -> None:
     cfg = DecodeConfig(block_n=64)
-    part, parts = _decode_plan(batch=2, num_kv_heads=8, max_context=32768, grid_cap=264, cfg=cfg)
+    part, parts = decode_plan(batch=2, num_kv_heads=8, max_context=32768, grid_cap=264, cfg=cfg)
     assert parts > 1 and part * parts >= 32768 and part % cfg.block_n == 0
-    assert _decode_plan(batch=256, num_kv_heads=8, max_context=1024, grid_cap=264, cfg=cfg)[1] == 1
-    assert _decode_plan(batch=4, num_kv_heads=8, max_context=16, grid_cap=264, cfg=cfg) == (64, 1)
+    assert decode_plan(batch=256, num_kv_heads=8, max_context=1024, grid_cap=264, cfg=cfg)[1] == 1
+    assert decode_plan(batch=4, num_kv_heads=8, max_context=16, grid_cap=264, cfg=cfg) == (64, 1)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -171,10 +167,7 @@ def test_decode_ref_fp8_cache_equals_widened_cache(qdtype: torch.dtype) -> None:
     """The eager path with an fp8 cache is attention over a q-dtype cache holding the same values
     (and ignores NaN bytes in slots not written yet)."""
     Hq, Hkv, D, qlens, lens = 8, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33]
-    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, torch.float32, "cpu")
-    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
-    kw, vw = k8.to(qdtype), v8.to(qdtype)
-    k8, v8 = poison_unwritten(k8, tables, lens), poison_unwritten(v8, tables, lens)
+    k8, v8, kw, vw, tables = fp8_and_widened(lens, Hkv, D, qdtype)
     q = torch.randn(sum(qlens), Hq, D, dtype=qdtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     for window in (None, 7):
@@ -280,3 +273,34 @@ def test_decode_q_from_qkv_buffer_out_into_rows(
     assert ref_buf[:2].isnan().all() and ref_buf[2 + B :].isnan().all()
     want = paged_decode_attention_ref(q.contiguous(), k_cache, v_cache, tables, seq_lens, D**-0.5, window)
     torch.testing.assert_close(ref_out, want)
+
+
+def test_each_config_runs_its_own_kernel(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """A config that resolved to the wrong kernel would still pass every comparison above: the
+    TMA config once ran the all-heads kernel. Each config must launch the kernel it names."""
+    import nanoflow.kernels.decode_attention as dk
+
+    launched: list[str] = []
+    for name in ("_decode_kernel", "decode_all_heads_kernel", "decode_tma_kernel"):
+        kernel = getattr(dk, name)
+        monkeypatch.setattr(dk, name, _Recorder(kernel, name, launched))
+    lens = [5, 40]
+    k_cache, v_cache, tables = paged_cache(lens, 2, 64, torch.float32, device)
+    q = torch.randn(len(lens), 8, 64, device=device)
+    seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
+    for kernel, name in (("per_head", "_decode_kernel"), ("all_heads", "decode_all_heads_kernel"),
+                         ("tma", "decode_tma_kernel")):
+        launched.clear()
+        paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, config=on(kernel))
+        assert launched == [name]
+
+
+class _Recorder:
+    """kernel[grid](...) that records the kernel's name, then launches it."""
+
+    def __init__(self, kernel, name: str, launched: list[str]) -> None:
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]

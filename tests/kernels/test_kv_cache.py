@@ -12,16 +12,20 @@ def _cos_sin(max_pos: int, dim: int, device: str) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def _split_qkv(qkv: torch.Tensor, Hq: int, Hkv: int, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as strided views into one fused qkv GEMM output [T, (Hq + 2 Hkv) D], as the model has them."""
+    T = qkv.shape[0]
+    return (qkv[:, : Hq * D].view(T, Hq, D), qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D),
+            qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D))
+
+
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 4, 32), (8, 2, 64)])
 def test_rope_kv_write_fused_qkv_views(
     num_q_heads: int, num_kv_heads: int, head_dim: int, device: str, dtype: torch.dtype, assert_rel
 ) -> None:
     T, D, page_size, num_pages = 11, head_dim, 16, 4
-    # q, k, v are strided views into one fused qkv GEMM output, as the model produces them
     qkv = torch.randn(T, (num_q_heads + 2 * num_kv_heads) * D, device=device, dtype=dtype)
-    q = qkv[:, : num_q_heads * D].view(T, num_q_heads, D)
-    k = qkv[:, num_q_heads * D : (num_q_heads + num_kv_heads) * D].view(T, num_kv_heads, D)
-    v = qkv[:, (num_q_heads + num_kv_heads) * D :].view(T, num_kv_heads, D)
+    q, k, v = _split_qkv(qkv, num_q_heads, num_kv_heads, D)
     positions = torch.randint(0, 200, (T,), device=device)
     slots = torch.randperm(num_pages * page_size, device=device)[:T]
     cos_sin = _cos_sin(256, D, device)
@@ -122,11 +126,6 @@ def test_rope_kv_write_rotates_q_in_place_in_qkv_buffer(
     """q_out=q: q's part of the qkv buffer is rotated in place; its k and v parts are left as they were."""
     T, Hq, Hkv, D, page_size, num_pages = 11, num_q_heads, num_kv_heads, head_dim, 16, 4
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device=device, dtype=dtype)
-
-    def views(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (buf[:, : Hq * D].view(T, Hq, D), buf[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D),
-                buf[:, (Hq + Hkv) * D :].view(T, Hkv, D))
-
     positions = torch.randint(0, 200, (T,), device=device)
     slots = torch.randperm(num_pages * page_size, device=device)[:T]
     slots[4] = -1  # a padding token: q is still rotated, nothing is cached
@@ -135,12 +134,12 @@ def test_rope_kv_write_rotates_q_in_place_in_qkv_buffer(
     v_cache = torch.randn_like(k_cache)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
-    q0, k0, v0 = views(qkv.clone())
+    q0, k0, v0 = _split_qkv(qkv.clone(), Hq, Hkv, D)
     q_ref = rope_kv_write_ref(q0, k0, v0, positions, cos_sin, k_ref.clone(), v_ref.clone(), slots.clamp(min=0))
     rope_kv_write_ref(q0[keep], k0[keep], v0[keep], positions[keep], cos_sin, k_ref, v_ref, slots[keep])
 
     kv_before = qkv[:, Hq * D :].clone()
-    q, k, v = views(qkv)
+    q, k, v = _split_qkv(qkv, Hq, Hkv, D)
     assert rope_kv_write(q, k, v, positions, cos_sin, k_cache, v_cache, slots, q_out=q) is q
     assert_rel(q, q_ref, dtype)
     assert torch.equal(qkv[:, Hq * D :], kv_before)
@@ -149,7 +148,7 @@ def test_rope_kv_write_rotates_q_in_place_in_qkv_buffer(
 
     # the reference in place gives what it returns out of place
     qkv2 = torch.cat([q0.reshape(T, -1), kv_before], dim=1)
-    q2, k2, v2 = views(qkv2)
+    q2, k2, v2 = _split_qkv(qkv2, Hq, Hkv, D)
     k_scr, v_scr = k_ref.clone(), v_ref.clone()
     assert rope_kv_write_ref(q2, k2, v2, positions, cos_sin, k_scr, v_scr, slots.clamp(min=0), q_out=q2) is q2
     assert torch.equal(q2, q_ref) and torch.equal(qkv2[:, Hq * D :], kv_before)
@@ -159,9 +158,7 @@ def test_rope_kv_write_q_out_rows_of_bigger_buffer(device: str, dtype: torch.dty
     """q_out: rows 2..2+T of a [T + 5, Hq * D] buffer viewed as [T, Hq, D]; no other row is written."""
     T, Hq, Hkv, D, page_size, num_pages = 7, 8, 2, 32, 16, 2
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device=device, dtype=dtype)
-    q = qkv[:, : Hq * D].view(T, Hq, D)
-    k = qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
-    v = qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
+    q, k, v = _split_qkv(qkv, Hq, Hkv, D)
     positions = torch.randint(0, 200, (T,), device=device)
     slots = torch.randperm(num_pages * page_size, device=device)[:T]
     cos_sin = _cos_sin(256, D, device)

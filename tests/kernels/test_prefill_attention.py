@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from paged_cache import FP8, PAGE, f32, out_rows, paged_cache, poison_unwritten, qkv_views
+from paged_cache import FP8, PAGE, f32, fp8_and_widened, out_rows, paged_cache, poison_unwritten, qkv_views
 
 from nanoflow.kernels.prefill_attention import (
     paged_prefill_attention,
@@ -103,10 +103,7 @@ def test_prefill_ref_fp8_cache_equals_widened_cache(qdtype: torch.dtype) -> None
     """The eager path with an fp8 cache is attention over a q-dtype cache holding the same values
     (and ignores NaN bytes in slots not written yet)."""
     Hq, Hkv, D, qlens, lens = 8, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33]
-    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, torch.float32, "cpu")
-    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
-    kw, vw = k8.to(qdtype), v8.to(qdtype)
-    k8, v8 = poison_unwritten(k8, tables, lens), poison_unwritten(v8, tables, lens)
+    k8, v8, kw, vw, tables = fp8_and_widened(lens, Hkv, D, qdtype)
     q = torch.randn(sum(qlens), Hq, D, dtype=qdtype)
     for window in (None, 7):
         got = paged_prefill_attention_ref(q, k8, v8, tables, qlens, lens, D**-0.5, window)

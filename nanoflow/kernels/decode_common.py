@@ -1,0 +1,181 @@
+"""What the decode attention kernels share: their launch parameters (DecodeConfig), the split of
+long contexts into partitions (decode_plan), and the Triton pieces every kernel inlines: a work
+item's bounds and the store of its result (normalised, or the partials the reduce kernel merges).
+
+The per-head kernel (decode_attention.py) has a work item per (sequence, kv head, partition); the
+all-heads and TMA kernels (decode_all_heads.py, decode_tma.py) one per (sequence, block of kv
+heads, partition).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+import triton.language as tl
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel. None means the default for the cache's dtype, from
+    the H100 sweeps of benchmarks/kernel_check.py: 128-token steps x 4 warps x 8 stages for a 16-bit
+    cache (2.83 / 2.71 TB/s at 256 x 1024 and 64 x 4096 on all SMs, 1.14 / 1.37 on 32 CTAs) and
+    64 x 4 x 6 for fp8 (1.93-1.97 TB/s of fp8 bytes, 1.4x faster than the same context in bf16; a
+    16-bit shape reached 1.52 there, its tiles being converted by too few warps per load in flight)."""
+
+    # tokens per step (a power of two, a multiple of page_size)
+    block_n: int | None = None
+    num_warps: int | None = None
+    # software-pipelining depth. The page-table load takes stages of its own, so only about
+    # (num_stages - 2) / 2 K/V steps are in flight: capped grids want 8 (~200 KiB of shared memory).
+    num_stages: int | None = None
+    partition_size: int | None = None  # tokens per work item; None: chosen from the shapes
+    ctas_per_sm: int = 2  # grid size for num_ctas=None is ctas_per_sm * number of SMs
+    min_partition: int = 512  # smallest automatic partition: each work item pays a pipeline ramp
+    # flatten the (work item x step) loop nest into one pipelined loop (tl.range(flatten=True)), so
+    # loads of the next work item start before the current one ends; experimental
+    flatten: bool = False
+    # --- the all-heads kernel (decode_all_heads_kernel; experimental, issue 12): a work item is
+    # (sequence, partition) and covers the kv heads of the sequence, so each step loads whole pages
+    # (all heads: one contiguous Hkv x page_size x head_dim run per page, for K and for V) and the
+    # items are Hkv times longer (the pipeline ramp of each item is paid Hkv times less often).
+    # block_n / num_warps / num_stages keep their meaning; their defaults differ (resolved()).
+    all_heads: bool = False
+    # kv heads per work item (None: as many as fit 64 KiB of K+V per step: all 8 of Llama-3-8B
+    # in bf16). Fewer heads per item = fewer bytes per step = deeper pipelines in the same shared
+    # memory, but shorter runs per page and more work items.
+    kv_heads_per_item: int | None = None
+    # True: one batched 3-D tl.dot per step, [heads, G, D] x [heads, D, block_n] (MMA v2: Triton
+    # puts the warps on the head axis, one warp per kv head at 8 warps x 8 heads). False: one 2-D
+    # dot for all heads, [heads * G, D] x [D, heads * block_n], the (query head, other kv head)
+    # blocks masked out: the plain 2-D path of the per-head kernel, at heads times the useful FLOPs.
+    batched_dot: bool = True
+    # --- the TMA kernel (decode_tma_kernel; experimental, issue 12): all-heads work items whose
+    # steps are one page of the head block, fetched by two bulk tensor copies (K and V). block_n
+    # is the page size; kv_heads_per_item must divide the kv heads (None: as many as fit 64 KiB of
+    # K+V per step); num_stages defaults to 3 (three 64 KiB buffers).
+    tma: bool = False
+
+    def resolved(
+        self, head_dim: int, elem_size: int, fp8_cache: bool = False, num_kv_heads: int | None = None
+    ) -> DecodeConfig:
+        """This config with the None fields filled in for the head_dim, q's element size and cache
+        (and, for all_heads, the number of kv heads)."""
+        if self.tma:
+            return self._resolved_tma(head_dim, 1 if fp8_cache else elem_size, num_kv_heads or 1)
+        if self.all_heads:
+            return self._resolved_all_heads(head_dim, elem_size, fp8_cache, num_kv_heads or 1)
+        if fp8_cache:
+            block_n, warps, stages = 64, 4, 6
+        else:
+            # 64 KiB of K+V per step: 128 tokens for bf16 x head_dim 128, 64 for fp32
+            block_n = min(max(triton.next_power_of_2(max(1, (64 * 1024) // (2 * head_dim * elem_size))), 16), 128)
+            # 16-bit: 8 stages keep ~3 K/V steps in flight; as fast as 8 warps x 4 stages on all SMs
+            # and 1.3-1.5x faster on capped grids (H100, kernel_check_h100_20261125_two_items.json)
+            warps, stages = (4, 8) if elem_size <= 2 else (8, 4)
+        return dataclasses.replace(
+            self, block_n=self.block_n or block_n, num_warps=self.num_warps or warps,
+            num_stages=self.num_stages or stages)
+
+    def _resolved_all_heads(self, head_dim: int, elem_size: int, fp8_cache: bool, num_kv_heads: int) -> DecodeConfig:
+        """Defaults of the all-heads kernel, not measured on a GPU yet (kernel_check's
+        decode_all_heads section sweeps around them). The trade-off, for Llama-3-8B's 8 kv heads x
+        128 in bf16:
+        - block_n = 16 tokens (one page of every head: 32 KiB of K + 32 KiB of V, each one
+          contiguous run) is the smallest step: p @ V's K dimension (block_n) must be >= 16. So a
+          step is 64 KiB, 8x the bytes per token of the per-head kernel's steps.
+        - Triton gives the page-table load (it feeds the K/V addresses) stages of its own: K/V
+          loads are issued L = (num_stages - 1) // 2 steps ahead into L shared-memory buffers of
+          one step each. Compiled for sm_90a (Triton 3.7.1 on the CPU, ptxas -v), 8 warps:
+          num_stages 5 -> L = 2, 136 KiB of shared memory, 128 KiB of K/V in flight per CTA;
+          num_stages 7 -> L = 3, 200 KiB (of 227), 192 KiB in flight; 3 -> L = 1, 72 KiB. The
+          streaming read that reaches 3.66 TB/s on 44 CTAs keeps ~96 KiB in flight per CTA, and
+          the per-head kernel's capped-grid default also spends ~200 KiB (8 stages). 204-206
+          registers a thread, no spills (4 warps spill: each warp then holds two heads' fp32
+          accumulators).
+        - Fewer heads per item (kv_heads_per_item=4: 32 KiB steps) buy a deeper pipeline in less
+          shared memory (9 stages: L = 4, 132 KiB) at shorter runs per page and 2x the work items.
+        - fp8 halves the bytes: block_n 32 (two pages a step) keeps 64 KiB steps (255 registers,
+          no spills at 7 stages)."""
+        cache_bytes = 1 if fp8_cache else elem_size
+        block_n = self.block_n or (32 if fp8_cache else 16)
+        if self.kv_heads_per_item:
+            heads = min(self.kv_heads_per_item, num_kv_heads)
+        else:  # as many heads as fit 64 KiB of K + V per step, a power of two
+            fit = max(1, (64 * 1024) // (2 * block_n * head_dim * cache_bytes))
+            heads = min(num_kv_heads, 1 << (fit.bit_length() - 1))
+        step = 2 * block_n * triton.next_power_of_2(heads) * head_dim * cache_bytes
+        latency = max(1, min(4, (192 * 1024) // step))  # K/V steps in flight = shared-memory buffers
+        return dataclasses.replace(
+            self, block_n=block_n, kv_heads_per_item=heads,
+            num_warps=self.num_warps or (8 if heads >= 8 else 4),
+            num_stages=self.num_stages or 2 * latency + 1)
+
+    def _resolved_tma(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> DecodeConfig:
+        # block_n is the page size: the launcher sets it from the cache before resolving
+        page = self.block_n or 16
+        want = self.kv_heads_per_item or max(1, (64 * 1024) // (2 * page * head_dim * cache_bytes))
+        # a bulk copy's box is at most 256 rows; the head block must tile the kv heads exactly
+        heads = min(want, 256 // page, num_kv_heads)
+        while num_kv_heads % heads:
+            heads -= 1
+        return dataclasses.replace(self, all_heads=True, block_n=page, kv_heads_per_item=heads,
+                                   num_warps=self.num_warps or 4, num_stages=self.num_stages or 3)
+
+    def smem_per_stage(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> int:
+        """Bytes of K + V one step loads (one shared-memory buffer of the software pipeline), for a
+        resolved config."""
+        heads = triton.next_power_of_2(self.kv_heads_per_item or num_kv_heads) if self.all_heads else 1
+        return 2 * self.block_n * heads * head_dim * cache_bytes
+
+
+def decode_plan(
+    batch: int, num_kv_heads: int, max_context: int, grid_cap: int, cfg: DecodeConfig
+) -> tuple[int, int]:
+    """(partition_size, num_parts) from host-known shapes only, so CUDA graphs can capture it."""
+    if cfg.partition_size is not None:
+        part = triton.cdiv(cfg.partition_size, cfg.block_n) * cfg.block_n
+    else:
+        # split until there are >= 2 items per CTA (load balance), but not below min_partition
+        want = max(1, triton.cdiv(2 * grid_cap, batch * num_kv_heads))
+        part = triton.cdiv(triton.cdiv(max_context, want), cfg.block_n) * cfg.block_n
+        part = max(part, triton.cdiv(cfg.min_partition, cfg.block_n) * cfg.block_n)
+    part = min(part, triton.cdiv(max_context, cfg.block_n) * cfg.block_n)
+    return part, triton.cdiv(max_context, part)
+
+
+@triton.jit
+def work_item(w, num_parts, num_head_blocks, partition, sliding_window, seq_lens_ptr):
+    """(partition, head block, sequence, first token, end) of work item w. Partition fastest:
+    neighbouring CTAs share one long sequence's work. A sliding window moves the first token up."""
+    part = w % num_parts
+    hb = (w // num_parts) % num_head_blocks
+    b = w // (num_parts * num_head_blocks)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = part * partition
+    end = tl.minimum(start + partition, seq_len)
+    lo = tl.where(sliding_window > 0, tl.maximum(start, seq_len - sliding_window), start)
+    return part, hb, b, lo, end
+
+
+@triton.jit
+def store_item(
+    acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_q_heads, num_parts,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Stores a work item's rows (heads: the query head of each row, any shape; acc: that shape x
+    HEAD_DIM). SPLIT: the unnormalised partials, into the reduce kernel's [B, Hq, num_parts] rows;
+    else the normalised output, where an empty sequence (seq_len 0, e.g. CUDA-graph padding) gets
+    zeros, not NaN."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if SPLIT:
+        row_p = (b * num_q_heads + heads) * num_parts + part
+        keep = row_ok & (lo < end)
+        tl.store(part_acc_ptr + tl.expand_dims(row_p, -1) * HEAD_DIM + offs_d, acc, mask=tl.expand_dims(keep, -1))
+        tl.store(part_m_ptr + row_p, m_i, mask=keep)
+        tl.store(part_l_ptr + row_p, l_i, mask=keep)
+    else:
+        o = acc / tl.expand_dims(tl.where(l_i > 0, l_i, 1.0), -1)
+        o_ptrs = out_ptr + b * stride_ob + tl.expand_dims(heads, -1) * stride_oh + offs_d
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, -1))
