@@ -96,7 +96,7 @@ def _select_steps(par: ParallelState, path: str, pipeline: str) -> tuple[list, l
     graphs = runner.graphs
     chosen, own, eager = [], [], []
     for decodes, prefills in STEPS:
-        batch = runner.model.prepare(runner._build_batch(step_plan(decodes, prefills)))
+        batch = runner.build(step_plan(decodes, prefills))
         key = graphs.select(batch)
         chosen.append(key)
         eager.append(key is not None and graphs.nano_batches(batch, key) is None)  # run's eager fallback

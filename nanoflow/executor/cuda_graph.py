@@ -108,27 +108,22 @@ class GraphRunner:
                 for piped in (True, False)
                 if (mixed or b <= self.max_seqs) and (not piped or self.executor_for(b) is not None)]
 
-    def _walk(self, key: Key) -> Walk | None:
-        """The forward's walk for a key: its pipeline over static nano-batches, or None (sequential)."""
+    def _prepare(self, key: Key) -> None:
+        """The key's static batch (as made, a capacity batch computes nothing and writes no live
+        page), its capacity and, pipelined, its executor, static nano-batches and walk over them."""
         bucket, mixed, piped = key
+        batch = self.static[key] = self._static_batch(bucket, mixed)
+        # tensors a capacity batch leaves empty (the logits rows) are not inputs of the graph
+        self.capacity[key] = {name: shape for name, shape in batch.shapes().items() if shape.numel()}
         self.min_tokens[key] = 1
         if not piped:
-            return None
+            return
         ex = self.executors[key] = self.executor_for(bucket)
         self.min_tokens[key] = ex.schedule.min_tokens
         self.parts[key] = {name: [self._static_batch(b - a, mixed, a)
                                   for a, b in itertools.pairwise(ex.schedule.bounds(name, bucket))]
                            for name in ex.schedule.partitions}
-        walk = self.walks[key] = partial(ex.run, parts=self.parts[key])
-        return walk
-
-    def _prepare(self, key: Key) -> None:
-        """The key's static batch (as made, a capacity batch computes nothing and writes no live
-        page), its capacity and, pipelined, its static nano-batches."""
-        batch = self.static[key] = self._static_batch(key[0], key[1])
-        # tensors a capacity batch leaves empty (the logits rows) are not inputs of the graph
-        self.capacity[key] = {name: shape for name, shape in batch.shapes().items() if shape.numel()}
-        self._walk(key)
+        self.walks[key] = partial(ex.run, parts=self.parts[key])
 
     def _tables(self, keys: list[Key]) -> list[tuple]:
         """Everything select and run decide from besides the batch and the replay times."""
@@ -190,12 +185,11 @@ class GraphRunner:
             self.outputs[key] = self.model(self.static[key], self.walks.get(key))
         self.graphs[key] = graph
 
-    def _replay_time(self, key: Key) -> float:
+    def _replay_time(self, key: Key, reps: int = 3) -> float:
         """ms per replay of the key's graph (on the CPU: the bucket size)."""
         graph = self.graphs[key]
-        return float(key[0]) if graph is None else self._time_replay(graph)
-
-    def _time_replay(self, graph: torch.cuda.CUDAGraph, reps: int = 3) -> float:
+        if graph is None:
+            return float(key[0])
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

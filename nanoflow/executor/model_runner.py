@@ -136,7 +136,7 @@ class ModelRunner:
         self.model.bind_kv_caches([(kv[0], kv[1])] * self.arch.num_layers)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        batch = self.model.prepare(self._build_batch(StepPlan.synthetic([], [(0, n)], self.arch.vocab_size)))
+        batch = self.build(StepPlan.synthetic([], [(0, n)], self.arch.vocab_size))
         with torch.inference_mode():
             self.model.compute_logits(self.model(batch)[batch.logits_indices])
         torch.cuda.synchronize(self.device)
@@ -266,7 +266,8 @@ class ModelRunner:
         start = torch.cuda.Event(enable_timing=True) if on_gpu else None
         # Tensor parallel: the other ranks run the same step. On one host the plan goes into the plan
         # channel's ring and this returns at once (the workers read it while our forward runs).
-        self.par.broadcast_object(plan.for_workers())
+        if self.par.size > 1:
+            self.par.broadcast_object(plan.for_workers())
         batch = self.build(plan, prev)
         if start is not None:
             start.record()

@@ -86,6 +86,12 @@ def remove_stale() -> None:
                 path.unlink()
 
 
+def _slots_offset(num_readers: int) -> int:
+    """H in the layout: the readers' lines, rounded up to a page so that the slots start page-aligned."""
+    header = _READERS + 64 * num_readers
+    return header + -header % mmap.PAGESIZE
+
+
 class PlanRing:
     """One end of the ring: the writer (`create`, rank 0) or reader r (`attach`, rank r + 1)."""
 
@@ -93,8 +99,7 @@ class PlanRing:
         self.path, self.buf, self.reader, self.timeout_s = path, buf, reader, timeout_s
         self.num_readers, self.num_slots, self.slot_size, self.writer_pid = (
             _U64.unpack_from(buf, 8 * i)[0] for i in range(1, 5))
-        self._slots = _READERS + 64 * self.num_readers
-        self._slots += -self._slots % mmap.PAGESIZE
+        self._slots = _slots_offset(self.num_readers)
         self.seq = 0 if reader is None else self._get(self._reader_at(reader))
         self.unlinked = False
 
@@ -107,8 +112,7 @@ class PlanRing:
             raise ValueError(f"bad ring shape: {num_readers} readers, {num_slots} slots of {slot_size} bytes")
         remove_stale()
         path = SHM_DIR / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        header = _READERS + 64 * num_readers
-        size = header + -header % mmap.PAGESIZE + num_slots * slot_size
+        size = _slots_offset(num_readers) + num_slots * slot_size
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)  # zero-filled: every sequence number starts at 0
