@@ -24,7 +24,6 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(hidden, {0: intermediate, 1: intermediate}, False, dtype, par)
         self.down_proj = RowParallelLinear(intermediate, hidden, False, dtype, par)
-        self.intermediate = self.down_proj.weight.shape[1]  # this rank's share
         self.enforce_eager = enforce_eager
 
     def gate_up(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

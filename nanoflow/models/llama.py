@@ -151,8 +151,8 @@ class LlamaForCausalLM(nn.Module):
             k = layer.mlp.top_k
             bufs |= {"topk_weights": empty(T, k), "topk_ids": torch.empty(T, k, dtype=torch.int64, device=dev)}
         else:
-            mlp = layer.mlp
-            bufs |= {"gate_up": empty(T, mlp.gate_up_proj.weight.shape[0]), "act": empty(T, mlp.intermediate)}
+            gate_up, down = layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight  # this rank's shares
+            bufs |= {"gate_up": empty(T, gate_up.shape[0]), "act": empty(T, down.shape[1])}
         return bufs
 
     def forward(self, batch: ForwardBatch, walk: Walk | None = None) -> torch.Tensor:

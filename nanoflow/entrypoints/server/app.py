@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hmac
 import logging
 import os
@@ -15,7 +16,6 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nanoflow import __version__
 from nanoflow.engine.engine import LLMEngine
@@ -38,7 +38,7 @@ from nanoflow.entrypoints.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from nanoflow.entrypoints.server.serving import ServerContext, log_ignored_fields
+from nanoflow.entrypoints.server.serving import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -97,29 +97,24 @@ class _Gate:
         return None
 
 
-def _load_tokenizer(engine: AsyncEngine) -> PreTrainedTokenizerBase | None:
-    args = engine.engine.config.args
-    if engine.engine.tokenizer is None:
-        return None
-    return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-
-
-def build_app(async_engine: AsyncEngine, served_model_name: str | Sequence[str], api_key: str | None = None,
-              tokenizer: PreTrainedTokenizerBase | None = None, chat_template: str | None = None,
-              sampling_defaults: dict[str, Any] | None = None, log_requests: bool = True) -> FastAPI:
+def build_app(async_engine: AsyncEngine, served_names: Sequence[str], api_key: str | None = None,
+              chat_template: str | None = None, sampling_defaults: dict[str, Any] | None = None,
+              log_requests: bool = True) -> FastAPI:
     """The OpenAI-compatible app. Its lifespan starts the engine thread and stops it at shutdown.
-    served_model_name: one name or several (all accepted in requests, the first reported);
-    chat_template: replaces the tokenizer's (--chat-template); sampling_defaults: --generation-config's."""
-    names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
+    served_names: all accepted in requests, the first reported; chat_template: replaces the
+    tokenizer's (--chat-template); sampling_defaults: --generation-config's."""
+    names = tuple(served_names)
     if not names:
         raise ValueError("at least one served model name is needed")
-    tok = tokenizer if tokenizer is not None else _load_tokenizer(async_engine)
+    # A copy of the engine's tokenizer, not a second load from disk (why a copy: ServerContext.tokenizer);
+    # it also keeps --chat-template off the engine's.
+    engine_tok = async_engine.engine.tokenizer
+    tok = copy.deepcopy(engine_tok) if engine_tok is not None else None
     if chat_template is not None:
         if tok is None:
             raise ValueError("--chat-template needs a tokenizer (the server runs with --skip-tokenizer-init)")
         tok.chat_template = chat_template
     ctx = ServerContext(async_engine, tok, names, dict(sampling_defaults or {}), log_requests)
-    first_name = names[0]
     metrics = async_engine.metrics
 
     @contextlib.asynccontextmanager
@@ -144,7 +139,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | Sequence[str],
         return await create_chat_completion(ctx, body, raw)
 
     def card() -> ModelCard:
-        return ModelCard(id=first_name, root=async_engine.engine.config.model,
+        return ModelCard(id=ctx.model_name, root=async_engine.engine.config.model,
                          max_model_len=async_engine.max_model_len)
 
     @app.get("/v1/models")
@@ -183,7 +178,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | Sequence[str],
 
     @app.post("/tokenize", responses=errors)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        log_ignored_fields(body)
+        ctx.log_ignored_fields(body)
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError("give exactly one of prompt and messages", param="prompt")
@@ -195,7 +190,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | Sequence[str],
 
     @app.post("/detokenize", responses=errors)
     async def detokenize(body: DetokenizeRequest) -> Response:
-        log_ignored_fields(body)
+        ctx.log_ignored_fields(body)
         ctx.check_model(body.model)
         text = ctx.decode(body.tokens)
         return json_response(200, DetokenizeResponse(prompt=text).model_dump())

@@ -30,7 +30,6 @@ from nanoflow.entrypoints.server.serving import (
     EngineStreamingResponse,
     ServerContext,
     collect_final,
-    log_ignored_fields,
     ranked,
     sse,
     sse_error,
@@ -41,7 +40,7 @@ from nanoflow.entrypoints.server.serving import (
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
-    log_ignored_fields(req)
+    ctx.log_ignored_fields(req)
     ctx.check_model(req.model)
     params = req.to_sampling_params(ctx.engine.vocab_size, ctx.sampling_defaults)
     text, ids = ctx.apply_chat_template(req.messages, req.add_generation_prompt)

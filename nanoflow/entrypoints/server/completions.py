@@ -27,7 +27,6 @@ from nanoflow.entrypoints.server.serving import (
     EngineStreamingResponse,
     ServerContext,
     collect_final,
-    log_ignored_fields,
     merge,
     ranked,
     sse,
@@ -39,7 +38,7 @@ from nanoflow.entrypoints.server.serving import (
 
 
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
-    log_ignored_fields(req)
+    ctx.log_ignored_fields(req)
     ctx.check_model(req.model)
     params = req.to_sampling_params(ctx.engine.vocab_size, ctx.sampling_defaults)
     prompts = req.prompts()

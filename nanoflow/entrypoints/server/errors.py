@@ -45,14 +45,18 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def _loc(err: dict[str, Any]) -> list[str]:
+    """The path of the failed field inside the body (empty: the body itself)."""
+    return [str(x) for x in err.get("loc", ())[1:] if not _is_type_label(x)]  # loc[0] is "body"
+
+
 def _param(err: dict[str, Any]) -> str | None:
-    loc = [str(x) for x in err.get("loc", ())[1:] if not _is_type_label(x)]  # loc[0] is "body"
+    loc = _loc(err)
     return loc[0] if loc else None
 
 
 def _validation_message(err: dict[str, Any], content_type: str) -> tuple[str, str | None]:
-    loc = [str(x) for x in err.get("loc", ())[1:] if not _is_type_label(x)]  # loc[0] is "body"
-    param = loc[0] if loc else None
+    loc, param = _loc(err), _param(err)
     kind, msg = err.get("type", ""), err.get("msg", "invalid value")
     if not loc and content_type and not _is_json(content_type):
         # FastAPI hands a non-JSON content type's body over as bytes; curl -d sends form encoding.

@@ -46,12 +46,8 @@ def error_body(message: str, type: str, param: str | None = None, code: str | in
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
-
-class TolerantModel(_Strict):
-    """Request objects whose unknown fields are kept aside (model_extra) and then ignored."""
+class TolerantModel(BaseModel):
+    """Request objects: strict types; unknown fields are kept aside (model_extra) and then ignored."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
@@ -60,11 +56,13 @@ class TolerantModel(_Strict):
         names = [n for n in self.model_extra or {} if n not in UNSUPPORTED_FIELDS]
         for field in type(self).model_fields:
             value = getattr(self, field)
-            items = value if isinstance(value, list) else [value]
-            suffix = "[]" if isinstance(value, list) else ""
-            for item in items:
-                if isinstance(item, TolerantModel):
-                    names += [f"{field}{suffix}.{n}" for n in item.ignored_fields()]
+            if isinstance(value, TolerantModel):
+                names += [f"{field}.{n}" for n in value.ignored_fields()]
+            # A validated list holds one type (messages, or a prompt's token ids): its first item says
+            # whether to look inside, so a long prompt of token ids is not walked id by id.
+            elif isinstance(value, list) and value and isinstance(value[0], TolerantModel):
+                for item in value:
+                    names += [f"{field}[].{n}" for n in item.ignored_fields()]
         return list(dict.fromkeys(names))
 
 

@@ -25,10 +25,7 @@ from nanoflow.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Unknown request fields are logged once per name: a client sends the same extras on every request.
-# The set is bounded so that a client inventing names cannot grow it (or the log) without end.
-_LOGGED_FIELDS: set[str] = set()
-_MAX_LOGGED_FIELDS = 1024
+_MAX_LOGGED_FIELDS = 1024  # see ServerContext.logged_fields
 MAX_BATCH = 256  # prompts in one completions request
 MAX_SEQUENCES = 1024  # prompts x n: every sequence is built up front, so one request stays bounded
 
@@ -36,8 +33,8 @@ MAX_SEQUENCES = 1024  # prompts x n: every sequence is built up front, so one re
 @dataclass
 class ServerContext:
     engine: AsyncEngine
-    # The HTTP side's own tokenizer instance: the engine thread detokenizes with the engine's, and
-    # a tokenizer object is not guaranteed safe to share across threads.
+    # The HTTP side's own copy of the engine's tokenizer: the engine thread detokenizes with the
+    # engine's, and a tokenizer object is not guaranteed safe to share across threads.
     tokenizer: PreTrainedTokenizerBase | None
     # --served-model-name: every name is accepted in requests; the first is the one responses report.
     served_names: tuple[str, ...]
@@ -45,6 +42,9 @@ class ServerContext:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # vLLM logs every request it receives unless --disable-log-requests.
     log_requests: bool = True
+    # Unknown request fields are logged once per name: a client sends the same extras on every request.
+    # The set is bounded so that a client inventing names cannot grow it (or the log) without end.
+    logged_fields: set[str] = field(default_factory=set)
 
     @property
     def model_name(self) -> str:
@@ -67,6 +67,13 @@ class ServerContext:
                     f"This model's maximum context length is {limit} tokens. However, you requested "
                     f"{n + max_tokens} tokens ({n} in the {what}, {max_tokens} in the completion). "
                     f"Please reduce the length of the {what} or the completion ({param}).", param=param)
+
+    def log_ignored_fields(self, body: TolerantModel) -> None:
+        """One log line per unknown field name (vLLM ignores them with a warning as well)."""
+        for name in body.ignored_fields():
+            if name not in self.logged_fields and len(self.logged_fields) < _MAX_LOGGED_FIELDS:
+                self.logged_fields.add(name)
+                log.warning("ignoring the unknown request field %r (logged once per field name)", name)
 
     def _need_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
@@ -122,14 +129,6 @@ class ServerContext:
                 for s in streams:
                     s.abort()
         return streams
-
-
-def log_ignored_fields(body: TolerantModel) -> None:
-    """One log line per unknown field name (vLLM ignores them with a warning as well)."""
-    for name in body.ignored_fields():
-        if name not in _LOGGED_FIELDS and len(_LOGGED_FIELDS) < _MAX_LOGGED_FIELDS:
-            _LOGGED_FIELDS.add(name)
-            log.warning("ignoring the unknown request field %r (logged once per field name)", name)
 
 
 @dataclass
