@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from nanoflow.engine_args import add_engine_args, engine_args_from_cli, engine_kwargs
+
+if TYPE_CHECKING:
+    import torch
 
 # The built-in default model's Hugging Face id: the name it is served under, and a model argument
 # equal to it (what a vLLM user types) loads the built-in copy, since nothing is fetched from a hub.
@@ -65,12 +69,23 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from nanoflow.bench.dummy_models import dummy_model_dir
+    from nanoflow.bench.peak import measure_peak_tflops
     from nanoflow.tune.cli import run_tune
 
-    return run_tune(args, dummy_model_dir)
+    def peak_tflops(device: torch.device) -> float:
+        # a burst, as the profile times its ops (the bench's optimum takes the sustained rate over seconds)
+        return measure_peak_tflops(device, seconds=0.05, warmup_seconds=0.05)["tflops"]
+
+    return run_tune(args, dummy_model_dir, peak_tflops)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `nanoflow` parser; parse_args also settles what the bench's flags say together."""
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `nanoflow` parser and its `bench` sub-parser (whose error() reports a conflict of vLLM's aliases)."""
     parser = argparse.ArgumentParser(prog="nanoflow", description="Throughput-first LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -118,11 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="profile the layer ops and search a nano-batch pipeline (--pipeline auto)")
     add_tune_args(tune, DUMMY_NAMES)
     tune.set_defaults(func=_tune)
-    return parser
+    return parser, bench
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and settled: `nanoflow bench`'s vLLM aliases resolve here, once, into
+    its --workload spec and output folder; a conflict is an argparse error of `nanoflow bench` (its
+    usage, exit 2) before anything heavy loads."""
+    from nanoflow.bench.cli_args import resolve_bench_args
+
+    parser, bench = _build_parsers()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        try:
+            resolve_bench_args(args)
+        except ValueError as e:
+            bench.error(str(e))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ValueError as e:

@@ -1,12 +1,11 @@
 """The engine's options as the user gives them, and their command-line flags (one definition for
-`generate`, `serve` and `bench`). Ground floor: imports neither torch nor transformers, so a parser
+`generate`, `serve`, `bench` and `tune`). Ground floor: imports neither torch nor transformers, so a parser
 builds at once; `nanoflow.config.EngineConfig.from_args` resolves these into what the engine runs with.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 
 
@@ -44,9 +43,6 @@ class EngineArgs:
     # dtype, TP size and token budget, else sequential), "off" (sequential) or a pipeline JSON path.
     pipeline: str = "auto"
 
-    def replace(self, **changes) -> EngineArgs:
-        return dataclasses.replace(self, **changes)
-
 
 # The options add_engine_args defines (the model is named per command).
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
@@ -56,8 +52,8 @@ _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_bat
 
 
 def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positional_model: bool = True) -> None:
-    """The EngineArgs flags, shared by generate, serve and bench (which names its model with
-    --model / --dummy instead of the positional argument)."""
+    """The EngineArgs flags, shared by generate, serve, bench and tune (the last two name their model
+    with --model / --dummy instead of the positional argument)."""
     if positional_model:
         p.add_argument("model", nargs="?", default=None,
                        help="Hugging Face model folder (default: the built-in SmolLM2-135M-Instruct)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any
 
 from nanoflow.engine_args import add_engine_args
 
@@ -19,7 +18,8 @@ DUMMY_NAMES = ("llama3-8b", "llama2-7b", "qwen2-7b", "mixtral-8x7b", "llama2-70b
 COMPARE_CHOICES = ("nanoflow-sequential", "nanoflow-fp8", "hf", "hf-mean", "sequential")
 
 # The workload grammar (workloads.parse_workload_spec reads it): INPUTxOUTPUT or trace:FILE. The
-# pattern lives here so that the vLLM aliases resolve while parsing, before numpy or torch load.
+# pattern lives here so that the vLLM aliases resolve at the CLI edge (nanoflow.cli.parse_args),
+# before numpy or torch load.
 FIXED_SPEC = re.compile(r"^(\d+)x(\d+)$")
 DEFAULT_INPUT_LEN = DEFAULT_OUTPUT_LEN = 512
 DEFAULT_WORKLOAD = f"{DEFAULT_INPUT_LEN}x{DEFAULT_OUTPUT_LEN}"
@@ -115,7 +115,6 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "outside CUDA graphs): one layer's ops per stream over time, coloured by resource, "
                    "written to <stem>_timeline.png and into the JSON")
     o.add_argument("--no-tqdm", action="store_true", help="no progress bars")
-    _resolve_while_parsing(p)
 
 
 def _positive_int(text: str) -> int:
@@ -128,28 +127,10 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def _resolve_while_parsing(p: argparse.ArgumentParser) -> None:
-    """Runs resolve_bench_args at the end of every parse of the bench's arguments, so that a
-    conflict is an argparse error of `nanoflow bench` (its usage, exit 2) before anything heavy
-    loads, and every caller of the parser (the CLI, the tests) gets the resolved arguments.
-    argparse has no post-parse hook; the subcommand's parse goes through this method of its own
-    parser (_SubParsersAction calls parser.parse_known_args), so it is wrapped here."""
-    parse_known_args = p.parse_known_args
-
-    def parse_and_resolve(args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
-        ns, rest = parse_known_args(args, namespace)
-        try:
-            resolve_bench_args(ns)
-        except ValueError as e:
-            p.error(str(e))  # exits 2
-        return ns, rest
-
-    p.parse_known_args = parse_and_resolve  # type: ignore[method-assign]
-
-
 def resolve_bench_args(args: argparse.Namespace) -> None:
-    """Settles vLLM's aliases in place, once: args.workload becomes the one spec string the bench
-    builds its Workload from, args.output_dir the pictures' folder. Raises ValueError on a conflict."""
+    """Settles vLLM's aliases in place, once (nanoflow.cli.parse_args calls it after parsing):
+    args.workload becomes the one spec string the bench builds its Workload from, args.output_dir
+    the pictures' folder. Raises ValueError on a conflict."""
     args.workload = resolve_workload(args.workload, args.input_len, args.output_len, args.dataset_name,
                                      args.dataset_path)
     if args.output_json is not None:

@@ -1,8 +1,8 @@
 """`nanoflow tune`: profile the layer ops on this device, search a pipeline, cache it for `--pipeline auto`.
 
 The parser imports nothing heavy (the CLI builds it at every start); `run_tune` imports the engine.
-The bench's dummy models are handed in by the top-level CLI (`dummy_model_dir`): the bench sits on
-this package's floor, so this package does not import it.
+The bench's dummy models and its peak GEMM rate are handed in by the top-level CLI (`dummy_model_dir`,
+`peak_tflops`): the bench sits on this package's floor, so this package does not import it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import datetime
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanoflow.engine_args import add_engine_args
+
+if TYPE_CHECKING:
+    import torch
 
 EXAMPLES = """examples:
   nanoflow tune --dummy llama3-8b                      # profile, search, cache for --pipeline auto
@@ -81,7 +84,9 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     add_engine_args(p.add_argument_group("engine"), positional_model=False)
 
 
-def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | None = None) -> int:
+def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | None = None,
+             peak_tflops: Callable[[torch.device], float] | None = None) -> int:
+    """peak_tflops: measures the GEMM rate of a GPU, recorded in the profile (None: not recorded)."""
     import torch
 
     from nanoflow.config import EngineConfig
@@ -123,7 +128,8 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         print(f"tune: building {name} on {config.device} ({str(config.dtype).removeprefix('torch.')}, "
               f"token budget {budget})", flush=True)
         runner = ModelRunner(config)
-        profile = profile_ops(runner, sizes, ctas, workload=workload, layers=args.layers,
+        peak = peak_tflops(config.device) if on_gpu and peak_tflops is not None else None
+        profile = profile_ops(runner, sizes, ctas, workload=workload, layers=args.layers, peak_tflops=peak,
                               warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1),
                               repeats=args.repeats or (10 if on_gpu else 3), pairs=not args.no_pairs,
                               pair_tokens=args.pair_tokens, pair_ops=args.pair_ops, use_tqdm=not args.no_tqdm)

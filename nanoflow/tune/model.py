@@ -137,7 +137,6 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float, proportional_bel
 
 class CostModel:
     def __init__(self, profile: dict[str, Any]) -> None:
-        self.profile = profile
         self.ops = tuple((o["name"], o["resource"], tuple(o["reads"]), tuple(o["writes"])) for o in profile["ops"])
         self.names = [o[0] for o in self.ops]
         self.resource = {o[0]: o[1] for o in self.ops}

@@ -33,7 +33,7 @@ from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.op import Buffers, run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import Schedule
-from nanoflow.tune.timing import Timer, kept_fractions, peak_tflops
+from nanoflow.tune.timing import Timer, kept_fractions
 
 PROFILE_VERSION = 1
 DECODE = "decode_attention"
@@ -70,7 +70,7 @@ def step_batch(runner: ModelRunner, num_tokens: int, w: Workload) -> tuple[Forwa
     timed ops see values of a real step, and their kernels are compiled)."""
     cfg = runner.config
     plan = mixed_plan(num_tokens, w, runner.arch.vocab_size, runner.num_pages, cfg.max_model_len)
-    batch = runner.model.prepare(runner._build_batch(plan))
+    batch = runner.build(plan)
     bufs = runner.model.buffers(batch)
     run_sequential(runner.model.layer_ops, bufs, [batch])
     return batch, bufs
@@ -79,9 +79,11 @@ def step_batch(runner: ModelRunner, num_tokens: int, w: Workload) -> tuple[Forwa
 def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] = (), *,
                 workload: Workload | None = None, layers: int = 4, warmup: int = 3, repeats: int = 10,
                 pairs: bool = True, pair_tokens: int | None = None, pair_ops: Sequence[str] | None = None,
-                pair_repeats: int = 3, use_tqdm: bool = False) -> dict[str, Any]:
+                pair_repeats: int = 3, peak_tflops: float | None = None, use_tqdm: bool = False) -> dict[str, Any]:
     """Times every op of a layer at each size (tokens per nano-batch), decode attention at each SM
-    cap in `ctas`, and (on a GPU, `pairs`) the interference table at `pair_tokens`."""
+    cap in `ctas`, and (on a GPU, `pairs`) the interference table at `pair_tokens`. peak_tflops (the
+    GEMM rate measured by the caller, None on the CPU) goes into the profile as the roof that its
+    GEMM times can be read against."""
     w = workload or Workload()
     t0 = time.perf_counter()
     model, device = runner.model, runner.device
@@ -143,13 +145,12 @@ def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] =
             why = "no CUDA device: streams do not run side by side here" if not on_gpu else \
                 "not measured (no --ctas, or pairs turned off)"
             interference = {"needs_gpu": not on_gpu, "note": why, "pairs": {}}
-        peak = peak_tflops(device, timer)
     bar.close()
     key = pipeline_key(runner.config, runner.par.size)
     return {
         "version": PROFILE_VERSION, "kind": "nanoflow-tune-profile",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": key["gpu"], "key": key, "peak_tflops": peak,
+        "device": key["gpu"], "key": key, "peak_tflops": peak_tflops,
         "num_layers": num_layers, "layers_timed": timed, "workload": dataclasses.asdict(w),
         "timer": {"kind": timer.kind, "warmup": warmup, "repeats": repeats, "unit": "ms per layer"},
         "ops": [{"name": op.name, "resource": op.resource, "reads": list(op.reads), "writes": list(op.writes)}

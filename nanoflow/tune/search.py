@@ -69,22 +69,21 @@ def buckets(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return [(1 if i == 0 else s[i - 1] + 1, hi) for i, hi in enumerate(s)]
 
 
-def candidates(lo: int, hi: int, step: int, ctas: Sequence[int | None]) -> list[Candidate]:
+def candidates(lo: int, step: int, ctas: Sequence[int | None]) -> list[Candidate]:
     """The sequential schedule, then every split (a multiple of step, below lo so that no nano-batch
     of the bucket is ever empty) x cap."""
     return [Candidate(), *(Candidate(split, c) for split in range(step, lo, step) for c in ctas)]
 
 
-def search(profile: dict[str, Any], *, ctas: Sequence[int] | None = None, split_step: int | None = None,
-           min_gain: float = 0.01, time_limit_s: float = 60.0,
-           solver: str = "milp") -> Tuning:
+def search(profile: dict[str, Any], *, split_step: int | None = None, min_gain: float = 0.01,
+           time_limit_s: float = 60.0, solver: str = "milp") -> Tuning:
     """The pipeline that the profile predicts fastest per bucket of its sizes. solver: "milp"
     (HiGHS) or "enumerate" (the same model, every candidate priced; also used without scipy)."""
     t0 = time.perf_counter()
     model = CostModel(profile)
     sizes = sorted(profile["sizes"])
     step = split_step or reduce(math.gcd, sizes)
-    caps: list[int | None] = [c for c in (ctas if ctas is not None else model.ctas) if c in model.capped]
+    caps: list[int | None] = list(model.ctas)
     notes = []
     if not caps:
         caps = [None]  # no capped profile (the CPU): decode attention keeps the whole device
@@ -101,7 +100,7 @@ def search(profile: dict[str, Any], *, ctas: Sequence[int] | None = None, split_
     label = "HiGHS MILP (scipy.optimize.milp)" if solver == "milp" else "every candidate priced"
     choices = []
     for lo, hi in buckets(sizes):
-        cands = candidates(lo, hi, step, caps)
+        cands = candidates(lo, step, caps)
         evals = [model.evaluate(c, hi) for c in cands]
         costs = [e.layer_ms * model.num_layers for e in evals]
         k = _solve_milp(cands, evals, model.num_layers, min_gain, time_limit_s) if solver == "milp" else \

@@ -156,16 +156,3 @@ def kept_fractions(alone_a: float, reps_a: int, alone_b: float, reps_b: int,
         kept_a, kept_b = (work_a - (together_a - together_b)) / overlap, work_b / overlap
     clamp = lambda x: min(1.5, max(0.02, x))
     return clamp(kept_a), clamp(kept_b)
-
-
-def peak_tflops(device: torch.device, timer: Timer) -> float | None:
-    """A bf16 8192^3 matmul's rate on a GPU (a few ms of work; the bench measures the sustained
-    peak over seconds): the roof the profile's GEMM times can be read against. None on the CPU."""
-    if device.type != "cuda":
-        return None
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    ms = timer.ms(lambda: torch.matmul(a, b, out=c))
-    return 2.0 * n**3 / (ms * 1e-3) / 1e12

@@ -12,7 +12,7 @@ import pytest
 
 from nanoflow.bench import report
 from nanoflow.bench.throughput import parse_compare
-from nanoflow.cli import build_parser, main
+from nanoflow.cli import main, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_ARGS = ["--device", "cpu", "--dtype", "float32", "--num-kv-pages", "64", "--no-tqdm",
@@ -26,18 +26,17 @@ def _only(folder: Path, pattern: str) -> Path:
 
 
 def test_parser_knows_the_options() -> None:
-    args = build_parser().parse_args(["bench", "--dummy", "llama3-8b", "--workload", "trace:x.csv",
-                                      "--compare", "hf,sequential", "--num-requests", "7",
-                                      "--max-num-seqs", "64"])
+    args = parse_args(["bench", "--dummy", "llama3-8b", "--workload", "trace:x.csv", "--compare", "hf,sequential",
+                       "--num-requests", "7", "--max-num-seqs", "64"])
     assert (args.dummy, args.workload, args.compare, args.num_requests, args.max_num_seqs) == (
         "llama3-8b", "trace:x.csv", "hf,sequential", 7, 64)
     assert args.output_dir == "bench-results" and args.hf_max_batch is None
     assert (args.hf_num_requests, args.hf_max_seconds) == (None, 60.0)
-    args = build_parser().parse_args(["bench", "--hf-num-requests", "64", "--hf-max-seconds", "0"])
+    args = parse_args(["bench", "--hf-num-requests", "64", "--hf-max-seconds", "0"])
     assert (args.hf_num_requests, args.hf_max_seconds) == (64, 0.0)
     assert parse_compare("hf,hf-mean,sequential,hf") == ["hf", "hf-mean", "sequential"]
     assert parse_compare("nanoflow-sequential,sequential") == ["nanoflow-sequential", "sequential"]
-    assert not args.timeline and build_parser().parse_args(["bench", "--timeline"]).timeline
+    assert not args.timeline and parse_args(["bench", "--timeline"]).timeline
     with pytest.raises(ValueError, match="--compare accepts"):
         parse_compare("hf,median")
 

@@ -1,6 +1,7 @@
 """`nanoflow bench` takes `vllm bench throughput`'s flags: --input-len/--output-len, --num-prompts,
---dataset-name random|sharegpt|trace with --dataset-path, --output-json. Each resolves while parsing
-into the same --workload spec (one path to the Workload); conflicts are argparse errors (exit 2)."""
+--dataset-name random|sharegpt|trace with --dataset-path, --output-json. Each resolves at the CLI edge
+(nanoflow.cli.parse_args) into the same --workload spec (one path to the Workload); conflicts are
+argparse errors (exit 2)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from nanoflow.bench.cli_args import resolve_workload
 from nanoflow.bench.workloads import build_workload
-from nanoflow.cli import build_parser, main
+from nanoflow.cli import main, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 SHAREGPT = REPO / "benchmarks" / "data" / "sharegpt_lengths.csv"
@@ -22,7 +23,7 @@ CPU_ARGS = ["--device", "cpu", "--dtype", "float32", "--num-kv-pages", "64", "--
 
 
 def _parse(*argv: str):
-    return build_parser().parse_args(["bench", *argv])
+    return parse_args(["bench", *argv])
 
 
 @pytest.mark.parametrize(
