@@ -23,7 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nanoflow.kernels.attention_common import LOG2E, check_paged_inputs, dot_precision, fp16_dots, gather_pages, num_sms
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
-from nanoflow.kernels.decode_common import DecodeConfig, decode_plan, store_item, work_item
+from nanoflow.kernels.decode_common import DecodeConfig, decode_plan, softmax_step, store_item, work_item
 from nanoflow.kernels.decode_tma import decode_tma_kernel
 
 
@@ -107,13 +107,7 @@ def _decode_kernel(
             v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N], fp32
             qk = tl.where(t_mask[None, :], qk * qk_scale, float("-inf"))
-            # every step holds >= 1 valid token, so m_new is finite
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
         # the reduce kernel recomputes which partitions are non-empty
         store_item(acc, m_i, l_i, heads, g_mask, b, part, lo, end, num_kv_heads * GROUP, num_parts,
                    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)

@@ -159,6 +159,18 @@ def work_item(w, num_parts, num_head_blocks, partition, sliding_window, seq_lens
 
 
 @triton.jit
+def softmax_step(qk, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One step of the online softmax over 2-D scores qk [rows, N] (log2 domain, masked to -inf;
+    every row holds >= 1 valid score, so the new max is finite): the new (m, l, acc) after p @ v."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def store_item(
     acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_q_heads, num_parts,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh,

@@ -18,7 +18,7 @@ partitions and their reduce kernel with.
 import triton
 import triton.language as tl
 
-from nanoflow.kernels.decode_common import store_item, work_item
+from nanoflow.kernels.decode_common import softmax_step, store_item, work_item
 
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
@@ -73,11 +73,6 @@ def decode_tma_kernel(
             v = tl.where(t_ok[:, None], v, 0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [ROWS, COLS] fp32
             qk = tl.where(same_head & t_ok[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
         store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
                    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)
