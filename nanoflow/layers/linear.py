@@ -12,9 +12,9 @@ Checkpoint tensors arrive as LazyTensors: narrowing one to a rank's slice reads 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from nanoflow.kernels.linear import linear_ref, persistent_linear
 from nanoflow.layers.parallel import ParallelState
 
 
@@ -24,8 +24,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias, out)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, num_ctas: int | None = None) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias, out, num_ctas)
 
     def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         param = self.weight if name == "weight" else self.bias
@@ -63,8 +63,8 @@ class RowParallelLinear(Linear):
         self.par = par
         super().__init__(par.split(in_features, "input size of a row-parallel layer"), out_features, bias, dtype)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias if self.par.rank == 0 else None, out)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, num_ctas: int | None = None) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias if self.par.rank == 0 else None, out, num_ctas)
 
     def load(self, name: str, tensor: CheckpointTensor, shard: str | int | None = None) -> None:
         if name == "bias":
@@ -74,13 +74,14 @@ class RowParallelLinear(Linear):
         _copy(self.weight.data, _rank_slice(tensor, 1, size, self.par, name), name)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias), into `out` (rows of an activation buffer) when given."""
-    if out is None:
-        return F.linear(x, weight, bias)
-    if bias is None:
-        return torch.matmul(x, weight.t(), out=out)
-    return torch.addmm(bias, x, weight.t(), out=out)
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
+            num_ctas: int | None) -> torch.Tensor:
+    """x @ weight.T (+ bias), into `out` (rows of an activation buffer) when given. A cap (a pipeline
+    schedule's share of the SMs for this GEMM; the eager path passes none) runs the persistent
+    Triton GEMM on that many CTAs; uncapped, cuBLAS (the PyTorch reference)."""
+    if num_ctas is not None:
+        return persistent_linear(x, weight, bias, out, num_ctas)
+    return linear_ref(x, weight, bias, out)
 
 
 class LazyTensor:

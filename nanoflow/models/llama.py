@@ -38,7 +38,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, dtype: torch.dtype, par: ParallelState, enforce_eager: bool) -> None:
         super().__init__()
         H, hd = arch.hidden_size, arch.head_dim
-        self.par = par
+        self.par, self.enforce_eager = par, enforce_eager
         self.input_layernorm = RMSNorm(H, arch.rms_norm_eps, dtype, enforce_eager)
         self.qkv_proj = ColumnParallelLinear(
             H, {"q": arch.num_heads * hd, "k": arch.num_kv_heads * hd, "v": arch.num_kv_heads * hd},
@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
         ops = [
             Op("input_norm", "memory", partial(self._input_norm, first=first), ("hidden", "residual"),
                ("x", "residual")),
-            Op("qkv", "compute", lambda b, t, n: self.qkv_proj(t["x"], t["qkv"]), ("x",), ("qkv",)),
+            Op("qkv", "compute", lambda b, t, n: self.qkv_proj(t["x"], t["qkv"], self._gemm_cap(n)), ("x",), ("qkv",)),
             Op("rope_kv_write", "memory", lambda b, t, n: self.rope_kv_write(t["qkv"], b, cos_sin, kv), ("qkv",),
                ("qkv", KV)),
             Op("decode_attention", "memory", lambda b, t, n: self.decode_attention(t["qkv"], b, kv, t["attn"], n),
@@ -70,7 +70,8 @@ class DecoderLayer(nn.Module):
             Op("prefill_attention", "compute",
                lambda b, t, n: self.prefill_attention(t["qkv"], b, kv, t["attn"], n), ("qkv", KV),
                ("attn@prefill",)),
-            Op("o", "compute", lambda b, t, n: self.o_proj(t["attn"], t["hidden"]), ("attn",), ("hidden",)),
+            Op("o", "compute", lambda b, t, n: self.o_proj(t["attn"], t["hidden"], self._gemm_cap(n)), ("attn",),
+               ("hidden",)),
             *self._all_reduce("attn_all_reduce"),
             Op("post_attention_norm", "memory",
                lambda b, t, n: self.post_attention_layernorm.add_norm(t["hidden"], t["residual"], t["x"]),
@@ -88,11 +89,15 @@ class DecoderLayer(nn.Module):
         else:
             mlp = self.mlp
             ops += [
-                Op("gate_up", "compute", lambda b, t, n: mlp.gate_up(t["x"], t["gate_up"]), ("x",), ("gate_up",)),
+                Op("gate_up", "compute", lambda b, t, n: mlp.gate_up(t["x"], t["gate_up"], n), ("x",), ("gate_up",)),
                 Op("act", "memory", lambda b, t, n: mlp.act(t["gate_up"], t["act"]), ("gate_up",), ("act",)),
-                Op("down", "compute", lambda b, t, n: mlp.down(t["act"], t["hidden"]), ("act",), ("hidden",)),
+                Op("down", "compute", lambda b, t, n: mlp.down(t["act"], t["hidden"], n), ("act",), ("hidden",)),
             ]
         return (*ops, *self._all_reduce("ffn_all_reduce"))
+
+    def _gemm_cap(self, num_ctas: int | None) -> int | None:
+        # the eager path (PyTorch reference ops) leaves every GEMM to cuBLAS / the CPU
+        return None if self.enforce_eager else num_ctas
 
     def _input_norm(self, batch: ForwardBatch, t: Buffers, num_ctas: int | None, first: bool) -> None:
         if first:

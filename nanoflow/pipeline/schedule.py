@@ -133,12 +133,21 @@ class Pipeline:
         return cls.from_json(data, str(path))
 
 
+# the dense GEMMs of a layer (models/llama.py's op names): the ops a schedule may confine to a share
+# of the SMs (layers/linear.py runs a capped one as a persistent Triton GEMM)
+GEMM_OPS = frozenset({"qkv", "o", "gate_up", "down"})
+
+
 def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
-                     decode_ctas: int | None, attention_parts: Sequence[int] | None = None) -> Schedule:
+                     decode_ctas: int | None, attention_parts: Sequence[int] | None = None,
+                     gemm_ctas: int | None = None) -> Schedule:
     """Two nano-batches, NanoFlow's one-GPU pipeline: while nano-batch 0 runs its decode attention on
     stream 1 (capped at decode_ctas, issued first so the GEMMs fill the remaining SMs), nano-batch 1
     runs its GEMMs on stream 0; then the roles swap. `attention_parts` splits the attention ops
-    finer (bounds inside [0, max_tokens]); every other op runs over [0, split) and [split, max_tokens)."""
+    finer (bounds inside [0, max_tokens]); every other op runs over [0, split) and [split, max_tokens).
+    gemm_ctas caps the GEMMs issued while a capped decode attention may still run (nano-batch 1's
+    before attention, nano-batch 0's after it), so their tiles fit the SMs left to them instead of
+    a grid sized for the whole GPU; None leaves them to cuBLAS."""
     dense = (0, split, max_tokens)
     attn = tuple(attention_parts) if attention_parts else dense
     partitions = {"dense": dense, "attn": attn}
@@ -147,12 +156,17 @@ def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_t
     after = [op for op in op_names[op_names.index("decode_attention"):] if op not in attn_ops]
     steps: list[Step] = []
     nattn = len(attn) - 1
+
+    def dense_steps(ops: Sequence[str], part: int, beside_decode: bool) -> list[Step]:
+        cap = gemm_ctas if beside_decode else None
+        return [Step(op, part, "dense", 0, cap if op in GEMM_OPS else None) for op in ops]
+
     for part in (0, 1):
-        steps += [Step(op, part, "dense") for op in before]
+        steps += dense_steps(before, part, beside_decode=part == 1)
         for a in range(nattn):  # the attention nano-batches inside this dense nano-batch
             if attn[a] >= dense[part] and attn[a + 1] <= dense[part + 1]:
                 steps.append(Step("decode_attention", a, "attn", 1, decode_ctas))
                 steps.append(Step("prefill_attention", a, "attn", 0))
     for part in (0, 1):
-        steps += [Step(op, part, "dense") for op in after]
+        steps += dense_steps(after, part, beside_decode=part == 0)
     return Schedule(min_tokens, max_tokens, partitions, tuple(steps))
