@@ -20,7 +20,9 @@
 #   OUT                  where logs and results go (default bench-results/gpu_check_<time> in the
 #                        repository root, git-ignored; a run to publish is copied into
 #                        benchmarks/results/ with a row in benchmarks/results/README.md)
-#   GPU_CHECK_STEPS      comma list of: tests, kernels, trace, fixed; "bench" = trace,fixed
+#   GPU_CHECK_STEPS      comma list of: tests, kernels, share, step, trace, fixed; "bench" = trace,fixed,
+#                        "pipeline" = share,step (issue 12: benchmarks/gemm_share.py, then
+#                        benchmarks/pipeline_step.py over the decode kernels and GEMM caps)
 #                        (default tests,kernels,bench)
 #   GPU_CHECK_TOTAL_S    wall-clock budget of the whole script (default 540)
 #   NUM_REQUESTS         requests per bench (default 400; for the trace, its first N rows)
@@ -33,7 +35,8 @@
 #                        free memory holds, all requests within --hf-max-seconds)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
-#   TESTS_S, KERNELS_S, TRACE_S, FIXED_S   per-step caps in seconds (default 90, 150, 200, 200)
+#   TESTS_S, KERNELS_S, SHARE_S, STEP_S, TRACE_S, FIXED_S   per-step caps in seconds (default 90, 150, 200,
+#                        240, 200, 200)
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -45,6 +48,7 @@ export OUT=${OUT:-bench-results/gpu_check_$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 STEPS=${GPU_CHECK_STEPS:-tests,kernels,bench}
 STEPS=${STEPS//bench/trace,fixed}
+STEPS=${STEPS//pipeline/share,step}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
 NUM_REQUESTS=${NUM_REQUESTS:-400}
 BENCH_MODEL=${BENCH_MODEL:---dummy llama3-8b}
@@ -57,10 +61,11 @@ HF_MAX_BATCH=${HF_MAX_BATCH:-}
 HF_NUM_REQUESTS=${HF_NUM_REQUESTS:-}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 KERNEL_CHECK_ARGS=${KERNEL_CHECK_ARGS:-}
-declare -A CAP=([tests]=${TESTS_S:-90} [kernels]=${KERNELS_S:-150} [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
+declare -A CAP=([tests]=${TESTS_S:-90} [kernels]=${KERNELS_S:-150} [share]=${SHARE_S:-200} [step]=${STEP_S:-240}
+               [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
 # Time kept back for each later step, so an early step cannot eat the whole budget.
-declare -A RESERVE=([tests]=30 [kernels]=60 [trace]=120 [fixed]=120)
-ORDER=(tests kernels trace fixed)
+declare -A RESERVE=([tests]=30 [kernels]=60 [share]=60 [step]=90 [trace]=120 [fixed]=120)
+ORDER=(tests kernels share step trace fixed)
 SUMMARY="$OUT/gpu_check_summary.txt"
 
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -135,6 +140,9 @@ fi
 wanted tests && run_step tests tests.log pytest_gpu
 # shellcheck disable=SC2086  # KERNEL_CHECK_ARGS is an argument list
 wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT" $KERNEL_CHECK_ARGS
+wanted share && run_step share gemm_share.log python benchmarks/gemm_share.py --out "$OUT"
+wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmarks/pipeline_step.py \
+  --splits 768,1024 --ctas 44,66 --kernels per_head,all_heads,tma --gemm-ctas none,auto --out "$OUT"
 wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
 wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"
 

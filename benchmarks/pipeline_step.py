@@ -7,12 +7,14 @@ schedule and for NanoFlow's two-nano-batch schedule at each split and decode-att
 A first look at what overlap gains on this GPU before `nanoflow tune` searches it properly.
 
     python benchmarks/pipeline_step.py --dummy llama3-8b --decodes 440 --context 708 \\
-        --splits 512,768,1024 --ctas 16,32,44,66 --out $OUT
+        --splits 512,768,1024 --ctas 16,32,44,66 --kernels per_head,all_heads,tma --gemm-ctas none,auto \\
+        --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -63,6 +65,9 @@ def main() -> None:
     p.add_argument("--ctas", default="16,32,44,66")
     p.add_argument("--kernels", default="per_head",
                    help="decode kernels on the capped grid, comma list of: " + ", ".join(CAPPED_KERNELS))
+    p.add_argument("--gemm-ctas", default="none",
+                   help="comma list of caps for the GEMMs beside the capped decode: none (cuBLAS on the whole "
+                   "GPU), auto (the persistent Triton GEMM on the SMs the decode leaves), or a number")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -80,6 +85,7 @@ def main() -> None:
                          "a shorter --context")
     batch = runner.build(plan)
     names = [op.name for op in model.layer_ops[0]]
+    sms = torch.cuda.get_device_properties(runner.device).multi_processor_count
     results = {"args": vars(args), "device": torch.cuda.get_device_name(), "build_s": time.perf_counter() - t0}
     with torch.inference_mode():
         seq_ms = time_graph(lambda: model(batch), args.reps)
@@ -89,23 +95,28 @@ def main() -> None:
         for kernel in args.kernels.split(","):
             for layer in model.layers:
                 layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
-            for split in map(int, args.splits.split(",")):
-                for ctas in [int(c) if c != "all" else None for c in args.ctas.split(",")]:
-                    schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas)
-                    ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
-                    parts = ex.split(batch, model.prepare)
-                    try:
-                        ms = time_graph(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)),
-                                        args.reps)
-                    except Exception as e:  # e.g. a kernel config that does not compile on this GPU
-                        print(f"{kernel} split {split} ctas {ctas}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                        continue
-                    rows.append({"kernel": kernel, "split": split, "decode_ctas": ctas, "ms": ms,
-                                 "speedup": seq_ms / ms})
-                    print(f"{kernel:9s} split {split:5d} ctas {ctas}: {ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
+            for split, ctas, gemm in itertools.product(
+                    map(int, args.splits.split(",")), [int(c) if c != "all" else None for c in args.ctas.split(",")],
+                    args.gemm_ctas.split(",")):
+                gemm_ctas = None if gemm == "none" or ctas is None else sms - ctas if gemm == "auto" else int(gemm)
+                schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas)
+                ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+                parts = ex.split(batch, model.prepare)
+                try:
+                    ms = time_graph(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)),
+                                    args.reps)
+                except Exception as e:  # e.g. a kernel config that does not compile on this GPU
+                    print(f"{kernel} split {split} ctas {ctas} gemm {gemm_ctas}: {type(e).__name__}: "
+                          f"{str(e)[:300]}", flush=True)
+                    continue
+                rows.append({"kernel": kernel, "split": split, "decode_ctas": ctas, "gemm_ctas": gemm_ctas,
+                             "ms": ms, "speedup": seq_ms / ms})
+                print(f"{kernel:9s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: {ms:.2f} ms "
+                      f"({seq_ms / ms:.3f}x)", flush=True)
         # correctness: the pipelined forward computes the sequential one
         want = model(batch)
-        ex = PipelineExecutor(overlap_schedule(names, args.tokens, 768, 769, 32), model.layer_ops, runner.device)
+        ex = PipelineExecutor(overlap_schedule(names, args.tokens, 768, 769, 32, gemm_ctas=sms - 32), model.layer_ops,
+                              runner.device)
         got = model(batch, partial(ex.run, parts=ex.split(batch, model.prepare)))
         torch.cuda.synchronize()
         results["max_abs_diff"] = (got.float() - want.float()).abs().max().item()

@@ -1,0 +1,139 @@
+"""GEMMs on a share of the SMs (issue 12, deliverable 2): each Llama-3-8B projection's rate with the
+persistent Triton GEMM (nanoflow/kernels/linear.py) capped at several CTA counts, next to cuBLAS on
+all SMs; then the pair the pipeline needs: decode attention capped at --decode-ctas, launched
+first on one stream, beside the projection on another (cuBLAS, or the persistent GEMM on the SMs
+left), against the best sequential pair (decode on all SMs, then cuBLAS).
+
+    python benchmarks/gemm_share.py --out DIR [--rows 512 1024 2048] [--decode-ctas 44]
+
+Writes DIR/gemm_share.json. Imports only torch, triton and nanoflow.kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# projection: (in features, out features), Llama-3-8B
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+# (block_m, block_n, block_k, num_warps, num_stages)
+TILES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", type=int, nargs="*", default=[512, 1024, 2048])
+    p.add_argument("--ctas", type=int, nargs="*", default=None, help="caps (default: 100/83/67/50%% of the SMs)")
+    p.add_argument("--decode-ctas", type=int, default=44)
+    p.add_argument("--decode", default="256x1024", help="decode batch BxCONTEXT beside the GEMM")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import triton
+
+    from nanoflow.kernels import decode_attention as dk
+    from nanoflow.kernels.linear import GemmConfig, persistent_linear
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    caps = args.ctas or [sms, sms * 5 // 6, sms * 2 // 3, sms // 2]
+    bench: Callable[[Callable[[], Any]], float] = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+    dt = torch.bfloat16
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "sms": sms, "caps": caps, "gemm": {}, "pairs": {}}
+    print(f"{'proj':8s} {'rows':>5s} {'cuBLAS':>8s}  " + "  ".join(f"{c:>4d} CTAs" for c in caps) + "   (TF/s)")
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=dt) * k**-0.5
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            out = torch.empty(m, n, device="cuda", dtype=dt)
+            flops = 2 * m * n * k
+            ref_ms = bench(lambda: torch.matmul(x, w.t(), out=out))  # noqa: B023
+            row: dict[str, Any] = {"cublas_tflops": flops / ref_ms / 1e9, "capped": {}}
+            for cap in caps:
+                best: dict[str, Any] = {}
+                for bm, bn, bk, warps, stages in TILES:
+                    cfg = GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                    try:
+                        ms = bench(lambda cfg=cfg, cap=cap: persistent_linear(x, w, out=out, num_ctas=cap, config=cfg))  # noqa: B023
+                    except Exception as e:  # out of shared memory and the like
+                        print(f"   skip {cfg}: {type(e).__name__}", file=sys.stderr)
+                        continue
+                    if not best or ms < best["ms"]:
+                        best = {"ms": ms, "tflops": flops / ms / 1e9, "config": dataclasses.asdict(cfg)}
+                row["capped"][str(cap)] = best
+            torch.testing.assert_close(persistent_linear(x, w, out=torch.empty_like(out), num_ctas=caps[-1]),
+                                       torch.matmul(x, w.t()), rtol=2e-2, atol=2e-2)
+            res["gemm"][f"{name}@{m}"] = row
+            print(f"{name:8s} {m:5d} {row['cublas_tflops']:8.0f}  " + "  ".join(
+                f"{row['capped'][str(c)].get('tflops', float('nan')):9.0f}" for c in caps), flush=True)
+
+    # the pair: decode capped at decode_ctas first on s1, a projection on s2 (cuBLAS or capped)
+    b, ctx = map(int, args.decode.split("x"))
+    hq, hkv, hd, page = 32, 8, 128, 16
+    pages = b * ctx // page
+    k_cache = torch.randn(pages, hkv, page, hd, device="cuda", dtype=dt)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(pages, device="cuda", dtype=torch.int32).view(b, ctx // page)
+    seq_lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(b, hq, hd, device="cuda", dtype=dt)
+    o = torch.empty_like(q)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def pair(f1: Callable[[], Any], f2: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            cur = torch.cuda.current_stream()
+            s1.wait_stream(cur)
+            s2.wait_stream(cur)
+            with torch.cuda.stream(s1):
+                f1()
+            with torch.cuda.stream(s2):
+                f2()
+            cur.wait_stream(s1)
+            cur.wait_stream(s2)
+
+        return run
+
+    left = sms - args.decode_ctas
+    for kernel, cfg in (("per_head", dk.DecodeConfig()), ("all_heads", dk.DecodeConfig(all_heads=True)),
+                        ("tma", dk.DecodeConfig(tma=True))):
+        dec = lambda n, cfg=cfg: lambda: dk.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.08, None, n,
+                                                                   out=o, config=cfg)
+        try:
+            t_dec_all, t_dec = bench(dec(None)), bench(dec(args.decode_ctas))
+        except Exception as e:
+            print(f"decode kernel {kernel}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        for name in ("gate_up", "down"):
+            k, n = SHAPES[name]
+            m = 2048
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            w = torch.randn(n, k, device="cuda", dtype=dt) * k**-0.5
+            out = torch.empty(m, n, device="cuda", dtype=dt)
+            cublas = lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out)
+            cap_cfg = res["gemm"].get(f"{name}@{m}", {}).get("capped", {}).get(str(caps[-1]), {}).get("config")
+            capped = lambda x=x, w=w, out=out, c=cap_cfg: persistent_linear(
+                x, w, out=out, num_ctas=left, config=GemmConfig(**c) if c else None)
+            t_g = bench(cublas)
+            seq = t_dec_all + t_g
+            row = {"decode_all_ms": t_dec_all, "decode_capped_ms": t_dec, "cublas_ms": t_g, "sequential_ms": seq,
+                   "beside_cublas_ms": bench(pair(dec(args.decode_ctas), cublas)),
+                   "beside_capped_gemm_ms": bench(pair(dec(args.decode_ctas), capped))}
+            row["gain_cublas"] = seq / row["beside_cublas_ms"]
+            row["gain_capped_gemm"] = seq / row["beside_capped_gemm_ms"]
+            res["pairs"][f"{kernel}:{name}"] = row
+            print(f"decode {kernel} ({args.decode_ctas} CTAs, {t_dec:.3f} ms; all SMs {t_dec_all:.3f}) beside {name} "
+                  f"({t_g:.3f} ms): cuBLAS {row['gain_cublas']:.2f}x, capped GEMM on {left} CTAs "
+                  f"{row['gain_capped_gemm']:.2f}x vs the sequential pair", flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gemm_share.json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {Path(args.out) / 'gemm_share.json'}")
+
+
+if __name__ == "__main__":
+    main()
