@@ -37,6 +37,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
     import triton
+    from stream_pair import stream_pair
 
     from nanoflow.kernels import decode_attention as dk
     from nanoflow.kernels.linear import GemmConfig, persistent_linear
@@ -83,22 +84,6 @@ def main() -> None:
     seq_lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
     q = torch.randn(b, hq, hd, device="cuda", dtype=dt)
     o = torch.empty_like(q)
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-
-    def pair(f1: Callable[[], Any], f2: Callable[[], Any]) -> Callable[[], None]:
-        def run() -> None:
-            cur = torch.cuda.current_stream()
-            s1.wait_stream(cur)
-            s2.wait_stream(cur)
-            with torch.cuda.stream(s1):
-                f1()
-            with torch.cuda.stream(s2):
-                f2()
-            cur.wait_stream(s1)
-            cur.wait_stream(s2)
-
-        return run
-
     left = sms - args.decode_ctas
     for kernel, cfg in (("per_head", dk.DecodeConfig()), ("all_heads", dk.DecodeConfig(all_heads=True)),
                         ("tma", dk.DecodeConfig(tma=True))):
@@ -122,8 +107,8 @@ def main() -> None:
             t_g = bench(cublas)
             seq = t_dec_all + t_g
             row = {"decode_all_ms": t_dec_all, "decode_capped_ms": t_dec, "cublas_ms": t_g, "sequential_ms": seq,
-                   "beside_cublas_ms": bench(pair(dec(args.decode_ctas), cublas)),
-                   "beside_capped_gemm_ms": bench(pair(dec(args.decode_ctas), capped))}
+                   "beside_cublas_ms": bench(stream_pair(dec(args.decode_ctas), cublas)),
+                   "beside_capped_gemm_ms": bench(stream_pair(dec(args.decode_ctas), capped))}
             row["gain_cublas"] = seq / row["beside_cublas_ms"]
             row["gain_capped_gemm"] = seq / row["beside_capped_gemm_ms"]
             res["pairs"][f"{kernel}:{name}"] = row

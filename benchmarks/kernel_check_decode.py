@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from stream_pair import stream_pair
+
 
 def rel_err(out: Any, ref: Any) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -258,22 +260,6 @@ class DecodeChecks:
         dec = lambda n: lambda: dk.paged_decode_attention(
             q, k_cache, v_cache, tables, seq_lens, 0.08, None, n, out=out, config=best_cfg.get(n)
         )
-        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-
-        def pair(f1: Callable[[], Any], f2: Callable[[], Any]) -> Callable[[], None]:
-            def run() -> None:
-                cur = torch.cuda.current_stream()
-                s1.wait_stream(cur)
-                s2.wait_stream(cur)
-                with torch.cuda.stream(s1):
-                    f1()
-                with torch.cuda.stream(s2):
-                    f2()
-                cur.wait_stream(s1)
-                cur.wait_stream(s2)
-
-            return run
-
         t_gemm = self.bench(gemm)
         t_full = self.bench(dec(None))
         res: dict[str, Any] = {"gemm_us": t_gemm * 1e3, "decode_all_sms_us": t_full * 1e3}
@@ -282,7 +268,7 @@ class DecodeChecks:
             k_gemms = max(1, round(t_dec / t_gemm))  # a balanced pair
             gemms = lambda k_gemms=k_gemms: [gemm() for _ in range(k_gemms)]
             t_g = self.bench(gemms)
-            t_both = self.bench(pair(dec(n), gemms))
+            t_both = self.bench(stream_pair(dec(n), gemms))
             best_seq = t_full + t_g  # a good non-overlapped engine: decode on every SM, then the GEMMs
             res[f"ctas={n}"] = {
                 "decode_us": t_dec * 1e3, "gemms": k_gemms, "gemms_us": t_g * 1e3,

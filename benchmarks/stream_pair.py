@@ -1,0 +1,29 @@
+"""Two GPU functions side by side: the building block of the overlap measurements
+(kernel_check_decode.py's overlap section, gemm_share.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def stream_pair(f1: Callable[[], Any], f2: Callable[[], Any]) -> Callable[[], None]:
+    """A function that issues f1 on one stream, then f2 on another, both after the current stream's
+    work, and makes the current stream wait for both: f1 is issued first, so a capped f1 takes its
+    SMs before f2 fills the rest."""
+    import torch
+
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def run() -> None:
+        cur = torch.cuda.current_stream()
+        s1.wait_stream(cur)
+        s2.wait_stream(cur)
+        with torch.cuda.stream(s1):
+            f1()
+        with torch.cuda.stream(s2):
+            f2()
+        cur.wait_stream(s1)
+        cur.wait_stream(s2)
+
+    return run
