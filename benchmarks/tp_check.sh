@@ -8,7 +8,10 @@
 #   EAGER_FLAGS="--cuda-graph-max-tokens 0" bash benchmarks/tp_check.sh   # graphs off, same kernels
 #
 # Environment (all optional): OUT (default bench-results/tp_check_<time>, git-ignored), NUM_REQUESTS
-# (1000), TRACE, EAGER_FLAGS (--enforce-eager), TP_CHECK_TOTAL_S (540), TESTS_S, BENCH_S (170 each).
+# (1000), TRACE, EAGER_FLAGS (--enforce-eager), TP_CHECK_TOTAL_S (540), TESTS_S, BENCH_S (170 each),
+# TP_CHECK_SECOND=network: the second bench runs the network-overlap pipeline (benchmarks/
+# make_pipeline.py, split NET_SPLIT, default 1024) against nanoflow-sequential instead of
+# EAGER_FLAGS; NCCL_MAX_CTAS_FLAG, e.g. "--nccl-max-ctas 16".
 
 set -u -o pipefail
 # NVLink multicast can take a shared host's GPUs out of service: off in every process started here
@@ -62,8 +65,15 @@ bench=(python -m nanoflow.cli bench --dummy llama3-8b --tensor-parallel-size 2 -
 step tests "${TESTS_S:-170}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q --no-header \
   -p no:cacheprovider
 step bench_graphs "${BENCH_S:-170}" 170 "${bench[@]}" --output-dir "$OUT/graphs"
-# shellcheck disable=SC2086  # EAGER_FLAGS is an argument list
-step bench_eager "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/eager" $EAGER_FLAGS
+if [[ ${TP_CHECK_SECOND:-eager} == network ]]; then
+  # the network-overlap pipeline (each nano-batch's all-reduces beside the other's ops) vs sequential
+  python benchmarks/make_pipeline.py network --tp --split "${NET_SPLIT:-1024}" --out "$OUT/net.json"
+  step bench_network "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/network" --pipeline "$OUT/net.json" \
+    --compare nanoflow-sequential ${NCCL_MAX_CTAS_FLAG:-}
+else
+  # shellcheck disable=SC2086  # EAGER_FLAGS is an argument list
+  step bench_eager "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/eager" $EAGER_FLAGS
+fi
 
 echo "=== summary ($(( $(date +%s) - START ))s)"
 cat "$SUMMARY"

@@ -36,6 +36,10 @@ class EngineArgs:
     # dense iterations are graphs too; 0: no graphs.
     cuda_graph_max_tokens: int | None = None
     tensor_parallel_size: int = 1
+    # Tensor parallel: the most CTAs each NCCL collective takes (NCCL_MAX_CTAS, set before the
+    # communicator exists, on every rank), so an all-reduce overlapped with the other nano-batch's
+    # GEMMs (a network-overlap pipeline) leaves them most of the SMs. None: NCCL's own choice.
+    nccl_max_ctas: int | None = None
     # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
     # twice the tokens fit in the same memory and decode attention reads half the bytes.
     kv_cache_dtype: str = "auto"
@@ -47,8 +51,8 @@ class EngineArgs:
 # The options add_engine_args defines (the model is named per command).
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "admission_output_tokens", "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype",
-                "cuda_graph_max_tokens", "tensor_parallel_size", "seed", "tokenizer", "skip_tokenizer_init",
-                "enforce_eager", "pipeline")
+                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "seed", "tokenizer",
+                "skip_tokenizer_init", "enforce_eager", "pipeline")
 
 
 def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positional_model: bool = True) -> None:
@@ -73,6 +77,9 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
     p.add_argument("--cuda-graph-max-tokens", type=int, default=None,
                    help="largest iteration replayed from a CUDA graph (default: the token budget; 0: none)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
+    p.add_argument("--nccl-max-ctas", type=int, default=None,
+                   help="tensor parallel: the most CTAs each NCCL collective takes (NCCL_MAX_CTAS), leaving the "
+                   "rest of the SMs to the GEMMs a network-overlap pipeline runs beside it")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--skip-tokenizer-init", action="store_true",

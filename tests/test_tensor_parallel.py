@@ -59,6 +59,33 @@ def test_two_ranks_match_one(tiny_model, arch):
     llm.shutdown()  # idempotent
 
 
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_network_overlap_pipeline_matches_one(tiny_model, tmp_path, monkeypatch, arch):
+    """Two ranks running the network-overlap schedule (each nano-batch's all-reduces on a second
+    stream, beside the other nano-batch's ops) give one process's tokens; nano-batch bounds fall
+    inside the decode rows and inside prefill chunks. --nccl-max-ctas reaches NCCL's environment."""
+    from helpers import layer_op_names
+
+    from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule
+
+    path = tiny_model(arch)
+    names = layer_op_names(arch, tp=True)
+    pipeline = Pipeline(tuple(network_overlap_schedule(names, hi, split, lo)
+                              for lo, hi, split in ((2, 9, 1), (10, 40, 7), (41, 64, 29))), {"test": arch}, "tests")
+    pipeline.save(tmp_path / "net.json")
+    prompts = _prompts(2)
+    settings = dict(max_model_len=256, max_num_batched_tokens=64)
+    expected = _greedy(LLM(path, **settings), prompts)
+    monkeypatch.setenv("NCCL_MAX_CTAS", "unset")  # restored after the test
+    llm = LLM(path, tensor_parallel_size=2, pipeline=str(tmp_path / "net.json"), nccl_max_ctas=4, **settings)
+    try:
+        assert len(llm.engine.runner.executors) == 3
+        assert os.environ["NCCL_MAX_CTAS"] == "4"
+        assert _greedy(llm, prompts) == expected
+    finally:
+        llm.shutdown()
+
+
 def _ring_files() -> list:
     return list(SHM_DIR.glob(f"{PREFIX}{os.getpid()}-*"))
 

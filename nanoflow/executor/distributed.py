@@ -240,6 +240,8 @@ def _join(rank: int, size: int, init_method: str, config: EngineConfig,
     if config.device.type == "cuda":
         config = config.for_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))))
         torch.cuda.set_device(config.device)
+    if config.args.nccl_max_ctas is not None:  # read by NCCL when the communicator is made
+        os.environ["NCCL_MAX_CTAS"] = str(config.args.nccl_max_ctas)
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if config.device.type == "cuda" else "gloo"

@@ -170,3 +170,29 @@ def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_t
     for part in (0, 1):
         steps += dense_steps(after, part, beside_decode=part == 0)
     return Schedule(min_tokens, max_tokens, partitions, tuple(steps))
+
+
+# the tensor-parallel all-reduces of a layer (models/llama.py's op names)
+NETWORK_OPS = frozenset({"attn_all_reduce", "ffn_all_reduce"})
+
+
+def network_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int) -> Schedule:
+    """Two nano-batches under tensor parallelism (issue 13): each all-reduce runs on stream 1, so
+    nano-batch 0's all-reduce overlaps nano-batch 1's ops up to its own all-reduce on stream 0, and
+    nano-batch 1's overlaps nano-batch 0's next segment (across layers too). Every collective is on
+    one stream, in the same order on every rank. Attention runs on stream 0 over the dense
+    nano-batches, uncapped."""
+    dense = (0, split, max_tokens)
+    steps: list[Step] = []
+    segment: list[str] = []
+    for op in op_names:
+        if op not in NETWORK_OPS:
+            segment.append(op)
+            continue
+        for part in (0, 1):
+            steps += [Step(name, part, "dense") for name in segment]
+            steps.append(Step(op, part, "dense", 1))
+        segment = []
+    for part in (0, 1):  # ops after the last all-reduce (none in a tensor-parallel layer)
+        steps += [Step(name, part, "dense") for name in segment]
+    return Schedule(min_tokens, max_tokens, {"dense": dense}, tuple(steps))

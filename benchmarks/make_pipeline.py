@@ -1,0 +1,53 @@
+"""Writes a hand-made pipeline JSON (for `--pipeline PATH`) from the schedule builders, to measure
+a schedule before `nanoflow tune` searches for one: two nano-batches split at --split for
+iterations of --min-tokens to --tokens tokens (sequential below).
+
+    python benchmarks/make_pipeline.py network --tp --split 1024 --out net.json     # issue 13
+    python benchmarks/make_pipeline.py overlap --split 1024 --decode-ctas 44 --gemm-ctas 88 --out ov.json
+
+The op names are a Llama/Mixtral decoder layer's (models/llama.py); the engine checks them against
+the model it loads and refuses a pipeline that does not match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule, overlap_schedule  # noqa: E402
+
+
+def layer_ops(moe: bool, tp: bool) -> list[str]:
+    ffn = ["route", "experts"] if moe else ["gate_up", "act", "down"]
+    reduce = (["attn_all_reduce"], ["ffn_all_reduce"]) if tp else ([], [])
+    return ["input_norm", "qkv", "rope_kv_write", "decode_attention", "prefill_attention", "o", *reduce[0],
+            "post_attention_norm", *ffn, *reduce[1]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=("network", "overlap"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=2048, help="the token budget (largest iteration)")
+    p.add_argument("--split", type=int, default=1024)
+    p.add_argument("--min-tokens", type=int, default=None, help="smallest pipelined iteration (default split + 1)")
+    p.add_argument("--tp", action="store_true", help="a tensor-parallel layer (with its all-reduces)")
+    p.add_argument("--moe", action="store_true", help="Mixtral's layer (route, experts)")
+    p.add_argument("--decode-ctas", type=int, default=None)
+    p.add_argument("--gemm-ctas", type=int, default=None)
+    a = p.parse_args()
+    names = layer_ops(a.moe, a.tp or a.kind == "network")
+    lo = a.min_tokens or a.split + 1
+    if a.kind == "network":
+        schedule = network_overlap_schedule(names, a.tokens, a.split, lo)
+    else:
+        schedule = overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas, gemm_ctas=a.gemm_ctas)
+    Pipeline((schedule,), {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
+    print(f"wrote {a.out}: {a.kind}, split {a.split}, iterations of {lo}-{a.tokens} tokens")
+
+
+if __name__ == "__main__":
+    main()
