@@ -152,6 +152,16 @@ class GraphRunner:
         log.info("captured %d CUDA graphs (token buckets %s; %d pipelined)", len(self.graphs), self.buckets,
                  len(self.executors))
 
+    def release(self) -> None:
+        """Destroys every captured graph now, whoever else still holds this runner or a graph: NCCL
+        counts each graph that captured one of its collectives and tears its communicator down only
+        once all of them are gone (a destroy_process_group that hung on 2 H200s)."""
+        for graph in self.graphs.values():
+            if graph is not None:
+                graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def _together(self, key: Key, what: str, step: Callable[[], None]) -> None:
         """Runs one step of the capture and, under tensor parallelism, agrees with the other ranks on
         its success before going on: a rank that failed raises its own error, the others a

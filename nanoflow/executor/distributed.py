@@ -157,6 +157,10 @@ class TensorParallelGroup:
             dist.monitored_barrier(group=self.par.control_group, timeout=_SHUTDOWN_TIMEOUT)
         except Exception as e:  # a worker already gone or stuck: the spawned ones are killed below
             log.warning("tensor-parallel shutdown: %s", e)
+        else:
+            # every rank is past the barrier and leaves now, together: tearing a communicator down
+            # waits for its peers, so rank 0 must not wait for the workers to exit first
+            self._leave()
         for p in self.processes:
             p.join(timeout=_SHUTDOWN_TIMEOUT.total_seconds())
         self.abort()
@@ -170,9 +174,12 @@ class TensorParallelGroup:
             p.join()
         if self.par.plans is not None:
             self.par.plans.close()
+        self._leave()
+
+    def _leave(self) -> None:
         if self.owns_group and dist.is_initialized():
             _leave_group()
-            self.owns_group = False
+        self.owns_group = False
 
 
 def _leave_group() -> None:

@@ -76,8 +76,9 @@ class ModelRunner:
 
     def release_graphs(self) -> None:
         """Frees the CUDA graphs and waits for the GPU. Tensor parallel: before the NCCL group is
-        destroyed, on every rank; destroying a communicator that live graphs still hold work on hung
-        on 2 H200s (NCCL in torch 2.11)."""
+        destroyed, on every rank (GraphRunner.release says why)."""
+        if self.graphs is not None:
+            self.graphs.release()
         self.graphs = None
         gc.collect()
         if self.device.type == "cuda":
