@@ -11,7 +11,9 @@
 # (1000), TRACE, EAGER_FLAGS (--enforce-eager), TP_CHECK_TOTAL_S (540), TESTS_S, BENCH_S (170 each),
 # TP_CHECK_SECOND=network: the second bench runs the network-overlap pipeline (benchmarks/
 # make_pipeline.py, split NET_SPLIT, default 1024) against nanoflow-sequential instead of
-# EAGER_FLAGS; NCCL_MAX_CTAS_FLAG, e.g. "--nccl-max-ctas 16".
+# EAGER_FLAGS; TP_CHECK_SECOND=tune: `nanoflow tune` (network overlap measured per bucket, cached)
+# then the bench with --pipeline auto against nanoflow-sequential; NCCL_MAX_CTAS_FLAG, e.g.
+# "--nccl-max-ctas 16"; TP_MODEL (llama3-8b), TP_WORKLOAD (the trace), TP_STEPS (tests,graphs,second).
 
 set -u -o pipefail
 # NVLink multicast can take a shared host's GPUs out of service: off in every process started here
@@ -60,12 +62,24 @@ if ! python -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)"; the
   exit 2
 fi
 
-bench=(python -m nanoflow.cli bench --dummy llama3-8b --tensor-parallel-size 2 --workload "trace:$TRACE"
+MODEL=${TP_MODEL:-llama3-8b}
+STEPS=${TP_STEPS:-tests,graphs,second}
+wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
+bench=(python -m nanoflow.cli bench --dummy "$MODEL" --tensor-parallel-size 2 --workload "${TP_WORKLOAD:-trace:$TRACE}"
        --num-requests "$NUM_REQUESTS" --no-tqdm)
-step tests "${TESTS_S:-170}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q --no-header \
-  -p no:cacheprovider
-step bench_graphs "${BENCH_S:-170}" 170 "${bench[@]}" --output-dir "$OUT/graphs"
-if [[ ${TP_CHECK_SECOND:-eager} == network ]]; then
+wanted tests && step tests "${TESTS_S:-170}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q \
+  --no-header -p no:cacheprovider
+wanted graphs && step bench_graphs "${BENCH_S:-170}" 170 "${bench[@]}" --output-dir "$OUT/graphs"
+if ! wanted second; then
+  :
+elif [[ ${TP_CHECK_SECOND:-eager} == tune ]]; then
+  # the search measures each candidate in its own engine start; its pipeline lands in $OUT's cache
+  export NANOFLOW_CACHE="$OUT/cache"
+  step tune "${TUNE_S:-200}" 120 python -m nanoflow.cli tune --dummy "$MODEL" --tensor-parallel-size 2 --no-tqdm \
+    --output-dir "$OUT/tune" ${TUNE_FLAGS:-} ${NCCL_MAX_CTAS_FLAG:-}
+  step bench_tuned "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/tuned" --pipeline auto \
+    --compare nanoflow-sequential ${NCCL_MAX_CTAS_FLAG:-}
+elif [[ ${TP_CHECK_SECOND:-eager} == network ]]; then
   # the network-overlap pipeline (each nano-batch's all-reduces beside the other's ops) vs sequential
   python benchmarks/make_pipeline.py network --tp --split "${NET_SPLIT:-1024}" --out "$OUT/net.json"
   step bench_network "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/network" --pipeline "$OUT/net.json" \

@@ -69,6 +69,11 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     s.add_argument("--split-step", type=int, default=None,
                    help="split points tried are multiples of this (default: the gcd of the sizes)")
     s.add_argument("--time-limit", type=float, default=60.0, help="seconds the MILP solver may take per bucket")
+    s.add_argument("--split-fractions", type=lambda t: [float(x) for x in t.split(",") if x], default=[0.5],
+                   help="tensor parallel: network-overlap candidates split each bucket at these fractions, each "
+                   "measured in one engine start (default 0.5)")
+    s.add_argument("--network-min-tokens", type=int, default=256,
+                   help="tensor parallel: buckets above this many tokens get network-overlap candidates")
 
     o = p.add_argument_group("output")
     o.add_argument("--profile-only", action="store_true", help="write the profile JSON and stop")
@@ -105,7 +110,10 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
                            "skip_tokenizer_init": True})
         config = EngineConfig.from_args(ea)
         if config.tensor_parallel_size != 1:
-            raise ValueError("nanoflow tune profiles one GPU: tensor_parallel_size must be 1 for now")
+            if profile is not None or args.profile_only:
+                raise ValueError("under tensor parallelism nanoflow tune measures whole iterations: no op "
+                                 "profile (--profile-json, --profile-only) to read or write")
+            return _tune_tensor_parallel(args, config, ea, name)
         if profile is not None:
             _check_key(profile["key"], pipeline_key(config, 1), args.profile_json)
     elif profile is None:
@@ -155,6 +163,34 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     else:
         print("the engine takes it at start with --pipeline auto (the default) whenever the GPU, model shape, "
               "dtype, KV dtype, TP size and token budget match; --pipeline off runs the sequential schedule")
+    return 0
+
+
+def _tune_tensor_parallel(args: argparse.Namespace, config: Any, ea: Any, name: str) -> int:
+    """Network overlap for the TP size at hand, chosen from measured graph replays (tune/tensor_parallel.py)."""
+    import dataclasses
+
+    from nanoflow.config import EngineConfig
+    from nanoflow.executor.model_runner import pipeline_key
+    from nanoflow.pipeline.cache import cache_path
+    from nanoflow.tune.tensor_parallel import print_table, tune_tensor_parallel
+
+    # the engine's own graphs are what is measured: the user's graph flags, not the profiler's
+    config = EngineConfig.from_args(dataclasses.replace(ea, cuda_graph_max_tokens=args.cuda_graph_max_tokens))
+    if not config.cuda_graph_max_tokens:
+        raise ValueError("under tensor parallelism nanoflow tune measures CUDA graph replays: it needs the GPU "
+                         "fast path with graphs (not --enforce-eager, --cuda-graph-max-tokens 0 or a CPU)")
+    key = pipeline_key(config, config.tensor_parallel_size)
+    print(f"tune: {name}, tensor parallel {config.tensor_parallel_size}, token budget {config.max_num_batched_tokens}",
+          flush=True)
+    t = tune_tensor_parallel(config, key, args.split_fractions, args.network_min_tokens, args.min_gain)
+    target = Path(args.output) if args.output else cache_path(key)
+    t.pipeline.save(target)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report = _write_json(Path(args.output_dir) / f"tune-tp{key['tp']}_{_safe(key['gpu'])}_{_safe(name)}_{stamp}.json",
+                         {**t.to_json(), "pipeline_path": str(target)})
+    print_table(t)
+    print(f"\npipeline: {target} ({len(t.pipeline.schedules)} pipelined buckets; report {report})")
     return 0
 
 

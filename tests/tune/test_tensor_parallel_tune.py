@@ -1,0 +1,100 @@
+"""`nanoflow tune` under tensor parallelism: network overlap kept per bucket only where its measured
+graphs beat the sequential ones of the same run; the whole measurement (fresh processes, 2 gloo
+ranks each) on the CPU, where replay times are not measured and so nothing may win."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from helpers import layer_op_names
+
+from nanoflow.cli import build_parser
+from nanoflow.config import EngineConfig
+from nanoflow.engine_args import EngineArgs
+from nanoflow.pipeline.schedule import NETWORK_OPS
+from nanoflow.tune.tensor_parallel import (
+    Run,
+    bucket_ranges,
+    candidate,
+    choose,
+    split_for,
+    tune_tensor_parallel,
+    tuned_pipeline,
+)
+
+NAMES = layer_op_names("llama", tp=True)
+
+
+def _run(times: dict[int, tuple[float, float | None]]) -> Run:
+    """bucket -> (sequential ms, pipelined ms or None), as the mixed graph; the decode-only graph
+    of each bucket takes half of it."""
+    table = {}
+    for b, (seq, piped) in times.items():
+        for mixed, scale in ((True, 1.0), (False, 0.5)):
+            table[(b, mixed, False)] = seq * scale
+            if piped is not None:
+                table[(b, mixed, True)] = piped * scale
+    return Run(table, NAMES, sorted(times), 0.0)
+
+
+def test_ranges_and_splits():
+    assert bucket_ranges([1, 256, 320, 512, 2048], 256) == [(257, 320), (321, 512), (513, 2048)]
+    assert split_for(1793, 2048, 0.5) == 1024
+    assert split_for(257, 320, 0.5) == 160
+    assert split_for(1025, 2048, 0.25) == 512
+    assert split_for(513, 2048, 0.5) is None  # a 513-token batch would leave the second nano-batch empty
+    assert split_for(17, 24, 0.5) is None  # 12 rows round down to 0
+
+
+def test_candidate_covers_the_ranges_it_can_split():
+    p = candidate(NAMES, [(257, 320), (449, 512), (513, 2048), (1793, 2048)], 0.5, {"tp": 2})
+    p.check(NAMES)
+    assert [(s.min_tokens, s.max_tokens, s.partitions["dense"]) for s in p.schedules] == [
+        (257, 320, (0, 160, 320)), (449, 512, (0, 256, 512)), (1793, 2048, (0, 1024, 2048))]
+    for s in p.schedules:  # every all-reduce on the second stream, nothing else
+        assert {st.op for st in s.steps if st.stream == 1} == set(NETWORK_OPS)
+
+
+def test_choose_keeps_only_measured_wins():
+    baseline = _run({256: (10, None), 512: (20, None), 1024: (40, None), 2048: (80, None)})
+    ranges = bucket_ranges(baseline.buckets, 256)
+    half = _run({256: (10, None), 512: (20, 21), 1024: (40, 39.9), 2048: (80, 70)})
+    quarter = _run({256: (10, None), 512: (20, 19), 1024: (41, 38), 2048: (80, 76)})
+    choices = choose(baseline, {0.5: half, 0.25: quarter}, ranges, min_gain=0.01)
+    by_bucket = {c.max_tokens: c for c in choices}
+    assert by_bucket[512].split == 128  # the quarter split won; the half split lost
+    assert by_bucket[1024].split == 256  # 38 vs its own run's 41: judged against the run beside it
+    assert by_bucket[2048].split == 1024 and by_bucket[2048].gain == pytest.approx(80 / 70)
+    assert by_bucket[512].sequential_ms == pytest.approx(30)  # mixed + decode-only of the baseline
+    # a gain under min_gain keeps the sequential schedule
+    assert choose(baseline, {0.5: half}, ranges, min_gain=0.2)[-1].split is None
+    pipeline = tuned_pipeline(NAMES, choices, {"tp": 2})
+    pipeline.check(NAMES)
+    assert [(s.min_tokens, s.max_tokens) for s in pipeline.schedules] == [(257, 512), (513, 1024), (1025, 2048)]
+
+
+def test_tune_on_two_gloo_ranks_measures_and_keeps_sequential(tiny_model):
+    """The whole search on the CPU: a sequential run and a candidate run, each a fresh process with
+    its own worker. CPU replay times are the bucket sizes (nothing is timed), so no candidate wins."""
+    path = tiny_model("llama")
+    cfg = EngineConfig.from_args(EngineArgs(model=path, max_model_len=256, max_num_batched_tokens=64,
+                                            num_kv_pages=256, tensor_parallel_size=2, skip_tokenizer_init=True))
+    cfg = dataclasses.replace(cfg, enforce_eager=False, cuda_graph_max_tokens=64)  # the GPU's graph path
+    t = tune_tensor_parallel(cfg, {"test": "tp2"}, fractions=(0.5,), min_tokens=16)
+    assert t.baseline.op_names == NAMES
+    assert [(c.min_tokens, c.max_tokens) for c in t.choices] == [(17, 24), (25, 32), (33, 48), (49, 64)]
+    assert all(c.split is None for c in t.choices) and [bool(c.tried) for c in t.choices] == [False, True, True, True]
+    assert any(p for (_, _, p) in t.runs[0.5].replay_ms)  # pipelined graphs were built
+    assert t.pipeline.schedules == ()
+
+
+def test_cli_refuses_a_profile_under_tensor_parallelism(tiny_model):
+    args = build_parser().parse_args(["tune", "--model", tiny_model("llama"), "--device", "cpu",
+                                      "--tensor-parallel-size", "2", "--profile-only"])
+    with pytest.raises(ValueError, match="measures whole iterations"):
+        args.func(args)
+    args = build_parser().parse_args(["tune", "--model", tiny_model("llama"), "--device", "cpu",
+                                      "--tensor-parallel-size", "2"])
+    with pytest.raises(ValueError, match="needs the GPU fast path with graphs"):
+        args.func(args)
