@@ -13,7 +13,9 @@
 # make_pipeline.py, split NET_SPLIT, default 1024) against nanoflow-sequential instead of
 # EAGER_FLAGS; TP_CHECK_SECOND=tune: `nanoflow tune` (network overlap measured per bucket, cached)
 # then the bench with --pipeline auto against nanoflow-sequential; NCCL_MAX_CTAS_FLAG, e.g.
-# "--nccl-max-ctas 16"; TP_MODEL (llama3-8b), TP_WORKLOAD (the trace), TP_STEPS (tests,graphs,second).
+# "--nccl-max-ctas 16"; TP_MODEL (llama3-8b), TP_WORKLOAD (the trace), TP_STEPS (tests,graphs,second;
+# also allreduce: benchmarks/allreduce_check.py, NCCL vs symm-mem alone and beside a GEMM); BENCH_FLAGS
+# (more bench arguments for every bench, e.g. "--all-reduce symm-mem --kv-cache-dtype fp8").
 
 set -u -o pipefail
 # NVLink multicast can take a shared host's GPUs out of service: off in every process started here
@@ -66,9 +68,11 @@ MODEL=${TP_MODEL:-llama3-8b}
 STEPS=${TP_STEPS:-tests,graphs,second}
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
 bench=(python -m nanoflow.cli bench --dummy "$MODEL" --tensor-parallel-size 2 --workload "${TP_WORKLOAD:-trace:$TRACE}"
-       --num-requests "$NUM_REQUESTS" --no-tqdm)
+       --num-requests "$NUM_REQUESTS" --no-tqdm ${BENCH_FLAGS:-})
 wanted tests && step tests "${TESTS_S:-170}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q \
   --no-header -p no:cacheprovider
+wanted allreduce && step allreduce "${ALLREDUCE_S:-120}" 170 python benchmarks/allreduce_check.py --out "$OUT" \
+  ${NCCL_MAX_CTAS_FLAG:-}
 wanted graphs && step bench_graphs "${BENCH_S:-170}" 170 "${bench[@]}" --output-dir "$OUT/graphs"
 if ! wanted second; then
   :

@@ -91,6 +91,8 @@ class EngineConfig:
         on_gpu = device.type == "cuda"
         dtype = resolve_dtype(args.dtype, _checkpoint_dtype(hf_config), device)
         enforce_eager = args.enforce_eager or not on_gpu
+        if args.all_reduce == "symm-mem" and not on_gpu:
+            raise ValueError("all_reduce='symm-mem' needs CUDA GPUs (symmetric memory over NVLink); use 'nccl'")
         budget = args.max_num_batched_tokens or (2048 if on_gpu else 512)
         graph_tokens = budget if args.cuda_graph_max_tokens is None else min(args.cuda_graph_max_tokens, budget)
         return cls(args, hf_config, arch, max_model_len, device, dtype,
@@ -150,6 +152,8 @@ def _check_args(args: EngineArgs) -> None:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {args.load_format!r}")
+    if args.all_reduce not in ("nccl", "symm-mem"):
+        raise ValueError(f"all_reduce must be 'nccl' or 'symm-mem', got {args.all_reduce!r}")
 
 
 def _checkpoint_dtype(hf_config) -> torch.dtype | None:

@@ -40,6 +40,10 @@ class EngineArgs:
     # communicator exists, on every rank), so an all-reduce overlapped with the other nano-batch's
     # GEMMs (a network-overlap pipeline) leaves them most of the SMs. None: NCCL's own choice.
     nccl_max_ctas: int | None = None
+    # Tensor parallel on GPUs: "nccl" (NCCL's all-reduce) or "symm-mem" (torch's symmetric-memory
+    # two-shot all-reduce: peer-to-peer loads over NVLink, no multicast), for a step's all-reduces
+    # up to the token budget's size; larger ones stay on NCCL.
+    all_reduce: str = "nccl"
     # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
     # twice the tokens fit in the same memory and decode attention reads half the bytes.
     kv_cache_dtype: str = "auto"
@@ -51,7 +55,7 @@ class EngineArgs:
 # The options add_engine_args defines (the model is named per command).
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "admission_output_tokens", "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype",
-                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "seed", "tokenizer",
+                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "all_reduce", "seed", "tokenizer",
                 "skip_tokenizer_init", "enforce_eager", "pipeline")
 
 
@@ -80,6 +84,9 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
     p.add_argument("--nccl-max-ctas", type=int, default=None,
                    help="tensor parallel: the most CTAs each NCCL collective takes (NCCL_MAX_CTAS), leaving the "
                    "rest of the SMs to the GEMMs a network-overlap pipeline runs beside it")
+    p.add_argument("--all-reduce", default="nccl", choices=("nccl", "symm-mem"),
+                   help="tensor parallel on GPUs: nccl | symm-mem (torch symmetric memory, peer-to-peer over "
+                   "NVLink, no multicast) for the all-reduces of a step")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--skip-tokenizer-init", action="store_true",

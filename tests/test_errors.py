@@ -88,6 +88,7 @@ def test_output_stops_at_max_model_len(tiny_model):
 @pytest.mark.parametrize("kwargs, match", [
     ({"dtype": "float64"}, "dtype"), ({"device": "tpu"}, "device"), ({"max_num_seqs": 0}, "max_num_seqs"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"), ({"max_model_len": 100000}, "max_model_len"),
+    ({"all_reduce": "mpi"}, "all_reduce"), ({"all_reduce": "symm-mem", "device": "cpu"}, "needs CUDA GPUs"),
 ])
 def test_bad_engine_settings(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):

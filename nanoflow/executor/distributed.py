@@ -40,6 +40,7 @@ import torch.multiprocessing as mp
 from nanoflow.config import EngineConfig
 from nanoflow.executor.model_runner import ModelRunner
 from nanoflow.executor.plan_channel import PlanRing
+from nanoflow.executor.symm_all_reduce import open_symm_all_reduce
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.model_arch import ModelArch
 
@@ -258,7 +259,13 @@ def _join(rank: int, size: int, init_method: str, config: EngineConfig,
         raise ValueError(f"the existing process group has {dist.get_world_size()} ranks, but tensor_parallel_size "
                          f"is {size}")
     control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
-    return _open_plan_channel(ParallelState(rank, size, control), one_host), owns, config
+    par = _open_plan_channel(ParallelState(rank, size, control), one_host)
+    if config.args.all_reduce == "symm-mem" and config.device.type == "cuda":
+        # the largest all-reduce of a step: the token budget's hidden states
+        comm = open_symm_all_reduce(config.max_num_batched_tokens * config.arch.hidden_size, config.dtype,
+                                    config.device, par.min)
+        par = dataclasses.replace(par, fast_all_reduce=comm)
+    return par, owns, config
 
 
 def _open_plan_channel(par: ParallelState, one_host: bool) -> ParallelState:

@@ -11,7 +11,7 @@ Starting and stopping the processes is nanoflow.executor.distributed's job.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,12 @@ class ParallelState:
     control_group: Any = field(default=None, compare=False, repr=False)
     # Rank 0: the ring's writer end (send(obj)); other ranks: their reader end (recv()). None: gloo.
     plans: Any = field(default=None, compare=False, repr=False)
+    # An all-reduce beside NCCL's (executor.symm_all_reduce): fast(x) sums x in place and returns
+    # True, or returns False for a tensor it does not take (decided from shapes: alike on every rank).
+    fast_all_reduce: Callable[[torch.Tensor], bool] | None = field(default=None, compare=False, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
+        if self.size > 1 and (self.fast_all_reduce is None or not self.fast_all_reduce(x)):
             dist.all_reduce(x)
         return x
 

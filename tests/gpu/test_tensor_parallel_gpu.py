@@ -92,3 +92,20 @@ def test_llama3_8b_shaped_tp2_graphs(tmp_path):
     launches, _ = _run(str(tmp_path), prompts, 16, cuda_graph_max_tokens=0, **settings)
     assert replays > 0
     assert graphs == launches
+
+
+def test_tp2_symm_mem_all_reduce_matches_nccl(tiny_model):
+    """`--all-reduce symm-mem` (torch's two-shot all-reduce over peer memory, inside the graphs) gives
+    NCCL's tokens: with two ranks each sum is one fp32 addition either way."""
+    path = tiny_model("llama")
+    prompts = _prompts(24, 380, 300, seed=5)
+    settings = dict(max_model_len=512, max_num_batched_tokens=256, num_kv_pages=2048, tensor_parallel_size=2)
+    nccl, _ = _run(path, prompts, 16, **settings)
+    llm = LLM(path, dtype="float32", all_reduce="symm-mem", **settings)
+    try:
+        assert llm.engine.runner.par.fast_all_reduce is not None  # not the NCCL fallback
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+        assert llm.engine.runner.graphs.num_replays > 0
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == nccl
