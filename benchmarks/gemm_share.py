@@ -85,8 +85,7 @@ def main() -> None:
     q = torch.randn(b, hq, hd, device="cuda", dtype=dt)
     o = torch.empty_like(q)
     left = sms - args.decode_ctas
-    for kernel, cfg in (("per_head", dk.DecodeConfig()), ("all_heads", dk.DecodeConfig(all_heads=True)),
-                        ("tma", dk.DecodeConfig(tma=True))):
+    for kernel, cfg in (("per_head", dk.DecodeConfig()), ("all_heads", dk.DecodeConfig(all_heads=True))):
         dec = lambda n, cfg=cfg: lambda: dk.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.08, None, n,
                                                                    out=o, config=cfg)
         try:

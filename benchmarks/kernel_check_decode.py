@@ -1,5 +1,5 @@
 """The decode attention sections of benchmarks/kernel_check.py (its Runner inherits them): decode
-bandwidth per grid cap with a sweep of launch configs, the per-head vs all-heads vs TMA kernels on
+bandwidth per grid cap with a sweep of launch configs, the per-head vs all-heads kernels on
 capped grids, the flattened loop nest, the fp8 cache, and decode on a capped grid beside a GEMM
 on a second stream. They use the Runner's state: self.k (the kernel modules), self.s (shapes),
 self.torch, self.bench, self.results, self.table, self.paged_cache, self.kv_bytes.
@@ -99,9 +99,9 @@ class DecodeChecks:
         return case
 
     def decode_all_heads(self) -> dict[str, Any]:
-        """Per-head decode kernel (today's default) vs the all-heads kernel vs the TMA kernel on
-        capped grids: TB/s of K+V at s.compare_ctas CTAs, each kernel's default and the best of a
-        small sweep (the best checked against the reference), for every decode case; one table."""
+        """Per-head decode kernel (today's default) vs the all-heads kernel on capped grids: TB/s
+        of K+V at s.compare_ctas CTAs, each kernel's default and the best of a small sweep (the
+        best checked against the reference), for every decode case; one table."""
         dk, s = self.k.dk, self.s
         C = dk.DecodeConfig
         # per-head: the default, the sweep's deep-pipeline shapes, and the best configs decode_timing
@@ -113,21 +113,13 @@ class DecodeChecks:
         # all-heads (Llama-3-8B: 8 kv heads x 128, bf16): 64 KiB steps at 3 / 1 / 2 in flight, the
         # 2-D dot, 4 or 2 kv heads per item with deeper pipelines, 32-token steps
         AH = lambda **kw: C(all_heads=True, **kw)
-        T = lambda **kw: C(tma=True, **kw)
         all_heads = [AH(), AH(batched_dot=False, num_stages=5)]
-        tma = [T(), T(kv_heads_per_item=1, num_stages=4)]
         if not self.cpu:
             all_heads = [
                 AH(), AH(num_stages=5), AH(batched_dot=False), AH(batched_dot=False, num_stages=5),
                 AH(kv_heads_per_item=4), AH(kv_heads_per_item=4, num_stages=7), AH(kv_heads_per_item=2),
             ]  # fmt: skip
-            # TMA: 64 KiB steps (8 heads) at 2-3 buffers, 4 / 8 warps; 32 / 16 KiB steps deeper
-            tma = [
-                T(), T(num_stages=2), T(num_warps=8), T(num_stages=4),
-                T(kv_heads_per_item=4, num_stages=4), T(kv_heads_per_item=4, num_stages=6),
-                T(kv_heads_per_item=2, num_stages=8), T(kv_heads_per_item=4, num_stages=6, num_warps=8),
-            ]  # fmt: skip
-        kinds = {"per_head": per_head, "all_heads": all_heads, "tma": tma}
+        kinds = {"per_head": per_head, "all_heads": all_heads}
         default_cfg = dataclasses.asdict(C())
         nan = float("nan")
         res: dict[str, Any] = {}
@@ -163,15 +155,15 @@ class DecodeChecks:
                 print(f"   decode {b}x{ctx} ctas={n:3d}: " + ", ".join(
                     f"{k} {row[k + '_default']:.2f} / best {row[k]:.2f} TB/s (rel_err {row[k + '_rel_err']:.1e}) "
                     f"{row[k + '_config'] or row.get(k + '_error', '')}" for k in kinds), flush=True)  # fmt: skip
-                self.table.append((f"decode {b}x{ctx} ctas={n} per-head / all-heads / tma",
+                self.table.append((f"decode {b}x{ctx} ctas={n} per-head / all-heads",
                                    " / ".join(f"{row[k]:.2f}" for k in kinds) + " TB/s"))  # fmt: skip
             res[f"{b}x{ctx}"] = case
         ceiling = self.results.get("copy_ceiling", {}).get("tbps")
         print(f"\n   TB/s of K+V, best of each kernel's sweep (copy ceiling {ceiling or nan:.2f} TB/s)")
-        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'all-heads':>9s} {'tma':>6s}  best tma config")
+        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'all-heads':>9s}  best all-heads config")
         for r in rows:
-            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head']:9.2f} {r['all_heads']:9.2f} {r['tma']:6.2f}  "
-                  f"{r['tma_config']}")  # fmt: skip
+            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head']:9.2f} {r['all_heads']:9.2f}  "
+                  f"{r['all_heads_config']}")  # fmt: skip
         res["table"] = rows
         return res
 

@@ -6,25 +6,20 @@ both attention modules share, the cache-read conventions included, is in attenti
 the decode kernels share (DecodeConfig, the partition plan, a work item's bounds and store) in
 decode_common.py.
 
-Two more kernels for capped grids (experimental, issue 12), same arguments, same reduce kernel:
+One more kernel for capped grids (experimental, issue 12), same arguments, same reduce kernel:
 DecodeConfig(all_heads=True) (decode_all_heads.py: work items cover every kv head, so each step
-loads whole pages, one contiguous run of all heads per page) and DecodeConfig(tma=True)
-(decode_tma.py: the same items, each page fetched by two bulk tensor copies).
+loads whole pages, one contiguous run of all heads per page).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nanoflow.kernels.attention_common import LOG2E, check_paged_inputs, dot_precision, fp16_dots, gather_pages, num_sms
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
 from nanoflow.kernels.decode_common import DecodeConfig, decode_plan, softmax_step, store_item, work_item
-from nanoflow.kernels.decode_tma import decode_tma_kernel
 
 
 def paged_decode_attention_ref(
@@ -156,31 +151,6 @@ def _decode_reduce_kernel(
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
-def _launch_tma(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
-    seq_lens: torch.Tensor, num_seqs: torch.Tensor, out: torch.Tensor, part_acc: torch.Tensor,
-    part_m: torch.Tensor, part_l: torch.Tensor, scale: float, window: int, num_parts: int, part: int,
-    grid: int, cfg: DecodeConfig,
-) -> None:  # fmt: skip
-    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the TMA kernel reads a contiguous cache"
-    B, Hq, D = q.shape
-    Hkv, page_size = k_cache.shape[1], k_cache.shape[2]
-    heads = cfg.kv_heads_per_item
-    # the cache as rows of head_dim: one page of `heads` kv heads is `heads * page_size` rows
-    rows = k_cache.shape[0] * Hkv * page_size
-    k_desc, v_desc = (TensorDescriptor(c, [rows, D], [D, 1], [heads * page_size, D]) for c in (k_cache, v_cache))
-    decode_tma_kernel[(grid,)](
-        q, k_desc, v_desc, page_tables, seq_lens, num_seqs,
-        out, part_acc, part_m, part_l,
-        scale * LOG2E, Hkv, Hkv // heads, num_parts, part, window,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
-        GROUP=Hq // Hkv, BLOCK_G=triton.next_power_of_2(Hq // Hkv), HEADS=heads, HEAD_DIM=D,
-        PAGE_SIZE=page_size, SPLIT=num_parts > 1, NUM_STAGES=cfg.num_stages,
-        PRECISION=dot_precision(q.dtype), FP16_DOTS=fp16_dots(q, k_cache),
-        num_warps=cfg.num_warps,
-    )  # fmt: skip
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -209,10 +179,7 @@ def paged_decode_attention(
     check_paged_inputs(q, k_cache, v_cache)
     # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
     # load): an fp8 cache keeps the tile shape of its model dtype and halves the bytes per step
-    config = config or DecodeConfig()
-    if config.tma:  # one page per step
-        config = dataclasses.replace(config, block_n=k_cache.shape[2])
-    cfg = config.resolved(
+    cfg = (config or DecodeConfig()).resolved(
         q.shape[-1], q.element_size(), k_cache.dtype == torch.float8_e4m3fn, num_kv_heads=k_cache.shape[1]
     )
     if q.stride(-1) != 1:
@@ -247,10 +214,7 @@ def paged_decode_attention(
     if num_seqs is None:
         num_seqs = torch.full((1,), B, dtype=torch.int32, device=q.device)
     num_work = B * num_head_blocks * num_parts
-    if cfg.tma:
-        _launch_tma(q, k_cache, v_cache, page_tables, seq_lens, num_seqs, out, part_acc, part_m, part_l,
-                    scale, window, num_parts, part, min(num_work, grid_cap), cfg)
-    elif cfg.all_heads:
+    if cfg.all_heads:
         block_h = triton.next_power_of_2(heads_per_item)
         # Triton >= 3.3 takes dots with M < 16 (it pads the MMA rows itself): the group is not
         # padded in the batched dot, which keeps q's shared-memory copy at heads x G x D

@@ -3,8 +3,7 @@ long contexts into partitions (decode_plan), and the Triton pieces every kernel 
 item's bounds and the store of its result (normalised, or the partials the reduce kernel merges).
 
 The per-head kernel (decode_attention.py) has a work item per (sequence, kv head, partition); the
-all-heads and TMA kernels (decode_all_heads.py, decode_tma.py) one per (sequence, block of kv
-heads, partition).
+all-heads kernel (decode_all_heads.py) one per (sequence, block of kv heads, partition).
 """
 
 from __future__ import annotations
@@ -50,19 +49,12 @@ class DecodeConfig:
     # dot for all heads, [heads * G, D] x [D, heads * block_n], the (query head, other kv head)
     # blocks masked out: the plain 2-D path of the per-head kernel, at heads times the useful FLOPs.
     batched_dot: bool = True
-    # --- the TMA kernel (decode_tma_kernel; experimental, issue 12): all-heads work items whose
-    # steps are one page of the head block, fetched by two bulk tensor copies (K and V). block_n
-    # is the page size; kv_heads_per_item must divide the kv heads (None: as many as fit 64 KiB of
-    # K+V per step); num_stages defaults to 3 (three 64 KiB buffers).
-    tma: bool = False
 
     def resolved(
         self, head_dim: int, elem_size: int, fp8_cache: bool = False, num_kv_heads: int | None = None
     ) -> DecodeConfig:
         """This config with the None fields filled in for the head_dim, q's element size and cache
         (and, for all_heads, the number of kv heads)."""
-        if self.tma:
-            return self._resolved_tma(head_dim, 1 if fp8_cache else elem_size, num_kv_heads or 1)
         if self.all_heads:
             return self._resolved_all_heads(head_dim, elem_size, fp8_cache, num_kv_heads or 1)
         if fp8_cache:
@@ -110,17 +102,6 @@ class DecodeConfig:
             self, block_n=block_n, kv_heads_per_item=heads,
             num_warps=self.num_warps or (8 if heads >= 8 else 4),
             num_stages=self.num_stages or 2 * latency + 1)
-
-    def _resolved_tma(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> DecodeConfig:
-        # block_n is the page size: the launcher sets it from the cache before resolving
-        page = self.block_n or 16
-        want = self.kv_heads_per_item or max(1, (64 * 1024) // (2 * page * head_dim * cache_bytes))
-        # a bulk copy's box is at most 256 rows; the head block must tile the kv heads exactly
-        heads = min(want, 256 // page, num_kv_heads)
-        while num_kv_heads % heads:
-            heads -= 1
-        return dataclasses.replace(self, all_heads=True, block_n=page, kv_heads_per_item=heads,
-                                   num_warps=self.num_warps or 4, num_stages=self.num_stages or 3)
 
     def smem_per_stage(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> int:
         """Bytes of K + V one step loads (one shared-memory buffer of the software pipeline), for a

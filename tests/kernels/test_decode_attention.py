@@ -19,7 +19,6 @@ KERNELS = {
     "per_head": {},
     "all_heads": {"all_heads": True},
     "all_heads_2d": {"all_heads": True, "batched_dot": False},
-    "tma": {"tma": True},
 }
 
 
@@ -276,20 +275,19 @@ def test_decode_q_from_qkv_buffer_out_into_rows(
 
 
 def test_each_config_runs_its_own_kernel(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
-    """A config that resolved to the wrong kernel would still pass every comparison above: the
-    TMA config once ran the all-heads kernel. Each config must launch the kernel it names."""
+    """A config that resolved to the wrong kernel would still pass every comparison above. Each
+    config must launch the kernel it names."""
     import nanoflow.kernels.decode_attention as dk
 
     launched: list[str] = []
-    for name in ("_decode_kernel", "decode_all_heads_kernel", "decode_tma_kernel"):
+    for name in ("_decode_kernel", "decode_all_heads_kernel"):
         kernel = getattr(dk, name)
         monkeypatch.setattr(dk, name, _Recorder(kernel, name, launched))
     lens = [5, 40]
     k_cache, v_cache, tables = paged_cache(lens, 2, 64, torch.float32, device)
     q = torch.randn(len(lens), 8, 64, device=device)
     seq_lens = torch.tensor(lens, device=device, dtype=torch.int32)
-    for kernel, name in (("per_head", "_decode_kernel"), ("all_heads", "decode_all_heads_kernel"),
-                         ("tma", "decode_tma_kernel")):
+    for kernel, name in (("per_head", "_decode_kernel"), ("all_heads", "decode_all_heads_kernel")):
         launched.clear()
         paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, config=on(kernel))
         assert launched == [name]
