@@ -40,6 +40,10 @@ class EngineArgs:
     # communicator exists, on every rank), so an all-reduce overlapped with the other nano-batch's
     # GEMMs (a network-overlap pipeline) leaves them most of the SMs. None: NCCL's own choice.
     nccl_max_ctas: int | None = None
+    # Mixture of experts under tensor parallel (vLLM's --enable-expert-parallel): each rank holds
+    # num_local_experts / tensor_parallel_size whole experts instead of a slice of every expert;
+    # attention stays tensor-parallel. A no-op with one rank; an error for a model without experts.
+    enable_expert_parallel: bool = False
     # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
     # twice the tokens fit in the same memory and decode attention reads half the bytes.
     kv_cache_dtype: str = "auto"
@@ -51,7 +55,8 @@ class EngineArgs:
 # The options add_engine_args defines (the model is named per command).
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "admission_output_tokens", "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype",
-                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "seed", "tokenizer",
+                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "enable_expert_parallel", "seed",
+                "tokenizer",
                 "skip_tokenizer_init", "enforce_eager", "pipeline")
 
 
@@ -80,6 +85,9 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
     p.add_argument("--nccl-max-ctas", type=int, default=None,
                    help="tensor parallel: the most CTAs each NCCL collective takes (NCCL_MAX_CTAS), leaving the "
                    "rest of the SMs to the GEMMs a network-overlap pipeline runs beside it")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="mixture-of-experts models under --tensor-parallel-size N: each rank holds 1/N of the "
+                   "experts whole instead of 1/N of every expert (attention stays tensor-parallel)")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--skip-tokenizer-init", action="store_true",

@@ -59,13 +59,16 @@ def disable_multicast() -> None:
     os.environ.update(NO_MULTICAST)
 
 
-def check_tensor_parallel(arch: ModelArch, size: int, device: torch.device) -> None:
+def check_tensor_parallel(arch: ModelArch, size: int, device: torch.device, expert_parallel: bool = False) -> None:
     """Raises ValueError for a size the model or the machine cannot be split into, before any
-    process starts."""
-    par = ParallelState(0, size)
+    process starts. expert_parallel: the experts are split whole, their intermediate size not at all."""
+    par = ParallelState(0, size, expert_parallel=expert_parallel)
     par.split(arch.num_heads, "num_attention_heads")
     par.split(arch.num_kv_heads, "num_key_value_heads")
-    par.split(arch.intermediate_size, "intermediate_size")
+    if expert_parallel:
+        par.split(arch.num_experts, "num_local_experts")
+    else:
+        par.split(arch.intermediate_size, "intermediate_size")
     if size > 1 and device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"with tensor_parallel_size > 1 use device='cuda', not {str(device)!r}: rank r runs "
@@ -251,7 +254,8 @@ def _join(rank: int, size: int, init_method: str, config: EngineConfig,
         raise ValueError(f"the existing process group has {dist.get_world_size()} ranks, but tensor_parallel_size "
                          f"is {size}")
     control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
-    return _open_plan_channel(ParallelState(rank, size, control), one_host), owns, config
+    par = ParallelState(rank, size, control, expert_parallel=config.expert_parallel)
+    return _open_plan_channel(par, one_host), owns, config
 
 
 def _open_plan_channel(par: ParallelState, one_host: bool) -> ParallelState:
