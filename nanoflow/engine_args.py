@@ -55,9 +55,8 @@ class EngineArgs:
 # The options add_engine_args defines (the model is named per command).
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "admission_output_tokens", "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype",
-                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "enable_expert_parallel", "seed",
-                "tokenizer",
-                "skip_tokenizer_init", "enforce_eager", "pipeline")
+                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "enable_expert_parallel",
+                "seed", "tokenizer", "skip_tokenizer_init", "enforce_eager", "pipeline")
 
 
 def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positional_model: bool = True) -> None:
