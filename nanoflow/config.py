@@ -60,6 +60,8 @@ class EngineConfig:
     enforce_eager: bool
     max_num_batched_tokens: int
     cuda_graph_max_tokens: int  # 0: no graphs
+    # Whole experts per rank (asked for, with more than one rank: on one rank it would change nothing)
+    expert_parallel: bool
 
     @property
     def model(self) -> str:
@@ -95,9 +97,13 @@ class EngineConfig:
             raise ValueError("all_reduce='symm-mem' needs CUDA GPUs (symmetric memory over NVLink); use 'nccl'")
         budget = args.max_num_batched_tokens or (2048 if on_gpu else 512)
         graph_tokens = budget if args.cuda_graph_max_tokens is None else min(args.cuda_graph_max_tokens, budget)
+        if args.enable_expert_parallel and not arch.is_moe:
+            raise ValueError(f"enable_expert_parallel needs a mixture-of-experts model; {arch.architecture} at "
+                             f"{args.model!r} has no experts")
         return cls(args, hf_config, arch, max_model_len, device, dtype,
                    _resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device, enforce_eager),
-                   enforce_eager, budget, 0 if enforce_eager else graph_tokens)
+                   enforce_eager, budget, 0 if enforce_eager else graph_tokens,
+                   args.enable_expert_parallel and args.tensor_parallel_size > 1)
 
     def for_device(self, device: torch.device) -> EngineConfig:
         """This configuration on another device (a tensor-parallel rank's own GPU)."""

@@ -44,6 +44,10 @@ class EngineArgs:
     # two-shot all-reduce: peer-to-peer loads over NVLink, no multicast), for a step's all-reduces
     # up to the token budget's size; larger ones stay on NCCL.
     all_reduce: str = "nccl"
+    # Mixture of experts under tensor parallel (vLLM's --enable-expert-parallel): each rank holds
+    # num_local_experts / tensor_parallel_size whole experts instead of a slice of every expert;
+    # attention stays tensor-parallel. A no-op with one rank; an error for a model without experts.
+    enable_expert_parallel: bool = False
     # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn, half the bytes of bf16, so
     # twice the tokens fit in the same memory and decode attention reads half the bytes.
     kv_cache_dtype: str = "auto"
@@ -55,8 +59,8 @@ class EngineArgs:
 # The options add_engine_args defines (the model is named per command).
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "admission_output_tokens", "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype",
-                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "all_reduce", "seed", "tokenizer",
-                "skip_tokenizer_init", "enforce_eager", "pipeline")
+                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "all_reduce",
+                "enable_expert_parallel", "seed", "tokenizer", "skip_tokenizer_init", "enforce_eager", "pipeline")
 
 
 def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positional_model: bool = True) -> None:
@@ -87,6 +91,9 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
     p.add_argument("--all-reduce", default="nccl", choices=("nccl", "symm-mem"),
                    help="tensor parallel on GPUs: nccl | symm-mem (torch symmetric memory, peer-to-peer over "
                    "NVLink, no multicast) for the all-reduces of a step")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="mixture-of-experts models under --tensor-parallel-size N: each rank holds 1/N of the "
+                   "experts whole instead of 1/N of every expert (attention stays tensor-parallel)")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (and, in bench, the prompts and weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--skip-tokenizer-init", action="store_true",

@@ -33,3 +33,13 @@ def test_kv_cache_dtype_option():
     assert parser.parse_args(["bench"]).kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--kv-cache-dtype", "int8"])
+
+
+def test_enable_expert_parallel_option():
+    parser = build_parser()
+    for cmd in ("generate", "serve"):
+        args = parser.parse_args([cmd, "m", "-tp", "2", "--enable-expert-parallel"])
+        assert engine_args_from_cli(args, "m").enable_expert_parallel is True
+        assert engine_kwargs(parser.parse_args([cmd]))["enable_expert_parallel"] is False
+    assert engine_kwargs(parser.parse_args(["bench", "--enable-expert-parallel"]))["enable_expert_parallel"] is True
+    assert parser.parse_args(["bench"]).enable_expert_parallel is False

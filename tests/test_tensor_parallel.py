@@ -34,17 +34,23 @@ def _greedy(llm: LLM, prompts: list[dict]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
-def test_two_ranks_match_one(tiny_model, arch):
-    """Llama with GQA (4 heads, 2 KV heads: one per rank) and Mixtral; a 64-token budget chunks the
-    prompts, and every decode step takes its input token from the step still in flight."""
+@pytest.mark.parametrize("arch, ep", [("llama", False), ("mixtral", False), ("mixtral", True)],
+                         ids=["llama", "mixtral", "mixtral-ep"])
+def test_two_ranks_match_one(tiny_model, arch, ep):
+    """Llama with GQA (4 heads, 2 KV heads: one per rank) and Mixtral, its experts sliced or (ep)
+    whole, 2 of the 4 per rank; a 64-token budget chunks the prompts, and every decode step takes
+    its input token from the step still in flight."""
     path = tiny_model(arch)
     prompts = _prompts(1)
     settings = dict(max_model_len=256, max_num_batched_tokens=64)
     expected = _greedy(LLM(path, **settings), prompts)
-    llm = LLM(path, tensor_parallel_size=2, **settings)
+    llm = LLM(path, tensor_parallel_size=2, enable_expert_parallel=ep, **settings)
     try:
         assert llm.engine.runner.par.size == 2
+        if arch == "mixtral":
+            moe = llm.engine.runner.model.layers[0].mlp
+            assert llm.engine.runner.par.expert_parallel == ep
+            assert moe.w13.shape == ((2, 256, 64) if ep else (4, 128, 64))  # whole experts, or slices
         assert llm.engine.runner.par.plans is not None  # one host: the plans go through the ring
         assert not _ring_files()  # unlinked once every rank mapped it
         assert llm.engine.runner.kv_cache.shape[3] == 1  # this rank's KV heads
@@ -159,16 +165,19 @@ def test_failed_start_is_the_checkpoint_error(tiny_model, tmp_path):
     assert not multiprocessing.active_children()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
-def test_rank_reads_only_its_slices(tiny_model, monkeypatch, arch):
+@pytest.mark.parametrize("arch, ep", [("llama", False), ("mixtral", False), ("mixtral", True)],
+                         ids=["llama", "mixtral", "mixtral-ep"])
+def test_rank_reads_only_its_slices(tiny_model, monkeypatch, arch, ep):
     """Rank 1 of 2 loads without any process group: it reads exactly its parameters' worth of the
-    checkpoint (about half of it), and its slices are the right ones."""
+    checkpoint (about half of it), and its slices are the right ones; expert parallel: experts 2
+    and 3 whole, nothing of experts 0 and 1."""
     path = tiny_model(arch)
     hf_config = load_hf_config(path)
     read = []
     orig = LazyTensor.read
     monkeypatch.setattr(LazyTensor, "read", lambda self: read.append(orig(self)) or read[-1])
-    model = build_model(path, ModelArch.from_hf(hf_config), torch.float32, torch.device("cpu"), 64, ParallelState(1, 2))
+    model = build_model(path, ModelArch.from_hf(hf_config), torch.float32, torch.device("cpu"), 64,
+                        ParallelState(1, 2, expert_parallel=ep))
     (file,) = safetensors_files(path)
     with safe_open(file, "pt") as f:
         full = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
@@ -181,6 +190,11 @@ def test_rank_reads_only_its_slices(tiny_model, monkeypatch, arch):
     assert torch.equal(layer.o_proj.weight, o[:, o.shape[1] // 2 :])
     emb = full["model.embed_tokens.weight"]
     assert torch.equal(model.embed_tokens.weight, emb[emb.shape[0] // 2 :])
+    if ep:
+        moe = model.layers[1].mlp
+        for local, e in enumerate((2, 3)):
+            w1, w3, w2 = (full[f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"] for w in ("w1", "w3", "w2"))
+            assert torch.equal(moe.w13[local], torch.cat([w1, w3])) and torch.equal(moe.w2[local], w2)
 
 
 def test_lazy_tensor_reads_the_region_a_tensor_would(tmp_path):

@@ -43,11 +43,11 @@ def _graph_config(path: str, pipeline: str = "off", graph_tokens: int = BUDGET) 
     return dataclasses.replace(cfg, enforce_eager=False, cuda_graph_max_tokens=graph_tokens)
 
 
-def _tp_pipeline(tmp_path) -> str:
+def _tp_pipeline(tmp_path, arch: str = "llama") -> str:
     """Two dense nano-batches (three attention ones) for every size from 2 tokens up, over the ops a
     tensor-parallel layer publishes (with its two all-reduces)."""
     path = tmp_path / "tp2.json"
-    pipeline_for("llama", BUDGET, tp=True).save(path)
+    pipeline_for(arch, BUDGET, tp=True).save(path)
     return str(path)
 
 
@@ -150,14 +150,16 @@ def test_failures_fail_every_rank(tiny_model):
 # --- the engine: rank 0 here, rank 1 spawned by it ----------------------------------------------
 # Padding rows carry whatever the buffers held (nothing computes them): they may overflow, harmlessly.
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_graph_path_two_ranks_match_one(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch, ep", [("llama", False), ("mixtral", True)], ids=["llama", "mixtral-ep"])
+def test_graph_path_two_ranks_match_one(tiny_model, tmp_path, monkeypatch, arch, ep):
     """Greedy tokens over the graph path (static buffers, bucket padding, pipelined nano-batches), with
-    2 ranks and with one process."""
+    2 ranks and with one process. mixtral-ep: each rank's fused MoE (Triton, interpreted) over its
+    2 whole experts of 4, the other rank's pairs dropped in the align."""
     from_args = EngineConfig.from_args.__func__
     monkeypatch.setattr(EngineConfig, "from_args", classmethod(  # the workers get rank 0's config
         lambda cls, args: dataclasses.replace(from_args(cls, args), enforce_eager=False,
                                               cuda_graph_max_tokens=BUDGET)))
-    path = tiny_model("llama")
+    path = tiny_model(arch)
     rng = random.Random(5)
     prompts = [{"prompt_token_ids": [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randrange(3, 41))]}
                for _ in range(6)]
@@ -170,8 +172,10 @@ def test_graph_path_two_ranks_match_one(tiny_model, tmp_path, monkeypatch):
     one = LLM(path, **settings)
     expected = greedy(one)
     assert one.engine.runner.graphs.num_replays > 0
-    llm = LLM(path, tensor_parallel_size=2, pipeline=_tp_pipeline(tmp_path), **settings)
+    llm = LLM(path, tensor_parallel_size=2, pipeline=_tp_pipeline(tmp_path, arch), enable_expert_parallel=ep,
+              **settings)
     try:
+        assert llm.engine.runner.par.expert_parallel == ep
         graphs = llm.engine.runner.graphs
         assert graphs is not None and graphs.executors  # pipelined graphs too
         assert greedy(llm) == expected

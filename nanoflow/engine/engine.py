@@ -41,7 +41,7 @@ class LLMEngine:
         self.config = config
         self.arch = config.arch
         self.max_model_len = config.max_model_len
-        check_tensor_parallel(self.arch, config.tensor_parallel_size, config.device)
+        check_tensor_parallel(self.arch, config.tensor_parallel_size, config.device, config.expert_parallel)
         args = config.args
         self.tokenizer: PreTrainedTokenizerBase | None = load_tokenizer(args.model, args.tokenizer,
                                                                         args.skip_tokenizer_init)

@@ -60,13 +60,16 @@ def disable_multicast() -> None:
     os.environ.update(NO_MULTICAST)
 
 
-def check_tensor_parallel(arch: ModelArch, size: int, device: torch.device) -> None:
+def check_tensor_parallel(arch: ModelArch, size: int, device: torch.device, expert_parallel: bool = False) -> None:
     """Raises ValueError for a size the model or the machine cannot be split into, before any
-    process starts."""
-    par = ParallelState(0, size)
+    process starts. expert_parallel: the experts are split whole, their intermediate size not at all."""
+    par = ParallelState(0, size, expert_parallel=expert_parallel)
     par.split(arch.num_heads, "num_attention_heads")
     par.split(arch.num_kv_heads, "num_key_value_heads")
-    par.split(arch.intermediate_size, "intermediate_size")
+    if expert_parallel:
+        par.split(arch.num_experts, "num_local_experts")
+    else:
+        par.split(arch.intermediate_size, "intermediate_size")
     if size > 1 and device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"with tensor_parallel_size > 1 use device='cuda', not {str(device)!r}: rank r runs "
@@ -259,7 +262,7 @@ def _join(rank: int, size: int, init_method: str, config: EngineConfig,
         raise ValueError(f"the existing process group has {dist.get_world_size()} ranks, but tensor_parallel_size "
                          f"is {size}")
     control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
-    par = _open_plan_channel(ParallelState(rank, size, control), one_host)
+    par = _open_plan_channel(ParallelState(rank, size, control, expert_parallel=config.expert_parallel), one_host)
     if config.args.all_reduce == "symm-mem" and config.device.type == "cuda":
         # the largest all-reduce of a step: the token budget's hidden states
         comm = open_symm_all_reduce(config.max_num_batched_tokens * config.arch.hidden_size, config.dtype,

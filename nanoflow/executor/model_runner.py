@@ -33,15 +33,19 @@ _CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU when --num-kv-pages is not
 
 
 def pipeline_key(config: EngineConfig, tp_size: int) -> dict[str, Any]:
-    """What a tuned pipeline depends on: the GPU, the model's shape, the dtypes, TP size, token budget."""
+    """What a tuned pipeline depends on: the GPU, the model's shape, the dtypes, TP size (and expert
+    parallel), token budget."""
     a = config.arch
     gpu = torch.cuda.get_device_name(config.device) if config.device.type == "cuda" else "cpu"
-    return {"gpu": gpu, "architecture": a.architecture, "hidden_size": a.hidden_size,
-            "intermediate_size": a.intermediate_size, "num_layers": a.num_layers, "num_heads": a.num_heads,
-            "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "num_experts": a.num_experts,
-            "dtype": str(config.dtype).removeprefix("torch."),
-            "kv_cache_dtype": str(config.kv_cache_dtype).removeprefix("torch."), "tp": tp_size,
-            "max_num_batched_tokens": config.max_num_batched_tokens}
+    key = {"gpu": gpu, "architecture": a.architecture, "hidden_size": a.hidden_size,
+           "intermediate_size": a.intermediate_size, "num_layers": a.num_layers, "num_heads": a.num_heads,
+           "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "num_experts": a.num_experts,
+           "dtype": str(config.dtype).removeprefix("torch."),
+           "kv_cache_dtype": str(config.kv_cache_dtype).removeprefix("torch."), "tp": tp_size,
+           "max_num_batched_tokens": config.max_num_batched_tokens}
+    if config.expert_parallel:  # other MoE GEMM shapes; absent otherwise, so older cache keys still match
+        key["expert_parallel"] = True
+    return key
 
 
 class ModelRunner:
@@ -51,6 +55,9 @@ class ModelRunner:
         self.arch = config.arch
         self.kv_dtype = config.kv_cache_dtype  # the model dtype, or fp8 (kernels widen on load)
         self.par = par or ParallelState()
+        if self.par.expert_parallel != config.expert_parallel:  # the model's split must be the config's
+            raise ValueError(f"ParallelState.expert_parallel={self.par.expert_parallel} but the configuration's "
+                             f"expert_parallel={config.expert_parallel}")
         self.model = build_model(config.model, config.arch, config.dtype, self.device, config.max_model_len,
                                  self.par, enforce_eager=config.enforce_eager,
                                  dummy=config.args.load_format == "dummy", seed=config.seed)

@@ -14,6 +14,11 @@ so a CUDA graph can capture it:
 3. `_moe_gemm_kernel`, not GATED: down[pair] = weight[pair] * (act[pair] @ w2[e].T), then
    out[token] = sum over the top_k slots of down (a [T, top_k, H] sum, no atomics: deterministic).
 
+Expert parallelism (`ExpertShard`): w13 and w2 hold one rank's whole experts and the routing names
+global ids. The align leaves out the pairs of other ranks' experts (no slot, no block, no GEMM
+work), so their rows of `down` are never written: they start at zero, and `out` is this rank's
+partial sum, which the layer's all-reduce adds up over the ranks.
+
 References: `moe_experts_ref` (the eager path: a loop over the experts present, which reads the
 expert ids on the host) and `moe_per_token_ref` (each token alone, the plainest statement).
 """
@@ -58,6 +63,20 @@ def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
 
 
+@dataclass(frozen=True)
+class ExpertShard:
+    """Expert parallelism: w13 and w2 hold the experts [first, first + w13.shape[0]) of the model's
+    `total`, and topk_ids name experts by their global ids; a pair routed to another expert is
+    another rank's and adds nothing here."""
+
+    first: int
+    total: int
+
+
+def _first_expert(shard: ExpertShard | None) -> int:
+    return shard.first if shard is not None else 0
+
+
 CONFIG_FILE = Path(__file__).with_name("fused_moe_configs.json")
 
 
@@ -73,9 +92,12 @@ def _tuned(device_name: str, key: str) -> dict[int, MoEConfig]:
     return {int(t): MoEConfig(**c) for t, c in table.get(device_name, {}).get(key, {}).items()}
 
 
-def pick_config(num_tokens: int, top_k: int, w13: torch.Tensor) -> MoEConfig:
-    """The tuned config of the nearest tuned token count on this GPU, else default_config."""
-    E, two_i, H = w13.shape
+def pick_config(num_tokens: int, top_k: int, w13: torch.Tensor, num_experts: int | None = None) -> MoEConfig:
+    """The tuned config of the nearest tuned token count on this GPU, else default_config.
+    num_experts: the model's (expert parallel: w13 holds a share of them). Each expert's GEMMs are
+    then the one-GPU model's (same rows per expert, whole intermediate size), so its tiles apply."""
+    _, two_i, H = w13.shape
+    E = num_experts or w13.shape[0]
     if w13.element_size() > 2:  # fp32 (the tests): half the K step keeps 4-byte tiles in shared memory
         cfg = default_config(num_tokens, top_k, E)
         return dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2))
@@ -90,26 +112,33 @@ def pick_config(num_tokens: int, top_k: int, w13: torch.Tensor) -> MoEConfig:
 
 def moe_experts_ref(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor, shard: ExpertShard | None = None,
 ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_weights [T, k] (x's dtype),
-    topk_ids [T, k] int; writes sum_k weight * down(silu(gate) * up) into out [T, H]. Syncs (.tolist())."""
+    topk_ids [T, k] int; writes sum_k weight * down(silu(gate) * up) into out [T, H], over the pairs
+    of w13's experts (shard: which those are). Syncs (.tolist())."""
     out.zero_()
+    first = _first_expert(shard)
     for e in topk_ids.unique().tolist():
+        if not 0 <= e - first < w13.shape[0]:
+            continue  # another rank's expert
         rows, slot = torch.where(topk_ids == e)
-        h = silu_and_mul_ref(F.linear(x[rows], w13[e]))
-        out.index_add_(0, rows, F.linear(h, w2[e]) * topk_weights[rows, slot, None])
+        h = silu_and_mul_ref(F.linear(x[rows], w13[e - first]))
+        out.index_add_(0, rows, F.linear(h, w2[e - first]) * topk_weights[rows, slot, None])
     return out
 
 
 def moe_per_token_ref(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    shard: ExpertShard | None = None,
 ) -> torch.Tensor:
     """The same sum as moe_experts_ref, token by token and slot by slot, in fp32."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t in range(x.shape[0]):
         for s in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, s])
+            e = int(topk_ids[t, s]) - _first_expert(shard)
+            if not 0 <= e < w13.shape[0]:
+                continue
             gate_up = w13[e].float() @ x[t].float()
             h = silu_and_mul_ref(gate_up[None])[0]
             out[t] += float(topk_weights[t, s]) * (w2[e].float() @ h)
@@ -121,51 +150,58 @@ def moe_per_token_ref(
 
 @dataclass(frozen=True)
 class Aligned:
-    sorted_pairs: torch.Tensor  # [capacity] int32: pair ids grouped by expert; num_pairs marks padding
+    # [capacity] int32: pair ids grouped by (local) expert; num_pairs marks padding; expert parallel:
+    # only the pairs of this rank's experts
+    sorted_pairs: torch.Tensor
     block_expert: torch.Tensor  # [capacity // block_m] int32: each block's expert (-1 past num_padded)
     num_padded: torch.Tensor  # [1] int32: live entries of sorted_pairs (a multiple of block_m)
-    num_pairs: int  # T * top_k
+    num_pairs: int  # T * top_k (all of them, this rank's or not: pair ids index the [T * top_k] rows)
     block_m: int
 
 
 def align_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Entries any routing of num_pairs pairs can need: each expert pads at most block_m - 1."""
+    """Entries any routing of num_pairs pairs can need: each (local) expert pads at most block_m - 1."""
     return triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
 
 
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_offset: int = 0) -> Aligned:
     """Groups the (token, slot) pairs by expert, block-aligned: align_ref's result, bit for bit,
     from one Triton launch, two past one chunk of pairs (moe_align.py), instead of ~14 small torch
-    ops. No host sync."""
+    ops. No host sync. num_experts: this rank's, the ids [expert_offset, expert_offset + num_experts)."""
     n, dev = topk_ids.numel(), topk_ids.device
     cap = align_capacity(n, num_experts, block_m)
     sorted_pairs = torch.empty(cap, dtype=torch.int32, device=dev)
     block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    moe_align(topk_ids, num_experts, block_m, sorted_pairs, block_expert, num_padded)
+    moe_align(topk_ids, num_experts, block_m, sorted_pairs, block_expert, num_padded, expert_offset=expert_offset)
     return Aligned(sorted_pairs, block_expert, num_padded, n, block_m)
 
 
-def align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
+def align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_offset: int = 0) -> Aligned:
     """Groups the (token, slot) pairs by expert, block-aligned, with torch ops of fixed shapes only
     (no nonzero/unique/.item()), so it runs inside a CUDA graph. Pairs keep their order within an
-    expert (stable), so the result is deterministic."""
-    ids = topk_ids.reshape(-1)
+    expert (stable), so the result is deterministic. Only the pairs of the experts [expert_offset,
+    expert_offset + num_experts) are placed, numbered from 0 (expert parallel: this rank's)."""
+    ids = topk_ids.reshape(-1).long() - expert_offset
     n, dev = ids.numel(), ids.device
     cap = align_capacity(n, num_experts, block_m)
-    experts = torch.arange(num_experts, device=dev, dtype=ids.dtype)
+    local = (ids >= 0) & (ids < num_experts)
+    experts = torch.arange(num_experts, device=dev)
     # [n, E] one-hot: a column's running sum is each pair's rank among its expert's pairs (a sort
-    # would do too; this is one cumsum and stable by construction)
+    # would do too; this is one cumsum and stable by construction); another rank's pair: a 0 row
     hot = (ids[:, None] == experts[None, :]).to(torch.int32)
     ranks = hot.cumsum(0, dtype=torch.int32)
     counts = ranks[-1] if n else torch.zeros(num_experts, dtype=torch.int32, device=dev)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0, dtype=torch.int32)
     starts = ends - padded
-    rank = ranks.gather(1, ids[:, None].long())[:, 0] - 1
-    dest = starts.gather(0, ids.long()) + rank
-    sorted_pairs = torch.full((cap,), n, dtype=torch.int32, device=dev)
-    sorted_pairs.scatter_(0, dest.long(), torch.arange(n, dtype=torch.int32, device=dev))
+    safe = torch.where(local, ids, 0)
+    rank = ranks.gather(1, safe[:, None])[:, 0] - 1
+    # another rank's pairs go to one extra slot past the end, cut off below (shapes stay fixed)
+    dest = torch.where(local, starts.gather(0, safe) + rank, cap).long()
+    sorted_pairs = torch.full((cap + 1,), n, dtype=torch.int32, device=dev)
+    sorted_pairs.scatter_(0, dest, torch.arange(n, dtype=torch.int32, device=dev))
+    sorted_pairs = sorted_pairs[:cap]
     block_starts = torch.arange(0, cap, block_m, dtype=torch.int32, device=dev)
     block_expert = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
     num_padded = ends[-1:]
@@ -277,17 +313,21 @@ def moe_down(act: torch.Tensor, w2: torch.Tensor, al: Aligned, topk_weights: tor
 
 def fused_moe(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-    out: torch.Tensor, cfg: MoEConfig | None = None,
+    out: torch.Tensor, cfg: MoEConfig | None = None, shard: ExpertShard | None = None,
 ) -> torch.Tensor:
     """Triton version of moe_experts_ref, without a host sync. out: [T, H] rows (e.g. a row slice of
-    a bigger buffer); scratch of [T * top_k, I + H] comes from the caching allocator (graph-safe)."""
+    a bigger buffer); scratch of [T * top_k, I + H] comes from the caching allocator (graph-safe).
+    shard (expert parallel): out is the sum over the pairs of this rank's experts only."""
     T, top_k = topk_ids.shape
     E, H = w13.shape[0], x.shape[1]
     assert x.shape[0] == T and out.shape == (T, H) and out.is_contiguous()
-    cfg = cfg or pick_config(T, top_k, w13)
-    al = align(topk_ids, E, cfg.block_m)
+    assert shard is None or 0 <= shard.first and shard.first + E <= shard.total
+    cfg = cfg or pick_config(T, top_k, w13, shard.total if shard is not None else None)
+    al = align(topk_ids, E, cfg.block_m, _first_expert(shard))
     act = torch.empty(T * top_k, w2.shape[2], device=x.device, dtype=x.dtype)
-    down = torch.empty(T, top_k, H, device=x.device, dtype=x.dtype)
+    # expert parallel: the GEMMs never visit another rank's pairs, so their rows must start at zero
+    # to add nothing to the sum (one memset, far cheaper than the GEMMs the align saved)
+    down = (torch.zeros if shard is not None else torch.empty)(T, top_k, H, device=x.device, dtype=x.dtype)
     moe_gate_up(x, w13, al, top_k, act, cfg)
     moe_down(act, w2, al, topk_weights, down.view(T * top_k, H), cfg)
     return torch.sum(down, dim=1, out=out)

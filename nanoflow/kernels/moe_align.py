@@ -5,6 +5,10 @@ an H200, per layer, eager). Here it takes one launch, or two past one chunk of p
 sync and shapes fixed by the pair count, so a CUDA graph can capture it. The result is
 align_ref's, bit for bit: pairs keep their order within an expert.
 
+Expert parallelism: a rank holds the experts [expert_offset, expert_offset + num_experts) and the
+routing names global ids; the pairs of other ranks' experts are absent here (in no one-hot column),
+so they take no slot, no block and no GEMM work.
+
 The pairs are cut into chunks of CHUNK, one program each; a program holds its chunk as a
 [CHUNK, E] one-hot tile (num_experts is small, 8-64):
 
@@ -32,37 +36,42 @@ _TILE = 4096
 
 
 @triton.jit
-def _one_hot(ids_ptr, num_pairs, chunk, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
-    """[CHUNK, BLOCK_E] int32 one-hot of chunk `chunk`'s expert ids (rows past num_pairs all 0)."""
+def _one_hot(ids_ptr, num_pairs, chunk, expert_offset, num_experts, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    """[CHUNK, BLOCK_E] int32 one-hot of chunk `chunk`'s local expert ids (id - expert_offset); rows
+    past num_pairs, and rows of experts outside [0, num_experts) (another rank's), all 0."""
     pair = chunk * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + pair, mask=pair < num_pairs, other=-1)
+    ids = tl.load(ids_ptr + pair, mask=pair < num_pairs, other=-1) - expert_offset
+    # without the upper bound a foreign id in [num_experts, BLOCK_E) would hit a padding lane
+    ids = tl.where((ids >= 0) & (ids < num_experts), ids, -1)
     return (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
-    """counts[chunk, e]: pairs of expert e in the chunk."""
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, expert_offset, num_experts, BLOCK_E: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """counts[chunk, e]: pairs of local expert e in the chunk."""
     chunk = tl.program_id(0)
-    hot = _one_hot(ids_ptr, num_pairs, chunk, BLOCK_E, CHUNK)
+    hot = _one_hot(ids_ptr, num_pairs, chunk, expert_offset, num_experts, BLOCK_E, CHUNK)
     tl.store(counts_ptr + chunk * BLOCK_E + tl.arange(0, BLOCK_E), tl.sum(hot, axis=0))
 
 
 @triton.jit
 def _place_kernel(
     ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
-    num_pairs, num_experts, num_chunks, block_m, capacity, num_blocks,
+    num_pairs, expert_offset, num_experts, num_chunks, block_m, capacity, num_blocks,
     BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_MP: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """One program per chunk (at least one). ids: values in [0, E), E <= BLOCK_E; writes sorted
+    """One program per chunk (at least one). ids - expert_offset: in [0, E) for this rank's pairs,
+    E <= BLOCK_E (other values are absent pairs); writes sorted
     [capacity], block_expert [num_blocks] and num_padded [1], all int32."""
     g = tl.program_id(0)
     programs = tl.num_programs(0)
-    # lanes past num_experts match no id: their count is 0, so their range is the empty
+    # lanes past num_experts match no id (_one_hot): their count is 0, so their range is the empty
     # [num_padded, num_padded), no slot or block start falls in it, and they need no mask
     experts = tl.arange(0, BLOCK_E)
     offs = tl.arange(0, CHUNK)
-    hot = _one_hot(ids_ptr, num_pairs, g, BLOCK_E, CHUNK)
+    hot = _one_hot(ids_ptr, num_pairs, g, expert_offset, num_experts, BLOCK_E, CHUNK)
 
     if ONE_CHUNK:  # this chunk is all the pairs: no count pass
         totals = tl.sum(hot, axis=0)
@@ -86,7 +95,7 @@ def _place_kernel(
     rank = tl.cumsum(hot, axis=0)  # inclusive: 1 for an expert's first pair in the chunk
     # one nonzero per row, so the row sum picks the pair's own expert's column
     dest = tl.sum(hot * ((starts + before)[None, :] + rank - 1), axis=1)
-    # an id outside [0, BLOCK_E) has no column: skipped rather than written over slot 0
+    # a pair with no column (another rank's expert) is skipped rather than written over slot 0
     tl.store(sorted_ptr + dest, pair, mask=(pair < num_pairs) & (tl.sum(hot, axis=1) > 0))
 
     # the sentinel, in the padded tail of each expert this program owns (e % programs == g) ...
@@ -115,11 +124,12 @@ def _place_kernel(
 
 def moe_align(
     topk_ids: torch.Tensor, num_experts: int, block_m: int, sorted_pairs: torch.Tensor,
-    block_expert: torch.Tensor, num_padded: torch.Tensor, chunk: int | None = None,
+    block_expert: torch.Tensor, num_padded: torch.Tensor, chunk: int | None = None, expert_offset: int = 0,
 ) -> None:
     """Fills sorted_pairs [capacity], block_expert [capacity // block_m] and num_padded [1] (int32,
-    on topk_ids' device) for the pairs of topk_ids (flattened; any int dtype, values in
-    [0, num_experts)). The caller sizes capacity (fused_moe.align_capacity) so any routing fits.
+    on topk_ids' device) for the pairs of topk_ids (flattened; any int dtype) routed to the experts
+    [expert_offset, expert_offset + num_experts), numbered from 0 in block_expert; pairs of other
+    experts are left out. The caller sizes capacity (fused_moe.align_capacity) so any routing fits.
     chunk: pairs per program (a power of two; the default keeps the one-hot tile at _TILE)."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
@@ -136,10 +146,11 @@ def moe_align(
     # per-chunk counts: scratch from the caching allocator (graph-safe), none for one chunk
     counts = sorted_pairs if one_chunk else torch.empty(num_chunks, block_e, dtype=torch.int32, device=ids.device)
     if not one_chunk:
-        _count_kernel[(num_chunks,)](ids, counts, n, BLOCK_E=block_e, CHUNK=chunk, num_warps=4)
+        _count_kernel[(num_chunks,)](ids, counts, n, expert_offset, num_experts, BLOCK_E=block_e, CHUNK=chunk,
+                                     num_warps=4)
     _place_kernel[(num_chunks,)](
         ids, counts, sorted_pairs, block_expert, num_padded,
-        n, num_experts, num_chunks, block_m, cap, block_expert.numel(),
+        n, expert_offset, num_experts, num_chunks, block_m, cap, block_expert.numel(),
         BLOCK_E=block_e, CHUNK=chunk, ROWS=max(1, _TILE // block_e), BLOCK_MP=triton.next_power_of_2(block_m),
         ONE_CHUNK=one_chunk, num_warps=4,
     )  # fmt: skip

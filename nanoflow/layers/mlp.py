@@ -41,8 +41,11 @@ class MixtureOfExperts(nn.Module):
     """Softmax router, top-k experts per token, weights renormalised over the chosen k (Mixtral).
     Two ops: route (router GEMM + top-k) and experts.
 
-    Each expert's intermediate dimension is split across tensor-parallel ranks, like a dense MLP,
-    so the layer ends with the same single all-reduce.
+    Tensor parallel: each expert's intermediate dimension is split across the ranks, like a dense
+    MLP. Expert parallel (par.expert_parallel): rank r holds whole experts [r * E / N, (r + 1) * E / N)
+    and computes only the (token, slot) pairs routed to them. Either way the router is replicated
+    (every rank routes every token) and each rank's output is a partial sum, so the layer ends with
+    the same single all-reduce.
     """
 
     def __init__(
@@ -51,10 +54,16 @@ class MixtureOfExperts(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.par = num_experts, top_k, par
-        inter = par.split(intermediate, "expert intermediate size")
+        self.shard: fused_moe.ExpertShard | None = None
+        if par.expert_parallel:
+            local, inter = par.split(num_experts, "num_local_experts"), intermediate
+            self.shard = fused_moe.ExpertShard(par.rank * local, num_experts)
+        else:
+            local, inter = num_experts, par.split(intermediate, "expert intermediate size")
         self.router = Linear(hidden, num_experts, False, dtype)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
+        # [local experts, ...], indexed by global id - shard.first
+        self.w13 = nn.Parameter(torch.empty(local, 2 * inter, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, hidden, inter, dtype=dtype), requires_grad=False)
         self.enforce_eager = enforce_eager
 
     def route(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> None:
@@ -67,18 +76,28 @@ class MixtureOfExperts(nn.Module):
     def experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> None:
         """out = sum over each token's k experts of weight * expert(x). The fast path (Triton grouped
         GEMMs) never reads the routing on the host, so it runs inside CUDA graphs; the eager path
-        loops over the experts present (a host sync)."""
+        loops over the experts present (a host sync). Expert parallel: out is this rank's partial sum."""
         fn = fused_moe.moe_experts_ref if self.enforce_eager else fused_moe.fused_moe
-        fn(x, self.w13, self.w2, weights, experts, out)
+        fn(x, self.w13, self.w2, weights, experts, out, shard=self.shard)
 
     def load_expert(self, expert: int, which: str, tensor: CheckpointTensor) -> None:
-        """which: 'w1' (gate), 'w3' (up) or 'w2' (down), as named in Mixtral checkpoints."""
+        """which: 'w1' (gate), 'w3' (up) or 'w2' (down), as named in Mixtral checkpoints; expert: the
+        global id. Expert parallel: another rank's expert is skipped (nothing read), a local one
+        copied whole."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert index {expert} out of range (num_local_experts={self.num_experts})")
+        local = expert - (self.shard.first if self.shard is not None else 0)
+        if not 0 <= local < self.w13.shape[0]:
+            return
         inter = self.w2.shape[2]
         what = f"experts.{expert}.{which}"
+
+        def part(dim: int) -> CheckpointTensor:
+            # _copy checks a whole expert's shape; a tensor-parallel slice is checked along dim first
+            return tensor if self.shard is not None else _rank_slice(tensor, dim, inter, self.par, what)
+
         if which == "w2":
-            _copy(self.w2.data[expert], _rank_slice(tensor, 1, inter, self.par, what), what)
+            _copy(self.w2.data[local], part(1), what)
         else:
             off = 0 if which == "w1" else inter
-            _copy(self.w13.data[expert, off : off + inter], _rank_slice(tensor, 0, inter, self.par, what), what)
+            _copy(self.w13.data[local, off : off + inter], part(0), what)

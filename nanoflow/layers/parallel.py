@@ -1,5 +1,8 @@
 """Which tensor-parallel rank a layer is built for; world size 1 is the plain single-device case.
 
+`expert_parallel` changes how a mixture-of-experts layer is split: whole experts per rank instead of
+a slice of every expert (nanoflow.layers.mlp.MixtureOfExperts); everything else is split as without it.
+
 Device collectives (all-reduce, all-gather, broadcast of device tensors) run on the default
 process group (NCCL on GPUs, gloo on the CPU). Host-side messages (each step's batch description,
 the KV page count) run on `control_group`, a gloo group: on GPUs they never wait for the device.
@@ -29,6 +32,8 @@ class ParallelState:
     # An all-reduce beside NCCL's (executor.symm_all_reduce): fast(x) sums x in place and returns
     # True, or returns False for a tensor it does not take (decided from shapes: alike on every rank).
     fast_all_reduce: Callable[[torch.Tensor], bool] | None = field(default=None, compare=False, repr=False)
+    # MoE layers hold experts [rank * E / size, (rank + 1) * E / size) whole (EngineConfig.expert_parallel)
+    expert_parallel: bool = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1 and (self.fast_all_reduce is None or not self.fast_all_reduce(x)):

@@ -185,6 +185,24 @@ def test_dummy_path_with_a_shrunken_config(tmp_path: Path, monkeypatch: pytest.M
     assert all(s["status"] == "ok" for s in result["systems"].values())
 
 
+def test_expert_parallel_dummy_mixtral(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--enable-expert-parallel reaches the engine (2 gloo ranks, each with 4 of the 8 random experts
+    whole) and the JSON's engine_config."""
+    from nanoflow.bench import dummy_models
+
+    tiny = {**dummy_models.DUMMY_CONFIGS["mixtral-8x7b"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+            "max_position_embeddings": 256}
+    monkeypatch.setitem(dummy_models.DUMMY_CONFIGS, "mixtral-8x7b", tiny)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    rc = main(["bench", "--dummy", "mixtral-8x7b", "--workload", "16x8", "--num-requests", "3", "--num-warmup", "1",
+               "-tp", "2", "--enable-expert-parallel", "--output-dir", str(tmp_path), "--no-plot", *CPU_ARGS])
+    assert rc == 0
+    s = json.loads(_only(tmp_path, "bench_*.json").read_text())["systems"]["nanoflow"]
+    assert s["status"] == "ok" and s["output_tokens"] == 3 * 8
+    assert s["engine_config"]["enable_expert_parallel"] is True and s["engine_config"]["tensor_parallel_size"] == 2
+
+
 def test_triton_compiles_are_collected_and_the_hook_restored() -> None:
     from triton import knobs
 

@@ -1,5 +1,6 @@
 """The fused MoE path (align, grouped gate_up and down GEMMs) against the references, at small
-shapes with uneven expert loads: experts with no tokens, and every token on one expert."""
+shapes with uneven expert loads: experts with no tokens, and every token on one expert; and split
+over expert-parallel ranks, one of them with no tokens at all."""
 
 from __future__ import annotations
 
@@ -108,6 +109,45 @@ def test_fused_moe_no_tokens(device: str) -> None:
     x, w13, w2, w, ids = _problem(0, 4, "random", device, torch.float32)
     out = torch.empty(0, H, device=device)
     assert fm.fused_moe(x, w13, w2, w, ids, out).shape == (0, H)
+
+
+@pytest.mark.parametrize("T", [1, 33])
+@pytest.mark.parametrize("kind", ["random", "skewed", "rank0_only"])
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_fused_moe_expert_parallel(T: int, kind: str, ranks: int, device: str, dtype: torch.dtype,
+                                   assert_rel: Callable) -> None:
+    """Expert parallel: each rank's fused_moe over its whole experts (global ids in the routing)
+    against moe_experts_ref with the same shard; a pair of another rank's expert adds exactly zero
+    (a rank with no pairs writes an all-zero out) and the ranks' partial outputs sum to the layer's.
+    Uneven loads: skewed (the first and last experts get nothing); rank0_only (every pair on rank 0)."""
+    E = 8
+    x, w13, w2, w, ids = _problem(T, E, "skewed" if kind == "rank0_only" else kind, device, dtype)
+    local = E // ranks
+    if kind == "rank0_only":
+        ids = torch.rand(T, local, device=device).argsort(dim=1)[:, :TOP_K]
+    full = fm.moe_experts_ref(x, w13, w2, w, ids, torch.empty_like(x))
+    total = torch.zeros_like(x, dtype=torch.float32)
+    for r in range(ranks):
+        first = r * local
+        shard = fm.ExpertShard(first, E)
+        mine = (ids >= first) & (ids < first + local)
+        w13_r, w2_r = w13[first : first + local].contiguous(), w2[first : first + local].contiguous()
+        ref = fm.moe_experts_ref(x, w13_r, w2_r, w, ids, torch.empty_like(x), shard)
+        # the shard's sum is the full sum with the other ranks' pairs weighted 0
+        masked = fm.moe_experts_ref(x, w13, w2, w * mine, ids, torch.empty_like(x))
+        if not mine.any():  # a rank whose experts get no pair: nothing to compare relative to
+            assert (ref == 0).all() and (masked == 0).all()
+        else:
+            assert_rel(ref, masked, dtype)
+            assert_rel(fm.moe_per_token_ref(x, w13_r, w2_r, w, ids, shard), ref, dtype)
+        for cfg in (None, SMALL):
+            out = torch.full_like(x, float("nan"))
+            fm.fused_moe(x, w13_r, w2_r, w, ids, out, cfg, shard=shard)
+            assert (out[~mine.any(dim=1)] == 0).all(), "a token with no local expert gets exactly zero"
+            if mine.any():
+                assert_rel(out, ref, dtype)
+        total += out.float()
+    assert_rel(total, full, dtype)
 
 
 def test_default_config_block_m() -> None:

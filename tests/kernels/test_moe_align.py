@@ -1,6 +1,7 @@
 """The Triton align (one launch) against align_ref (torch ops): the same three tensors, bit for bit,
 over many seeded random routings and the edge cases: no pairs, experts with no pairs, every pair
-on one expert, more pairs than one chunk, expert counts that are not powers of two."""
+on one expert, more pairs than one chunk, expert counts that are not powers of two, and expert
+parallel ranks (a range of the experts; the other ranks' pairs left out)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ from nanoflow.kernels import fused_moe as fm
 from nanoflow.kernels.moe_align import _TILE, moe_align
 
 
-def _run(ids: torch.Tensor, E: int, block_m: int, chunk: int | None) -> fm.Aligned:
+def _run(ids: torch.Tensor, E: int, block_m: int, chunk: int | None, expert_offset: int = 0) -> fm.Aligned:
     """fm.align with a chosen chunk; outputs start poisoned so an unwritten entry shows."""
     n = ids.numel()
     cap = fm.align_capacity(n, E, block_m)
     sorted_pairs = torch.full((cap,), -7, dtype=torch.int32, device=ids.device)
     block_expert = torch.full((cap // block_m,), -7, dtype=torch.int32, device=ids.device)
     num_padded = torch.full((1,), -7, dtype=torch.int32, device=ids.device)
-    moe_align(ids, E, block_m, sorted_pairs, block_expert, num_padded, chunk=chunk)
+    moe_align(ids, E, block_m, sorted_pairs, block_expert, num_padded, chunk=chunk, expert_offset=expert_offset)
     return fm.Aligned(sorted_pairs, block_expert, num_padded, n, block_m)
 
 
-def _check(ids: torch.Tensor, E: int, block_m: int, chunk: int | None = None) -> None:
-    want = fm.align_ref(ids, E, block_m)
-    got = _run(ids, E, block_m, chunk)
+def _check(ids: torch.Tensor, E: int, block_m: int, chunk: int | None = None, expert_offset: int = 0) -> None:
+    want = fm.align_ref(ids, E, block_m, expert_offset)
+    got = _run(ids, E, block_m, chunk, expert_offset)
     assert got.num_pairs == want.num_pairs
     for name in ("sorted_pairs", "block_expert", "num_padded"):
         g, w = getattr(got, name), getattr(want, name)
@@ -94,3 +95,28 @@ def test_align_matches_ref(device: str) -> None:
     assert got.num_pairs == want.num_pairs == 8 and got.block_m == 16
     assert torch.equal(got.sorted_pairs, want.sorted_pairs) and torch.equal(got.block_expert, want.block_expert)
     assert torch.equal(got.num_padded, want.num_padded)
+
+
+@pytest.mark.parametrize("E,ranks", [(4, 2), (8, 2), (8, 4), (12, 3), (60, 4)])
+def test_expert_parallel(E: int, ranks: int, device: str) -> None:
+    """Each rank's align (its experts [offset, offset + E / ranks), other ids absent) against
+    align_ref, bit for bit; exactly the rank's pairs are placed, so the others cost no GEMM block.
+    Uneven loads, a rank whose experts get no pair at all, and one rank with every pair."""
+    gen = torch.Generator().manual_seed(E * ranks)
+    local = E // ranks
+    routings = [_random_ids(gen, 37, 2, E, skew, device) for skew in (0.0, 2.0)]
+    routings.append(_random_ids(gen, 29, 2, local, 0.0, device))  # every pair on rank 0's experts
+    routings.append(torch.empty(0, 2, dtype=torch.int64, device=device))
+    for i, ids in enumerate(routings):
+        flat = ids.reshape(-1).cpu()
+        for r in range(ranks):
+            offset = r * local
+            _check(ids, local, 16, chunk=[16, None][i % 2], expert_offset=offset)
+            al = fm.align(ids, local, 16, offset)
+            mine = ((flat >= offset) & (flat < offset + local)).nonzero()[:, 0]
+            placed = al.sorted_pairs.cpu()
+            assert sorted(placed[placed < flat.numel()].tolist()) == mine.tolist()
+            counts = torch.bincount(flat[mine] - offset, minlength=local)
+            assert int(al.num_padded) == int(((counts + 15) // 16 * 16).sum())
+            if mine.numel() == 0:  # a rank with no pairs: no live block at all
+                assert int(al.num_padded) == 0 and (al.block_expert == -1).all()
