@@ -18,6 +18,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.cuda_graph import GraphRunner
 from nanoflow.executor.model_runner import ModelRunner
+from nanoflow.kernels.fused_moe import moe_experts_ref
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
 from nanoflow.pipeline.executor import PipelineExecutor
@@ -83,3 +84,21 @@ def test_fast_path_logits_equal_eager(mixtral, decodes, prefills, pipelined) -> 
         replayed = fast.compute_logits(graphs.run(batch, key))
     torch.testing.assert_close(whole, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(replayed, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_rows_are_routed_to_no_expert(mixtral) -> None:
+    """A graph's padding rows (slot -1) get expert id E, held by no rank: the align drops their
+    pairs, so the grouped GEMMs do no work for them, and the live rows' output is unchanged."""
+    _, fast, _ = mixtral
+    moe = fast.layers[0].mlp
+    torch.manual_seed(1)
+    x = torch.randn(12, moe.router.weight.shape[1])
+    live = torch.arange(12) < 7
+    weights, ids = torch.empty(12, moe.top_k), torch.empty(12, moe.top_k, dtype=torch.int64)
+    moe.route(x, weights, ids, live)
+    assert (ids[~live] == moe.num_experts).all() and (ids[live] < moe.num_experts).all()
+    out, ref = torch.empty(12, x.shape[1]), torch.empty(7, x.shape[1])
+    with torch.inference_mode():
+        moe.experts(x, weights, ids, out)
+        moe_experts_ref(x[:7], moe.w13, moe.w2, weights[:7], ids[:7], ref)
+    torch.testing.assert_close(out[:7], ref, rtol=1e-5, atol=1e-5)

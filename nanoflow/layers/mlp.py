@@ -66,12 +66,15 @@ class MixtureOfExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(local, hidden, inter, dtype=dtype), requires_grad=False)
         self.enforce_eager = enforce_eager
 
-    def route(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> None:
-        """Writes each token's top-k routing weights (x's dtype) and expert ids (int64) into the given rows."""
+    def route(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+              live: torch.Tensor | None = None) -> None:
+        """Writes each token's top-k routing weights (x's dtype) and expert ids (int64) into the given rows.
+        live [T] bool: rows that are tokens; the others (a CUDA graph's padding up to its bucket) get
+        expert id num_experts, which no rank holds, so the grouped GEMMs spend nothing on them."""
         probs = torch.softmax(self.router(x).float(), dim=-1)
         w, e = torch.topk(probs, self.top_k, dim=-1)
         weights.copy_(w / w.sum(dim=-1, keepdim=True))
-        experts.copy_(e)
+        experts.copy_(e if live is None else torch.where(live[:, None], e, self.num_experts))
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> None:
         """out = sum over each token's k experts of weight * expert(x). The fast path (Triton grouped

@@ -80,8 +80,10 @@ class DecoderLayer(nn.Module):
         if isinstance(self.mlp, MixtureOfExperts):
             moe = self.mlp
             ops += [
-                Op("route", "compute", lambda b, t, n: moe.route(t["x"], t["topk_weights"], t["topk_ids"]), ("x",),
-                   ("topk_weights", "topk_ids")),
+                # padding rows of a graph's bucket (slot -1) are routed to no expert
+                Op("route", "compute",
+                   lambda b, t, n: moe.route(t["x"], t["topk_weights"], t["topk_ids"], b.slot_mapping >= 0),
+                   ("x",), ("topk_weights", "topk_ids")),
                 Op("experts", "compute",
                    lambda b, t, n: moe.experts(t["x"], t["topk_weights"], t["topk_ids"], t["hidden"]),
                    ("x", "topk_weights", "topk_ids"), ("hidden",)),
