@@ -12,7 +12,8 @@
 # TP_CHECK_SECOND=network: the second bench runs the network-overlap pipeline (benchmarks/
 # make_pipeline.py, split NET_SPLIT, default 1024) against nanoflow-sequential instead of
 # EAGER_FLAGS; TP_CHECK_SECOND=tune: `nanoflow tune` (network overlap measured per bucket, cached)
-# then the bench with --pipeline auto against nanoflow-sequential; NCCL_MAX_CTAS_FLAG, e.g.
+# then the bench with --pipeline auto against nanoflow-sequential; TP_CHECK_SECOND=ep: the second
+# bench with --enable-expert-parallel (for TP_MODEL=mixtral-8x7b); NCCL_MAX_CTAS_FLAG, e.g.
 # "--nccl-max-ctas 16"; TP_MODEL (llama3-8b), TP_WORKLOAD (the trace), TP_STEPS (tests,graphs,second;
 # also allreduce: benchmarks/allreduce_check.py, NCCL vs symm-mem alone and beside a GEMM); BENCH_FLAGS
 # (more bench arguments for every bench, e.g. "--all-reduce symm-mem --kv-cache-dtype fp8").
@@ -83,6 +84,9 @@ elif [[ ${TP_CHECK_SECOND:-eager} == tune ]]; then
     --output-dir "$OUT/tune" ${TUNE_FLAGS:-} ${NCCL_MAX_CTAS_FLAG:-}
   step bench_tuned "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/tuned" --pipeline auto \
     --compare nanoflow-sequential ${NCCL_MAX_CTAS_FLAG:-}
+elif [[ ${TP_CHECK_SECOND:-eager} == ep ]]; then
+  # expert parallelism against the tensor-parallel MoE of bench_graphs (TP_MODEL=mixtral-8x7b)
+  step bench_ep "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/ep" --enable-expert-parallel
 elif [[ ${TP_CHECK_SECOND:-eager} == network ]]; then
   # the network-overlap pipeline (each nano-batch's all-reduces beside the other's ops) vs sequential
   python benchmarks/make_pipeline.py network --tp --split "${NET_SPLIT:-1024}" --out "$OUT/net.json"
