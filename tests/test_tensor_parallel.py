@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import threading
 
 import pytest
 import torch
@@ -139,6 +140,24 @@ def test_dead_worker_fails_loudly(tiny_model):
         llm.shutdown()  # must not hang on the dead worker
     assert not multiprocessing.active_children()
     assert not _ring_files()
+
+
+def test_worker_watch_reports_a_death_unless_shutting_down(tiny_model):
+    """The watchdog of --all-reduce symm-mem (which has no device timeout), on the CPU: a worker's
+    death is reported with its rank; after shutdown begins, an exiting worker is not."""
+    llm = LLM(tiny_model("llama"), max_model_len=256, tensor_parallel_size=2)
+    tp, reports = llm.engine.tp, []
+    try:
+        (worker,) = tp.processes
+        watch = threading.Thread(target=tp.watch_workers, args=(reports.append,))
+        watch.start()
+        worker.kill()
+        watch.join(30)
+        assert not watch.is_alive() and len(reports) == 1 and "worker rank 1 (pid" in reports[0]
+    finally:
+        llm.shutdown()
+    tp.watch_workers(reports.append)  # closed: the workers are gone and nothing is reported
+    assert len(reports) == 1
 
 
 def test_bad_sizes_are_clear_errors(tiny_model, monkeypatch):

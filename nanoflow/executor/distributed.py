@@ -18,7 +18,8 @@ through the gloo control group's synchronous broadcast.
 
 A worker that dies makes rank 0 fail loudly: it checks its spawned workers before each step, names
 a dead one when a collective fails, the ring's writer names a dead reader it waits for, and every
-collective has a timeout (NANOFLOW_TP_TIMEOUT_S).
+collective has a timeout (NANOFLOW_TP_TIMEOUT_S). With `--all-reduce symm-mem`, whose device-side
+waits have no timeout, a watchdog thread ends rank 0's process when a spawned worker dies mid-run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -130,7 +132,24 @@ class TensorParallelGroup:
             finally:
                 group.abort()
             raise
+        if group.par.fast_all_reduce is not None:
+            # a symmetric-memory all-reduce waits for its peers on the device with no timeout (NCCL's
+            # watchdog does not see it): a worker that dies mid-step would leave rank 0 stuck in a
+            # device wait for good, so its death ends this process, loudly
+            threading.Thread(target=group.watch_workers, name="nanoflow-tp-watch", daemon=True).start()
         return group
+
+    def watch_workers(self, on_death: Callable[[str], None] | None = None) -> None:
+        """Waits for a spawned worker to exit; unless the group is shutting down by then, reports it
+        through on_death (default: log and end the process with exit code 70)."""
+        multiprocessing.connection.wait([p.sentinel for p in self.processes])
+        if self._closed:
+            return
+        dead = [f"rank {r} (pid {p.pid}, exit code {p.exitcode})" for r, p in enumerate(self.processes, start=1)
+                if not p.is_alive()]
+        message = (f"tensor-parallel worker {', '.join(dead)} died during a step with --all-reduce symm-mem; "
+                   "rank 0 cannot leave a device wait on it, so the process exits")
+        (on_death or _exit_loudly)(message)
 
     def check_workers(self, cause: BaseException | None = None) -> None:
         """Raises RuntimeError naming a spawned worker that is no longer running. With a cause (a
@@ -184,6 +203,12 @@ class TensorParallelGroup:
         if self.owns_group and dist.is_initialized():
             _leave_group()
         self.owns_group = False
+
+
+def _exit_loudly(message: str) -> None:
+    log.critical(message)
+    logging.shutdown()
+    os._exit(70)
 
 
 def _leave_group() -> None:
