@@ -8,7 +8,7 @@
 #   EAGER_FLAGS="--cuda-graph-max-tokens 0" bash benchmarks/tp_check.sh   # graphs off, same kernels
 #
 # Environment (all optional): OUT (default bench-results/tp_check_<time>, git-ignored), NUM_REQUESTS
-# (1000), TRACE, EAGER_FLAGS (--enforce-eager), TP_CHECK_TOTAL_S (540), TESTS_S, BENCH_S (170 each),
+# (1000), TRACE, EAGER_FLAGS (--enforce-eager), TP_CHECK_TOTAL_S (540), TESTS_S (200), BENCH_S (170),
 # TP_CHECK_SECOND=network: the second bench runs the network-overlap pipeline (benchmarks/
 # make_pipeline.py, split NET_SPLIT, default 1024) against nanoflow-sequential instead of
 # EAGER_FLAGS; TP_CHECK_SECOND=tune: `nanoflow tune` (network overlap measured per bucket, cached)
@@ -70,7 +70,7 @@ STEPS=${TP_STEPS:-tests,graphs,second}
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
 bench=(python -m nanoflow.cli bench --dummy "$MODEL" --tensor-parallel-size 2 --workload "${TP_WORKLOAD:-trace:$TRACE}"
        --num-requests "$NUM_REQUESTS" --no-tqdm ${BENCH_FLAGS:-})
-wanted tests && step tests "${TESTS_S:-170}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q \
+wanted tests && step tests "${TESTS_S:-200}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q \
   --no-header -p no:cacheprovider
 wanted allreduce && step allreduce "${ALLREDUCE_S:-120}" 170 python benchmarks/allreduce_check.py --out "$OUT" \
   ${NCCL_MAX_CTAS_FLAG:-}
