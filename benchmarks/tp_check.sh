@@ -70,7 +70,7 @@ STEPS=${TP_STEPS:-tests,graphs,second}
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
 bench=(python -m nanoflow.cli bench --dummy "$MODEL" --tensor-parallel-size 2 --workload "${TP_WORKLOAD:-trace:$TRACE}"
        --num-requests "$NUM_REQUESTS" --no-tqdm ${BENCH_FLAGS:-})
-wanted tests && step tests "${TESTS_S:-200}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q \
+wanted tests && step tests "${TESTS_S:-200}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q -x \
   --no-header -p no:cacheprovider
 wanted allreduce && step allreduce "${ALLREDUCE_S:-120}" 170 python benchmarks/allreduce_check.py --out "$OUT" \
   ${NCCL_MAX_CTAS_FLAG:-}
