@@ -174,7 +174,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="folder for moe_check.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
-    ap.add_argument("--tokens", type=int, nargs="*", help="token counts (default 16 64 128 256 512 1024 2048 4096)")
+    ap.add_argument("--tokens", type=int, nargs="*",
+                    help="token counts (default 16 64 128 256 384 512 640 768 1024 1536 2048 4096: Mixtral's "
+                    "512x512 steps are mostly 300-700 tokens, where per-expert rows rarely fill a 128-row tile)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="also try a grid of tile configs per token count")
     ap.add_argument("--write-config", action="store_true",
@@ -192,7 +194,7 @@ def main() -> None:
     else:
         assert torch.cuda.is_available(), "no GPU: use --cpu-smoke"
         device, dtype, E, top_k, H, inter = "cuda", torch.bfloat16, 8, 2, 4096, 14336
-        tokens, reps = args.tokens or [16, 64, 128, 256, 512, 1024, 2048, 4096], args.reps
+        tokens, reps = args.tokens or [16, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 4096], args.reps
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
                "experts": E, "top_k": top_k, "hidden": H, "intermediate": inter, "rows": []}
     print(f"{'T':>5} {'err':>8} {'align':>7} {'gate_up':>8} {'%dense':>7} {'down':>8} {'%dense':>7} "
