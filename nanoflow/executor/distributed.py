@@ -142,6 +142,8 @@ class TensorParallelGroup:
     def watch_workers(self, on_death: Callable[[str], None] | None = None) -> None:
         """Waits for a spawned worker to exit; unless the group is shutting down by then, reports it
         through on_death (default: log and end the process with exit code 70)."""
+        if not self.processes:  # torchrun started the ranks: nothing of theirs to wait on here
+            return
         multiprocessing.connection.wait([p.sentinel for p in self.processes])
         if self._closed:
             return
