@@ -11,8 +11,9 @@ rendezvoused once per rank on the default group; each call copies its tensor in,
 and copies the sum back. Calls are issued on one stream at a time in the same order on every rank
 (the pipeline keeps every collective on one stream), so they never share the buffer at once. A
 tensor it does not take (another dtype, larger than the buffer) goes to NCCL, and since that depends
-only on shapes every rank decides alike. The reference it must equal is `dist.all_reduce`
-(tests/gpu/test_symm_all_reduce_gpu.py, also inside CUDA graphs).
+only on shapes every rank decides alike. The reference it must equal is `dist.all_reduce`:
+`benchmarks/allreduce_check.py` compares the two per message size (and times them), and
+tests/gpu/test_tensor_parallel_gpu.py checks an engine's tokens with either, inside CUDA graphs.
 """
 
 from __future__ import annotations
