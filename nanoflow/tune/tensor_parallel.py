@@ -140,6 +140,7 @@ def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, time
             raise RuntimeError(f"tensor-parallel measurement gave no result within {timeout_s:.0f} s")
         result = recv.recv()
     except EOFError:
+        p.join(60)
         result = RuntimeError(f"the tensor-parallel measurement process died (exit code {p.exitcode}); "
                               "its error is printed above")
     finally:
