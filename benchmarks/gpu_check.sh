@@ -17,6 +17,8 @@
 #   GPU_CHECK_STEPS=fixed NUM_REQUESTS=200 COMPARE=sequential bash benchmarks/gpu_check.sh
 #
 # Environment (all optional):
+#   PACK=1               pack everything but the summary and table into $OUT/results.tgz (device calls
+#                        bring back only a few files)
 #   OUT                  where logs and results go (default bench-results/gpu_check_<time> in the
 #                        repository root, git-ignored; a run to publish is copied into
 #                        benchmarks/results/ with a row in benchmarks/results/README.md)
@@ -150,5 +152,12 @@ echo "=== summary ($(( $(date +%s) - START ))s)"
 cat "$SUMMARY"
 if compgen -G "$OUT/bench_*.json" > /dev/null; then
   python -m nanoflow.bench.report "$OUT"/bench_*.json 2>&1 | tee "$OUT/bench_table.md"
+fi
+# PACK=1 (device runs, which bring back only a few files): everything but the summary and the table
+# goes into one results.tgz beside them
+if [[ ${PACK:-0} == 1 ]]; then
+  pack=$(mktemp -d)/results.tgz
+  tar czf "$pack" -C "$OUT" . && find "$OUT" -mindepth 1 -not -name "$(basename "$SUMMARY")" \
+    -not -name bench_table.md -delete && mv "$pack" "$OUT/"
 fi
 ! grep -qE "FAILED|TIMED OUT" "$SUMMARY"

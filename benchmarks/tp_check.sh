@@ -16,7 +16,8 @@
 # bench with --enable-expert-parallel (for TP_MODEL=mixtral-8x7b); NCCL_MAX_CTAS_FLAG, e.g.
 # "--nccl-max-ctas 16"; TP_MODEL (llama3-8b), TP_WORKLOAD (the trace), TP_STEPS (tests,graphs,second;
 # also allreduce: benchmarks/allreduce_check.py, NCCL vs symm-mem alone and beside a GEMM); BENCH_FLAGS
-# (more bench arguments for every bench, e.g. "--all-reduce symm-mem --kv-cache-dtype fp8").
+# (more bench arguments for every bench, e.g. "--all-reduce symm-mem --kv-cache-dtype fp8"); PACK=1:
+# everything but the summary and the table in one $OUT/results.tgz (device calls bring back few files).
 
 set -u -o pipefail
 # NVLink multicast can take a shared host's GPUs out of service: off in every process started here
@@ -101,5 +102,12 @@ echo "=== summary ($(( $(date +%s) - START ))s)"
 cat "$SUMMARY"
 if compgen -G "$OUT/*/bench_*.json" > /dev/null; then
   python -m nanoflow.bench.report "$OUT"/*/bench_*.json 2>&1 | tee "$OUT/bench_table.md"
+fi
+# PACK=1 (device runs, which bring back only a few files): everything but the summary and the table
+# goes into one results.tgz beside them
+if [[ ${PACK:-0} == 1 ]]; then
+  pack=$(mktemp -d)/results.tgz
+  tar czf "$pack" -C "$OUT" . && find "$OUT" -mindepth 1 -not -name "$(basename "$SUMMARY")" \
+    -not -name bench_table.md -delete && mv "$pack" "$OUT/"
 fi
 ! grep -qE "FAILED|TIMED OUT" "$SUMMARY"
