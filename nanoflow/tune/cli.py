@@ -249,6 +249,11 @@ def _print_profile(profile: dict[str, Any]) -> None:
             print(f"{op:<22}" + "".join(cells))
     else:
         print(f"interference: {profile.get('interference', {}).get('note', 'not measured')}")
+    prefill = profile.get("interference", {}).get("prefill_pairs", {})
+    if prefill:  # recorded only: the search does not use it
+        print("kept fractions beside prefill attention, uncapped (op / attention):")
+        for op, v in prefill.items():
+            print(f"{op:<22}  {v['op_kept']:.2f}/{v['attention_kept']:.2f}")
 
 
 def _print_table(profile: dict[str, Any], tuning: Any, measured: dict[int, float]) -> None:

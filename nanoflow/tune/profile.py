@@ -9,8 +9,9 @@ weights alone would stay in L2 between repeats). Times are per layer.
 
 The interference table (NanoFlow's Table 3, measured here, GPU only): decode attention capped at
 each num_ctas on one stream, launched first, beside another op of the layer on a second stream;
-each keeps a fraction of its speed alone. The whole forward at each size is timed too, so the sum
-of the parts can be checked against the whole.
+each keeps a fraction of its speed alone. Beside it, the same measurement for prefill attention
+(uncapped) beside each dense GEMM of the layer. The whole forward at each size is timed too, so the
+sum of the parts can be checked against the whole.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from nanoflow.executor.step_plan import StepPlan
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.op import Buffers, run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
-from nanoflow.pipeline.schedule import Schedule
+from nanoflow.pipeline.schedule import GEMM_OPS, Schedule
 from nanoflow.tune.timing import Timer, kept_fractions
 
 PROFILE_VERSION = 1
-DECODE = "decode_attention"
+DECODE, PREFILL = "decode_attention", "prefill_attention"
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] =
     do_pairs = pairs and on_gpu and bool(ctas)
     candidates = [op.name for op in ops if op.name != DECODE and op.resource != "network"]
     partners = [n for n in (pair_ops or candidates) if n in names and n != DECODE]
-    total = len(sizes) * (len(names) + len(ctas) + 1) + (len(ctas) * (len(partners) + 1) if do_pairs else 0)
+    gemms = [n for n in names if n in GEMM_OPS] if PREFILL in names else []  # beside prefill attention
+    total = len(sizes) * (len(names) + len(ctas) + 1) + \
+        (len(ctas) * (len(partners) + 1) + (len(gemms) + 1 if gemms else 0) if do_pairs else 0)
     bar = tqdm(total=total, desc="profile", unit="op", disable=not use_tqdm)
 
     def over_layers(name: str, batch: ForwardBatch, bufs: Buffers, cap: int | None) -> Callable[[], None]:
@@ -137,14 +140,28 @@ def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] =
         if do_pairs:
             n = pair_tokens or min(sizes, key=lambda s: abs(s - sizes[-1] // 2))
             batch, bufs = step_batch(runner, n, w)
-            interference = _interference(timer, {c: over_layers(DECODE, batch, bufs, c) for c in ctas},
-                                         {p: over_layers(p, batch, bufs, None) for p in partners},
-                                         len(timed), pair_repeats, bar)
-            interference |= {"num_tokens": n, "num_decodes": batch.num_decodes}
+            alone_ms: dict[str, float] = {}  # each op's time alone, shared by both tables (same step)
+            table = _interference(timer, DECODE, {str(c): over_layers(DECODE, batch, bufs, c) for c in ctas},
+                                  {p: over_layers(p, batch, bufs, None) for p in partners},
+                                  len(timed), pair_repeats, bar, alone_ms)
+            # prefill attention (uncapped) beside each dense GEMM: recorded for the reader only; the
+            # search does not use it, as no schedule runs prefill attention beside a GEMM (both compute-bound)
+            prefill_pairs: dict[str, dict[str, Any]] = {}
+            if gemms and batch.num_prefills:
+                got = _interference(timer, PREFILL, {"uncapped": over_layers(PREFILL, batch, bufs, None)},
+                                    {g: over_layers(g, batch, bufs, None) for g in gemms},
+                                    len(timed), pair_repeats, bar, alone_ms)
+                prefill_pairs = {g: v["uncapped"] for g, v in got.items()}
+            elif gemms:
+                bar.update(len(gemms) + 1)  # a step of decodes only: no prefill attention to pair
+            interference = {"ctas": ctas, "unit": "kept: fraction of the op's speed alone (1: unharmed); ms per layer",
+                            "launch": "eager, both streams released by one gate, attention first",
+                            "pairs": table, "prefill_pairs": prefill_pairs,
+                            "num_tokens": n, "num_decodes": batch.num_decodes}
         else:
             why = "no CUDA device: streams do not run side by side here" if not on_gpu else \
                 "not measured (no --ctas, or pairs turned off)"
-            interference = {"needs_gpu": not on_gpu, "note": why, "pairs": {}}
+            interference = {"needs_gpu": not on_gpu, "note": why, "pairs": {}, "prefill_pairs": {}}
     bar.close()
     key = pipeline_key(runner.config, runner.par.size)
     return {
@@ -161,38 +178,40 @@ def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] =
     }
 
 
-def _interference(timer: Timer, attention: dict[int, Callable[[], None]], partners: dict[str, Callable[[], None]],
-                  per: int, repeats: int, bar: tqdm, span_ms: float = 2.0) -> dict[str, Any]:
-    """For each SM cap and partner op: both alone and side by side (attention launched first), each
-    stream repeating its call until both carry about the same work, so that they overlap
-    throughout; median over `repeats` of the fractions each kept."""
-    def alone(fn: Callable[[], None]) -> float:
-        once = timer.side_by_side(fn, 1, None, 0)[0]
-        reps = max(1, math.ceil(span_ms / max(once, 1e-3)))
-        return statistics.median(timer.side_by_side(fn, reps, None, 0)[0] / reps for _ in range(repeats))
+def _interference(timer: Timer, first: str, runs: dict[str, Callable[[], None]],
+                  partners: dict[str, Callable[[], None]], per: int, repeats: int, bar: tqdm,
+                  alone_ms: dict[str, float], span_ms: float = 2.0) -> dict[str, dict[str, dict[str, Any]]]:
+    """table[partner][key] for each run of the `first` op (keyed: an SM cap, or "uncapped") and each
+    partner op: both alone and side by side (`first` launched first), each stream repeating its
+    call until both carry about the same work, so that they overlap throughout; median over
+    `repeats` of the fractions each kept ("attention_kept": the first op's). `alone_ms` caches each
+    call's time alone (the first op's under "first@key"), so that tables of one step share it."""
+    def alone(key: str, fn: Callable[[], None]) -> float:
+        if key not in alone_ms:
+            once = timer.side_by_side(fn, 1, None, 0)[0]
+            reps = max(1, math.ceil(span_ms / max(once, 1e-3)))
+            alone_ms[key] = statistics.median(timer.side_by_side(fn, reps, None, 0)[0] / reps for _ in range(repeats))
+        return alone_ms[key]
 
-    op_alone: dict[str, float] = {}
-    for name, fn in partners.items():
-        op_alone[name] = alone(fn)
-    table: dict[str, dict[str, Any]] = {name: {} for name in partners}
-    attention_alone = {}
-    for c, attn in attention.items():
-        bar.set_postfix_str(f"interference: {DECODE} on {c} CTAs alone")
-        a = attention_alone[c] = alone(attn)
+    op_alone = {name: alone(name, fn) for name, fn in partners.items()}
+    table: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in partners}
+    for key, attn in runs.items():
+        what = f"{first} on {key} CTAs" if key.isdigit() else f"{first} ({key})"
+        bar.set_postfix_str(f"interference: {what} alone")
+        a = alone(f"{first}@{key}", attn)
         bar.update()
         for name, fn in partners.items():
-            bar.set_postfix_str(f"interference: {name} beside {DECODE} on {c} CTAs")
+            bar.set_postfix_str(f"interference: {name} beside {what}")
             g = op_alone[name]
             span = max(span_ms, a, g)
             ra, rg = max(1, round(span / max(a, 1e-3))), max(1, round(span / max(g, 1e-3)))
             kept = [kept_fractions(a, ra, g, rg, *timer.side_by_side(attn, ra, fn, rg)) for _ in range(repeats)]
-            table[name][str(c)] = {
+            table[name][key] = {
                 "op_kept": statistics.median(k[1] for k in kept),
                 "attention_kept": statistics.median(k[0] for k in kept),
                 "op_alone_ms": g / per, "attention_alone_ms": a / per, "reps": [ra, rg]}
             bar.update()
-    return {"ctas": list(attention), "unit": "kept: fraction of the op's speed alone (1: unharmed); ms per layer",
-            "launch": "eager, both streams released by one gate, attention first", "pairs": table}
+    return table
 
 
 def time_forward(runner: ModelRunner, num_tokens: int, w: Workload, timer: Timer,
