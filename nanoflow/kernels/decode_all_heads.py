@@ -23,7 +23,7 @@ def decode_all_heads_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
-    FP16_DOTS: tl.constexpr,
+    FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, head block, partition); a head block is HEADS kv heads
     (all of them by default), padded to BLOCK_H. Each step loads BLOCK_N tokens of every kv head
@@ -61,7 +61,7 @@ def decode_all_heads_kernel(
             q = q.to(tl.float16)
         kvh_c = hb * HEADS + c_h
         c_ok = (c_h < HEADS) & (kvh_c < num_kv_heads)
-        head_off = kvh_c.to(tl.int64) * stride_ch
+        head_off = kvh_c * stride_ch if I32_OFFSETS else kvh_c.to(tl.int64) * stride_ch
         page_row = page_tables_ptr + b * stride_pt
         m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
         l_i = tl.zeros(heads.shape, dtype=tl.float32)
@@ -72,7 +72,9 @@ def decode_all_heads_kernel(
             tok = n0 + c_n
             t_mask = (tok >= lo) & (tok < end)
             page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
-            tok_off = page.to(tl.int64) * stride_cp + (tok % PAGE_SIZE) * stride_ct
+            if not I32_OFFSETS:
+                page = page.to(tl.int64)
+            tok_off = page * stride_cp + (tok % PAGE_SIZE) * stride_ct
             if BATCHED:
                 # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
                 kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]

@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoflow.kernels.attention_common import LOG2E, check_paged_inputs, dot_precision, fp16_dots, gather_pages, num_sms
+from nanoflow.kernels.attention_common import (
+    LOG2E,
+    check_paged_inputs,
+    dot_precision,
+    fp16_dots,
+    gather_pages,
+    i32_offsets,
+    num_sms,
+)
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
 from nanoflow.kernels.decode_common import DecodeConfig, decode_plan, softmax_step, store_item, work_item
 
@@ -67,9 +75,11 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
+    I32_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, kv_head, partition): a capped grid still covers all work.
-    All GROUP query heads of a kv head share each K/V tile (rows of one tl.dot, padded to 16)."""
+    All GROUP query heads of a kv head share each K/V tile (rows of one tl.dot, padded to 16).
+    I32_OFFSETS: the layer's cache has < 2**31 elements, so K/V offsets fit 32 bits (see i32_offsets)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_g = tl.arange(0, BLOCK_G)
@@ -89,14 +99,16 @@ def _decode_kernel(
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        kv_base = tl.cast(kvh, tl.int64) * stride_ch
+        kv_base = kvh * stride_ch if I32_OFFSETS else tl.cast(kvh, tl.int64) * stride_ch
         # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
         # An empty item (lo >= end) runs zero iterations.
         for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
             tok = n0 + offs_n
             t_mask = (tok >= lo) & (tok < end)
             page = tl.load(page_tables_ptr + b * stride_pt + tok // PAGE_SIZE, mask=t_mask, other=0)
-            row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
+            if not I32_OFFSETS:
+                page = page.to(tl.int64)
+            row = page * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
             # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
             k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
             v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
@@ -231,7 +243,7 @@ def paged_decode_attention(
             GROUP=group, BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, HEAD_DIM=D,
             PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SPLIT=split, BATCHED=cfg.batched_dot,
             NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
-            FP16_DOTS=fp16_dots(q, k_cache),
+            FP16_DOTS=fp16_dots(q, k_cache), I32_OFFSETS=i32_offsets(k_cache, v_cache),
             num_warps=cfg.num_warps,
         )  # fmt: skip
     else:
@@ -244,7 +256,7 @@ def paged_decode_attention(
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
             BLOCK_N=cfg.block_n, SPLIT=split,
             NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
-            FP16_DOTS=fp16_dots(q, k_cache),
+            FP16_DOTS=fp16_dots(q, k_cache), I32_OFFSETS=i32_offsets(k_cache, v_cache),
             num_warps=cfg.num_warps,
         )  # fmt: skip
     if split:

@@ -8,6 +8,8 @@ import pytest
 import torch
 from paged_cache import FP8, PAGE, f32, fp8_and_widened, out_rows, paged_cache, poison_unwritten, qkv_views
 
+from nanoflow.kernels import decode_attention
+from nanoflow.kernels.attention_common import i32_offsets
 from nanoflow.kernels.decode_attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
 from nanoflow.kernels.decode_common import decode_plan
 
@@ -302,3 +304,18 @@ class _Recorder:
     def __getitem__(self, grid):
         self.launched.append(self.name)
         return self.kernel[grid]
+
+
+def test_i32_offsets_only_below_2_to_the_31() -> None:
+    small = torch.empty(64, 8, PAGE, 128, device="meta")
+    big = torch.empty(131073, 8, PAGE, 128, device="meta")  # 2**31 + 2**14 elements
+    assert i32_offsets(small, small) and not i32_offsets(small, big)
+    assert i32_offsets(big[:-1])  # a view of 2**31 elements: its last offset, 2**31 - 1, still fits
+
+
+@pytest.mark.parametrize("case", ["gqa4-d128-split-capped", "mha-d64-window-capped"])
+def test_decode_64_bit_offsets(case: str, kernel: str, device: str, dtype: torch.dtype, assert_rel,
+                               monkeypatch) -> None:
+    """The int64 address path (a layer's cache of 2**31 elements or more) computes what the int32 one does."""
+    monkeypatch.setattr(decode_attention, "i32_offsets", lambda *caches: False)
+    test_decode(DECODE_CASES[case], kernel, device, dtype, assert_rel)

@@ -1,0 +1,101 @@
+"""What a decode-attention step costs in instructions, on a machine without a GPU: compiles the decode
+kernels for sm_90a (Triton's bundled ptxas), disassembles them (nvdisasm) and counts the SASS
+instructions of the inner loop (one K/V step) per warp, by opcode.
+
+    python benchmarks/decode_sass.py                        # per-head and all-heads, int32 and int64 offsets
+    python benchmarks/decode_sass.py --kernel all_heads --warps 4,8 --stages 5 --mix
+
+Why: on a capped grid a decode CTA moves ~35-45 GB/s whatever its bytes in flight (docs/pipeline.md);
+its warps run out of issue slots and latency hiding first, so fewer instructions per step is a lever
+that can be measured here, before a GPU run. Integer arguments are compiled as Triton specialises a
+real launch (pointers and strides divisible by 16), or the K/V loads would not be pipelined at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel  # noqa: E402
+from nanoflow.kernels.decode_attention import _decode_kernel  # noqa: E402
+
+PTRS = ("q_ptr", "k_cache_ptr", "v_cache_ptr", "page_tables_ptr", "seq_lens_ptr", "num_seqs_ptr", "out_ptr",
+        "part_acc_ptr", "part_m_ptr", "part_l_ptr")
+PTR_TYPES = ("*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*bf16", "*fp32", "*fp32", "*fp32")
+STRIDES = ("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_pt", "stride_cp", "stride_ch", "stride_ct")
+
+
+def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool) -> bytes:
+    """The cubin of one decode kernel for Llama-3-8B's shape (8 kv heads x 4 query heads, D 128, bf16)."""
+    common = dict(GROUP=4, HEAD_DIM=128, PAGE_SIZE=16, BLOCK_N=block_n, SPLIT=True, NUM_STAGES=stages, FLATTEN=False,
+                  PRECISION="tf32", FP16_DOTS=False, I32_OFFSETS=i32)
+    if kernel == "per_head":
+        fn, ints = _decode_kernel, ("num_kv_heads", "num_parts", "partition", "sliding_window")
+        const = dict(BLOCK_G=16, **common)
+    else:
+        fn, ints = decode_all_heads_kernel, ("num_kv_heads", "num_head_blocks", "num_parts", "partition",
+                                             "sliding_window")
+        const = dict(BLOCK_G=4, HEADS=8, BLOCK_H=8, BATCHED=True, **common)  # as the launcher pads the group
+    types = {**dict(zip(PTRS, PTR_TYPES, strict=True)), "qk_scale": "fp32", **dict.fromkeys(ints, "i32"),
+             **dict.fromkeys(STRIDES, "i32"), **dict.fromkeys(const, "constexpr")}
+    names = list(fn.arg_names)  # the signature goes in the kernel's parameter order
+    sig = {n: types[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*PTRS, *STRIDES, "partition")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return compiled.asm["cubin"]
+
+
+def inner_loop(cubin: bytes, workdir: Path) -> list[str]:
+    """Opcodes of the innermost loop: the shortest backward branch's body."""
+    path = workdir / "k.cubin"
+    path.write_bytes(cubin)
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    sass = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L_x_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            ops = [m2.group(1) for x in lines[labels[m.group(1)]: i + 1]
+                   if (m2 := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", x))]
+            loops.append(ops)
+    return min((ops for ops in loops if len(ops) > 20), key=len, default=[])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", choices=("per_head", "all_heads", "both"), default="both")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--stages", type=int, default=None, help="default: 8 (per-head), 5 (all-heads)")
+    p.add_argument("--mix", action="store_true", help="also the opcodes, most frequent first")
+    args = p.parse_args()
+    import tempfile
+
+    kernels = ("per_head", "all_heads") if args.kernel == "both" else (args.kernel,)
+    print(f"{'kernel':<10} {'warps':>5} {'stages':>6} {'offsets':>7} {'instructions/step/warp':>23}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for kernel in kernels:
+            stages = args.stages or (8 if kernel == "per_head" else 5)
+            block_n = 128 if kernel == "per_head" else 16
+            for warps in (int(w) for w in args.warps.split(",")):
+                for i32 in (False, True):
+                    ops = inner_loop(compile_kernel(kernel, warps, stages, block_n, i32), Path(tmp))
+                    print(f"{kernel:<10} {warps:>5} {stages:>6} {'int32' if i32 else 'int64':>7} {len(ops):>23}")
+                    if args.mix:
+                        print("    " + ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
