@@ -35,8 +35,10 @@ PTR_TYPES = ("*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*bf16", "*fp32"
 STRIDES = ("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_pt", "stride_cp", "stride_ch", "stride_ct")
 
 
-def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool) -> bytes:
-    """The cubin of one decode kernel for Llama-3-8B's shape (8 kv heads x 4 query heads, D 128, bf16)."""
+def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool,
+                   gate: bool = False, heads: int = 8) -> tuple[bytes, int]:
+    """The cubin and shared memory (bytes) of one decode kernel for Llama-3-8B's shape (8 kv heads x 4
+    query heads, D 128, bf16)."""
     common = dict(GROUP=4, HEAD_DIM=128, PAGE_SIZE=16, BLOCK_N=block_n, SPLIT=True, NUM_STAGES=stages, FLATTEN=False,
                   PRECISION="tf32", FP16_DOTS=False, I32_OFFSETS=i32)
     if kernel == "per_head":
@@ -45,15 +47,28 @@ def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool
     else:
         fn, ints = decode_all_heads_kernel, ("num_kv_heads", "num_head_blocks", "num_parts", "partition",
                                              "sliding_window")
-        const = dict(BLOCK_G=4, HEADS=8, BLOCK_H=8, BATCHED=True, **common)  # as the launcher pads the group
-    types = {**dict(zip(PTRS, PTR_TYPES, strict=True)), "qk_scale": "fp32", **dict.fromkeys(ints, "i32"),
+        const = dict(BLOCK_G=4, HEADS=heads, BLOCK_H=heads, BATCHED=True, DYNAMIC=gate, SM_GATE=gate,
+                     **common)  # BLOCK_G: as the launcher pads the group
+        ints = (*ints, "share", "num_sms")
+    types = {**dict(zip(PTRS, PTR_TYPES, strict=True)), "work_counter_ptr": "*i32", "qk_scale": "fp32",
+             **dict.fromkeys(ints, "i32"),
              **dict.fromkeys(STRIDES, "i32"), **dict.fromkeys(const, "constexpr")}
     names = list(fn.arg_names)  # the signature goes in the kernel's parameter order
     sig = {n: types[n] for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*PTRS, *STRIDES, "partition")}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return compiled.asm["cubin"]
+    return compiled.asm["cubin"], compiled.metadata.shared
+
+
+def registers(cubin: bytes, workdir: Path) -> int:
+    """Registers per thread of the cubin's kernel (cuobjdump's resource usage)."""
+    path = workdir / "r.cubin"
+    path.write_bytes(cubin)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    out = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)", out)
+    return int(m.group(1)) if m else -1
 
 
 def inner_loop(cubin: bytes, workdir: Path) -> list[str]:
@@ -80,19 +95,27 @@ def main() -> None:
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", type=int, default=None, help="default: 8 (per-head), 5 (all-heads)")
     p.add_argument("--mix", action="store_true", help="also the opcodes, most frequent first")
+    p.add_argument("--gate", action="store_true", help="all-heads: the SM-gated variant (DecodeConfig.sm_gate)")
+    p.add_argument("--heads", type=int, default=8, help="all-heads: kv heads per work item (kv_heads_per_item)")
     args = p.parse_args()
     import tempfile
 
     kernels = ("per_head", "all_heads") if args.kernel == "both" else (args.kernel,)
-    print(f"{'kernel':<10} {'warps':>5} {'stages':>6} {'offsets':>7} {'instructions/step/warp':>23}")
+    print(f"{'kernel':<10} {'warps':>5} {'stages':>6} {'offsets':>7} {'instructions/step/warp':>23} "
+          f"{'regs':>5} {'smem KiB':>8} {'CTAs/SM':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for kernel in kernels:
             stages = args.stages or (8 if kernel == "per_head" else 5)
             block_n = 128 if kernel == "per_head" else 16
             for warps in (int(w) for w in args.warps.split(",")):
                 for i32 in (False, True):
-                    ops = inner_loop(compile_kernel(kernel, warps, stages, block_n, i32), Path(tmp))
-                    print(f"{kernel:<10} {warps:>5} {stages:>6} {'int32' if i32 else 'int64':>7} {len(ops):>23}")
+                    gate = args.gate and kernel == "all_heads"
+                    cubin, smem = compile_kernel(kernel, warps, stages, block_n, i32, gate, args.heads)
+                    ops, regs = inner_loop(cubin, Path(tmp)), registers(cubin, Path(tmp))
+                    # Hopper: 64 Ki registers and 228 KiB of shared memory per SM (1 KiB reserved per CTA)
+                    fit = min(65536 // max(1, regs * 32 * warps), (228 * 1024) // (smem + 1024))
+                    print(f"{kernel:<10} {warps:>5} {stages:>6} {'int32' if i32 else 'int64':>7} {len(ops):>23} "
+                          f"{regs:>5} {smem / 1024:>8.0f} {fit:>7}")
                     if args.mix:
                         print("    " + ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(12)))
 

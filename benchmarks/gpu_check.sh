@@ -144,7 +144,7 @@ wanted tests && run_step tests tests.log pytest_gpu
 wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT" $KERNEL_CHECK_ARGS
 wanted share && run_step share gemm_share.log python benchmarks/gemm_share.py --out "$OUT"
 wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmarks/pipeline_step.py \
-  --splits 768,1024 --ctas 44,66 --kernels per_head,all_heads --gemm-ctas none,auto --out "$OUT"
+  --splits 768,1024 --ctas 44,66 --kernels all_heads,gated --gemm-ctas none --out "$OUT"
 wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
 wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"
 

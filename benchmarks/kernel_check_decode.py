@@ -119,7 +119,15 @@ class DecodeChecks:
                 AH(), AH(num_stages=5), AH(batched_dot=False), AH(batched_dot=False, num_stages=5),
                 AH(kv_heads_per_item=4), AH(kv_heads_per_item=4, num_stages=7), AH(kv_heads_per_item=2),
             ]  # fmt: skip
-        kinds = {"per_head": per_head, "all_heads": all_heads}
+        # all-heads behind the SM gate (two programs on each SM of the share, work from an atomic
+        # counter): configs of which two fit one SM (4 warps, <= 255 registers, <= 113 KiB shared;
+        # benchmarks/decode_sass.py shows the fit)
+        G = lambda **kw: AH(sm_gate=True, num_warps=4, **kw)
+        gated = [G(kv_heads_per_item=4, num_stages=5)]
+        if not self.cpu:
+            gated += [G(kv_heads_per_item=4, num_stages=3), G(kv_heads_per_item=2, num_stages=5),
+                      G(kv_heads_per_item=8, num_stages=3)]
+        kinds = {"per_head": per_head, "all_heads": all_heads, "gated": gated}
         default_cfg = dataclasses.asdict(C())
         nan = float("nan")
         res: dict[str, Any] = {}
@@ -155,15 +163,16 @@ class DecodeChecks:
                 print(f"   decode {b}x{ctx} ctas={n:3d}: " + ", ".join(
                     f"{k} {row[k + '_default']:.2f} / best {row[k]:.2f} TB/s (rel_err {row[k + '_rel_err']:.1e}) "
                     f"{row[k + '_config'] or row.get(k + '_error', '')}" for k in kinds), flush=True)  # fmt: skip
-                self.table.append((f"decode {b}x{ctx} ctas={n} per-head / all-heads",
+                self.table.append((f"decode {b}x{ctx} ctas={n} per-head / all-heads / gated",
                                    " / ".join(f"{row[k]:.2f}" for k in kinds) + " TB/s"))  # fmt: skip
             res[f"{b}x{ctx}"] = case
         ceiling = self.results.get("copy_ceiling", {}).get("tbps")
         print(f"\n   TB/s of K+V, best of each kernel's sweep (copy ceiling {ceiling or nan:.2f} TB/s)")
-        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'all-heads':>9s}  best all-heads config")
+        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'all-heads':>9s} {'gated':>9s}  "
+              "best all-heads / gated config")
         for r in rows:
-            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head']:9.2f} {r['all_heads']:9.2f}  "
-                  f"{r['all_heads_config']}")  # fmt: skip
+            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head']:9.2f} {r['all_heads']:9.2f} {r['gated']:9.2f}  "
+                  f"{r['all_heads_config']} / {r['gated_config']}")  # fmt: skip
         res["table"] = rows
         return res
 

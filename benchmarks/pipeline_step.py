@@ -7,7 +7,7 @@ schedule and for NanoFlow's two-nano-batch schedule at each split and decode-att
 A first look at what overlap gains on this GPU before `nanoflow tune` searches it properly.
 
     python benchmarks/pipeline_step.py --dummy llama3-8b --decodes 440 --context 708 \\
-        --splits 512,768,1024 --ctas 16,32,44,66 --kernels per_head,all_heads --gemm-ctas none,auto \\
+        --splits 512,768,1024 --ctas 16,32,44,66 --kernels per_head,all_heads,gated --gemm-ctas none,auto \\
         --out $OUT
 """
 
@@ -31,7 +31,9 @@ from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import overlap_schedule
 
 # decode kernel configs for the capped grid (DecodeAttention.capped_config)
-CAPPED_KERNELS = {"per_head": None, "all_heads": DecodeConfig(all_heads=True)}
+CAPPED_KERNELS = {"per_head": None, "all_heads": DecodeConfig(all_heads=True),
+                  # two programs on each SM of the share (benchmarks/decode_sass.py: they fit)
+                  "gated": DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5)}
 
 
 def time_graph(fn, reps: int) -> float:

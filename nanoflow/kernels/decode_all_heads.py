@@ -24,6 +24,7 @@ def decode_all_heads_kernel(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr,
+    work_counter_ptr, share, num_sms, DYNAMIC: tl.constexpr, SM_GATE: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, head block, partition); a head block is HEADS kv heads
     (all of them by default), padded to BLOCK_H. Each step loads BLOCK_N tokens of every kv head
@@ -33,9 +34,18 @@ def decode_all_heads_kernel(
     one batched dot per step: [BLOCK_H, BLOCK_G, D] x [BLOCK_H, D, BLOCK_N]. Else rows are BLOCK_H * BLOCK_G
     and columns BLOCK_H * BLOCK_N (kv head major), one 2-D dot with the scores of a query head
     against another kv head's tokens masked to -inf (their p is 0, so p @ V adds nothing).
-    Rows of padded heads (h >= HEADS or past num_kv_heads) load zeros, stay finite and are not stored."""
+    Rows of padded heads (h >= HEADS or past num_kv_heads) load zeros, stay finite and are not stored.
+
+    DYNAMIC: programs take work items from an atomic counter (work_counter_ptr, zero at launch)
+    instead of striding over them. SM_GATE (with DYNAMIC; GPU only): the grid has programs on every
+    SM, and those on SMs outside a share of `share` of the num_sms SMs (spread evenly by SM id) exit
+    at once, so the rest run several programs per SM of the share (DecodeConfig.sm_gate)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    if SM_GATE:
+        smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        if ((smid + 1) * share) // num_sms == (smid * share) // num_sms:
+            return  # an SM outside the share: leave it to the work beside this kernel
     offs_d = tl.arange(0, HEAD_DIM)
     if BATCHED:
         r_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]: kv head of a row
@@ -48,56 +58,94 @@ def decode_all_heads_kernel(
         c_h = tl.arange(0, BLOCK_H * BLOCK_N) // BLOCK_N
         c_n = tl.arange(0, BLOCK_H * BLOCK_N) % BLOCK_N
     num_work = tl.load(num_seqs_ptr) * num_head_blocks * num_parts
-    for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
-        part, hb, b, lo, end = work_item(w, num_parts, num_head_blocks, partition, sliding_window, seq_lens_ptr)
-        kvh_r = hb * HEADS + r_h
-        row_ok = (r_h < HEADS) & (kvh_r < num_kv_heads) & (r_g < GROUP)  # the rows that are stored
-        heads = kvh_r * GROUP + r_g  # query head of each row
-        q = tl.load(
-            q_ptr + b * stride_qb + tl.expand_dims(heads, -1) * stride_qh + offs_d,
-            mask=tl.expand_dims(row_ok, -1), other=0.0,
-        )  # fmt: skip
-        if FP16_DOTS:
-            q = q.to(tl.float16)
-        kvh_c = hb * HEADS + c_h
-        c_ok = (c_h < HEADS) & (kvh_c < num_kv_heads)
-        head_off = kvh_c * stride_ch if I32_OFFSETS else kvh_c.to(tl.int64) * stride_ch
-        page_row = page_tables_ptr + b * stride_pt
-        m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros(heads.shape, dtype=tl.float32)
-        acc = tl.zeros(q.shape, dtype=tl.float32)  # [rows..., HEAD_DIM]
-        # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
-        # Every step then holds >= 1 valid token of every head, so m_new is finite on every row.
-        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
-            tok = n0 + c_n
-            t_mask = (tok >= lo) & (tok < end)
-            page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
-            if not I32_OFFSETS:
-                page = page.to(tl.int64)
-            tok_off = page * stride_cp + (tok % PAGE_SIZE) * stride_ct
-            if BATCHED:
-                # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
-                kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
-                kv_mask = c_ok[:, None, None] & t_mask[None, :, None]
-                k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-                v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-                qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION)  # [H, G, N] fp32
-                qk = tl.where(t_mask[None, None, :], qk * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 2))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, :, None])
-                l_i = l_i * alpha + tl.sum(p, 2)
-                acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            else:
-                # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
-                kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
-                kv_mask = (c_ok & t_mask)[:, None]
-                k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-                v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [H * G, H * N] fp32
-                mine = (r_h[:, None] == c_h[None, :]) & t_mask[None, :]
-                qk = tl.where(mine, qk * qk_scale, float("-inf"))
-                m_new, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
-            m_i = m_new
-        store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
-                   out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)
+    if DYNAMIC:
+        w = tl.atomic_add(work_counter_ptr, 1)
+        while w < num_work:
+            _work_item(
+                w, q_ptr, k_cache_ptr, v_cache_ptr, page_tables_ptr, seq_lens_ptr,
+                out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+                qk_scale, num_kv_heads, num_head_blocks, num_parts, partition, sliding_window,
+                stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
+                stride_cp, stride_ch, stride_ct, offs_d, r_h, r_g, c_h, c_n,
+                GROUP, HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, SPLIT, BATCHED, NUM_STAGES, PRECISION,
+                FP16_DOTS, I32_OFFSETS,
+            )  # fmt: skip
+            w = tl.atomic_add(work_counter_ptr, 1)
+    else:
+        for w in tl.range(pid, num_work, nprog, num_stages=NUM_STAGES, flatten=FLATTEN):
+            _work_item(
+                w, q_ptr, k_cache_ptr, v_cache_ptr, page_tables_ptr, seq_lens_ptr,
+                out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+                qk_scale, num_kv_heads, num_head_blocks, num_parts, partition, sliding_window,
+                stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
+                stride_cp, stride_ch, stride_ct, offs_d, r_h, r_g, c_h, c_n,
+                GROUP, HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, SPLIT, BATCHED, NUM_STAGES, PRECISION,
+                FP16_DOTS, I32_OFFSETS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _work_item(
+    w, q_ptr, k_cache_ptr, v_cache_ptr, page_tables_ptr, seq_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    qk_scale, num_kv_heads, num_head_blocks, num_parts, partition, sliding_window,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
+    stride_cp, stride_ch, stride_ct, offs_d, r_h, r_g, c_h, c_n,
+    GROUP: tl.constexpr, HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr,
+):  # fmt: skip
+    """One work item w: its online softmax over its tokens, stored normalised or as partials."""
+    part, hb, b, lo, end = work_item(w, num_parts, num_head_blocks, partition, sliding_window, seq_lens_ptr)
+    kvh_r = hb * HEADS + r_h
+    row_ok = (r_h < HEADS) & (kvh_r < num_kv_heads) & (r_g < GROUP)  # the rows that are stored
+    heads = kvh_r * GROUP + r_g  # query head of each row
+    q = tl.load(
+        q_ptr + b * stride_qb + tl.expand_dims(heads, -1) * stride_qh + offs_d,
+        mask=tl.expand_dims(row_ok, -1), other=0.0,
+    )  # fmt: skip
+    if FP16_DOTS:
+        q = q.to(tl.float16)
+    kvh_c = hb * HEADS + c_h
+    c_ok = (c_h < HEADS) & (kvh_c < num_kv_heads)
+    head_off = kvh_c * stride_ch if I32_OFFSETS else kvh_c.to(tl.int64) * stride_ch
+    page_row = page_tables_ptr + b * stride_pt
+    m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros(heads.shape, dtype=tl.float32)
+    acc = tl.zeros(q.shape, dtype=tl.float32)  # [rows..., HEAD_DIM]
+    # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
+    # Every step then holds >= 1 valid token of every head, so m_new is finite on every row.
+    for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
+        tok = n0 + c_n
+        t_mask = (tok >= lo) & (tok < end)
+        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
+        if not I32_OFFSETS:
+            page = page.to(tl.int64)
+        tok_off = page * stride_cp + (tok % PAGE_SIZE) * stride_ct
+        if BATCHED:
+            # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
+            kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
+            kv_mask = c_ok[:, None, None] & t_mask[None, :, None]
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+            qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION)  # [H, G, N] fp32
+            qk = tl.where(t_mask[None, None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 2))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, 2)
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
+            kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
+            kv_mask = (c_ok & t_mask)[:, None]
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [H * G, H * N] fp32
+            mine = (r_h[:, None] == c_h[None, :]) & t_mask[None, :]
+            qk = tl.where(mine, qk * qk_scale, float("-inf"))
+            m_new, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
+        m_i = m_new
+    store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
+               out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)

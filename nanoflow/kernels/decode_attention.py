@@ -186,7 +186,8 @@ def paged_decode_attention(
     GPU. num_seqs ([1] int32 on the device, <= B) computes only the first num_seqs rows and leaves
     the others untouched: a CUDA graph captured for B rows then serves every smaller batch. A
     sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
-    config.all_heads=True runs the all-heads kernel instead (same arguments and results).
+    config.all_heads=True runs the all-heads kernel instead (same arguments and results); with
+    config.sm_gate and num_ctas, num_ctas is a share of the SMs, each running gate_ctas_per_sm programs.
     """
     check_paged_inputs(q, k_cache, v_cache)
     # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
@@ -205,11 +206,12 @@ def paged_decode_attention(
     assert out.shape == q.shape and out.stride(-1) == 1
     if B == 0:
         return out
+    gated = cfg.all_heads and cfg.sm_gate and num_ctas is not None
     if num_ctas is None:
         on_gpu = q.is_cuda
         grid_cap = cfg.ctas_per_sm * num_sms(q.device.index or 0) if on_gpu else 1 << 30
-    else:
-        grid_cap = max(1, num_ctas)
+    else:  # gated: num_ctas SMs, gate_ctas_per_sm programs on each
+        grid_cap = max(1, num_ctas) * (cfg.gate_ctas_per_sm if gated else 1)
     max_context = page_tables.shape[1] * page_size
     # work items per (sequence, partition): one per kv head, or one per block of kv heads
     heads_per_item = cfg.kv_heads_per_item if cfg.all_heads else 1
@@ -234,7 +236,13 @@ def paged_decode_attention(
         block_g = triton.next_power_of_2(group)
         if not cfg.batched_dot:
             block_g = max(block_g, 16 // block_h)  # >= 16 rows in all
-        decode_all_heads_kernel[(min(num_work, grid_cap),)](
+        # gated: programs on every SM (the gate keeps the share's); without a GPU there is no SM id,
+        # and the grid is the share's programs, taking items from the counter as on the GPU
+        gate = gated and q.is_cuda
+        sms = num_sms(q.device.index or 0) if gate else 1
+        grid = cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
+        counter = torch.zeros(1, dtype=torch.int32, device=q.device) if gated else seq_lens
+        decode_all_heads_kernel[(grid,)](
             q, k_cache, v_cache, page_tables, seq_lens, num_seqs,
             out, part_acc, part_m, part_l,
             scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window,
@@ -244,6 +252,7 @@ def paged_decode_attention(
             PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SPLIT=split, BATCHED=cfg.batched_dot,
             NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
             FP16_DOTS=fp16_dots(q, k_cache), I32_OFFSETS=i32_offsets(k_cache, v_cache),
+            work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, DYNAMIC=gated, SM_GATE=gate,
             num_warps=cfg.num_warps,
         )  # fmt: skip
     else:

@@ -21,6 +21,8 @@ KERNELS = {
     "per_head": {},
     "all_heads": {"all_heads": True},
     "all_heads_2d": {"all_heads": True, "batched_dot": False},
+    # capped cases: work items from an atomic counter (on a GPU also the SM gate)
+    "all_heads_gated": {"all_heads": True, "sm_gate": True},
 }
 
 
