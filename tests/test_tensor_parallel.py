@@ -35,15 +35,16 @@ def _greedy(llm: LLM, prompts: list[dict]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("arch, ep", [("llama", False), ("mixtral", False), ("mixtral", True)],
-                         ids=["llama", "mixtral", "mixtral-ep"])
-def test_two_ranks_match_one(tiny_model, arch, ep):
+@pytest.mark.parametrize("arch, ep, kv", [("llama", False, "auto"), ("mixtral", False, "auto"),
+                                           ("mixtral", True, "auto"), ("mixtral", True, "fp8")],
+                         ids=["llama", "mixtral", "mixtral-ep", "mixtral-ep-fp8"])
+def test_two_ranks_match_one(tiny_model, arch, ep, kv):
     """Llama with GQA (4 heads, 2 KV heads: one per rank) and Mixtral, its experts sliced or (ep)
-    whole, 2 of the 4 per rank; a 64-token budget chunks the prompts, and every decode step takes
-    its input token from the step still in flight."""
+    whole, 2 of the 4 per rank, also over an fp8 KV cache; a 64-token budget chunks the prompts, and
+    every decode step takes its input token from the step still in flight."""
     path = tiny_model(arch)
     prompts = _prompts(1)
-    settings = dict(max_model_len=256, max_num_batched_tokens=64)
+    settings = dict(max_model_len=256, max_num_batched_tokens=64, kv_cache_dtype=kv)
     expected = _greedy(LLM(path, **settings), prompts)
     llm = LLM(path, tensor_parallel_size=2, enable_expert_parallel=ep, **settings)
     try:
