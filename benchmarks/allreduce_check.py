@@ -28,42 +28,16 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stream_pair import stream_pair  # noqa: E402
+
 from nanoflow.executor.distributed import disable_multicast  # noqa: E402
 from nanoflow.executor.symm_all_reduce import SymmAllReduce  # noqa: E402
+from nanoflow.tune.timing import Timer  # noqa: E402
 
 
-def _graph_ms(fn: Callable[[], None], stream: torch.cuda.Stream, reps: int = 20) -> float:
-    """ms per call of fn, captured ten times in one graph and replayed (median over reps)."""
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=stream):
-        for _ in range(10):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 10)
-    return sorted(times)[len(times) // 2]
-
-
-def _pair(first: Callable[[], None], second: Callable[[], None], s0: torch.cuda.Stream,
-          s1: torch.cuda.Stream) -> Callable[[], None]:
-    """first on s1, second on s0, launched together; s0 waits for both."""
-    def run() -> None:
-        s1.wait_stream(s0)
-        with torch.cuda.stream(s1):
-            first()
-        second()
-        s0.wait_stream(s1)
-    return run
+def _per_call_us(timer: Timer, fn: Callable[[], None], calls: int = 10) -> float:
+    """us per call of fn, `calls` of them in one CUDA graph (a replay's launch is spread over them)."""
+    return 1e3 * timer.ms(lambda: [fn() for _ in range(calls)]) / calls
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, results: dict) -> None:
@@ -77,8 +51,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, results: d
     dist.all_reduce(torch.ones(1, device=dev))  # the communicator exists before any capture
     largest = max(args.tokens) * max(args.hidden)
     symm = SymmAllReduce(largest, torch.bfloat16, dev)
-    s0 = torch.cuda.Stream(dev)
-    s1 = torch.cuda.Stream(dev)
+    timer = Timer(dev, warmup=3, repeats=20)  # every rank replays as often: the collectives pair up
     rows = []
     for hidden in args.hidden:
         w = torch.randn(hidden, 2 * hidden, device=dev, dtype=torch.bfloat16) / hidden ** 0.5
@@ -97,10 +70,10 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, results: d
 
             comms = {"nccl": lambda x=x: dist.all_reduce(x), "symm-mem": lambda x=x: symm(x)}
             row = {"tokens": tokens, "hidden": hidden, "mib": x.numel() * 2 / 2**20, "symm_max_abs_err": err,
-                   "gemm_us": 1e3 * _graph_ms(gemm, s0)}
+                   "gemm_us": _per_call_us(timer, gemm)}
             for name, comm in comms.items():
-                alone = 1e3 * _graph_ms(comm, s0)
-                both = 1e3 * _graph_ms(_pair(comm, gemm, s0, s1), s0)
+                alone = _per_call_us(timer, comm)
+                both = _per_call_us(timer, stream_pair(comm, gemm))  # the all-reduce issued first
                 row[name] = {"alone_us": alone, "beside_gemm_us": both,
                              "gain_vs_sequential": (alone + row["gemm_us"]) / both,
                              "bus_gbps": 2 * (world - 1) / world * x.numel() * 2 / (alone * 1e-6) / 1e9}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -29,31 +28,12 @@ from nanoflow.executor.step_plan import StepPlan
 from nanoflow.kernels.decode_attention import DecodeConfig
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import overlap_schedule
+from nanoflow.tune.timing import Timer
 
 # decode kernel configs for the capped grid (DecodeAttention.capped_config)
 CAPPED_KERNELS = {"per_head": None, "all_heads": DecodeConfig(all_heads=True),
                   # two programs on each SM of the share (benchmarks/decode_sass.py: they fit)
                   "gated": DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5)}
-
-
-def time_graph(fn, reps: int) -> float:
-    """Median ms of a CUDA-graph replay of fn()."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -89,7 +69,8 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(runner.device).multi_processor_count
     results = {"args": vars(args), "device": torch.cuda.get_device_name(), "build_s": time.perf_counter() - t0}
     with torch.inference_mode():
-        seq_ms = time_graph(lambda: model(batch), args.reps)
+        timer = Timer(runner.device, warmup=2, repeats=args.reps)  # CUDA-graph replays
+        seq_ms = timer.ms(lambda: model(batch))
         results["sequential_ms"] = seq_ms
         print(f"sequential: {seq_ms:.2f} ms", flush=True)
         rows = []
@@ -104,8 +85,7 @@ def main() -> None:
                 ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
                 parts = ex.split(batch, model.prepare)
                 try:
-                    ms = time_graph(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)),
-                                    args.reps)
+                    ms = timer.ms(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)))
                 except Exception as e:  # e.g. a kernel config that does not compile on this GPU
                     print(f"{kernel} split {split} ctas {ctas} gemm {gemm_ctas}: {type(e).__name__}: "
                           f"{str(e)[:300]}", flush=True)

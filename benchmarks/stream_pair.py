@@ -1,5 +1,5 @@
 """Two GPU functions side by side: the building block of the overlap measurements
-(kernel_check_decode.py's overlap section, gemm_share.py)."""
+(kernel_check_decode.py's overlap section, gemm_share.py, allreduce_check.py)."""
 
 from __future__ import annotations
 
