@@ -48,9 +48,9 @@ def fp16_dots(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def i32_offsets(*caches: torch.Tensor) -> bool:
     """Whether every element offset into these caches (one layer's K or V) fits 32 bits: then the
-    decode kernels compute K/V addresses in int32. The 64-bit products cost ~15-23% of the
+    decode kernels compute K/V addresses in int32. The 64-bit products cost 9-23% of the
     instructions of a decode step's inner loop (sm_90a SASS, Triton 3.7.1: per-head kernel 811 ->
-    625 instructions a warp at 4 warps, all-heads 403 -> 349 at 8), and a capped grid runs out of
+    625 instructions a warp at 4 warps, all-heads 427 -> 389 at 8), and a capped grid runs out of
     issue slots and latency hiding before it runs out of bytes in flight (docs/pipeline.md)."""
     return all(sum((n - 1) * st for n, st in zip(c.shape, c.stride(), strict=True)) < 2**31 for c in caches)
 

@@ -228,6 +228,13 @@ def paged_decode_attention(
     if num_seqs is None:
         num_seqs = torch.full((1,), B, dtype=torch.int32, device=q.device)
     num_work = B * num_head_blocks * num_parts
+    # what both kernels take: tensors, their strides, and the launch constants they share
+    tensors = (q, k_cache, v_cache, page_tables, seq_lens, num_seqs, out, part_acc, part_m, part_l)
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
+               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    shared = dict(GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SPLIT=split,
+                  NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
+                  FP16_DOTS=fp16_dots(q, k_cache), I32_OFFSETS=i32_offsets(k_cache, v_cache), num_warps=cfg.num_warps)
     if cfg.all_heads:
         block_h = triton.next_power_of_2(heads_per_item)
         # Triton >= 3.3 takes dots with M < 16 (it pads the MMA rows itself): the group is not
@@ -243,30 +250,14 @@ def paged_decode_attention(
         grid = cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
         counter = torch.zeros(1, dtype=torch.int32, device=q.device) if gated else seq_lens
         decode_all_heads_kernel[(grid,)](
-            q, k_cache, v_cache, page_tables, seq_lens, num_seqs,
-            out, part_acc, part_m, part_l,
-            scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            GROUP=group, BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, HEAD_DIM=D,
-            PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SPLIT=split, BATCHED=cfg.batched_dot,
-            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
-            FP16_DOTS=fp16_dots(q, k_cache), I32_OFFSETS=i32_offsets(k_cache, v_cache),
-            work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, DYNAMIC=gated, SM_GATE=gate,
-            num_warps=cfg.num_warps,
+            *tensors, scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window, *strides,
+            BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, BATCHED=cfg.batched_dot,
+            work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, DYNAMIC=gated, SM_GATE=gate, **shared,
         )  # fmt: skip
     else:
         _decode_kernel[(min(num_work, grid_cap),)](
-            q, k_cache, v_cache, page_tables, seq_lens, num_seqs,
-            out, part_acc, part_m, part_l,
-            scale * LOG2E, Hkv, num_parts, part, window,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_tables.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page_size,
-            BLOCK_N=cfg.block_n, SPLIT=split,
-            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
-            FP16_DOTS=fp16_dots(q, k_cache), I32_OFFSETS=i32_offsets(k_cache, v_cache),
-            num_warps=cfg.num_warps,
+            *tensors, scale * LOG2E, Hkv, num_parts, part, window, *strides,
+            BLOCK_G=max(16, triton.next_power_of_2(group)), **shared,
         )  # fmt: skip
     if split:
         _decode_reduce_kernel[(min(B * Hq, grid_cap),)](

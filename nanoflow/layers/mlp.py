@@ -27,14 +27,14 @@ class GatedMLP(nn.Module):
         self.enforce_eager = enforce_eager
 
     def gate_up(self, x: torch.Tensor, out: torch.Tensor | None = None, num_ctas: int | None = None) -> torch.Tensor:
-        return self.gate_up_proj(x, out, None if self.enforce_eager else num_ctas)
+        return self.gate_up_proj(x, out, num_ctas)
 
     def act(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         fn = activation.silu_and_mul_ref if self.enforce_eager else activation.silu_and_mul
         return fn(x, out=out)
 
     def down(self, x: torch.Tensor, out: torch.Tensor | None = None, num_ctas: int | None = None) -> torch.Tensor:
-        return self.down_proj(x, out, None if self.enforce_eager else num_ctas)
+        return self.down_proj(x, out, num_ctas)
 
 
 class MixtureOfExperts(nn.Module):

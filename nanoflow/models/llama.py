@@ -91,9 +91,11 @@ class DecoderLayer(nn.Module):
         else:
             mlp = self.mlp
             ops += [
-                Op("gate_up", "compute", lambda b, t, n: mlp.gate_up(t["x"], t["gate_up"], n), ("x",), ("gate_up",)),
+                Op("gate_up", "compute", lambda b, t, n: mlp.gate_up(t["x"], t["gate_up"], self._gemm_cap(n)), ("x",),
+                   ("gate_up",)),
                 Op("act", "memory", lambda b, t, n: mlp.act(t["gate_up"], t["act"]), ("gate_up",), ("act",)),
-                Op("down", "compute", lambda b, t, n: mlp.down(t["act"], t["hidden"], n), ("act",), ("hidden",)),
+                Op("down", "compute", lambda b, t, n: mlp.down(t["act"], t["hidden"], self._gemm_cap(n)), ("act",),
+                   ("hidden",)),
             ]
         return (*ops, *self._all_reduce("ffn_all_reduce"))
 

@@ -113,7 +113,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
             if profile is not None or args.profile_only:
                 raise ValueError("under tensor parallelism nanoflow tune measures whole iterations: no op "
                                  "profile (--profile-json, --profile-only) to read or write")
-            return _tune_tensor_parallel(args, config, ea, name)
+            return _tune_tensor_parallel(args, ea, name)
         if profile is not None:
             _check_key(profile["key"], pipeline_key(config, 1), args.profile_json)
     elif profile is None:
@@ -166,7 +166,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     return 0
 
 
-def _tune_tensor_parallel(args: argparse.Namespace, config: Any, ea: Any, name: str) -> int:
+def _tune_tensor_parallel(args: argparse.Namespace, ea: Any, name: str) -> int:
     """Network overlap for the TP size at hand, chosen from measured graph replays (tune/tensor_parallel.py)."""
     import dataclasses
 
