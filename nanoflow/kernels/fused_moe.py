@@ -212,7 +212,9 @@ def align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_off
 # --- grouped GEMM ---------------------------------------------------------------------------------
 
 
-@triton.jit
+# token-count arguments are not specialised (==1, %16): an eager step of a new size (above the
+# graphs' buckets) would compile a variant inside the timed run
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, weight_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     stride_am, stride_we, stride_wn, stride_om,

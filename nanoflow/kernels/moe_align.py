@@ -46,7 +46,8 @@ def _one_hot(ids_ptr, num_pairs, chunk, expert_offset, num_experts, BLOCK_E: tl.
     return (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
 
 
-@triton.jit
+# token-count arguments are not specialised (==1, %16): each new step size would compile a variant
+@triton.jit(do_not_specialize=["num_pairs"])
 def _count_kernel(ids_ptr, counts_ptr, num_pairs, expert_offset, num_experts, BLOCK_E: tl.constexpr,
                   CHUNK: tl.constexpr):
     """counts[chunk, e]: pairs of local expert e in the chunk."""
@@ -55,7 +56,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_pairs, expert_offset, num_experts, BL
     tl.store(counts_ptr + chunk * BLOCK_E + tl.arange(0, BLOCK_E), tl.sum(hot, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "capacity", "num_blocks"])
 def _place_kernel(
     ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, expert_offset, num_experts, num_chunks, block_m, capacity, num_blocks,
