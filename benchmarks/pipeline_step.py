@@ -25,15 +25,15 @@ import torch
 from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.step_plan import StepPlan
-from nanoflow.kernels.decode_attention import DecodeConfig
+from nanoflow.kernels.decode_attention import CAPPED, DecodeConfig
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import overlap_schedule
 from nanoflow.tune.timing import Timer
 
 # decode kernel configs for the capped grid (DecodeAttention.capped_config)
-CAPPED_KERNELS = {"per_head": None, "all_heads": DecodeConfig(all_heads=True),
-                  # two programs on each SM of the share (benchmarks/decode_sass.py: they fit)
-                  "gated": DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5)}
+CAPPED_KERNELS = {"per_head": DecodeConfig(), "all_heads": DecodeConfig(all_heads=True),
+                  # the engine's default: two programs on each SM of the share
+                  "gated": CAPPED}
 
 
 def main() -> None:

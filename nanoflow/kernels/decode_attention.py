@@ -27,6 +27,7 @@ from nanoflow.kernels.attention_common import (
     num_sms,
 )
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
+from nanoflow.kernels.decode_common import CAPPED as CAPPED  # the capped-grid default, for callers of this module
 from nanoflow.kernels.decode_common import DecodeConfig, decode_plan, softmax_step, store_item, work_item
 
 

@@ -64,10 +64,10 @@ class DecodeAttention:
     """The batch's first num_decodes rows: one query each, over its sequence's pages."""
 
     def __init__(self, shape: AttentionShape, enforce_eager: bool,
-                 capped_config: dk.DecodeConfig | None = None) -> None:
+                 capped_config: dk.DecodeConfig = dk.CAPPED) -> None:
         self.shape, self.enforce_eager = shape, enforce_eager
-        # the kernel config on a capped grid (beside a GEMM in a pipeline), where bytes in flight per
-        # CTA decide the rate; None: the default config, as on all SMs
+        # the kernel config on a capped grid (beside a GEMM in a pipeline), where the work each CTA
+        # keeps in flight decides the rate; on all SMs the default config
         self.capped_config = capped_config
 
     def metadata(self, batch: ForwardBatch) -> ForwardBatch:
