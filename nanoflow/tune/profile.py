@@ -155,7 +155,8 @@ def profile_ops(runner: ModelRunner, sizes: Sequence[int], ctas: Sequence[int] =
             elif gemms:
                 bar.update(len(gemms) + 1)  # a step of decodes only: no prefill attention to pair
             interference = {"ctas": ctas, "unit": "kept: fraction of the op's speed alone (1: unharmed); ms per layer",
-                            "launch": "eager, both streams released by one gate, attention first",
+                            "launch": "each stream's calls in one CUDA graph (eager where one cannot be captured), "
+                                      "both streams released by one gate, attention first",
                             "pairs": table, "prefill_pairs": prefill_pairs,
                             "num_tokens": n, "num_decodes": batch.num_decodes}
         else:
