@@ -144,9 +144,12 @@ class TensorParallelGroup:
         through on_death (default: log and end the process with exit code 70)."""
         if not self.processes:  # torchrun started the ranks: nothing of theirs to wait on here
             return
-        multiprocessing.connection.wait([p.sentinel for p in self.processes])
+        ready = multiprocessing.connection.wait([p.sentinel for p in self.processes])
         if self._closed:
             return
+        for p in self.processes:  # a sentinel fires as the worker exits, a moment before it can be reaped
+            if p.sentinel in ready:
+                p.join(5.0)
         dead = [f"rank {r} (pid {p.pid}, exit code {p.exitcode})" for r, p in enumerate(self.processes, start=1)
                 if not p.is_alive()]
         message = (f"tensor-parallel worker {', '.join(dead)} died during a step with --all-reduce symm-mem; "
