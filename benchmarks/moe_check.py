@@ -7,14 +7,15 @@ Per token count T (random routing, top-2 of 8): the fused path against the exper
 error), a CUDA-graph capture and replay of it (no host sync inside), then the time of each part
 (align, gate_up, down, the top-k sum) and of the whole, and each grouped GEMM's rate as a % of
 the dense cuBLAS rate for the same FLOPs ([T * top_k, K] x [K, N] in one torch.mm). Target: >= 70%
-per projection at T = 2048. --sweep tries a grid of tile configs per T and reports the best.
+per projection at T = 2048. --sweep tries a grid of tiles per T: for each block_m (the align's, so
+shared by the two GEMMs) the fastest tile of each projection alone, then the block_m whose two
+fastest add up to the least; --write-config records that pair per T (moe_configs.py: the format).
 Imports only torch, triton and nanoflow.kernels.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -28,13 +29,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_fused_moe() -> types.ModuleType:
+def _import_moe() -> tuple[types.ModuleType, types.ModuleType]:
     # this checkout's package, however the script is started; importing it loads nothing else
     # (its public names are lazy), and it runs after --cpu-smoke has set TRITON_INTERPRET
     sys.path.insert(0, str(ROOT))
-    from nanoflow.kernels import fused_moe
+    from nanoflow.kernels import fused_moe, moe_configs
 
-    return fused_moe
+    return fused_moe, moe_configs
 
 
 def _time_ms(fn: Callable[[], Any], on_gpu: bool, reps: int) -> float:
@@ -74,27 +75,68 @@ def _graph_check(fm: types.ModuleType, args: tuple, out: Any, ref: Any) -> float
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
+    return _rel_err(out, ref)
+
+
+def _sweep_grid(mc: types.ModuleType, num_tokens: int, top_k: int, num_experts: int,
+                on_gpu: bool) -> dict[int, list[Any]]:
+    """block_m -> the tiles to try with it, around what fills Hopper's tensor cores: tall-and-wide
+    tiles with 8 warps for many rows per expert, short tiles with long K steps for few (decode).
+    Each projection picks its own, so a tile too big for one (gate_up loads two weight tiles a
+    step) may still serve the other."""
+    if not on_gpu:  # the interpreter: two block_m and two tiles, enough to exercise the search
+        tiles, block_ms, groups = [(64, 32, 4, 1), (32, 64, 4, 1)], (16, 32), (1,)
+    elif num_tokens * top_k / num_experts <= 64:
+        tiles = [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 5), (128, 64, 4, 4)]
+        block_ms, groups = (16, 32, 64), (1,)
+    else:
+        tiles = [(128, 64, 4, 4), (128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3),
+                 (256, 64, 8, 4), (256, 128, 8, 2), (64, 128, 4, 4), (64, 64, 4, 4)]
+        block_ms, groups = (64, 128), (1, 16)
+    return {m: [mc.MoEConfig(block_m=m, block_n=n, block_k=k, group_m=g, num_warps=w, num_stages=st)
+                for n, k, w, st in tiles for g in groups] for m in block_ms}
+
+
+def _tile(c: Any) -> str:
+    return f"m{c.block_m} n{c.block_n} k{c.block_k} g{c.group_m} w{c.num_warps} s{c.num_stages}"
+
+
+def _sweep(fm: types.ModuleType, mc: types.ModuleType, ids: Any, E: int, T: int, top_k: int,
+           projections: dict[str, tuple], dense_ms: dict[str, float], on_gpu: bool, reps: int) -> dict[str, Any]:
+    """Per block_m, the fastest config of each projection timed alone; the block_m whose sum is least."""
+    best: tuple[float, dict[str, tuple[float, Any]]] | None = None
+    sums = {}
+    for block_m, configs in _sweep_grid(mc, T, top_k, E, on_gpu).items():
+        al = fm.align(ids, E, block_m)
+        fastest: dict[str, tuple[float, Any]] = {}
+        for name, (run, _, _) in projections.items():
+            for c in configs:
+                try:
+                    ms = _time_ms(lambda: run(c, al), on_gpu, max(reps // 2, 3))  # noqa: B023 (called at once)
+                except Exception as exc:  # noqa: BLE001 (out of shared memory and the like: skip the config)
+                    print(f"  skip {name} {_tile(c)}: {type(exc).__name__}", file=sys.stderr)
+                    continue
+                if name not in fastest or ms < fastest[name][0]:
+                    fastest[name] = (ms, c)
+        if len(fastest) == len(projections):
+            sums[block_m] = sum(ms for ms, _ in fastest.values())
+            if best is None or sums[block_m] < best[0]:
+                best = (sums[block_m], fastest)
+    if best is None:
+        return {}
+    cfgs = mc.MoEConfigs(best[1]["gate_up"][1], best[1]["down"][1])
+    return {"ms": best[0], "pct_of_dense": 100 * sum(dense_ms.values()) / best[0], "config": mc.to_entry(cfgs),
+            "ms_by_block_m": sums,
+            "per_projection": {name: {"ms": ms, "pct_of_dense": 100 * dense_ms[name] / ms, "tile": _tile(c)}
+                               for name, (ms, c) in best[1].items()}}
+
+
+def _rel_err(out: Any, ref: Any) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def _sweep_configs(fm: types.ModuleType, num_tokens: int, top_k: int, num_experts: int) -> list[Any]:
-    """Tile shapes around what fills Hopper's tensor cores: tall-and-wide tiles with 8 warps for
-    many rows per expert, short tiles with long K steps for few (decode)."""
-    C = fm.MoEConfig
-    per_expert = num_tokens * top_k / num_experts
-    if per_expert <= 64:
-        shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 5),
-                  (32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (32, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
-    else:
-        shapes = [(64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (64, 128, 128, 8, 3), (64, 256, 64, 8, 3),
-                  (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 128, 8, 2),
-                  (64, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
-    return [C(block_m=m, block_n=n, block_k=k, group_m=g, num_warps=w, num_stages=st)
-            for m, n, k, w, st in shapes for g in ((1, 16) if per_expert > 64 else (1,))]
-
-
-def check_tokens(fm: types.ModuleType, T: int, E: int, top_k: int, H: int, inter: int, dtype: Any, device: str,
-                 reps: int, sweep: bool) -> dict[str, Any]:
+def check_tokens(fm: types.ModuleType, mc: types.ModuleType, T: int, E: int, top_k: int, H: int, inter: int,
+                 dtype: Any, device: str, reps: int, sweep: bool) -> dict[str, Any]:
     import torch
 
     on_gpu = device == "cuda"
@@ -107,10 +149,9 @@ def check_tokens(fm: types.ModuleType, T: int, E: int, top_k: int, H: int, inter
     w = (w / w.sum(-1, keepdim=True)).to(dtype)
     out = torch.empty(T, H, device=device, dtype=dtype)
     ref = fm.moe_experts_ref(x, w13, w2, w, ids, torch.empty_like(out))
-    cfg = fm.pick_config(T, top_k, w13)  # what fused_moe runs: the tuned config on a tuned GPU
+    cfg = mc.pick_config(T, top_k, w13)  # what fused_moe runs: the tuned configs on a tuned GPU
     fm.fused_moe(x, w13, w2, w, ids, out, cfg)
-    row: dict[str, Any] = {"tokens": T, "config": dataclasses.asdict(cfg),
-                           "rel_err": ((out.float() - ref.float()).norm() / ref.float().norm()).item()}
+    row: dict[str, Any] = {"tokens": T, "config": mc.to_entry(cfg), "rel_err": _rel_err(out, ref)}
     if on_gpu:
         row["graph_rel_err"] = _graph_check(fm, (x, w13, w2, w, ids), out, ref)
 
@@ -130,43 +171,33 @@ def check_tokens(fm: types.ModuleType, T: int, E: int, top_k: int, H: int, inter
         a_dense = torch.randn(n, K, device=device, dtype=dtype, generator=g)
         b_dense = torch.randn(K, N, device=device, dtype=dtype, generator=g)
         dense_ms = _time_ms(lambda: torch.mm(a_dense, b_dense), on_gpu, reps)  # noqa: B023 (called at once)
-        grouped_ms = _time_ms(lambda: run(cfg, al), on_gpu, reps)  # noqa: B023
+        grouped_ms = _time_ms(lambda: run(getattr(cfg, name), al), on_gpu, reps)  # noqa: B023
         tflops = 2 * n * K * N / 1e9
         row[name] = {"grouped_ms": grouped_ms, "dense_ms": dense_ms, "tflops_grouped": tflops / grouped_ms,
                      "pct_of_dense": 100 * dense_ms / grouped_ms}
-    if sweep and on_gpu:  # one config serves both GEMMs (one align): the best sum of the two
-        best = None
-        for c in _sweep_configs(fm, T, top_k, E):
-            a_c = fm.align(ids, E, c.block_m)
-            both = lambda c=c, a_c=a_c: [run(c, a_c) for run, _, _ in projections.values()]
-            try:
-                ms = _time_ms(both, on_gpu, max(reps // 2, 3))
-            except Exception as exc:  # noqa: BLE001 (out of shared memory and the like: skip the config)
-                print(f"  skip {c}: {type(exc).__name__}", file=sys.stderr)
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, c)
-        if best is not None:
-            dense = sum(row[name]["dense_ms"] for name in projections)
-            row["best"] = {"ms": best[0], "pct_of_dense": 100 * dense / best[0], "config": dataclasses.asdict(best[1]),
-                           "per_projection": {}}
-            a_b = fm.align(ids, E, best[1].block_m)
-            for name, (run, _, _) in projections.items():
-                ms = _time_ms(lambda: run(best[1], a_b), on_gpu, reps)  # noqa: B023
-                row["best"]["per_projection"][name] = {"ms": ms, "pct_of_dense": 100 * row[name]["dense_ms"] / ms}
+    if sweep:
+        row["best"] = _sweep(fm, mc, ids, E, T, top_k, projections,
+                             {name: row[name]["dense_ms"] for name in projections}, on_gpu, reps)
+        if row["best"]:  # the winning pair through fused_moe itself: the answer and the whole layer's time
+            best = mc.parse_entry(row["best"]["config"])
+            fm.fused_moe(x, w13, w2, w, ids, out, best)
+            row["best"]["rel_err"] = _rel_err(out, ref)
+            row["best"]["fused_ms"] = _time_ms(lambda: fm.fused_moe(x, w13, w2, w, ids, out, best), on_gpu, reps)
     return row
 
 
-def _write_config(fm: types.ModuleType, results: dict[str, Any]) -> None:
-    """Merges this GPU's best config per token count into the tuned-config file."""
-    path = fm.CONFIG_FILE
+def _write_config(mc: types.ModuleType, results: dict[str, Any], path: Path) -> None:
+    """Merges this GPU's best pair per token count into the tuned-config file, then reads it back
+    with the loader fused_moe uses, so a file it would reject is never left behind unnoticed."""
     table = json.loads(path.read_text()) if path.exists() else {}
-    key = fm.shape_key(results["experts"], results["hidden"], results["intermediate"])
+    key = mc.shape_key(results["experts"], results["hidden"], results["intermediate"])
     entry = table.setdefault(results["device"], {}).setdefault(key, {})
     for r in results["rows"]:
-        if "best" in r:
+        if r.get("best"):
             entry[str(r["tokens"])] = r["best"]["config"]
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    mc.load_tuned.cache_clear()
+    assert set(mc.load_tuned(path, results["device"], key)) >= {r["tokens"] for r in results["rows"] if r.get("best")}
     print(f"wrote {path}")
 
 
@@ -180,14 +211,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="also try a grid of tile configs per token count")
     ap.add_argument("--write-config", action="store_true",
-                    help="with --sweep: record the best config per token count for this GPU in "
-                    "nanoflow/kernels/fused_moe_configs.json (what fused_moe then uses)")
+                    help="with --sweep: record the best pair of configs (gate_up, down) per token count for "
+                    "this GPU in --config-file (what fused_moe then uses)")
+    ap.add_argument("--config-file", type=Path,
+                    help="tuned-config file for --write-config (default nanoflow/kernels/fused_moe_configs.json; "
+                    "required with --cpu-smoke, whose tiles are of no use to the model)")
     args = ap.parse_args()
+    if args.cpu_smoke and args.write_config and args.config_file is None:
+        ap.error("--cpu-smoke --write-config: pass --config-file (a scratch file, not the repository's)")
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
 
-    fm = _import_fused_moe()
+    fm, mc = _import_moe()
     if args.cpu_smoke:
         device, dtype, E, top_k, H, inter = "cpu", torch.float32, 4, 2, 64, 128
         tokens, reps = args.tokens or [1, 33], 1
@@ -200,20 +236,24 @@ def main() -> None:
     print(f"{'T':>5} {'err':>8} {'align':>7} {'gate_up':>8} {'%dense':>7} {'down':>8} {'%dense':>7} "
           f"{'sum':>7} {'fused':>8} {'loop':>8}  (ms)")
     for T in tokens:
-        r = check_tokens(fm, T, E, top_k, H, inter, dtype, device, reps, args.sweep)
+        r = check_tokens(fm, mc, T, E, top_k, H, inter, dtype, device, reps, args.sweep)
         results["rows"].append(r)
         gu, dn = r["gate_up"], r["down"]
         print(f"{T:>5} {r['rel_err']:>8.1e} {r['align_ms']:>7.3f} {gu['grouped_ms']:>8.3f} {gu['pct_of_dense']:>6.1f}% "
               f"{dn['grouped_ms']:>8.3f} {dn['pct_of_dense']:>6.1f}% {r['sum_ms']:>7.3f} {r['fused_ms']:>8.3f} "
               f"{r['loop_ms']:>8.3f}")
-        if "best" in r:
+        if r.get("best"):
             b = r["best"]
-            per = ", ".join(f"{k} {v['ms']:.3f} ms = {v['pct_of_dense']:.1f}%" for k, v in b["per_projection"].items())
-            print(f"      best: {b['ms']:.3f} ms = {b['pct_of_dense']:.1f}% of dense ({per}), {b['config']}")
+            sums = ", ".join(f"m{m} {ms:.3f}" for m, ms in b["ms_by_block_m"].items())
+            print(f"      best: {b['ms']:.3f} ms = {b['pct_of_dense']:.1f}% of dense (fused {b['fused_ms']:.3f} ms; "
+                  f"sum by block_m: {sums})")
+            for k, v in b["per_projection"].items():
+                print(f"        {k:>7} {v['ms']:.3f} ms = {v['pct_of_dense']:.1f}% of dense  {v['tile']}")
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        assert r["rel_err"] < tol and r.get("graph_rel_err", 0.0) < tol, f"fused MoE wrong at T={T}: {r}"
+        errs = (r["rel_err"], r.get("graph_rel_err", 0.0), r.get("best", {}).get("rel_err", 0.0))
+        assert max(errs) < tol, f"fused MoE wrong at T={T}: {r}"
     if args.write_config and args.sweep:
-        _write_config(fm, results)
+        _write_config(mc, results, args.config_file or mc.CONFIG_FILE)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "moe_check.json").write_text(json.dumps(results, indent=1))

@@ -14,6 +14,9 @@ so a CUDA graph can capture it:
 3. `_moe_gemm_kernel`, not GATED: down[pair] = weight[pair] * (act[pair] @ w2[e].T), then
    out[token] = sum over the top_k slots of down (a [T, top_k, H] sum, no atomics: deterministic).
 
+Tiles (moe_configs.py): each GEMM has its own, tuned per GPU, shape and token count; the two share
+BLOCK_M, the align's block size.
+
 Expert parallelism (`ExpertShard`): w13 and w2 hold one rank's whole experts and the routing names
 global ids. The align leaves out the pairs of other ranks' experts (no slot, no block, no GEMM
 work), so their rows of `down` are never written: they start at zero, and `out` is this rank's
@@ -25,11 +28,7 @@ expert ids on the host) and `moe_per_token_ref` (each token alone, the plainest 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,29 +37,7 @@ import triton.language as tl
 
 from nanoflow.kernels.activation import silu_and_mul_ref
 from nanoflow.kernels.moe_align import moe_align
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """Tile sizes of the grouped GEMMs (one config for both; per-shape tuned JSON can replace it)."""
-
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 32
-    group_m: int = 8  # row blocks that walk the N blocks together, so their weight tiles stay in L2
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """Untuned shapes: small batches (decode) give each expert a few rows, where a tall block would
-    be mostly padding; large ones take the big tiles that keep Hopper's tensor cores busy."""
-    per_expert = num_tokens * top_k / num_experts
-    if per_expert <= 16:
-        return MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_stages=4)
-    if per_expert <= 64:
-        return MoEConfig(block_m=32, block_n=64, block_k=128, group_m=8, num_stages=4)
-    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
+from nanoflow.kernels.moe_configs import MoEConfig, MoEConfigs, pick_config
 
 
 @dataclass(frozen=True)
@@ -75,36 +52,6 @@ class ExpertShard:
 
 def _first_expert(shard: ExpertShard | None) -> int:
     return shard.first if shard is not None else 0
-
-
-CONFIG_FILE = Path(__file__).with_name("fused_moe_configs.json")
-
-
-def shape_key(num_experts: int, hidden: int, intermediate: int) -> str:
-    return f"E={num_experts},H={hidden},I={intermediate}"
-
-
-@functools.cache
-def _tuned(device_name: str, key: str) -> dict[int, MoEConfig]:
-    """Token count -> config tuned on this GPU for this shape (benchmarks/moe_check.py --sweep
-    writes the file); empty if never tuned here."""
-    table = json.loads(CONFIG_FILE.read_text()) if CONFIG_FILE.exists() else {}
-    return {int(t): MoEConfig(**c) for t, c in table.get(device_name, {}).get(key, {}).items()}
-
-
-def pick_config(num_tokens: int, top_k: int, w13: torch.Tensor, num_experts: int | None = None) -> MoEConfig:
-    """The tuned config of the nearest tuned token count on this GPU, else default_config.
-    num_experts: the model's (expert parallel: w13 holds a share of them). Each expert's GEMMs are
-    then the one-GPU model's (same rows per expert, whole intermediate size), so its tiles apply."""
-    _, two_i, H = w13.shape
-    E = num_experts or w13.shape[0]
-    if w13.element_size() > 2:  # fp32 (the tests): half the K step keeps 4-byte tiles in shared memory
-        cfg = default_config(num_tokens, top_k, E)
-        return dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2))
-    tuned = _tuned(torch.cuda.get_device_name(w13.device), shape_key(E, H, two_i // 2)) if w13.is_cuda else {}
-    if not tuned:
-        return default_config(num_tokens, top_k, E)
-    return tuned[min(tuned, key=lambda t: (abs(t - num_tokens), t))]
 
 
 # --- references ---------------------------------------------------------------------------------
@@ -315,21 +262,25 @@ def moe_down(act: torch.Tensor, w2: torch.Tensor, al: Aligned, topk_weights: tor
 
 def fused_moe(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-    out: torch.Tensor, cfg: MoEConfig | None = None, shard: ExpertShard | None = None,
+    out: torch.Tensor, cfg: MoEConfig | MoEConfigs | None = None, shard: ExpertShard | None = None,
 ) -> torch.Tensor:
     """Triton version of moe_experts_ref, without a host sync. out: [T, H] rows (e.g. a row slice of
     a bigger buffer); scratch of [T * top_k, I + H] comes from the caching allocator (graph-safe).
+    cfg: each projection's tiles (one MoEConfig: the same for both; None: pick_config's).
     shard (expert parallel): out is the sum over the pairs of this rank's experts only."""
     T, top_k = topk_ids.shape
     E, H = w13.shape[0], x.shape[1]
     assert x.shape[0] == T and out.shape == (T, H) and out.is_contiguous()
     assert shard is None or 0 <= shard.first and shard.first + E <= shard.total
-    cfg = cfg or pick_config(T, top_k, w13, shard.total if shard is not None else None)
+    if cfg is None:
+        cfg = pick_config(T, top_k, w13, shard.total if shard is not None else None)
+    elif isinstance(cfg, MoEConfig):
+        cfg = MoEConfigs.same(cfg)
     al = align(topk_ids, E, cfg.block_m, _first_expert(shard))
     act = torch.empty(T * top_k, w2.shape[2], device=x.device, dtype=x.dtype)
     # expert parallel: the GEMMs never visit another rank's pairs, so their rows must start at zero
     # to add nothing to the sum (one memset, far cheaper than the GEMMs the align saved)
     down = (torch.zeros if shard is not None else torch.empty)(T, top_k, H, device=x.device, dtype=x.dtype)
-    moe_gate_up(x, w13, al, top_k, act, cfg)
-    moe_down(act, w2, al, topk_weights, down.view(T * top_k, H), cfg)
+    moe_gate_up(x, w13, al, top_k, act, cfg.gate_up)
+    moe_down(act, w2, al, topk_weights, down.view(T * top_k, H), cfg.down)
     return torch.sum(down, dim=1, out=out)

@@ -1,23 +1,33 @@
 """The fused MoE path (align, grouped gate_up and down GEMMs) against the references, at small
 shapes with uneven expert loads: experts with no tokens, and every token on one expert; and split
-over expert-parallel ranks, one of them with no tokens at all."""
+over expert-parallel ranks, one of them with no tokens at all. Also each projection with its own
+tiles, and the tuned-config file in both its forms."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from nanoflow.kernels import fused_moe as fm
+from nanoflow.kernels import moe_configs as mc
 from nanoflow.kernels.activation import silu_and_mul_ref
 
 H, INTER, TOP_K = 64, 128, 2
 # block_m 16 and two N blocks per projection: several row blocks per expert, masked tails
 SMALL = fm.MoEConfig(block_m=16, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1)
+# each projection its own tiles on one align: gate_up's K step (128) past K = 64 takes the masked-K
+# path, down's N tile (32) splits H = 64 in two
+SPLIT = mc.MoEConfigs(
+    gate_up=mc.MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=1),
+    down=mc.MoEConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1),
+)
 
 
 def _routing(kind: str, T: int, E: int, device: str) -> torch.Tensor:
@@ -99,13 +109,31 @@ def test_fused_moe(T: int, kind: str, E: int, device: str, dtype: torch.dtype, a
     x, w13, w2, w, ids = _problem(T, E, kind, device, dtype)
     ref = fm.moe_experts_ref(x, w13, w2, w, ids, torch.empty_like(x))
     assert_rel(ref, fm.moe_per_token_ref(x, w13, w2, w, ids), dtype)
-    # the default config (as the model runs it) and a small one with several blocks per expert
-    for cfg in (None, SMALL):
+    # the default config (as the model runs it), a small one with several blocks per expert, and
+    # different tiles per projection
+    for cfg in (None, SMALL, SPLIT):
         buf = torch.full((T + 3, H), float("nan"), device=device, dtype=dtype)
         out = buf[1 : T + 1]  # rows of a bigger buffer, as a nano-batch's
         assert fm.fused_moe(x, w13, w2, w, ids, out, cfg) is out
         assert buf[0].isnan().all() and buf[T + 1 :].isnan().all()
         assert_rel(out, ref, dtype)
+
+
+def test_fused_moe_config_per_projection(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fused_moe hands each GEMM its own config (any tile gives the right answer, so the results
+    alone would not show a swap), and a single MoEConfig serves both."""
+    launched: list[tuple[bool, fm.MoEConfig]] = []
+    real = fm._launch
+
+    def spy(*args: object, **kwargs: object) -> None:
+        launched.append((args[7], args[8]))  # gated, cfg
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "_launch", spy)
+    x, w13, w2, w, ids = _problem(5, 4, "random", device, torch.float32)
+    fm.fused_moe(x, w13, w2, w, ids, torch.empty_like(x), SPLIT)
+    fm.fused_moe(x, w13, w2, w, ids, torch.empty_like(x), SMALL)
+    assert launched == [(True, SPLIT.gate_up), (False, SPLIT.down), (True, SMALL), (False, SMALL)]
 
 
 def test_fused_moe_no_tokens(device: str) -> None:
@@ -154,8 +182,58 @@ def test_fused_moe_expert_parallel(T: int, kind: str, ranks: int, device: str, d
 
 
 def test_default_config_block_m() -> None:
-    assert fm.default_config(1, 2, 8).block_m == 16  # decode: little padding per expert
-    assert fm.default_config(2048, 2, 8).block_m == 64
+    assert mc.default_config(1, 2, 8).block_m == 16  # decode: little padding per expert
+    assert mc.default_config(2048, 2, 8).block_m == 64
+    # untuned (here: fp32 on the CPU): one config for both projections
+    cfgs = mc.pick_config(2048, 2, torch.empty(8, 2 * INTER, H))
+    assert cfgs.gate_up == cfgs.down and cfgs.block_m == 64
+
+
+def _tile(block_m: int, block_n: int) -> dict[str, int]:
+    return {"block_m": block_m, "block_n": block_n, "block_k": 64, "group_m": 1, "num_warps": 8, "num_stages": 3}
+
+
+def test_config_file_both_forms(tmp_path: Path) -> None:
+    """A token count maps to one config (both projections) or to one per projection; other GPUs
+    and shapes are not read; the nearest tuned token count wins, the smaller on a tie."""
+    key = mc.shape_key(8, 4096, 14336)
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"GPU A": {key: {
+        "256": _tile(64, 128),
+        "1024": {"gate_up": _tile(128, 128), "down": _tile(128, 256)},
+    }, "E=1,H=2,I=3": {"1": {"nonsense": 1}}}, "GPU B": {key: {"1": {"gate_up": _tile(16, 64)}}}}))
+    tuned = mc.load_tuned(path, "GPU A", key)
+    assert tuned == {256: mc.MoEConfigs.same(mc.MoEConfig(**_tile(64, 128))),
+                     1024: mc.MoEConfigs(mc.MoEConfig(**_tile(128, 128)), mc.MoEConfig(**_tile(128, 256)))}
+    assert mc.load_tuned(path, "GPU C", key) == {}
+    assert mc.nearest(tuned, 100) is tuned[256] and mc.nearest(tuned, 640) is tuned[256]
+    assert mc.nearest(tuned, 700).down.block_n == 256
+    # what --write-config writes reads back the same
+    assert mc.parse_entry(mc.to_entry(tuned[1024])) == tuned[1024]
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"gate_up": _tile(64, 128), "down": _tile(128, 128)}, "must share block_m"),
+    ({"gate_up": _tile(64, 128)}, "exactly the keys"),
+    ({"gate_up": _tile(64, 128), "down": {**_tile(64, 128), "block_q": 1}}, "block_q"),
+])
+def test_config_file_bad_entry(tmp_path: Path, entry: dict, match: str) -> None:
+    """A bad entry is rejected on loading, naming the file, the GPU, the shape and the token count."""
+    key = mc.shape_key(8, 4096, 14336)
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"GPU A": {key: {"512": entry}}}))
+    with pytest.raises(ValueError, match=match) as exc:
+        mc.load_tuned(path, "GPU A", key)
+    assert str(path) in str(exc.value) and "'GPU A' E=8,H=4096,I=14336 512 tokens" in str(exc.value)
+    with pytest.raises(ValueError, match="must share block_m"):
+        mc.MoEConfigs(mc.MoEConfig(block_m=16), mc.MoEConfig(block_m=32))
+
+
+def test_repository_config_file_parses() -> None:
+    table = json.loads(mc.CONFIG_FILE.read_text())
+    for gpu, shapes in table.items():
+        for key, entries in shapes.items():
+            assert len(mc.load_tuned(mc.CONFIG_FILE, gpu, key)) == len(entries)
 
 
 def test_token_counts_not_specialised() -> None:
