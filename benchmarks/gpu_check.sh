@@ -22,7 +22,7 @@
 #   OUT                  where logs and results go (default bench-results/gpu_check_<time> in the
 #                        repository root, git-ignored; a run to publish is copied into
 #                        benchmarks/results/ with a row in benchmarks/results/README.md)
-#   GPU_CHECK_STEPS      comma list of: tests, kernels, share, step, trace, fixed; "bench" = trace,fixed,
+#   GPU_CHECK_STEPS      comma list of: tests, kernels, share, step, moe, tune, trace, fixed; "bench" = trace,fixed,
 #                        "pipeline" = share,step (issue 12: benchmarks/gemm_share.py, then
 #                        benchmarks/pipeline_step.py over the decode kernels and GEMM caps)
 #                        (default tests,kernels,bench)
@@ -37,8 +37,10 @@
 #                        free memory holds, all requests within --hf-max-seconds)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
-#   TESTS_S, KERNELS_S, SHARE_S, STEP_S, TRACE_S, FIXED_S   per-step caps in seconds (default 200, 150, 200,
-#                        240, 200, 200; the GPU tests take over 90 s)
+#   MOE_TOKENS           token counts the moe step tunes (default "512 768 1024 2048")
+#   TUNE_ARGS            more `nanoflow tune` arguments for the tune step (default "--size-step 256")
+#   TESTS_S, KERNELS_S, SHARE_S, STEP_S, MOE_S, TUNE_S, TRACE_S, FIXED_S   per-step caps in seconds
+#                        (default 200, 150, 200, 240, 240, 300, 200, 200; the GPU tests take over 90 s)
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -58,16 +60,16 @@ TRACE=${TRACE:-benchmarks/data/splitwise_azure_conv_2023.csv}
 FIXED_WORKLOAD=${FIXED_WORKLOAD:-512x512}
 # sequential before hf: if a step runs out of time, the same-run comparison with our own eager
 # mode is the one to keep (gpu-facts.md already has HF figures).
-COMPARE=${COMPARE:-sequential,hf}
+COMPARE=${COMPARE-sequential,hf}  # set and empty: nanoflow alone
 HF_MAX_BATCH=${HF_MAX_BATCH:-}
 HF_NUM_REQUESTS=${HF_NUM_REQUESTS:-}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 KERNEL_CHECK_ARGS=${KERNEL_CHECK_ARGS:-}
 declare -A CAP=([tests]=${TESTS_S:-200} [kernels]=${KERNELS_S:-150} [share]=${SHARE_S:-200} [step]=${STEP_S:-240}
-               [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
+               [moe]=${MOE_S:-240} [tune]=${TUNE_S:-300} [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
 # Time kept back for each later step, so an early step cannot eat the whole budget.
-declare -A RESERVE=([tests]=30 [kernels]=60 [share]=60 [step]=90 [trace]=120 [fixed]=120)
-ORDER=(tests kernels share step trace fixed)
+declare -A RESERVE=([tests]=30 [kernels]=60 [share]=60 [step]=90 [moe]=90 [tune]=120 [trace]=120 [fixed]=120)
+ORDER=(tests kernels share step moe tune trace fixed)
 SUMMARY="$OUT/gpu_check_summary.txt"
 
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -145,6 +147,19 @@ wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_che
 wanted share && run_step share gemm_share.log python benchmarks/gemm_share.py --out "$OUT"
 wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmarks/pipeline_step.py \
   --splits 768,1024 --ctas 44,66 --kernels all_heads,gated --gemm-ctas none --out "$OUT"
+# the grouped GEMMs' tiles re-tuned (per projection) at MOE_TOKENS; the benches after it use them, and
+# the tuned file comes back in $OUT
+# shellcheck disable=SC2086  # MOE_TOKENS is a list
+wanted moe && run_step moe moe_check.log python benchmarks/moe_check.py --sweep --write-config --out "$OUT" \
+  --tokens ${MOE_TOKENS:-512 768 1024 2048} && cp nanoflow/kernels/fused_moe_configs.json "$OUT/"
+# `nanoflow tune` for BENCH_MODEL (profile, search, the chosen pipeline measured), cached in $OUT/cache,
+# where the benches after it find it (--pipeline auto, the default): with COMPARE=nanoflow-sequential
+# they measure the tuned pipeline against the same engine with it off
+if wanted tune; then
+  export NANOFLOW_CACHE="$OUT/cache"
+  # shellcheck disable=SC2086  # BENCH_MODEL and TUNE_ARGS are argument lists
+  run_step tune tune.log python -m nanoflow.cli tune $BENCH_MODEL --no-tqdm --output-dir "$OUT/tune" ${TUNE_ARGS:---size-step 256}
+fi
 wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
 wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"
 
