@@ -38,13 +38,16 @@ def main() -> None:
     p.add_argument("--moe", action="store_true", help="Mixtral's layer (route, experts)")
     p.add_argument("--decode-ctas", type=int, default=None)
     p.add_argument("--gemm-ctas", type=int, default=None)
+    p.add_argument("--beside", choices=("qkv", "mlp"), default="qkv",
+                   help="overlap: what decode attention runs beside (pipeline.schedule.overlap_schedule)")
     a = p.parse_args()
     names = layer_ops(a.moe, a.tp or a.kind == "network")
     lo = a.min_tokens or a.split + 1
     if a.kind == "network":
         schedule = network_overlap_schedule(names, a.tokens, a.split, lo)
     else:
-        schedule = overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas, gemm_ctas=a.gemm_ctas)
+        schedule = overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas, gemm_ctas=a.gemm_ctas,
+                                    beside=a.beside)
     Pipeline((schedule,), {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
     print(f"wrote {a.out}: {a.kind}, split {a.split}, iterations of {lo}-{a.tokens} tokens")
 

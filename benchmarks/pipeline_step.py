@@ -8,7 +8,7 @@ A first look at what overlap gains on this GPU before `nanoflow tune` searches i
 
     python benchmarks/pipeline_step.py --dummy llama3-8b --decodes 440 --context 708 \\
         --splits 512,768,1024 --ctas 16,32,44,66 --kernels per_head,all_heads,gated --gemm-ctas none,auto \\
-        --out $OUT
+        --beside qkv,mlp --out $OUT
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--gemm-ctas", default="none",
                    help="comma list of caps for the GEMMs beside the capped decode: none (cuBLAS on the whole "
                    "GPU), auto (the persistent Triton GEMM on the SMs the decode leaves), or a number")
+    p.add_argument("--beside", default="qkv,mlp",
+                   help="what decode attention overlaps, comma list of: qkv (NanoFlow's order), mlp (the other "
+                   "nano-batch's o and FFN; pipeline.schedule.overlap_schedule)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -77,31 +80,33 @@ def main() -> None:
         for kernel in args.kernels.split(","):
             for layer in model.layers:
                 layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
-            for split, ctas, gemm in itertools.product(
+            for split, ctas, gemm, beside in itertools.product(
                     map(int, args.splits.split(",")), [int(c) if c != "all" else None for c in args.ctas.split(",")],
-                    args.gemm_ctas.split(",")):
+                    args.gemm_ctas.split(","), args.beside.split(",")):
                 gemm_ctas = None if gemm == "none" or ctas is None else sms - ctas if gemm == "auto" else int(gemm)
-                schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas)
+                schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas,
+                                            beside=beside)
                 ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
                 parts = ex.split(batch, model.prepare)
                 try:
                     ms = timer.ms(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)))
                 except Exception as e:  # e.g. a kernel config that does not compile on this GPU
-                    print(f"{kernel} split {split} ctas {ctas} gemm {gemm_ctas}: {type(e).__name__}: "
+                    print(f"{kernel} {beside} split {split} ctas {ctas} gemm {gemm_ctas}: {type(e).__name__}: "
                           f"{str(e)[:300]}", flush=True)
                     continue
-                rows.append({"kernel": kernel, "split": split, "decode_ctas": ctas, "gemm_ctas": gemm_ctas,
-                             "ms": ms, "speedup": seq_ms / ms})
-                print(f"{kernel:9s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: {ms:.2f} ms "
+                rows.append({"kernel": kernel, "beside": beside, "split": split, "decode_ctas": ctas,
+                             "gemm_ctas": gemm_ctas, "ms": ms, "speedup": seq_ms / ms})
+                print(f"{kernel:9s} {beside:3s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: {ms:.2f} ms "
                       f"({seq_ms / ms:.3f}x)", flush=True)
         # correctness: the pipelined forward computes the sequential one
         want = model(batch)
-        ex = PipelineExecutor(overlap_schedule(names, args.tokens, 768, 769, 32, gemm_ctas=sms - 32), model.layer_ops,
-                              runner.device)
-        got = model(batch, partial(ex.run, parts=ex.split(batch, model.prepare)))
-        torch.cuda.synchronize()
-        results["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
-        print(f"pipelined vs sequential hidden states: max |diff| {results['max_abs_diff']:.3g}")
+        for beside in ("qkv", "mlp"):
+            ex = PipelineExecutor(overlap_schedule(names, args.tokens, 768, 769, 32, gemm_ctas=sms - 32, beside=beside),
+                                  model.layer_ops, runner.device)
+            got = model(batch, partial(ex.run, parts=ex.split(batch, model.prepare)))
+            torch.cuda.synchronize()
+            results[f"max_abs_diff_{beside}"] = diff = (got.float() - want.float()).abs().max().item()
+            print(f"pipelined ({beside}) vs sequential hidden states: max |diff| {diff:.3g}")
     results["pipelined"] = rows
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

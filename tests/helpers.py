@@ -131,12 +131,15 @@ def pipeline_for(arch: str, max_tokens: int, tp: bool = False):
     """A pipeline covering every size from 2 to max_tokens tokens with two dense nano-batches and
     three attention nano-batches at uneven bounds: boundaries fall inside the decode rows and inside
     prefill chunks, and the attention runs on a second stream (in order on the CPU); the GEMMs beside
-    it are capped at 3 CTAs (the persistent Triton GEMM on the fast path). tp: over the ops
-    of a tensor-parallel layer."""
+    it are capped at 3 CTAs (the persistent Triton GEMM on the fast path). The middle range runs
+    the "mlp" order (decode attention beside the other nano-batch's FFN), the others NanoFlow's.
+    tp: over the ops of a tensor-parallel layer."""
     from nanoflow.pipeline.schedule import Pipeline, overlap_schedule
 
     names = layer_op_names(arch, tp)
-    ranges = [(2, 9, 1, None), (10, 40, 7, (0, 3, 7, 40)), (41, max_tokens, 29, (0, 13, 29, max_tokens))]
-    schedules = tuple(overlap_schedule(names, hi, split, lo, decode_ctas=8, attention_parts=attn, gemm_ctas=3)
-                      for lo, hi, split, attn in ranges if lo <= max_tokens)
+    ranges = [(2, 9, 1, None, "qkv"), (10, 40, 7, (0, 3, 7, 40), "mlp"),
+              (41, max_tokens, 29, (0, 13, 29, max_tokens), "qkv")]
+    schedules = tuple(overlap_schedule(names, hi, split, lo, decode_ctas=8, attention_parts=attn, gemm_ctas=3,
+                                       beside=beside)
+                      for lo, hi, split, attn, beside in ranges if lo <= max_tokens)
     return Pipeline(schedules, {"test": arch}, "tests")

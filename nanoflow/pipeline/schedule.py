@@ -140,35 +140,57 @@ GEMM_OPS = frozenset({"qkv", "o", "gate_up", "down"})
 
 def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
                      decode_ctas: int | None, attention_parts: Sequence[int] | None = None,
-                     gemm_ctas: int | None = None) -> Schedule:
-    """Two nano-batches, NanoFlow's one-GPU pipeline: while nano-batch 0 runs its decode attention on
-    stream 1 (capped at decode_ctas, issued first so the GEMMs fill the remaining SMs), nano-batch 1
-    runs its GEMMs on stream 0; then the roles swap. `attention_parts` splits the attention ops
-    finer (bounds inside [0, max_tokens]); every other op runs over [0, split) and [split, max_tokens).
-    gemm_ctas caps the GEMMs issued while a capped decode attention may still run (nano-batch 1's
-    before attention, nano-batch 0's after it), so their tiles fit the SMs left to them instead of
-    a grid sized for the whole GPU; None leaves them to cuBLAS."""
+                     gemm_ctas: int | None = None, beside: str = "qkv") -> Schedule:
+    """Two nano-batches, decode attention on stream 1 (capped at decode_ctas, issued first so the
+    GEMMs fill the remaining SMs) beside the other nano-batch's work on stream 0. `beside` is what
+    that work is:
+    - "qkv", NanoFlow's one-GPU order: while nano-batch 0 runs its decode attention, nano-batch 1
+      runs its norm, qkv and rope; then the roles swap (nano-batch 1's decode attention beside
+      nano-batch 0's o and MLP).
+    - "mlp": both nano-batches write their K/V first; nano-batch 1 runs its attention, then nano-batch
+      0's decode attention runs beside nano-batch 1's o and MLP. Rows are ordered decodes first, so
+      at a split past the decodes nano-batch 0 holds all of them, and "qkv" leaves them only a
+      nano-batch's qkv GEMM to hide behind, "mlp" its o + gate_up + down (~4x the work).
+    `attention_parts` splits the attention ops finer (bounds inside [0, max_tokens]); every other op
+    runs over [0, split) and [split, max_tokens). gemm_ctas caps the GEMMs issued while a capped
+    decode attention may still run, so their tiles fit the SMs left to them instead of a grid sized
+    for the whole GPU; None leaves them to cuBLAS."""
+    if beside not in ("qkv", "mlp"):
+        raise ValueError(f"overlap_schedule: beside must be 'qkv' or 'mlp', got {beside!r}")
     dense = (0, split, max_tokens)
     attn = tuple(attention_parts) if attention_parts else dense
     partitions = {"dense": dense, "attn": attn}
     attn_ops = {"decode_attention", "prefill_attention"}
     before = list(op_names[: op_names.index("decode_attention")])
     after = [op for op in op_names[op_names.index("decode_attention"):] if op not in attn_ops]
-    steps: list[Step] = []
-    nattn = len(attn) - 1
 
     def dense_steps(ops: Sequence[str], part: int, beside_decode: bool) -> list[Step]:
         cap = gemm_ctas if beside_decode else None
         return [Step(op, part, "dense", 0, cap if op in GEMM_OPS else None) for op in ops]
 
-    for part in (0, 1):
-        steps += dense_steps(before, part, beside_decode=part == 1)
-        for a in range(nattn):  # the attention nano-batches inside this dense nano-batch
-            if attn[a] >= dense[part] and attn[a + 1] <= dense[part + 1]:
-                steps.append(Step("decode_attention", a, "attn", 1, decode_ctas))
-                steps.append(Step("prefill_attention", a, "attn", 0))
-    for part in (0, 1):
-        steps += dense_steps(after, part, beside_decode=part == 0)
+    def attention(part: int, op: str) -> list[Step]:
+        """The attention nano-batches inside this dense nano-batch, decode on stream 1 (capped)."""
+        inside = [a for a in range(len(attn) - 1) if attn[a] >= dense[part] and attn[a + 1] <= dense[part + 1]]
+        if op == "decode_attention":
+            return [Step(op, a, "attn", 1, decode_ctas) for a in inside]
+        return [Step(op, a, "attn", 0) for a in inside]
+
+    steps: list[Step] = []
+    if beside == "qkv":
+        for part in (0, 1):
+            steps += dense_steps(before, part, beside_decode=part == 1)
+            for a, b in zip(attention(part, "decode_attention"), attention(part, "prefill_attention"), strict=True):
+                steps += [a, b]
+        for part in (0, 1):
+            steps += dense_steps(after, part, beside_decode=part == 0)
+    else:
+        # every K/V write of the layer precedes every attention read: a prefill chunk cut by the
+        # split attends to keys that nano-batch 0 writes
+        steps += dense_steps(before, 0, False) + dense_steps(before, 1, False)
+        steps += attention(1, "decode_attention") + attention(1, "prefill_attention")
+        steps += attention(0, "decode_attention")
+        steps += dense_steps(after, 1, beside_decode=True)
+        steps += attention(0, "prefill_attention") + dense_steps(after, 0, False)
     return Schedule(min_tokens, max_tokens, partitions, tuple(steps))
 
 

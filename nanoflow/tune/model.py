@@ -36,17 +36,18 @@ SERIAL = (0.5, 0.5)  # kept fractions that price side-by-side work as if run one
 class Candidate:
     split: int | None = None  # None: the sequential schedule
     ctas: int | None = None  # decode attention's SM cap on stream 1
+    beside: str = "qkv"  # what decode attention overlaps (pipeline.schedule.overlap_schedule)
 
     def schedule(self, op_names: Sequence[str], min_tokens: int, max_tokens: int) -> Schedule:
         if self.split is None:
             return sequential_schedule(op_names, max_tokens, min_tokens)
-        return overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas)
+        return overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside)
 
     def describe(self) -> str:
         if self.split is None:
             return "sequential"
         cap = f"{self.ctas} CTAs" if self.ctas else "all SMs"
-        return f"2 nano-batches split at {self.split}, decode attention on {cap}"
+        return f"2 nano-batches split at {self.split}, decode attention on {cap} beside the other's {self.beside}"
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,12 @@ class Phase:
 
 
 @cache
-def phases(ops: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...], overlap: bool) -> tuple[Phase, ...]:
-    """One steady-state layer of the sequential or the overlap schedule as phases, from the waits
-    that the executor derives for ops with these (name, resource, reads, writes)."""
+def phases(ops: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...], beside: str | None) -> tuple[Phase, ...]:
+    """One steady-state layer of the sequential schedule (beside None) or an overlap schedule as
+    phases, from the waits that the executor derives for ops with these (name, resource, reads,
+    writes)."""
     names = [o[0] for o in ops]
-    cand = Candidate(2) if overlap else Candidate()
+    cand = Candidate() if beside is None else Candidate(2, beside=beside)
     stubs = tuple(Op(n, r, lambda b, t, c: None, rd, wr) for n, r, rd, wr in ops)  # type: ignore[arg-type]
     ex = PipelineExecutor(cand.schedule(names, 3, 4), [stubs, stubs], torch.device("cpu"))
     if ex.schedule.num_streams > 2:
@@ -186,7 +188,7 @@ class CostModel:
             parts = [(cand.split, d0), (num_tokens - cand.split, d - d0)]
         cost = lambda op, part: self.op_time(op, *parts[part], cand.ctas if op == DECODE else None)
         serial, overlaps = 0.0, []
-        for ph in phases(self.ops, cand.split is not None):
+        for ph in phases(self.ops, None if cand.split is None else cand.beside):
             times = [cost(op, part) for op, part in ph.stream0]
             w0 = sum(times)
             serial += w0

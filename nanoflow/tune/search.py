@@ -71,8 +71,9 @@ def buckets(sizes: Sequence[int]) -> list[tuple[int, int]]:
 
 def candidates(lo: int, step: int, ctas: Sequence[int | None]) -> list[Candidate]:
     """The sequential schedule, then every split (a multiple of step, below lo so that no nano-batch
-    of the bucket is ever empty) x cap."""
-    return [Candidate(), *(Candidate(split, c) for split in range(step, lo, step) for c in ctas)]
+    of the bucket is ever empty) x cap x what decode attention runs beside."""
+    return [Candidate(), *(Candidate(split, c, beside) for split in range(step, lo, step) for c in ctas
+                           for beside in ("qkv", "mlp"))]
 
 
 def search(profile: dict[str, Any], *, split_step: int | None = None, min_gain: float = 0.01,

@@ -102,16 +102,17 @@ def test_phase_time() -> None:
     assert phase_ms(0.0, 0.7, 0.8, 0.5) == pytest.approx(0.7)
 
 
+@pytest.mark.parametrize("beside", ["qkv", "mlp"])
 @pytest.mark.parametrize("ops", [sp.OPS, sp.DISJOINT_OPS], ids=["model-table", "disjoint-attention"])
-def test_phases_follow_the_executor_waits(ops) -> None:
+def test_phases_follow_the_executor_waits(ops, beside: str) -> None:
     """No stream-0 op of a phase waits for the stream-1 op beside it (it could not run beside it),
     and every op instance of the layer is in exactly one phase."""
     model = CostModel(sp.profile(0.75, 0.85, ops=ops))
-    got = phases(model.ops, True)
+    got = phases(model.ops, beside)
     seen = [x for ph in got for x in ph.stream0] + [ph.stream1 for ph in got if ph.stream1]
     assert sorted(seen) == sorted((n, p) for n in sp.NAMES for p in (0, 1))
     layers = _stub_layers(ops)
-    ex = PipelineExecutor(Candidate(1024, 44).schedule(sp.NAMES, 1025, 2048), layers, torch.device("cpu"))
+    ex = PipelineExecutor(Candidate(1024, 44, beside).schedule(sp.NAMES, 1025, 2048), layers, torch.device("cpu"))
     index = {(i.layer, i.step.op, i.step.part): k for k, i in enumerate(ex.instances)}
     for ph in got:
         if ph.stream1 is None:
@@ -124,8 +125,18 @@ def test_phases_follow_the_executor_waits(ops) -> None:
 def test_disjoint_attention_overlaps_what_nanoflow_overlaps() -> None:
     """With decode and prefill attention writing their own rows, nano-batch 0's decode attention
     runs beside nano-batch 1's norm/qkv/rope, and nano-batch 1's beside nano-batch 0's FFN."""
-    got = phases(CostModel(sp.profile(0.75, 0.85)).ops, True)
+    got = phases(CostModel(sp.profile(0.75, 0.85)).ops, "qkv")
     beside = {ph.stream1: [op for op, _ in ph.stream0] for ph in got if ph.stream1}
     assert beside[("decode_attention", 0)] == ["prefill_attention", "input_norm", "qkv", "rope_kv_write"]
     assert beside[("decode_attention", 1)] == ["prefill_attention", "o", "post_attention_norm", "gate_up", "act",
                                                "down"]
+
+
+def test_mlp_order_puts_decode_attention_beside_the_other_mlp() -> None:
+    """beside="mlp": nano-batch 0's decode attention overlaps nano-batch 1's o and FFN (and nano-batch
+    0's own prefill attention), the work a decode-heavy step has most of."""
+    got = phases(CostModel(sp.profile(0.75, 0.85)).ops, "mlp")
+    beside = {ph.stream1: [(op, part) for op, part in ph.stream0] for ph in got if ph.stream1}
+    assert beside[("decode_attention", 0)] == [
+        ("prefill_attention", 1), ("o", 1), ("post_attention_norm", 1), ("gate_up", 1), ("act", 1), ("down", 1),
+        ("prefill_attention", 0)]
