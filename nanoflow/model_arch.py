@@ -61,6 +61,15 @@ class ModelArch:
         idle = self.num_experts - self.experts_per_token
         return self.num_parameters() - self.num_layers * idle * 3 * self.hidden_size * self.intermediate_size
 
+    def padding_row_cost(self) -> float:
+        """The GEMM work of a row that pads a batch up to a CUDA graph's size, as a fraction of a real
+        token's: a MoE layer routes padding rows to no expert (fused_moe), so they cost only the dense
+        projections (Mixtral-8x7B: 0.13); a dense model pays in full."""
+        if not self.is_moe:
+            return 1.0
+        experts = self.num_layers * self.experts_per_token * 3 * self.hidden_size * self.intermediate_size
+        return 1.0 - experts / self.active_parameters()
+
     @classmethod
     def from_hf(cls, cfg: PretrainedConfig) -> ModelArch:
         archs = list(getattr(cfg, "architectures", None) or [])

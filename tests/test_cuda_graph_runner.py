@@ -14,9 +14,10 @@ from helpers import pipeline_for, step_plan
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
-from nanoflow.executor.cuda_graph import GraphRunner, token_buckets
+from nanoflow.executor.cuda_graph import GraphRunner, pads_acceptably, token_buckets
 from nanoflow.executor.model_runner import ModelRunner
 from nanoflow.layers.parallel import ParallelState
+from nanoflow.model_arch import ModelArch
 from nanoflow.models.loader import build_model
 from nanoflow.pipeline.executor import PipelineExecutor
 
@@ -78,6 +79,19 @@ def test_a_slower_small_bucket_is_skipped(runner_and_graphs) -> None:
         assert graphs.select(batch) == (8, False, False)
     finally:
         graphs.replay_ms[(4, False, False)] = saved
+
+
+def test_padding_rule_weighs_what_a_padding_row_costs() -> None:
+    # small buckets always; above 512 tokens a dense model pads by at most 1/16 of its rows
+    assert pads_acceptably(512, 1, 1.0)
+    assert pads_acceptably(768, 724, 1.0) and not pads_acceptably(768, 597, 1.0)
+    # Mixtral's padding rows skip the experts (1/8 of a row's work): a 597-token step takes the 768 graph
+    mixtral = ModelArch(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope={},
+                        max_position_embeddings=32768, tie_word_embeddings=False, qkv_bias=False, o_bias=False,
+                        sliding_window=None, num_experts=8, experts_per_token=2)
+    assert 0.1 < mixtral.padding_row_cost() < 0.15
+    assert pads_acceptably(768, 597, mixtral.padding_row_cost()) and not pads_acceptably(1024, 597, 0.125)
 
 
 def test_token_buckets() -> None:

@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 # prefill chunk, so batches of up to this many chunks fit (the dense budget rarely has more than a few).
 SPARE_TILES = 32
 # Above this many tokens the launches are hidden behind the kernels, and the padding rows'
-# GEMM work is what a bucket costs: take a graph only if it pads by at most 1/16.
+# GEMM work is what a bucket costs: take a graph only if that work is at most 1/16 of the batch's.
 SMALL_BATCH = 512
+PAD_LIMIT = 1 / 16
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -67,11 +68,14 @@ Key = tuple[int, bool, bool]
 class GraphRunner:
     def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_pages: int, device: torch.device,
                  executor_for: Callable[[int], PipelineExecutor | None] = lambda n: None,
-                 par: ParallelState | None = None) -> None:
+                 par: ParallelState | None = None, padding_row_cost: float = 1.0) -> None:
         """executor_for(bucket): the pipeline schedule for a bucket, captured beside its sequential
         graph (None: the sequential graph only). par: this rank's (tensor parallel: every rank captures
-        together and agrees on the replay times)."""
+        together and agrees on the replay times). padding_row_cost: a padding row's work as a fraction
+        of a real token's (ModelArch.padding_row_cost: MoE pads cheaply, so its larger batches take
+        graphs that pad more)."""
         self.model, self.device, self.executor_for = model, device, executor_for
+        self.padding_row_cost = padding_row_cost
         self.par = par or ParallelState()
         self.buckets = token_buckets(max_tokens)
         self.max_seqs = min(max_seqs, max_tokens)
@@ -214,7 +218,7 @@ class GraphRunner:
         one it fits; None: run it eagerly."""
         n, mixed, shapes = batch.num_tokens, batch.num_prefills > 0, batch.shapes()
         fits = [key for key in self.graphs if key[1] == mixed and key[0] >= n >= self.min_tokens[key]
-                and (key[0] <= SMALL_BATCH or (key[0] - n) * 16 <= n) and _fits(shapes, self.capacity[key])]
+                and pads_acceptably(key[0], n, self.padding_row_cost) and _fits(shapes, self.capacity[key])]
         piped = [key for key in fits if key[2]]
         return min(piped or fits, key=self.replay_ms.__getitem__) if fits else None
 
@@ -244,6 +248,12 @@ class GraphRunner:
         live = self.executors[key].split(batch, self.model.prepare)
         pairs = [(p, s) for name, ps in live.items() for p, s in zip(ps, self.parts[key][name], strict=True)]
         return pairs if all(_fits(p.shapes(), s.shapes()) for p, s in pairs) else None
+
+
+def pads_acceptably(bucket: int, num_tokens: int, padding_row_cost: float) -> bool:
+    """Whether a batch of num_tokens may replay a graph of bucket tokens: small batches always
+    (launches are what they cost), larger ones if the padding rows add at most PAD_LIMIT of work."""
+    return bucket <= SMALL_BATCH or (bucket - num_tokens) * padding_row_cost <= PAD_LIMIT * num_tokens
 
 
 def _fits(shapes: dict[str, torch.Size], capacity: dict[str, torch.Size]) -> bool:
