@@ -38,7 +38,8 @@
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
 #   MOE_TOKENS           token counts the moe step tunes (default "512 768 1024 2048")
-#   TUNE_ARGS            more `nanoflow tune` arguments for the tune step (default "--size-step 256")
+#   TUNE_ARGS            `nanoflow tune` arguments for the tune step (default "--size-step 256 --ctas 32,44,66
+#                        --repeats 5")
 #   TESTS_S, KERNELS_S, SHARE_S, STEP_S, MOE_S, TUNE_S, TRACE_S, FIXED_S   per-step caps in seconds
 #                        (default 200, 150, 200, 240, 240, 300, 200, 200; the GPU tests take over 90 s)
 
@@ -158,7 +159,7 @@ wanted moe && run_step moe moe_check.log python benchmarks/moe_check.py --sweep 
 if wanted tune; then
   export NANOFLOW_CACHE="$OUT/cache"
   # shellcheck disable=SC2086  # BENCH_MODEL and TUNE_ARGS are argument lists
-  run_step tune tune.log python -m nanoflow.cli tune $BENCH_MODEL --no-tqdm --output-dir "$OUT/tune" ${TUNE_ARGS:---size-step 256}
+  run_step tune tune.log python -m nanoflow.cli tune $BENCH_MODEL --no-tqdm --output-dir "$OUT/tune" ${TUNE_ARGS:---size-step 256 --ctas 32,44,66 --repeats 5}
 fi
 wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
 wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"
