@@ -3,6 +3,7 @@ a schedule before `nanoflow tune` searches for one: two nano-batches split at --
 iterations of --min-tokens to --tokens tokens (sequential below).
 
     python benchmarks/make_pipeline.py network --tp --split 1024 --out net.json     # issue 13
+    python benchmarks/make_pipeline.py tp-overlap --split 1024 --decode-ctas 66 --out tpo.json   # 3 streams
     python benchmarks/make_pipeline.py overlap --split 1024 --decode-ctas 44 --gemm-ctas 88 --out ov.json
 
 The op names are a Llama/Mixtral decoder layer's (models/llama.py); the engine checks them against
@@ -17,7 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule, overlap_schedule  # noqa: E402
+from nanoflow.pipeline.schedule import (  # noqa: E402
+    Pipeline,
+    network_overlap_schedule,
+    overlap_schedule,
+    tp_overlap_schedule,
+)
 
 
 def layer_ops(moe: bool, tp: bool) -> list[str]:
@@ -29,7 +35,9 @@ def layer_ops(moe: bool, tp: bool) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("network", "overlap"))
+    p.add_argument("kind", choices=("network", "overlap", "tp-overlap"),
+                   help="network: all-reduces beside the other nano-batch's ops; overlap: decode attention beside "
+                   "them; tp-overlap: both, on three streams (tensor parallel)")
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=2048, help="the token budget (largest iteration)")
     p.add_argument("--split", type=int, default=1024)
@@ -41,10 +49,12 @@ def main() -> None:
     p.add_argument("--beside", choices=("qkv", "mlp"), default="qkv",
                    help="overlap: what decode attention runs beside (pipeline.schedule.overlap_schedule)")
     a = p.parse_args()
-    names = layer_ops(a.moe, a.tp or a.kind == "network")
+    names = layer_ops(a.moe, a.tp or a.kind != "overlap")
     lo = a.min_tokens or a.split + 1
     if a.kind == "network":
         schedule = network_overlap_schedule(names, a.tokens, a.split, lo)
+    elif a.kind == "tp-overlap":
+        schedule = tp_overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas)
     else:
         schedule = overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas, gemm_ctas=a.gemm_ctas,
                                     beside=a.beside)

@@ -74,12 +74,13 @@ def test_network_overlap_pipeline_matches_one(tiny_model, tmp_path, monkeypatch,
     inside the decode rows and inside prefill chunks. --nccl-max-ctas reaches NCCL's environment."""
     from helpers import layer_op_names
 
-    from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule
+    from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule, tp_overlap_schedule
 
     path = tiny_model(arch)
     names = layer_op_names(arch, tp=True)
-    pipeline = Pipeline(tuple(network_overlap_schedule(names, hi, split, lo)
-                              for lo, hi, split in ((2, 9, 1), (10, 40, 7), (41, 64, 29))), {"test": arch}, "tests")
+    # the middle range: all-reduces on a third stream beside decode attention and the GEMMs
+    pipeline = Pipeline((network_overlap_schedule(names, 9, 1, 2), tp_overlap_schedule(names, 40, 7, 10, 4),
+                         network_overlap_schedule(names, 64, 29, 41)), {"test": arch}, "tests")
     pipeline.save(tmp_path / "net.json")
     prompts = _prompts(2)
     settings = dict(max_model_len=256, max_num_batched_tokens=64)

@@ -218,3 +218,29 @@ def network_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: in
     for part in (0, 1):  # ops after the last all-reduce (none in a tensor-parallel layer)
         steps += [Step(name, part, "dense") for name in segment]
     return Schedule(min_tokens, max_tokens, {"dense": dense}, tuple(steps))
+
+
+def tp_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
+                        decode_ctas: int | None) -> Schedule:
+    """Two nano-batches under tensor parallelism with all three resources busy at once: the "mlp"
+    order of overlap_schedule (nano-batch 0's decode attention on stream 1, capped, beside nano-batch
+    1's o and FFN on stream 0) with every all-reduce on stream 2, one after the other in issue order
+    (the same on every rank). Nano-batch 0's prefill attention is issued between nano-batch 1's o and
+    its post-attention norm, so stream 0 has work while nano-batch 1's first all-reduce runs;
+    nano-batch 1's before-ops lead each layer, covering nano-batch 0's last all-reduce of the layer
+    before. A hand-made schedule (the search models two streams)."""
+    attn_ops = ("decode_attention", "prefill_attention")
+    before = list(op_names[: op_names.index("decode_attention")])
+    after = [op for op in op_names[op_names.index("decode_attention"):] if op not in attn_ops]
+    first_reduce = next(i for i, op in enumerate(after) if op in NETWORK_OPS)
+
+    def ops(names: Sequence[str], part: int) -> list[Step]:
+        return [Step(op, part, "dense", 2 if op in NETWORK_OPS else 0) for op in names]
+
+    steps = ops(before, 1) + ops(before, 0)
+    steps += [Step("decode_attention", 1, "dense", 1, decode_ctas), Step("prefill_attention", 1, "dense", 0),
+              Step("decode_attention", 0, "dense", 1, decode_ctas)]
+    steps += ops(after[: first_reduce + 1], 1) + [Step("prefill_attention", 0, "dense", 0)]
+    steps += ops(after[first_reduce + 1 :], 1) + ops(after, 0)
+    return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, tuple(steps))
+
