@@ -36,7 +36,7 @@ STRIDES = ("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_pt", "str
 
 
 def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool,
-                   gate: bool = False, heads: int = 8) -> tuple[bytes, int]:
+                   gate: bool = False, heads: int = 8, batched: bool = True) -> tuple[bytes, int]:
     """The cubin and shared memory (bytes) of one decode kernel for Llama-3-8B's shape (8 kv heads x 4
     query heads, D 128, bf16)."""
     common = dict(GROUP=4, HEAD_DIM=128, PAGE_SIZE=16, BLOCK_N=block_n, SPLIT=True, NUM_STAGES=stages, FLATTEN=False,
@@ -47,7 +47,7 @@ def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool
     else:
         fn, ints = decode_all_heads_kernel, ("num_kv_heads", "num_head_blocks", "num_parts", "partition",
                                              "sliding_window")
-        const = dict(BLOCK_G=4, HEADS=heads, BLOCK_H=heads, BATCHED=True, DYNAMIC=gate, SM_GATE=gate,
+        const = dict(BLOCK_G=4, HEADS=heads, BLOCK_H=heads, BATCHED=batched, DYNAMIC=gate, SM_GATE=gate,
                      **common)  # BLOCK_G: as the launcher pads the group
         ints = (*ints, "share", "num_sms")
     types = {**dict(zip(PTRS, PTR_TYPES, strict=True)), "work_counter_ptr": "*i32", "qk_scale": "fp32",
@@ -97,6 +97,10 @@ def main() -> None:
     p.add_argument("--mix", action="store_true", help="also the opcodes, most frequent first")
     p.add_argument("--gate", action="store_true", help="all-heads: the SM-gated variant (DecodeConfig.sm_gate)")
     p.add_argument("--heads", type=int, default=8, help="all-heads: kv heads per work item (kv_heads_per_item)")
+    p.add_argument("--flat", action="store_true",
+                   help="all-heads: the 2-D dot (DecodeConfig(batched_dot=False)): heads x group rows against heads x "
+                   "tokens columns, off-diagonal blocks masked; at 4 heads x a group of 4 the rows fill one 16-row MMA "
+                   "tile with no padding")
     args = p.parse_args()
     import tempfile
 
@@ -110,7 +114,8 @@ def main() -> None:
             for warps in (int(w) for w in args.warps.split(",")):
                 for i32 in (False, True):
                     gate = args.gate and kernel == "all_heads"
-                    cubin, smem = compile_kernel(kernel, warps, stages, block_n, i32, gate, args.heads)
+                    cubin, smem = compile_kernel(kernel, warps, stages, block_n, i32, gate, args.heads,
+                                                 not (args.flat and kernel == "all_heads"))
                     ops, regs = inner_loop(cubin, Path(tmp)), registers(cubin, Path(tmp))
                     # Hopper: 64 Ki registers and 228 KiB of shared memory per SM (1 KiB reserved per CTA)
                     fit = min(65536 // max(1, regs * 32 * warps), (228 * 1024) // (smem + 1024))

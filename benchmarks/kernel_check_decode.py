@@ -125,8 +125,12 @@ class DecodeChecks:
         G = lambda **kw: AH(sm_gate=True, num_warps=4, **kw)
         gated = [G(kv_heads_per_item=4, num_stages=5)]
         if not self.cpu:
-            gated += [G(kv_heads_per_item=4, num_stages=3), G(kv_heads_per_item=2, num_stages=5),
-                      G(kv_heads_per_item=8, num_stages=3)]
+            # the 2-D dot at 4 heads: the 4 x 4 query rows fill one 16-row MMA tile, 340 SASS
+            # instructions a 32 KiB step instead of 390 and 128 registers instead of 198, so three or
+            # four programs fit an SM (decode_sass.py --gate --heads 4 --flat)
+            F = lambda n, st: G(kv_heads_per_item=4, batched_dot=False, gate_ctas_per_sm=n, num_stages=st)
+            gated += [G(kv_heads_per_item=4, num_stages=3), G(kv_heads_per_item=8, num_stages=3),
+                      F(2, 5), F(3, 5), F(4, 3), F(2, 7)]
         kinds = {"per_head": per_head, "all_heads": all_heads, "gated": gated}
         default_cfg = dataclasses.asdict(C())
         nan = float("nan")

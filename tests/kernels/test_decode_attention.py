@@ -23,6 +23,8 @@ KERNELS = {
     "all_heads_2d": {"all_heads": True, "batched_dot": False},
     # capped cases: work items from an atomic counter (on a GPU also the SM gate)
     "all_heads_gated": {"all_heads": True, "sm_gate": True},
+    # the 2-D dot behind the gate, three programs an SM (its registers allow it: benchmarks/decode_sass.py)
+    "all_heads_gated_2d": {"all_heads": True, "sm_gate": True, "batched_dot": False, "gate_ctas_per_sm": 3},
 }
 
 
