@@ -47,8 +47,8 @@ def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool
     else:
         fn, ints = decode_all_heads_kernel, ("num_kv_heads", "num_head_blocks", "num_parts", "partition",
                                              "sliding_window")
-        const = dict(BLOCK_G=4, HEADS=heads, BLOCK_H=heads, BATCHED=batched, DYNAMIC=gate, SM_GATE=gate,
-                     **common)  # BLOCK_G: as the launcher pads the group
+        const = dict(BLOCK_G=4, HEADS=heads, BLOCK_H=heads, BATCHED=batched, EVEN_HEADS=True, DYNAMIC=gate,
+                     SM_GATE=gate, **common)  # BLOCK_G: as the launcher pads the group
         ints = (*ints, "share", "num_sms")
     types = {**dict(zip(PTRS, PTR_TYPES, strict=True)), "work_counter_ptr": "*i32", "qk_scale": "fp32",
              **dict.fromkeys(ints, "i32"),

@@ -23,7 +23,7 @@ def decode_all_heads_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
-    FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr,
+    FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr, EVEN_HEADS: tl.constexpr,
     work_counter_ptr, share, num_sms, DYNAMIC: tl.constexpr, SM_GATE: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, head block, partition); a head block is HEADS kv heads
@@ -68,7 +68,7 @@ def decode_all_heads_kernel(
                 stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
                 stride_cp, stride_ch, stride_ct, offs_d, r_h, r_g, c_h, c_n,
                 GROUP, HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, SPLIT, BATCHED, NUM_STAGES, PRECISION,
-                FP16_DOTS, I32_OFFSETS,
+                FP16_DOTS, I32_OFFSETS, EVEN_HEADS,
             )  # fmt: skip
             w = tl.atomic_add(work_counter_ptr, 1)
     else:
@@ -80,7 +80,7 @@ def decode_all_heads_kernel(
                 stride_qb, stride_qh, stride_ob, stride_oh, stride_pt,
                 stride_cp, stride_ch, stride_ct, offs_d, r_h, r_g, c_h, c_n,
                 GROUP, HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, SPLIT, BATCHED, NUM_STAGES, PRECISION,
-                FP16_DOTS, I32_OFFSETS,
+                FP16_DOTS, I32_OFFSETS, EVEN_HEADS,
             )  # fmt: skip
 
 
@@ -94,7 +94,7 @@ def _work_item(
     GROUP: tl.constexpr, HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
-    FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr,
+    FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr, EVEN_HEADS: tl.constexpr,
 ):  # fmt: skip
     """One work item w: its online softmax over its tokens, stored normalised or as partials."""
     part, hb, b, lo, end = work_item(w, num_parts, num_head_blocks, partition, sliding_window, seq_lens_ptr)
@@ -114,38 +114,92 @@ def _work_item(
     m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
     l_i = tl.zeros(heads.shape, dtype=tl.float32)
     acc = tl.zeros(q.shape, dtype=tl.float32)  # [rows..., HEAD_DIM]
-    # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
-    # Every step then holds >= 1 valid token of every head, so m_new is finite on every row.
-    for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
-        tok = n0 + c_n
-        t_mask = (tok >= lo) & (tok < end)
+    # Steps are BLOCK_N-aligned; only a sliding window gives an unaligned lo, so the first step is
+    # aligned down. Every step then holds >= 1 valid token of every head, so m_new is finite on
+    # every row. The steps wholly inside [lo, end) need no token masks (fewer instructions a step,
+    # which is what a CTA on a capped grid runs short of); the partial ones - the first (a window's
+    # unaligned lo) and the last - run first, through one masked copy of the step (one copy, not
+    # two: each copy of the step's code holds registers of its own).
+    start = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum((end // BLOCK_N) * BLOCK_N, full_lo)
+    for j in range(2):
+        n0 = start if j == 0 else full_hi
+        if (j == 0) & (start < full_lo) & (lo < end) | (j == 1) & (full_hi < end):
+            m_i, l_i, acc = _step(
+                n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
+                qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
+                PAGE_SIZE, BATCHED, PRECISION, I32_OFFSETS, True, EVEN_HEADS,
+            )  # fmt: skip
+    for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
+        m_i, l_i, acc = _step(
+            n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
+            qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
+            PAGE_SIZE, BATCHED, PRECISION, I32_OFFSETS, False, EVEN_HEADS,
+        )  # fmt: skip
+    store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
+               out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)
+
+
+@triton.jit
+def _step(
+    n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
+    qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
+    PAGE_SIZE: tl.constexpr, BATCHED: tl.constexpr, PRECISION: tl.constexpr, I32_OFFSETS: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_HEADS: tl.constexpr,
+):  # fmt: skip
+    """One K/V step of the online softmax from token n0: every kv head's BLOCK_N tokens (MASKED:
+    tokens outside [lo, end) count for nothing; else all are valid). EVEN_HEADS: every kv head of
+    the block exists, so loads need no head mask."""
+    tok = n0 + c_n
+    t_mask = (tok >= lo) & (tok < end)
+    if MASKED:
         page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
-        if not I32_OFFSETS:
-            page = page.to(tl.int64)
-        tok_off = page * stride_cp + (tok % PAGE_SIZE) * stride_ct
-        if BATCHED:
-            # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
-            kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
+    else:
+        page = tl.load(page_row + tok // PAGE_SIZE)
+    if not I32_OFFSETS:
+        page = page.to(tl.int64)
+    tok_off = page * stride_cp + (tok % PAGE_SIZE) * stride_ct
+    if BATCHED:
+        # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
+        kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
+        if MASKED:
             kv_mask = c_ok[:, None, None] & t_mask[None, :, None]
             k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
             v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION)  # [H, G, N] fp32
-            qk = tl.where(t_mask[None, None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 2))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, :, None])
-            l_i = l_i * alpha + tl.sum(p, 2)
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        elif EVEN_HEADS:
+            k = tl.load(k_cache_ptr + kv_off).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off).to(q.dtype)
         else:
-            # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
-            kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
+            k = tl.load(k_cache_ptr + kv_off, mask=c_ok[:, None, None], other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off, mask=c_ok[:, None, None], other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * qk_scale  # [H, G, N] fp32
+        if MASKED:
+            qk = tl.where(t_mask[None, None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 2))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    else:
+        # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
+        kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
+        if MASKED:
             kv_mask = (c_ok & t_mask)[:, None]
             k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
             v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [H * G, H * N] fp32
-            mine = (r_h[:, None] == c_h[None, :]) & t_mask[None, :]
-            qk = tl.where(mine, qk * qk_scale, float("-inf"))
-            m_new, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
-        m_i = m_new
-    store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
-               out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)
+        elif EVEN_HEADS:
+            k = tl.load(k_cache_ptr + kv_off).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off).to(q.dtype)
+        else:
+            k = tl.load(k_cache_ptr + kv_off, mask=c_ok[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off, mask=c_ok[:, None], other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [H * G, H * N] fp32
+        mine = r_h[:, None] == c_h[None, :]  # a query head against its own kv head's tokens
+        if MASKED:
+            mine = mine & t_mask[None, :]
+        qk = tl.where(mine, qk * qk_scale, float("-inf"))
+        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
+        m_new = m_i
+    return m_new, l_i, acc
+

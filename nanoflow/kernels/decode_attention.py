@@ -253,6 +253,7 @@ def paged_decode_attention(
         decode_all_heads_kernel[(grid,)](
             *tensors, scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window, *strides,
             BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, BATCHED=cfg.batched_dot,
+            EVEN_HEADS=Hkv % heads_per_item == 0 and block_h == heads_per_item,
             work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, DYNAMIC=gated, SM_GATE=gate, **shared,
         )  # fmt: skip
     else:
