@@ -101,24 +101,57 @@ def _decode_kernel(
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
         kv_base = kvh * stride_ch if I32_OFFSETS else tl.cast(kvh, tl.int64) * stride_ch
-        # start is BLOCK_N-aligned; only a sliding window gives an unaligned lo, so align it down.
-        # An empty item (lo >= end) runs zero iterations.
-        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
-            tok = n0 + offs_n
-            t_mask = (tok >= lo) & (tok < end)
-            page = tl.load(page_tables_ptr + b * stride_pt + tok // PAGE_SIZE, mask=t_mask, other=0)
-            if not I32_OFFSETS:
-                page = page.to(tl.int64)
-            row = page * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
-            # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
-            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N], fp32
-            qk = tl.where(t_mask[None, :], qk * qk_scale, float("-inf"))
-            m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
+        page_row = page_tables_ptr + b * stride_pt
+        # Steps are BLOCK_N-aligned (a sliding window's unaligned lo is aligned down). Only the first
+        # and the last step can be partial: they go first, through the masked copy of the step; the
+        # rest run without token masks (decode_all_heads does the same, and says why). An empty item
+        # (lo >= end) runs no step.
+        start = (lo // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N
+        full_hi = tl.maximum((end // BLOCK_N) * BLOCK_N, full_lo)
+        for j in range(2):
+            n0 = start if j == 0 else full_hi
+            if (j == 0) & (start < full_lo) & (lo < end) | (j == 1) & (full_hi < end):
+                m_i, l_i, acc = _head_step(n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n,
+                                           offs_d, qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
+                                           PAGE_SIZE, PRECISION, I32_OFFSETS, True)
+        for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
+            m_i, l_i, acc = _head_step(n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n,
+                                       offs_d, qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
+                                       PAGE_SIZE, PRECISION, I32_OFFSETS, False)
         # the reduce kernel recomputes which partitions are non-empty
         store_item(acc, m_i, l_i, heads, g_mask, b, part, lo, end, num_kv_heads * GROUP, num_parts,
                    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)
+
+
+@triton.jit
+def _head_step(
+    n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d, qk_scale, stride_cp, stride_ct,
+    m_i, l_i, acc, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, I32_OFFSETS: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """One step of one kv head's online softmax from token n0 (MASKED: tokens outside [lo, end)
+    count for nothing; else all are valid)."""
+    tok = n0 + offs_n
+    t_mask = (tok >= lo) & (tok < end)
+    if MASKED:
+        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
+    else:
+        page = tl.load(page_row + tok // PAGE_SIZE)
+    if not I32_OFFSETS:
+        page = page.to(tl.int64)
+    row = page * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
+    # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
+    if MASKED:
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], fp32
+    if MASKED:
+        qk = tl.where(t_mask[None, :], qk, float("-inf"))
+    return softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
