@@ -147,7 +147,7 @@ wanted tests && run_step tests tests.log pytest_gpu
 wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT" $KERNEL_CHECK_ARGS
 wanted share && run_step share gemm_share.log python benchmarks/gemm_share.py --out "$OUT"
 wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmarks/pipeline_step.py \
-  --splits 768,1024 --ctas 44,66 --kernels gated,gated_2d --gemm-ctas none --beside qkv,mlp --out "$OUT"
+  --splits 512,768,1024 --ctas 44,66 --kernels gated,gated_2d --gemm-ctas none --beside qkv,mlp --out "$OUT"
 # the grouped GEMMs' tiles re-tuned (per projection) at MOE_TOKENS; the benches after it use them, and
 # the tuned file comes back in $OUT
 # shellcheck disable=SC2086  # MOE_TOKENS is a list
