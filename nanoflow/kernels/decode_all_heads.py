@@ -160,19 +160,22 @@ def _step(
     if not I32_OFFSETS:
         page = page.to(tl.int64)
     tok_off = page * stride_cp + (tok % PAGE_SIZE) * stride_ct
-    if BATCHED:
-        # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
+    if BATCHED:  # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
         kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
-        if MASKED:
-            kv_mask = c_ok[:, None, None] & t_mask[None, :, None]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        elif EVEN_HEADS:
-            k = tl.load(k_cache_ptr + kv_off).to(q.dtype)
-            v = tl.load(v_cache_ptr + kv_off).to(q.dtype)
-        else:
-            k = tl.load(k_cache_ptr + kv_off, mask=c_ok[:, None, None], other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + kv_off, mask=c_ok[:, None, None], other=0.0).to(q.dtype)
+        head_mask, tok_mask = c_ok[:, None, None], t_mask[None, :, None]
+    else:  # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
+        kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
+        head_mask, tok_mask = c_ok[:, None], t_mask[:, None]
+    if MASKED:
+        k = tl.load(k_cache_ptr + kv_off, mask=head_mask & tok_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=head_mask & tok_mask, other=0.0).to(q.dtype)
+    elif EVEN_HEADS:
+        k = tl.load(k_cache_ptr + kv_off).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off).to(q.dtype)
+    else:
+        k = tl.load(k_cache_ptr + kv_off, mask=head_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=head_mask, other=0.0).to(q.dtype)
+    if BATCHED:
         qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * qk_scale  # [H, G, N] fp32
         if MASKED:
             qk = tl.where(t_mask[None, None, :], qk, float("-inf"))
@@ -182,24 +185,11 @@ def _step(
         l_i = l_i * alpha + tl.sum(p, 2)
         acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     else:
-        # [BLOCK_H * BLOCK_N, D], kv head major: the same contiguous runs
-        kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
-        if MASKED:
-            kv_mask = (c_ok & t_mask)[:, None]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        elif EVEN_HEADS:
-            k = tl.load(k_cache_ptr + kv_off).to(q.dtype)
-            v = tl.load(v_cache_ptr + kv_off).to(q.dtype)
-        else:
-            k = tl.load(k_cache_ptr + kv_off, mask=c_ok[:, None], other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + kv_off, mask=c_ok[:, None], other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [H * G, H * N] fp32
         mine = r_h[:, None] == c_h[None, :]  # a query head against its own kv head's tokens
         if MASKED:
             mine = mine & t_mask[None, :]
         qk = tl.where(mine, qk * qk_scale, float("-inf"))
-        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
-        m_new = m_i
+        m_new, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PRECISION)
     return m_new, l_i, acc
 
