@@ -10,7 +10,14 @@ partitions and their reduce kernel with.
 import triton
 import triton.language as tl
 
-from nanoflow.kernels.decode_common import softmax_step, store_item, work_item
+from nanoflow.kernels.decode_common import (
+    full_steps,
+    partial_step,
+    softmax_step,
+    store_item,
+    token_offsets,
+    work_item,
+)
 
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
@@ -114,23 +121,16 @@ def _work_item(
     m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
     l_i = tl.zeros(heads.shape, dtype=tl.float32)
     acc = tl.zeros(q.shape, dtype=tl.float32)  # [rows..., HEAD_DIM]
-    # Steps are BLOCK_N-aligned; only a sliding window gives an unaligned lo, so the first step is
-    # aligned down. Every step then holds >= 1 valid token of every head, so m_new is finite on
-    # every row. The steps wholly inside [lo, end) need no token masks (fewer instructions a step,
-    # which is what a CTA on a capped grid runs short of); the partial ones - the first (a window's
-    # unaligned lo) and the last - run first, through one masked copy of the step (one copy, not
-    # two: each copy of the step's code holds registers of its own).
-    start = (lo // BLOCK_N) * BLOCK_N
-    full_lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N
-    full_hi = tl.maximum((end // BLOCK_N) * BLOCK_N, full_lo)
+    # the partial first and last steps with token masks, then the full ones without (decode_common)
     for j in range(2):
-        n0 = start if j == 0 else full_hi
-        if (j == 0) & (start < full_lo) & (lo < end) | (j == 1) & (full_hi < end):
+        n0, run = partial_step(j, lo, end, BLOCK_N)
+        if run:
             m_i, l_i, acc = _step(
                 n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
                 qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
                 PAGE_SIZE, BATCHED, PRECISION, I32_OFFSETS, True, EVEN_HEADS,
             )  # fmt: skip
+    full_lo, full_hi = full_steps(lo, end, BLOCK_N)
     for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
         m_i, l_i, acc = _step(
             n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
@@ -151,15 +151,7 @@ def _step(
     """One K/V step of the online softmax from token n0: every kv head's BLOCK_N tokens (MASKED:
     tokens outside [lo, end) count for nothing; else all are valid). EVEN_HEADS: every kv head of
     the block exists, so loads need no head mask."""
-    tok = n0 + c_n
-    t_mask = (tok >= lo) & (tok < end)
-    if MASKED:
-        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
-    else:
-        page = tl.load(page_row + tok // PAGE_SIZE)
-    if not I32_OFFSETS:
-        page = page.to(tl.int64)
-    tok_off = page * stride_cp + (tok % PAGE_SIZE) * stride_ct
+    tok_off, t_mask = token_offsets(n0, c_n, lo, end, page_row, stride_cp, stride_ct, PAGE_SIZE, I32_OFFSETS, MASKED)
     if BATCHED:  # [BLOCK_H, BLOCK_N, D]: for each page, HEADS x PAGE_SIZE x D contiguous elements
         kv_off = head_off[:, None, None] + tok_off[None, :, None] + offs_d[None, None, :]
         head_mask, tok_mask = c_ok[:, None, None], t_mask[None, :, None]

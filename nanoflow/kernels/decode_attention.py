@@ -28,7 +28,16 @@ from nanoflow.kernels.attention_common import (
 )
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
 from nanoflow.kernels.decode_common import CAPPED as CAPPED  # the capped-grid default, for callers of this module
-from nanoflow.kernels.decode_common import DecodeConfig, decode_plan, softmax_step, store_item, work_item
+from nanoflow.kernels.decode_common import (
+    DecodeConfig,
+    decode_plan,
+    full_steps,
+    partial_step,
+    softmax_step,
+    store_item,
+    token_offsets,
+    work_item,
+)
 
 
 def paged_decode_attention_ref(
@@ -102,19 +111,14 @@ def _decode_kernel(
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
         kv_base = kvh * stride_ch if I32_OFFSETS else tl.cast(kvh, tl.int64) * stride_ch
         page_row = page_tables_ptr + b * stride_pt
-        # Steps are BLOCK_N-aligned (a sliding window's unaligned lo is aligned down). Only the first
-        # and the last step can be partial: they go first, through the masked copy of the step; the
-        # rest run without token masks (decode_all_heads does the same, and says why). An empty item
-        # (lo >= end) runs no step.
-        start = (lo // BLOCK_N) * BLOCK_N
-        full_lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N
-        full_hi = tl.maximum((end // BLOCK_N) * BLOCK_N, full_lo)
+        # the partial first and last steps with token masks, then the full ones without (decode_common)
         for j in range(2):
-            n0 = start if j == 0 else full_hi
-            if (j == 0) & (start < full_lo) & (lo < end) | (j == 1) & (full_hi < end):
+            n0, run = partial_step(j, lo, end, BLOCK_N)
+            if run:
                 m_i, l_i, acc = _head_step(n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n,
                                            offs_d, qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
                                            PAGE_SIZE, PRECISION, I32_OFFSETS, True)
+        full_lo, full_hi = full_steps(lo, end, BLOCK_N)
         for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
             m_i, l_i, acc = _head_step(n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n,
                                        offs_d, qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
@@ -132,15 +136,9 @@ def _head_step(
 ):  # fmt: skip
     """One step of one kv head's online softmax from token n0 (MASKED: tokens outside [lo, end)
     count for nothing; else all are valid)."""
-    tok = n0 + offs_n
-    t_mask = (tok >= lo) & (tok < end)
-    if MASKED:
-        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
-    else:
-        page = tl.load(page_row + tok // PAGE_SIZE)
-    if not I32_OFFSETS:
-        page = page.to(tl.int64)
-    row = page * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
+    tok_off, t_mask = token_offsets(n0, offs_n, lo, end, page_row, stride_cp, stride_ct, PAGE_SIZE, I32_OFFSETS,
+                                    MASKED)
+    row = tok_off + kv_base
     # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
     if MASKED:
         k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
