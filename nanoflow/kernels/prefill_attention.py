@@ -122,31 +122,73 @@ def _prefill_kernel(
         l_i = tl.zeros([GROUP_PAD * BLOCK_Q], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD * BLOCK_Q, HEAD_DIM], dtype=tl.float32)
         kv_base = tl.cast(kvh, tl.int64) * stride_ch
-        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=NUM_STAGES):
-            tok = n0 + offs_n
-            t_mask = tok < hi
-            page = tl.load(page_tables_ptr + b * stride_pt + tok // PAGE_SIZE, mask=t_mask, other=0)
-            row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
-            # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
-            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            mask = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
-            if sliding_window > 0:
-                mask &= tok[None, :] > q_pos[:, None] - sliding_window
-            qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            # a row can see no key of this tile (causal edge, window): keep it NaN-free
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(qk - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        page_row = page_tables_ptr + b * stride_pt
+        # Key tiles that every query of the tile sees whole (before the first query, inside the last
+        # one's window) need no mask; only the causal edge and a window's start do. The masked
+        # tiles go first, through one masked copy of the tile (decode_common says why one copy).
+        start = (lo // BLOCK_N) * BLOCK_N
+        hi_up = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+        full_lo = tl.where(sliding_window > 0, tl.cdiv(tl.maximum(hi - sliding_window, 0), BLOCK_N) * BLOCK_N, 0)
+        full_hi = ((first + 1) // BLOCK_N) * BLOCK_N
+        no_full = full_hi <= full_lo
+        full_lo = tl.where(no_full, hi_up, full_lo)
+        full_hi = tl.where(no_full, hi_up, full_hi)
+        n_head = (full_lo - start) // BLOCK_N
+        for i in tl.range(0, n_head + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)):
+            n0 = tl.where(i < n_head, start + i * BLOCK_N, full_hi + (i - n_head) * BLOCK_N)
+            m_i, l_i, acc = _tile(n0, hi, q, q_pos, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d,
+                                  qk_scale, sliding_window, stride_cp, stride_ct, m_i, l_i, acc,
+                                  PAGE_SIZE, PRECISION, True)
+        for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
+            m_i, l_i, acc = _tile(n0, hi, q, q_pos, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d,
+                                  qk_scale, sliding_window, stride_cp, stride_ct, m_i, l_i, acc,
+                                  PAGE_SIZE, PRECISION, False)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
+
+
+@triton.jit
+def _tile(
+    n0, hi, q, q_pos, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d, qk_scale, sliding_window,
+    stride_cp, stride_ct, m_i, l_i, acc, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One key tile from n0 of the online softmax. MASKED: keys past hi, after a query (causal) or
+    before its window count for nothing, and a row may see no key of the tile; else every row sees
+    every key."""
+    tok = n0 + offs_n
+    t_mask = tok < hi
+    if MASKED:
+        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
+    else:
+        page = tl.load(page_row + tok // PAGE_SIZE)
+    row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
+    # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
+    if MASKED:
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        mask = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
+        if sliding_window > 0:
+            mask &= tok[None, :] > q_pos[:, None] - sliding_window
+        qk = tl.where(mask, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:  # a row can see no key of this tile (causal edge, window): keep it NaN-free
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(qk - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+    else:
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 def paged_prefill_attention(
     q: torch.Tensor,

@@ -23,6 +23,9 @@ PREFILL_CASES = {
     "gqa4-d128-chunked": (8, 2, 128, [5, 20, 1, 33], [5, 40, 17, 33], None, {"block_m": 16, "block_n": 16}),
     "gqa4-d64-chunked-window": (8, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33], 7, {"block_m": 16, "block_n": 32}),
     "gqa3-d64-chunked": (6, 2, 64, [5, 20, 1, 33], [5, 40, 17, 33], None, {"block_m": 32, "block_n": 16}),
+    # a window wide enough for key tiles that every query sees whole (run unmasked) between the
+    # window's start and the causal edge, both masked
+    "gqa4-d64-long-window": (8, 2, 64, [20, 3], [100, 70], 40, {"block_m": 16, "block_n": 16}),
 }
 
 
