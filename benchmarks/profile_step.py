@@ -5,6 +5,8 @@ at the full token budget, then profiles a few steps and prints the kernels group
     python benchmarks/profile_step.py --out DIR [--dummy llama3-8b] [--eager]
     python benchmarks/profile_step.py --out DIR --num-requests 440 --prompt-len 512 --max-tokens 512 \
         --warm-steps 250   # a KV-limited decode-only step of 512x512
+    python benchmarks/profile_step.py --out DIR --dummy mixtral-8x7b --kv-cache-dtype fp8 \
+        --gpu-memory-utilization 0.95 --num-requests 600 --prompt-len 512 --max-tokens 512 --warm-steps 300
 
 The steps run without CUDA graphs by default (--cuda-graph-max-tokens 0) so that the profiler
 attributes every kernel to its op; the wall time per step is then that of the eager launches.
@@ -25,6 +27,7 @@ from nanoflow.entrypoints.llm import LLM
 from nanoflow.sampling_params import SamplingParams
 
 GROUPS = [  # kernel-name fragment -> op, first match wins
+    ("_moe_gemm", "MoE grouped GEMM"), ("_count_kernel", "MoE align"), ("_place_kernel", "MoE align"),
     ("decode", "decode attention"), ("prefill", "prefill attention"), ("rope", "rope+kv write"),
     ("rms", "rmsnorm"), ("silu", "silu_and_mul"), ("gemm", "GEMM"), ("nvjet", "GEMM"), ("cutlass", "GEMM"),
     ("sm90", "GEMM"), ("gemv", "GEMM"), ("elementwise", "elementwise"), ("reduce", "reduce"),
@@ -45,10 +48,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--cuda-graph-max-tokens", type=int, default=0)
     ap.add_argument("--cprofile", action="store_true", help="also print where the CPU time of a step goes")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     args = ap.parse_args()
     path = dummy_model_dir(args.dummy)
     llm = LLM(path, load_format="dummy", skip_tokenizer_init=True, enforce_eager=args.eager,
-              cuda_graph_max_tokens=args.cuda_graph_max_tokens)
+              cuda_graph_max_tokens=args.cuda_graph_max_tokens, kv_cache_dtype=args.kv_cache_dtype,
+              gpu_memory_utilization=args.gpu_memory_utilization)
     eng = llm.engine
     rng = random.Random(0)
     for i in range(args.num_requests):
