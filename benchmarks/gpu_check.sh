@@ -37,11 +37,11 @@
 #                        free memory holds, all requests within --hf-max-seconds)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
-#   MOE_TOKENS           token counts the moe step tunes (default "512 768 1024 2048")
+#   MOE_TOKENS           token counts the moe step tunes (default "640 2048": 512x512's decode steps, full steps)
 #   TUNE_ARGS            `nanoflow tune` arguments for the tune step (default "--size-step 256 --ctas 32,44,66
 #                        --repeats 5")
 #   TESTS_S, KERNELS_S, SHARE_S, STEP_S, MOE_S, TUNE_S, TRACE_S, FIXED_S   per-step caps in seconds
-#                        (default 200, 150, 200, 240, 240, 300, 200, 200; the GPU tests take over 90 s)
+#                        (default 200, 150, 200, 240, 300, 300, 200, 200; the GPU tests take over 90 s)
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -67,7 +67,7 @@ HF_NUM_REQUESTS=${HF_NUM_REQUESTS:-}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 KERNEL_CHECK_ARGS=${KERNEL_CHECK_ARGS:-}
 declare -A CAP=([tests]=${TESTS_S:-200} [kernels]=${KERNELS_S:-150} [share]=${SHARE_S:-200} [step]=${STEP_S:-240}
-               [moe]=${MOE_S:-240} [tune]=${TUNE_S:-300} [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
+               [moe]=${MOE_S:-300} [tune]=${TUNE_S:-300} [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
 # Time kept back for each later step, so an early step cannot eat the whole budget.
 declare -A RESERVE=([tests]=30 [kernels]=60 [share]=60 [step]=90 [moe]=90 [tune]=120 [trace]=120 [fixed]=120)
 ORDER=(tests kernels share step moe tune trace fixed)
@@ -152,7 +152,7 @@ wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmark
 # the tuned file comes back in $OUT
 # shellcheck disable=SC2086  # MOE_TOKENS is a list
 wanted moe && run_step moe moe_check.log python benchmarks/moe_check.py --sweep --write-config --out "$OUT" \
-  --tokens ${MOE_TOKENS:-512 768 1024 2048} && cp nanoflow/kernels/fused_moe_configs.json "$OUT/"
+  --tokens ${MOE_TOKENS:-640 2048} && cp nanoflow/kernels/fused_moe_configs.json "$OUT/"
 # `nanoflow tune` for BENCH_MODEL (profile, search, the chosen pipeline measured), cached in $OUT/cache,
 # where the benches after it find it (--pipeline auto, the default): with COMPARE=nanoflow-sequential
 # they measure the tuned pipeline against the same engine with it off
