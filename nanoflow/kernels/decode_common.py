@@ -174,7 +174,7 @@ def partial_step(j, lo, end, BLOCK_N: tl.constexpr):
     empty item (lo >= end) has none; an item inside one step has only the first."""
     start = (lo // BLOCK_N) * BLOCK_N
     full_lo, full_hi = full_steps(lo, end, BLOCK_N)
-    n0 = start if j == 0 else full_hi
+    n0 = tl.where(j == 0, start, full_hi)
     return n0, (j == 0) & (start < full_lo) & (lo < end) | (j == 1) & (full_hi < end)
 
 
