@@ -93,9 +93,10 @@ def test_padding_rows_are_routed_to_no_expert(mixtral) -> None:
     moe = fast.layers[0].mlp
     torch.manual_seed(1)
     x = torch.randn(12, moe.router.weight.shape[1])
-    live = torch.arange(12) < 7
+    slots = torch.where(torch.arange(12) < 7, torch.arange(12), -1)
+    live = slots >= 0
     weights, ids = torch.empty(12, moe.top_k), torch.empty(12, moe.top_k, dtype=torch.int64)
-    moe.route(x, weights, ids, live)
+    moe.route(x, weights, ids, slots)
     assert (ids[~live] == moe.num_experts).all() and (ids[live] < moe.num_experts).all()
     out, ref = torch.empty(12, x.shape[1]), torch.empty(7, x.shape[1])
     with torch.inference_mode():

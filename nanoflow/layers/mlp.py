@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoflow.kernels import activation, fused_moe
+from nanoflow.kernels import activation, fused_moe, moe_route
 from nanoflow.layers.linear import (
     CheckpointTensor,
     ColumnParallelLinear,
@@ -67,14 +67,12 @@ class MixtureOfExperts(nn.Module):
         self.enforce_eager = enforce_eager
 
     def route(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-              live: torch.Tensor | None = None) -> None:
+              slots: torch.Tensor | None = None) -> None:
         """Writes each token's top-k routing weights (x's dtype) and expert ids (int64) into the given rows.
-        live [T] bool: rows that are tokens; the others (a CUDA graph's padding up to its bucket) get
-        expert id num_experts, which no rank holds, so the grouped GEMMs spend nothing on them."""
-        probs = torch.softmax(self.router(x).float(), dim=-1)
-        w, e = torch.topk(probs, self.top_k, dim=-1)
-        weights.copy_(w / w.sum(dim=-1, keepdim=True))
-        experts.copy_(e if live is None else torch.where(live[:, None], e, self.num_experts))
+        slots [T]: the rows' KV slots; a negative one (a CUDA graph's padding up to its bucket) gets
+        expert id num_experts, which no rank holds, so the grouped GEMMs spend nothing on it."""
+        fn = moe_route.moe_route_ref if self.enforce_eager else moe_route.moe_route
+        fn(self.router(x), self.top_k, weights, experts, slots)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> None:
         """out = sum over each token's k experts of weight * expert(x). The fast path (Triton grouped

@@ -82,7 +82,7 @@ class DecoderLayer(nn.Module):
             ops += [
                 # padding rows of a graph's bucket (slot -1) are routed to no expert
                 Op("route", "compute",
-                   lambda b, t, n: moe.route(t["x"], t["topk_weights"], t["topk_ids"], b.slot_mapping >= 0),
+                   lambda b, t, n: moe.route(t["x"], t["topk_weights"], t["topk_ids"], b.slot_mapping),
                    ("x",), ("topk_weights", "topk_ids")),
                 Op("experts", "compute",
                    lambda b, t, n: moe.experts(t["x"], t["topk_weights"], t["topk_ids"], t["hidden"]),
