@@ -191,7 +191,8 @@ def _interference(timer: Timer, first: str, runs: dict[str, Callable[[], None]],
         if key not in alone_ms:
             once = timer.side_by_side(fn, 1, None, 0)[0]
             reps = max(1, math.ceil(span_ms / max(once, 1e-3)))
-            alone_ms[key] = statistics.median(timer.side_by_side(fn, reps, None, 0)[0] / reps for _ in range(repeats))
+            runs = timer.side_by_side_runs(fn, reps, None, 0, repeats)
+            alone_ms[key] = statistics.median(ms / reps for ms, _ in runs)
         return alone_ms[key]
 
     op_alone = {name: alone(name, fn) for name, fn in partners.items()}
@@ -206,7 +207,7 @@ def _interference(timer: Timer, first: str, runs: dict[str, Callable[[], None]],
             g = op_alone[name]
             span = max(span_ms, a, g)
             ra, rg = max(1, round(span / max(a, 1e-3))), max(1, round(span / max(g, 1e-3)))
-            kept = [kept_fractions(a, ra, g, rg, *timer.side_by_side(attn, ra, fn, rg)) for _ in range(repeats)]
+            kept = [kept_fractions(a, ra, g, rg, *got) for got in timer.side_by_side_runs(attn, ra, fn, rg, repeats)]
             table[name][key] = {
                 "op_kept": statistics.median(k[1] for k in kept),
                 "attention_kept": statistics.median(k[0] for k in kept),

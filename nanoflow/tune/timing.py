@@ -115,6 +115,13 @@ class Timer:
         """Runs first() reps_first times on one stream and second() reps_second times on another,
         released together; returns each stream's elapsed ms (0 for an absent function). Either
         alone gives that function's time alone, measured the same way."""
+        return self.side_by_side_runs(first, reps_first, second, reps_second, 1)[0]
+
+    def side_by_side_runs(self, first: Callable[[], object] | None, reps_first: int,
+                          second: Callable[[], object] | None, reps_second: int,
+                          runs: int) -> list[tuple[float, float]]:
+        """side_by_side `runs` times over one capture of each side (capturing costs more than the
+        runs it times)."""
         if not self.on_gpu:
             raise RuntimeError("side_by_side needs a CUDA device")
         dev = self.device
@@ -124,22 +131,27 @@ class Timer:
             for stream, fn, reps in zip(streams, (first, second), (reps_first, reps_second), strict=True):
                 sides.append(self._side(fn, reps, stream))
             torch.cuda.synchronize(dev)
-            gate_ms = min(self.gate_ms, _GATE_CAP_MS)
-            for attempt in range(_GATE_TRIES):
-                got, host_ms, held_ms = self._gated(sides, streams, gate_ms)
-                if host_ms <= 0.9 * held_ms:
-                    return got
-                if gate_ms >= _GATE_CAP_MS or attempt == _GATE_TRIES - 1:
-                    break
-                # long enough for the enqueue just seen, with room; a host that syncs inside a side
-                # keeps outrunning any gate, so the cap, not the retries, bounds the spinning
-                gate_ms = min(_GATE_CAP_MS, max(2 * gate_ms, 1.5 * host_ms))
-            self._warn_once("gate", "tune: the host enqueued a pair slower than a %.0f ms gate (%.0f ms); its "
-                            "streams may not have started together (warned once)", gate_ms, host_ms)
-            return got
+            return [self._released_together(sides, streams) for _ in range(runs)]
         finally:
             torch.cuda.synchronize(dev)
             sides.clear()  # the graphs' memory pools go back before the next pair captures
+
+    def _released_together(self, sides: list[Callable[[], object] | None],
+                           streams: tuple[torch.cuda.Stream, torch.cuda.Stream]) -> tuple[float, float]:
+        """One gated run of both sides, the gate lengthened while the host outruns it."""
+        gate_ms = min(self.gate_ms, _GATE_CAP_MS)
+        for attempt in range(_GATE_TRIES):
+            got, host_ms, held_ms = self._gated(sides, streams, gate_ms)
+            if host_ms <= 0.9 * held_ms:
+                return got
+            if gate_ms >= _GATE_CAP_MS or attempt == _GATE_TRIES - 1:
+                break
+            # long enough for the enqueue just seen, with room; a host that syncs inside a side
+            # keeps outrunning any gate, so the cap, not the retries, bounds the spinning
+            gate_ms = min(_GATE_CAP_MS, max(2 * gate_ms, 1.5 * host_ms))
+        self._warn_once("gate", "tune: the host enqueued a pair slower than a %.0f ms gate (%.0f ms); its "
+                        "streams may not have started together (warned once)", gate_ms, host_ms)
+        return got
 
     def _side(self, fn: Callable[[], object] | None, reps: int,
               stream: torch.cuda.Stream) -> Callable[[], object] | None:

@@ -122,6 +122,10 @@ class _FakeGpuTimer:
         sa, sb = _SLOW[a]
         return reps_first * _ALONE_MS[a] * sa, reps_second * _ALONE_MS.get(b, 0.5) * sb
 
+    def side_by_side_runs(self, first, reps_first: int, second, reps_second: int,
+                          runs: int) -> list[tuple[float, float]]:
+        return [self.side_by_side(first, reps_first, second, reps_second) for _ in range(runs)]
+
 
 def _on_a_fake_gpu(runner: ModelRunner, monkeypatch) -> Any:
     """The runner as profile_ops sees it on a GPU (device "cuda", the fake timer), its ops still run
