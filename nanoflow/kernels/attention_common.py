@@ -1,5 +1,6 @@
 """What the decode and prefill attention modules share: the page gather of their references, the
-input checks, and the precision choices of their Triton kernels.
+input checks, the precision choices of their Triton kernels, and how those find a token's K/V
+(token_offsets).
 
 The new tokens' K/V are already in the cache (rope_kv_write runs first), so both attentions read
 keys and values only through the page table. Cache layout: see kv_cache.py. The cache is in q's
@@ -17,6 +18,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
@@ -67,3 +70,20 @@ def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     assert D >= 16 and D & (D - 1) == 0, "head_dim must be a power of two >= 16"
     page_size = k_cache.shape[2]
     assert page_size & (page_size - 1) == 0, "page_size must be a power of two"
+
+
+@triton.jit
+def token_offsets(n0, offs, lo, end, page_row, stride_cp, stride_ct,
+                  PAGE_SIZE: tl.constexpr, I32_OFFSETS: tl.constexpr, MASKED: tl.constexpr):
+    """(cache offset of each token n0 + offs within its kv head, which of them lie in [lo, end)),
+    from the sequence's page-table row. MASKED: the page-table read is masked to [lo, end); else
+    every token is valid (the steps wholly inside a work item) and the read needs no mask."""
+    tok = n0 + offs
+    t_mask = (tok >= lo) & (tok < end)
+    if MASKED:
+        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
+    else:
+        page = tl.load(page_row + tok // PAGE_SIZE)
+    if not I32_OFFSETS:
+        page = page.to(tl.int64)
+    return page * stride_cp + (tok % PAGE_SIZE) * stride_ct, t_mask

@@ -10,12 +10,12 @@ partitions and their reduce kernel with.
 import triton
 import triton.language as tl
 
+from nanoflow.kernels.attention_common import token_offsets
 from nanoflow.kernels.decode_common import (
     full_steps,
     partial_step,
     softmax_step,
     store_item,
-    token_offsets,
     work_item,
 )
 
@@ -65,6 +65,8 @@ def decode_all_heads_kernel(
         c_h = tl.arange(0, BLOCK_H * BLOCK_N) // BLOCK_N
         c_n = tl.arange(0, BLOCK_H * BLOCK_N) % BLOCK_N
     num_work = tl.load(num_seqs_ptr) * num_head_blocks * num_parts
+    # Two loops over the same body, on purpose: work from the counter needs a while loop, and the
+    # static stride keeps tl.range's pipelining (and FLATTEN) on all SMs, where it was measured.
     if DYNAMIC:
         w = tl.atomic_add(work_counter_ptr, 1)
         while w < num_work:

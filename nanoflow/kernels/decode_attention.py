@@ -25,6 +25,7 @@ from nanoflow.kernels.attention_common import (
     gather_pages,
     i32_offsets,
     num_sms,
+    token_offsets,
 )
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
 from nanoflow.kernels.decode_common import CAPPED as CAPPED  # the capped-grid default, for callers of this module
@@ -35,7 +36,6 @@ from nanoflow.kernels.decode_common import (
     partial_step,
     softmax_step,
     store_item,
-    token_offsets,
     work_item,
 )
 

@@ -77,9 +77,9 @@ class DecodeConfig:
             num_stages=self.num_stages or stages)
 
     def _resolved_all_heads(self, head_dim: int, elem_size: int, fp8_cache: bool, num_kv_heads: int) -> DecodeConfig:
-        """Defaults of the all-heads kernel, not measured on a GPU yet (kernel_check's
-        decode_all_heads section sweeps around them). The trade-off, for Llama-3-8B's 8 kv heads x
-        128 in bf16:
+        """Defaults of the all-heads kernel (kernel_check's decode_all_heads section sweeps around
+        them; the H200 measurements are in docs/pipeline.md). The trade-off, for Llama-3-8B's 8 kv
+        heads x 128 in bf16:
         - block_n = 16 tokens (one page of every head: 32 KiB of K + 32 KiB of V, each one
           contiguous run) is the smallest step: p @ V's K dimension (block_n) must be >= 16. So a
           step is 64 KiB, 8x the bytes per token of the per-head kernel's steps.
@@ -117,7 +117,6 @@ class DecodeConfig:
         return 2 * self.block_n * heads * head_dim * cache_bytes
 
 
-
 # The kernel a capped grid runs (decode attention beside a GEMM in a pipeline) unless told
 # otherwise: the SM-gated all-heads kernel, two programs on each SM of the share, 4 kv heads a work
 # item, 4 warps, 5 stages. On an H200 (kernel_check, 2026-11-30) it moved 2.42 / 3.47 TB/s on 44 / 66
@@ -125,6 +124,7 @@ class DecodeConfig:
 # 2.01 / 2.95: the most robust of the sweep (8 heads a work item was 5% faster on 44 CTAs, 25%
 # slower on 66).
 CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5)
+
 
 def decode_plan(
     batch: int, num_kv_heads: int, max_context: int, grid_cap: int, cfg: DecodeConfig
@@ -176,23 +176,6 @@ def partial_step(j, lo, end, BLOCK_N: tl.constexpr):
     full_lo, full_hi = full_steps(lo, end, BLOCK_N)
     n0 = tl.where(j == 0, start, full_hi)
     return n0, (j == 0) & (start < full_lo) & (lo < end) | (j == 1) & (full_hi < end)
-
-
-@triton.jit
-def token_offsets(n0, offs, lo, end, page_row, stride_cp, stride_ct,
-                  PAGE_SIZE: tl.constexpr, I32_OFFSETS: tl.constexpr, MASKED: tl.constexpr):
-    """(cache offset of each token n0 + offs within its kv head, which of them lie in [lo, end)),
-    from the sequence's page-table row. MASKED: the page-table read is masked to [lo, end); else
-    every token is valid (the steps wholly inside a work item) and the read needs no mask."""
-    tok = n0 + offs
-    t_mask = (tok >= lo) & (tok < end)
-    if MASKED:
-        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
-    else:
-        page = tl.load(page_row + tok // PAGE_SIZE)
-    if not I32_OFFSETS:
-        page = page.to(tl.int64)
-    return page * stride_cp + (tok % PAGE_SIZE) * stride_ct, t_mask
 
 
 @triton.jit

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanoflow.kernels.attention_common import LOG2E, check_paged_inputs, dot_precision, fp16_dots, gather_pages
+from nanoflow.kernels.attention_common import (
+    LOG2E,
+    check_paged_inputs,
+    dot_precision,
+    fp16_dots,
+    gather_pages,
+    token_offsets,
+)
 
 
 def paged_prefill_attention_ref(
@@ -148,7 +155,6 @@ def _prefill_kernel(
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
-
 @triton.jit
 def _tile(
     n0, hi, q, q_pos, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d, qk_scale, sliding_window,
@@ -157,13 +163,9 @@ def _tile(
     """One key tile from n0 of the online softmax. MASKED: keys past hi, after a query (causal) or
     before its window count for nothing, and a row may see no key of the tile; else every row sees
     every key."""
+    tok_off, t_mask = token_offsets(n0, offs_n, 0, hi, page_row, stride_cp, stride_ct, PAGE_SIZE, False, MASKED)
+    row = tok_off + kv_base
     tok = n0 + offs_n
-    t_mask = tok < hi
-    if MASKED:
-        page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0)
-    else:
-        page = tl.load(page_row + tok // PAGE_SIZE)
-    row = page.to(tl.int64) * stride_cp + kv_base + (tok % PAGE_SIZE) * stride_ct
     # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
     if MASKED:
         k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
