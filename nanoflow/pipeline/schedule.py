@@ -133,6 +133,12 @@ class Pipeline:
         return cls.from_json(data, str(path))
 
 
+def _around_attention(op_names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A layer's ops before its attention (norm, qkv, rope) and after it (o, norm, FFN, all-reduces)."""
+    at = op_names.index("decode_attention")
+    return list(op_names[:at]), [op for op in op_names[at:] if op not in ("decode_attention", "prefill_attention")]
+
+
 # the dense GEMMs of a layer (models/llama.py's op names): the ops a schedule may confine to a share
 # of the SMs (layers/linear.py runs a capped one as a persistent Triton GEMM)
 GEMM_OPS = frozenset({"qkv", "o", "gate_up", "down"})
@@ -160,9 +166,7 @@ def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_t
     dense = (0, split, max_tokens)
     attn = tuple(attention_parts) if attention_parts else dense
     partitions = {"dense": dense, "attn": attn}
-    attn_ops = {"decode_attention", "prefill_attention"}
-    before = list(op_names[: op_names.index("decode_attention")])
-    after = [op for op in op_names[op_names.index("decode_attention"):] if op not in attn_ops]
+    before, after = _around_attention(op_names)
 
     def dense_steps(ops: Sequence[str], part: int, beside_decode: bool) -> list[Step]:
         cap = gemm_ctas if beside_decode else None
@@ -229,9 +233,7 @@ def tp_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, mi
     its post-attention norm, so stream 0 has work while nano-batch 1's first all-reduce runs;
     nano-batch 1's before-ops lead each layer, covering nano-batch 0's last all-reduce of the layer
     before. A hand-made schedule (the search models two streams)."""
-    attn_ops = ("decode_attention", "prefill_attention")
-    before = list(op_names[: op_names.index("decode_attention")])
-    after = [op for op in op_names[op_names.index("decode_attention"):] if op not in attn_ops]
+    before, after = _around_attention(op_names)
     first_reduce = next(i for i, op in enumerate(after) if op in NETWORK_OPS)
 
     def ops(names: Sequence[str], part: int) -> list[Step]:
