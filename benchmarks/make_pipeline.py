@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoflow.pipeline.schedule import (  # noqa: E402
+    OVERLAP_ORDERS,
     Pipeline,
     network_overlap_schedule,
     overlap_schedule,
@@ -46,7 +47,7 @@ def main() -> None:
     p.add_argument("--moe", action="store_true", help="Mixtral's layer (route, experts)")
     p.add_argument("--decode-ctas", type=int, default=None)
     p.add_argument("--gemm-ctas", type=int, default=None)
-    p.add_argument("--beside", choices=("qkv", "mlp"), default="qkv",
+    p.add_argument("--beside", choices=OVERLAP_ORDERS, default="qkv",
                    help="overlap: what decode attention runs beside (pipeline.schedule.overlap_schedule)")
     a = p.parse_args()
     names = layer_ops(a.moe, a.tp or a.kind != "overlap")

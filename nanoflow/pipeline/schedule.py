@@ -143,6 +143,9 @@ def _around_attention(op_names: Sequence[str]) -> tuple[list[str], list[str]]:
 # of the SMs (layers/linear.py runs a capped one as a persistent Triton GEMM)
 GEMM_OPS = frozenset({"qkv", "o", "gate_up", "down"})
 
+# what decode attention may run beside in overlap_schedule (its docstring says what each is)
+OVERLAP_ORDERS = ("qkv", "mlp")
+
 
 def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
                      decode_ctas: int | None, attention_parts: Sequence[int] | None = None,
@@ -161,8 +164,8 @@ def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_t
     runs over [0, split) and [split, max_tokens). gemm_ctas caps the GEMMs issued while a capped
     decode attention may still run, so their tiles fit the SMs left to them instead of a grid sized
     for the whole GPU; None leaves them to cuBLAS."""
-    if beside not in ("qkv", "mlp"):
-        raise ValueError(f"overlap_schedule: beside must be 'qkv' or 'mlp', got {beside!r}")
+    if beside not in OVERLAP_ORDERS:
+        raise ValueError(f"overlap_schedule: beside must be one of {OVERLAP_ORDERS}, got {beside!r}")
     dense = (0, split, max_tokens)
     attn = tuple(attention_parts) if attention_parts else dense
     partitions = {"dense": dense, "attn": attn}

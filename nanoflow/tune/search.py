@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any
 
-from nanoflow.pipeline.schedule import Pipeline
+from nanoflow.pipeline.schedule import OVERLAP_ORDERS, Pipeline
 from nanoflow.tune.model import Candidate, CostModel, Evaluation
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def candidates(lo: int, step: int, ctas: Sequence[int | None]) -> list[Candidate
     """The sequential schedule, then every split (a multiple of step, below lo so that no nano-batch
     of the bucket is ever empty) x cap x what decode attention runs beside."""
     return [Candidate(), *(Candidate(split, c, beside) for split in range(step, lo, step) for c in ctas
-                           for beside in ("qkv", "mlp"))]
+                           for beside in OVERLAP_ORDERS)]
 
 
 def search(profile: dict[str, Any], *, split_step: int | None = None, min_gain: float = 0.01,
