@@ -109,8 +109,6 @@ fi
 # PACK=1 (device runs, which bring back only a few files): everything but the summary and the table
 # goes into one results.tgz beside them
 if [[ ${PACK:-0} == 1 ]]; then
-  pack=$(mktemp -d)/results.tgz
-  tar czf "$pack" -C "$OUT" . && find "$OUT" -mindepth 1 -not -name "$(basename "$SUMMARY")" \
-    -not -name bench_table.md -delete && mv "$pack" "$OUT/"
+  bash benchmarks/pack_results.sh "$OUT" "$(basename "$SUMMARY")"
 fi
 ! grep -qE "FAILED|TIMED OUT" "$SUMMARY"
