@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from nanoflow.kernels.activation import silu_and_mul_ref
+from nanoflow.kernels.attention_common import dot_precision
 from nanoflow.kernels.moe_align import moe_align
 from nanoflow.kernels.moe_configs import MoEConfig, MoEConfigs, pick_config
 
@@ -230,13 +231,12 @@ def _launch(
     assert w.shape[2] == K and w.shape[1] == (2 * n if gated else n)
     num_blocks_m = al.block_expert.numel()
     grid = (num_blocks_m * triton.cdiv(n, cfg.block_n),)
-    # fp32 weights: exact products, as the reference (tl.dot would otherwise round inputs to tf32)
-    precision = "ieee" if a.dtype == torch.float32 else "tf32"
     _moe_gemm_kernel[grid](
         a, w, out, weights if weights is not None else out, al.sorted_pairs, al.block_expert, al.num_padded,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         al.num_pairs, n, K, num_blocks_m,
-        ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=precision, EVEN_K=K % cfg.block_k == 0,
+        ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=dot_precision(a.dtype),
+        EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
