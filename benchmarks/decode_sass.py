@@ -49,7 +49,7 @@ def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool
                                              "sliding_window")
         const = dict(BLOCK_G=4, HEADS=heads, BLOCK_H=heads, BATCHED=batched, EVEN_HEADS=True, DYNAMIC=gate,
                      SM_GATE=gate, **common)  # BLOCK_G: as the launcher pads the group
-        ints = (*ints, "share", "num_sms")
+        ints = (*ints, "share", "num_sms", "ctas_per_sm")
     types = {**dict(zip(PTRS, PTR_TYPES, strict=True)), "work_counter_ptr": "*i32", "qk_scale": "fp32",
              **dict.fromkeys(ints, "i32"),
              **dict.fromkeys(STRIDES, "i32"), **dict.fromkeys(const, "constexpr")}

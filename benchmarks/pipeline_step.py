@@ -55,6 +55,8 @@ def main() -> None:
     p.add_argument("--beside", default="qkv,mlp",
                    help="what decode attention overlaps, comma list of: qkv (NanoFlow's order), mlp (the other "
                    "nano-batch's o and FFN; pipeline.schedule.overlap_schedule)")
+    p.add_argument("--priority", default="high",
+                   help="the side stream's priority, comma list of: high (the engine's), normal (the forward's)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -83,13 +85,13 @@ def main() -> None:
         for kernel in args.kernels.split(","):
             for layer in model.layers:
                 layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
-            for split, ctas, gemm, beside in itertools.product(
+            for split, ctas, gemm, beside, priority in itertools.product(
                     map(int, args.splits.split(",")), [int(c) if c != "all" else None for c in args.ctas.split(",")],
-                    args.gemm_ctas.split(","), args.beside.split(",")):
+                    args.gemm_ctas.split(","), args.beside.split(","), args.priority.split(",")):
                 gemm_ctas = None if gemm == "none" or ctas is None else sms - ctas if gemm == "auto" else int(gemm)
                 schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas,
                                             beside=beside)
-                ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+                ex = PipelineExecutor(schedule, model.layer_ops, runner.device, side_priority=priority == "high")
                 parts = ex.split(batch, model.prepare)
                 try:
                     ms = timer.ms(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)))
@@ -98,9 +100,9 @@ def main() -> None:
                           f"{str(e)[:300]}", flush=True)
                     continue
                 rows.append({"kernel": kernel, "beside": beside, "split": split, "decode_ctas": ctas,
-                             "gemm_ctas": gemm_ctas, "ms": ms, "speedup": seq_ms / ms})
-                print(f"{kernel:9s} {beside:3s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: {ms:.2f} ms "
-                      f"({seq_ms / ms:.3f}x)", flush=True)
+                             "gemm_ctas": gemm_ctas, "priority": priority, "ms": ms, "speedup": seq_ms / ms})
+                print(f"{kernel:9s} {beside:3s} {priority:6s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: "
+                      f"{ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
         # correctness: the pipelined forward computes the sequential one
         want = model(batch)
         for beside in ("qkv", "mlp"):

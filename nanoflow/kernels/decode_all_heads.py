@@ -31,7 +31,7 @@ def decode_all_heads_kernel(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr, EVEN_HEADS: tl.constexpr,
-    work_counter_ptr, share, num_sms, DYNAMIC: tl.constexpr, SM_GATE: tl.constexpr,
+    work_counter_ptr, share, num_sms, ctas_per_sm, DYNAMIC: tl.constexpr, SM_GATE: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, head block, partition); a head block is HEADS kv heads
     (all of them by default), padded to BLOCK_H. Each step loads BLOCK_N tokens of every kv head
@@ -43,16 +43,33 @@ def decode_all_heads_kernel(
     against another kv head's tokens masked to -inf (their p is 0, so p @ V adds nothing).
     Rows of padded heads (h >= HEADS or past num_kv_heads) load zeros, stay finite and are not stored.
 
-    DYNAMIC: programs take work items from an atomic counter (work_counter_ptr, zero at launch)
-    instead of striding over them. SM_GATE (with DYNAMIC; GPU only): the grid has programs on every
-    SM, and those on SMs outside a share of `share` of the num_sms SMs (spread evenly by SM id) exit
-    at once, so the rest run several programs per SM of the share (DecodeConfig.sm_gate)."""
+    DYNAMIC: programs take work items from an atomic counter (work_counter_ptr[0], zero at launch)
+    instead of striding over them. SM_GATE (with DYNAMIC; GPU only): the grid has ctas_per_sm
+    programs for every SM; `share` of the num_sms SMs run up to ctas_per_sm each and the other
+    programs exit at once (DecodeConfig.sm_gate). work_counter_ptr then holds 2 + 2 * num_sms zeros:
+    the work counter, the SMs claimed, each SM's state and each SM's programs."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if SM_GATE:
+        # The share is the first `share` SMs a program of this launch reaches, not a fixed set of
+        # SM ids: beside a running GEMM, programs land only where its CTAs have left, and a fixed
+        # set could leave the work to the few programs that happened to land there. The first
+        # program on an SM claims it (state 3 while it decides, then 1 = in the share, 2 = not);
+        # the others on that SM wait the few cycles that takes. At most ctas_per_sm run on one SM.
         smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-        if ((smid + 1) * share) // num_sms == (smid * share) // num_sms:
+        state_ptr = work_counter_ptr + 2 + smid
+        state = tl.atomic_cas(state_ptr, 0, 3)
+        if state == 0:
+            state = 2
+            if tl.atomic_add(work_counter_ptr + 1, 1) < share:
+                state = 1
+            tl.atomic_xchg(state_ptr, state)
+        while state == 3:
+            state = tl.atomic_add(state_ptr, 0)
+        if state != 1:
             return  # an SM outside the share: leave it to the work beside this kernel
+        if tl.atomic_add(work_counter_ptr + 2 + num_sms + smid, 1) >= ctas_per_sm:
+            return  # the SM already runs its share of programs
     offs_d = tl.arange(0, HEAD_DIM)
     if BATCHED:
         r_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]: kv head of a row

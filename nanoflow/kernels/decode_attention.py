@@ -280,12 +280,14 @@ def paged_decode_attention(
         gate = gated and q.is_cuda
         sms = num_sms(q.device.index or 0) if gate else 1
         grid = cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
-        counter = torch.zeros(1, dtype=torch.int32, device=q.device) if gated else seq_lens
+        # the work counter (and, gated on the GPU, the gate's SM claims: see the kernel)
+        counter = torch.zeros(2 + 2 * sms if gate else 1, dtype=torch.int32, device=q.device) if gated else seq_lens
         decode_all_heads_kernel[(grid,)](
             *tensors, scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window, *strides,
             BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, BATCHED=cfg.batched_dot,
             EVEN_HEADS=Hkv % heads_per_item == 0 and block_h == heads_per_item,
-            work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, DYNAMIC=gated, SM_GATE=gate, **shared,
+            work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, ctas_per_sm=cfg.gate_ctas_per_sm,
+            DYNAMIC=gated, SM_GATE=gate, **shared,
         )  # fmt: skip
     else:
         _decode_kernel[(min(num_work, grid_cap),)](

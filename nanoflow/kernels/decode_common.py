@@ -50,10 +50,10 @@ class DecodeConfig:
     # blocks masked out: the plain 2-D path of the per-head kernel, at heads times the useful FLOPs.
     batched_dot: bool = True
     # all-heads kernel on a capped grid (num_ctas = the share of SMs): sm_gate launches
-    # gate_ctas_per_sm programs on every SM; those on SMs outside the share exit at once and the rest
-    # take work items from an atomic counter, so each SM of the share runs several programs (one
-    # computes while another waits on its loads). Needs a config of which that many fit one SM
-    # (shared memory, registers); experimental, issue 12.
+    # gate_ctas_per_sm programs for every SM; the first num_ctas SMs they reach form the share (the
+    # programs elsewhere exit at once) and take work items from an atomic counter, so each SM of the
+    # share runs several programs (one computes while another waits on its loads). Needs a config
+    # of which that many fit one SM (shared memory, registers); experimental, issue 12.
     sm_gate: bool = False
     gate_ctas_per_sm: int = 2
 

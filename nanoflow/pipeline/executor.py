@@ -37,12 +37,19 @@ class _Instance:
 
 
 class PipelineExecutor:
-    def __init__(self, schedule: Schedule, layer_ops: Sequence[Sequence[Op]], device: torch.device) -> None:
+    def __init__(self, schedule: Schedule, layer_ops: Sequence[Sequence[Op]], device: torch.device,
+                 side_priority: bool = True) -> None:
+        """side_priority: the streams besides the forward's get a higher priority than it, so that
+        where both have kernels waiting, the SMs a finished CTA frees go to the capped side kernel
+        (decode attention, an all-reduce) first and the GEMMs fill what it leaves. CUDA graphs keep
+        the priority per kernel node."""
         names = [op.name for op in layer_ops[0]]
         schedule.check(names)
         self.schedule, self.layer_ops = schedule, layer_ops
         self.on_gpu = device.type == "cuda"
-        self.streams = [torch.cuda.Stream(device) for _ in range(schedule.num_streams - 1)] if self.on_gpu else []
+        priority = -1 if side_priority else 0  # lower is higher; CUDA clamps it to the device's range
+        self.streams = [torch.cuda.Stream(device, priority=priority)
+                        for _ in range(schedule.num_streams - 1)] if self.on_gpu else []
         index = {name: i for i, name in enumerate(names)}
         self.instances = [
             _Instance(layer, st, index[st.op], *schedule.partitions[st.partition][st.part : st.part + 2])
