@@ -37,6 +37,8 @@
 #                        free memory holds, all requests within --hf-max-seconds)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
+#   STEP_ARGS            benchmarks/pipeline_step.py arguments for the step step (default: both overlap orders
+#                        and stream priorities, the gated kernel on 44 and 66 SMs, splits 512, 768, 1024)
 #   MOE_TOKENS           token counts the moe step tunes (default "640 2048": 512x512's decode steps, full steps)
 #   TUNE_ARGS            `nanoflow tune` arguments for the tune step (default "--size-step 256 --ctas 32,44,66
 #                        --repeats 5")
@@ -146,8 +148,10 @@ wanted tests && run_step tests tests.log pytest_gpu
 # shellcheck disable=SC2086  # KERNEL_CHECK_ARGS is an argument list
 wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT" $KERNEL_CHECK_ARGS
 wanted share && run_step share gemm_share.log python benchmarks/gemm_share.py --out "$OUT"
+# shellcheck disable=SC2086  # STEP_ARGS is an argument list
 wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmarks/pipeline_step.py \
-  --splits 512,768,1024 --ctas 44,66 --kernels gated,gated_2d --gemm-ctas none --beside qkv,mlp --out "$OUT"
+  ${STEP_ARGS:---splits 512,768,1024 --ctas 44,66 --kernels gated --gemm-ctas none --beside qkv,mlp --priority high,normal} \
+  --out "$OUT"
 # the grouped GEMMs' tiles re-tuned (per projection) at MOE_TOKENS; the benches after it use them, and
 # the tuned file comes back in $OUT
 # shellcheck disable=SC2086  # MOE_TOKENS is a list
