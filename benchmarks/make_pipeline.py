@@ -5,6 +5,7 @@ iterations of --min-tokens to --tokens tokens (sequential below).
     python benchmarks/make_pipeline.py network --tp --split 1024 --out net.json     # issue 13
     python benchmarks/make_pipeline.py tp-overlap --split 1024 --decode-ctas 66 --out tpo.json   # 3 streams
     python benchmarks/make_pipeline.py overlap --split 1024 --decode-ctas 44 --gemm-ctas 88 --out ov.json
+    python benchmarks/make_pipeline.py pingpong --bounds 256,512,1024,2048 --decode-ctas 66 --out pp.json
 
 The op names are a Llama/Mixtral decoder layer's (models/llama.py); the engine checks them against
 the model it loads and refuses a pipeline that does not match.
@@ -13,6 +14,7 @@ the model it loads and refuses a pipeline that does not match.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from nanoflow.pipeline.schedule import (  # noqa: E402
     Pipeline,
     network_overlap_schedule,
     overlap_schedule,
+    pingpong_schedule,
     tp_overlap_schedule,
 )
 
@@ -36,9 +39,10 @@ def layer_ops(moe: bool, tp: bool) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("network", "overlap", "tp-overlap"),
+    p.add_argument("kind", choices=("network", "overlap", "tp-overlap", "pingpong"),
                    help="network: all-reduces beside the other nano-batch's ops; overlap: decode attention beside "
-                   "them; tp-overlap: both, on three streams (tensor parallel)")
+                   "them; tp-overlap: both, on three streams (tensor parallel); pingpong: each nano-batch on a "
+                   "stream of its own")
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=2048, help="the token budget (largest iteration)")
     p.add_argument("--split", type=int, default=1024)
@@ -49,11 +53,23 @@ def main() -> None:
     p.add_argument("--gemm-ctas", type=int, default=None)
     p.add_argument("--beside", choices=OVERLAP_ORDERS, default="qkv",
                    help="overlap: what decode attention runs beside (pipeline.schedule.overlap_schedule)")
+    p.add_argument("--bounds", default=None,
+                   help="pingpong: comma list of iteration sizes b0,b1,...: one schedule for each (b_i, b_i+1], "
+                   "split at half its middle size (overrides --split, --tokens and --min-tokens)")
     a = p.parse_args()
-    names = layer_ops(a.moe, a.tp or a.kind != "overlap")
+    if a.kind == "pingpong" and a.bounds:
+        bounds = [int(b) for b in a.bounds.split(",")]
+        schedules = tuple(pingpong_schedule(layer_ops(a.moe, False), hi, (lo + 1 + hi) // 4, lo + 1, a.decode_ctas)
+                          for lo, hi in itertools.pairwise(bounds))
+        Pipeline(schedules, {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
+        print(f"wrote {a.out}: pingpong, {len(schedules)} schedules over {bounds[0] + 1}-{bounds[-1]} tokens")
+        return
+    names = layer_ops(a.moe, a.tp or a.kind in ("network", "tp-overlap"))
     lo = a.min_tokens or a.split + 1
     if a.kind == "network":
         schedule = network_overlap_schedule(names, a.tokens, a.split, lo)
+    elif a.kind == "pingpong":
+        schedule = pingpong_schedule(names, a.tokens, a.split, lo, a.decode_ctas)
     elif a.kind == "tp-overlap":
         schedule = tp_overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas)
     else:

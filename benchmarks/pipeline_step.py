@@ -27,7 +27,7 @@ from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.kernels.decode_attention import CAPPED, DecodeConfig
 from nanoflow.pipeline.executor import PipelineExecutor
-from nanoflow.pipeline.schedule import overlap_schedule
+from nanoflow.pipeline.schedule import overlap_schedule, pingpong_schedule
 from nanoflow.tune.timing import Timer
 
 # decode kernel configs for the capped grid (DecodeAttention.capped_config)
@@ -54,7 +54,8 @@ def main() -> None:
                    "GPU), auto (the persistent Triton GEMM on the SMs the decode leaves), or a number")
     p.add_argument("--beside", default="qkv,mlp",
                    help="what decode attention overlaps, comma list of: qkv (NanoFlow's order), mlp (the other "
-                   "nano-batch's o and FFN; pipeline.schedule.overlap_schedule)")
+                   "nano-batch's o and FFN; pipeline.schedule.overlap_schedule), pingpong (each nano-batch on a "
+                   "stream of its own, decode attention capped on both: pingpong_schedule)")
     p.add_argument("--priority", default="high",
                    help="the side stream's priority, comma list of: high (the engine's), normal (the forward's)")
     p.add_argument("--reps", type=int, default=10)
@@ -89,8 +90,9 @@ def main() -> None:
                     map(int, args.splits.split(",")), [int(c) if c != "all" else None for c in args.ctas.split(",")],
                     args.gemm_ctas.split(","), args.beside.split(","), args.priority.split(",")):
                 gemm_ctas = None if gemm == "none" or ctas is None else sms - ctas if gemm == "auto" else int(gemm)
-                schedule = overlap_schedule(names, args.tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas,
-                                            beside=beside)
+                schedule = (pingpong_schedule(names, args.tokens, split, split + 1, ctas) if beside == "pingpong"
+                            else overlap_schedule(names, args.tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas,
+                                                  beside=beside))
                 ex = PipelineExecutor(schedule, model.layer_ops, runner.device, side_priority=priority == "high")
                 parts = ex.split(batch, model.prepare)
                 try:
@@ -105,9 +107,10 @@ def main() -> None:
                       f"{ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
         # correctness: the pipelined forward computes the sequential one
         want = model(batch)
-        for beside in ("qkv", "mlp"):
-            ex = PipelineExecutor(overlap_schedule(names, args.tokens, 768, 769, 32, gemm_ctas=sms - 32, beside=beside),
-                                  model.layer_ops, runner.device)
+        for beside in ("qkv", "mlp", "pingpong"):
+            schedule = (pingpong_schedule(names, args.tokens, 768, 769, 32) if beside == "pingpong" else
+                        overlap_schedule(names, args.tokens, 768, 769, 32, gemm_ctas=sms - 32, beside=beside))
+            ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
             got = model(batch, partial(ex.run, parts=ex.split(batch, model.prepare)))
             torch.cuda.synchronize()
             results[f"max_abs_diff_{beside}"] = diff = (got.float() - want.float()).abs().max().item()

@@ -249,3 +249,20 @@ def tp_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, mi
     steps += ops(after[first_reduce + 1 :], 1) + ops(after, 0)
     return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, tuple(steps))
 
+
+
+def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
+                      decode_ctas: int | None) -> Schedule:
+    """Two nano-batches, each on a stream of its own for the whole layer (and so across layers):
+    nano-batch 0 on stream 0, nano-batch 1 on stream 1, each with its decode attention capped at
+    decode_ctas. Nothing orders the two but the K/V cache (nano-batch 1's attention reads keys
+    nano-batch 0 writes in the same layer), so while one runs its decode attention the other runs
+    its GEMMs, and either may run ahead into its next layer. Rows are decodes first: a split inside
+    the decodes gives each nano-batch some of them, and the one holding the prefill tokens the
+    larger share of the GEMMs. Hand-made (the search models one stream-1 op at a time). Not for
+    tensor parallelism: collectives of one communicator issued from two streams may deadlock."""
+    if NETWORK_OPS & set(op_names):
+        raise ValueError("pingpong_schedule: a tensor-parallel layer's all-reduces would run on two streams")
+    steps = tuple(Step(op, part, "dense", part, decode_ctas if op == "decode_attention" else None)
+                  for part in (0, 1) for op in op_names)
+    return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, steps)
