@@ -93,12 +93,22 @@ def _sweep_grid(mc: types.ModuleType, num_tokens: int, top_k: int, num_experts: 
         tiles = [(128, 64, 4, 4), (128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3),
                  (256, 64, 8, 4), (256, 128, 8, 2), (64, 128, 4, 4), (64, 64, 4, 4)]
         block_ms, groups = (64, 128), (1, 16)
-    return {m: [mc.MoEConfig(block_m=m, block_n=n, block_k=k, group_m=g, num_warps=w, num_stages=st)
-                for n, k, w, st in tiles for g in groups] for m in block_ms}
+    # every tile with its weights by pointer loads and by TMA (Hopper on; tiles whose TMA stages do
+    # not fit shared memory fail to launch and are skipped)
+    tmas = (False, True) if not on_gpu or torch_capability() >= 9 else (False,)
+    return {m: [mc.MoEConfig(block_m=m, block_n=n, block_k=k, group_m=g, num_warps=w, num_stages=st, tma_weights=t)
+                for n, k, w, st in tiles for g in groups for t in tmas] for m in block_ms}
+
+
+def torch_capability() -> int:
+    import torch
+
+    return torch.cuda.get_device_capability()[0]
 
 
 def _tile(c: Any) -> str:
-    return f"m{c.block_m} n{c.block_n} k{c.block_k} g{c.group_m} w{c.num_warps} s{c.num_stages}"
+    return f"m{c.block_m} n{c.block_n} k{c.block_k} g{c.group_m} w{c.num_warps} s{c.num_stages}" + (
+        " tma" if c.tma_weights else "")
 
 
 def _sweep(fm: types.ModuleType, mc: types.ModuleType, ids: Any, E: int, T: int, top_k: int,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nanoflow.kernels.activation import silu_and_mul_ref
 from nanoflow.kernels.attention_common import dot_precision
@@ -169,9 +170,14 @@ def _moe_gemm_kernel(
     num_pairs, N, K, num_blocks_m,
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA_W: tl.constexpr,
 ):  # fmt: skip
     """out[pair, n] = A[pair // ROW_DIV] @ W[e, n] over one expert's block of sorted pairs.
-    GATED: W holds N gate rows then N up rows; out = silu(gate) * up. MUL_WEIGHT: times weight[pair]."""
+    GATED: W holds N gate rows then N up rows; out = silu(gate) * up. MUL_WEIGHT: times weight[pair].
+    TMA_W: w_ptr is a tensor descriptor of W as [E * rows, K] with [BLOCK_N, BLOCK_K] blocks: the
+    weight tiles come by TMA (no address math or load instructions in the warps; rows past the
+    expert's read the next expert's or zeros, in columns never stored); A's rows are gathered, which
+    Hopper's TMA cannot do, so they stay pointer loads."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
     # grouped order: GROUP_M row blocks share each weight tile while it is in L2
@@ -189,28 +195,37 @@ def _moe_gemm_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (pairs // ROW_DIV)[:, None] * stride_am + offs_k[None, :]
-    # columns past N wrap onto real rows (never stored): the weight loads need no N mask
-    w_rows = (offs_n % N).to(tl.int64)
-    w_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None]  # [K, N]
+    if TMA_W:  # the tile's first row in the [E * rows, K] view
+        w_row0 = expert.to(tl.int32) * (2 * N if GATED else N) + pid_n * BLOCK_N
+    else:  # columns past N wrap onto real rows (never stored): the weight loads need no N mask
+        w_rows = (offs_n % N).to(tl.int64)
+        w_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None]  # [K, N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:  # the model shapes: unmasked weight loads, plain wide copies
+        if EVEN_K:  # the model shapes: unmasked loads, plain wide copies
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            w = tl.load(w_ptrs)
         else:
             k_mask = offs_k < K - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=live[:, None] & k_mask[None, :], other=0.0)
+        if TMA_W:  # the descriptor zero-fills columns past K
+            w = w_ptr.load([w_row0, k0 * BLOCK_K]).T
+        elif EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
             w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if GATED:
-            if EVEN_K:
+            if TMA_W:
+                w_up = w_ptr.load([w_row0 + N, k0 * BLOCK_K]).T
+            elif EVEN_K:
                 w_up = tl.load(w_ptrs + N * stride_wn)
             else:
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None], other=0.0)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if not TMA_W:
+            w_ptrs += BLOCK_K
     dtype = out_ptr.dtype.element_ty
     # round where the reference rounds: each GEMM's output, SiLU's output, the weighted product
     y = acc.to(dtype).to(tl.float32)
@@ -231,13 +246,17 @@ def _launch(
     assert w.shape[2] == K and w.shape[1] == (2 * n if gated else n)
     num_blocks_m = al.block_expert.numel()
     grid = (num_blocks_m * triton.cdiv(n, cfg.block_n),)
+    tma = cfg.tma_weights
+    if tma and (K * w.element_size()) % 16:
+        raise ValueError(f"tma_weights needs rows of a multiple of 16 bytes (K = {K})")
+    w_arg = TensorDescriptor.from_tensor(w.view(-1, K), block_shape=[cfg.block_n, cfg.block_k]) if tma else w
     _moe_gemm_kernel[grid](
-        a, w, out, weights if weights is not None else out, al.sorted_pairs, al.block_expert, al.num_padded,
+        a, w_arg, out, weights if weights is not None else out, al.sorted_pairs, al.block_expert, al.num_padded,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         al.num_pairs, n, K, num_blocks_m,
         ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=dot_precision(a.dtype),
         EVEN_K=K % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TMA_W=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 

@@ -43,6 +43,9 @@ class MoEConfig:
     group_m: int = 8  # row blocks that walk the N blocks together, so their weight tiles stay in L2
     num_warps: int = 4
     num_stages: int = 3
+    # weight tiles by TMA (a tensor descriptor) instead of pointer loads: Hopper and later, and rows
+    # of a multiple of 16 bytes
+    tma_weights: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ tiles, and the tuned-config file in both its forms."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -28,6 +29,10 @@ SPLIT = mc.MoEConfigs(
     gate_up=mc.MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=1),
     down=mc.MoEConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1),
 )
+# the weight tiles by TMA: gate_up's tiles read past the expert's rows and (K step 128 > K) past
+# K, which the descriptor fills with zeros
+TMA = [dataclasses.replace(SMALL, tma_weights=True),
+       mc.MoEConfigs(*(dataclasses.replace(c, tma_weights=True) for c in (SPLIT.gate_up, SPLIT.down)))]
 
 
 def _routing(kind: str, T: int, E: int, device: str) -> torch.Tensor:
@@ -109,9 +114,9 @@ def test_fused_moe(T: int, kind: str, E: int, device: str, dtype: torch.dtype, a
     x, w13, w2, w, ids = _problem(T, E, kind, device, dtype)
     ref = fm.moe_experts_ref(x, w13, w2, w, ids, torch.empty_like(x))
     assert_rel(ref, fm.moe_per_token_ref(x, w13, w2, w, ids), dtype)
-    # the default config (as the model runs it), a small one with several blocks per expert, and
-    # different tiles per projection
-    for cfg in (None, SMALL, SPLIT):
+    # the default config (as the model runs it), a small one with several blocks per expert,
+    # different tiles per projection, and both with the weights by TMA
+    for cfg in (None, SMALL, SPLIT, *TMA):
         buf = torch.full((T + 3, H), float("nan"), device=device, dtype=dtype)
         out = buf[1 : T + 1]  # rows of a bigger buffer, as a nano-batch's
         assert fm.fused_moe(x, w13, w2, w, ids, out, cfg) is out
