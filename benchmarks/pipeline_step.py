@@ -107,9 +107,10 @@ def main() -> None:
                       f"{ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
         # correctness: the pipelined forward computes the sequential one
         want = model(batch)
+        half = args.tokens // 2  # a split that fits any --tokens
         for beside in ("qkv", "mlp", "pingpong"):
-            schedule = (pingpong_schedule(names, args.tokens, 768, 769, 32) if beside == "pingpong" else
-                        overlap_schedule(names, args.tokens, 768, 769, 32, gemm_ctas=sms - 32, beside=beside))
+            schedule = (pingpong_schedule(names, args.tokens, half, half + 1, 32) if beside == "pingpong" else
+                        overlap_schedule(names, args.tokens, half, half + 1, 32, gemm_ctas=sms - 32, beside=beside))
             ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
             got = model(batch, partial(ex.run, parts=ex.split(batch, model.prepare)))
             torch.cuda.synchronize()
