@@ -58,12 +58,15 @@ def main() -> None:
                    "stream of its own, decode attention capped on both: pingpong_schedule)")
     p.add_argument("--priority", default="high",
                    help="the side stream's priority, comma list of: high (the engine's), normal (the forward's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="fp8 halves attention's bytes and doubles the decodes a pool holds (GEMMs of a decode "
+                   "step then further past the ridge)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     t0 = time.perf_counter()
     llm = LLM(dummy_model_dir(args.dummy), load_format="dummy", skip_tokenizer_init=True, pipeline="off",
-              cuda_graph_max_tokens=0, max_num_batched_tokens=args.tokens)
+              cuda_graph_max_tokens=0, max_num_batched_tokens=args.tokens, kv_cache_dtype=args.kv_cache_dtype)
     runner = llm.engine.runner
     model = runner.model
     chunk = args.tokens - args.decodes
