@@ -79,8 +79,8 @@ def _graph_check(fm: types.ModuleType, args: tuple, out: Any, ref: Any) -> float
 
 
 def _sweep_grid(mc: types.ModuleType, num_tokens: int, top_k: int, num_experts: int,
-                on_gpu: bool) -> dict[int, list[Any]]:
-    """block_m -> the tiles to try with it, around what fills Hopper's tensor cores: tall-and-wide
+                on_gpu: bool) -> dict[tuple[int, bool], list[Any]]:
+    """(block_m, sorted_rows) -> the tiles to try with it, around what fills Hopper's tensor cores: tall-and-wide
     tiles with 8 warps for many rows per expert, short tiles with long K steps for few (decode).
     Each projection picks its own, so a tile too big for one (gate_up loads two weight tiles a
     step) may still serve the other."""
@@ -93,11 +93,15 @@ def _sweep_grid(mc: types.ModuleType, num_tokens: int, top_k: int, num_experts: 
         tiles = [(128, 64, 4, 4), (128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3),
                  (256, 64, 8, 4), (256, 128, 8, 2), (64, 128, 4, 4), (64, 64, 4, 4)]
         block_ms, groups = (64, 128), (1, 16)
-    # every tile with its weights by pointer loads and by TMA (Hopper on; tiles whose TMA stages do
-    # not fit shared memory fail to launch and are skipped)
-    tmas = (False, True) if not on_gpu or torch_capability() >= 9 else (False,)
-    return {m: [mc.MoEConfig(block_m=m, block_n=n, block_k=k, group_m=g, num_warps=w, num_stages=st, tma_weights=t)
-                for n, k, w, st in tiles for g in groups for t in tmas] for m in block_ms}
+    # every tile with its weights by pointer loads and by TMA, and with the rows in slot order and
+    # every operand by TMA (Hopper on; tiles whose TMA stages do not fit shared memory fail to
+    # launch and are skipped). Both projections share block_m and sorted_rows, hence the key.
+    hopper = not on_gpu or torch_capability() >= 9
+    ways = {False: (False, True) if hopper else (False,), True: (True,) if hopper else ()}
+    return {(m, srt): [mc.MoEConfig(block_m=m, block_n=n, block_k=k, group_m=g, num_warps=w, num_stages=st,
+                                    tma_weights=t, sorted_rows=srt)
+                       for n, k, w, st in tiles for g in groups for t in tmas]
+            for m in block_ms for srt, tmas in ways.items() if tmas}
 
 
 def torch_capability() -> int:
@@ -108,15 +112,16 @@ def torch_capability() -> int:
 
 def _tile(c: Any) -> str:
     return f"m{c.block_m} n{c.block_n} k{c.block_k} g{c.group_m} w{c.num_warps} s{c.num_stages}" + (
-        " tma" if c.tma_weights else "")
+        " tma" if c.tma_weights else "") + (" sorted" if c.sorted_rows else "")
 
 
 def _sweep(fm: types.ModuleType, mc: types.ModuleType, ids: Any, E: int, T: int, top_k: int,
            projections: dict[str, tuple], dense_ms: dict[str, float], on_gpu: bool, reps: int) -> dict[str, Any]:
-    """Per block_m, the fastest config of each projection timed alone; the block_m whose sum is least."""
+    """Per (block_m, sorted_rows), the fastest config of each projection timed alone; the pair whose
+    sum is least."""
     best: tuple[float, dict[str, tuple[float, Any]]] | None = None
     sums = {}
-    for block_m, configs in _sweep_grid(mc, T, top_k, E, on_gpu).items():
+    for (block_m, srt), configs in _sweep_grid(mc, T, top_k, E, on_gpu).items():
         al = fm.align(ids, E, block_m)
         fastest: dict[str, tuple[float, Any]] = {}
         for name, (run, _, _) in projections.items():
@@ -129,9 +134,10 @@ def _sweep(fm: types.ModuleType, mc: types.ModuleType, ids: Any, E: int, T: int,
                 if name not in fastest or ms < fastest[name][0]:
                     fastest[name] = (ms, c)
         if len(fastest) == len(projections):
-            sums[block_m] = sum(ms for ms, _ in fastest.values())
-            if best is None or sums[block_m] < best[0]:
-                best = (sums[block_m], fastest)
+            key = f"m{block_m}" + (" sorted" if srt else "")
+            sums[key] = sum(ms for ms, _ in fastest.values())
+            if best is None or sums[key] < best[0]:
+                best = (sums[key], fastest)
     if best is None:
         return {}
     cfgs = mc.MoEConfigs(best[1]["gate_up"][1], best[1]["down"][1])
@@ -167,15 +173,16 @@ def check_tokens(fm: types.ModuleType, mc: types.ModuleType, T: int, E: int, top
 
     n = T * top_k
     al = fm.align(ids, E, cfg.block_m)
-    act = torch.empty(n, inter, device=device, dtype=dtype)
+    # gate_up's output, sliced per config: a row per pair, or per slot (sorted rows, block_m <= 128)
+    act_buf = torch.empty(fm.align_capacity(n, E, 128), inter, device=device, dtype=dtype)
     down = torch.empty(n, H, device=device, dtype=dtype)
     row["align_ms"] = _time_ms(lambda: fm.align(ids, E, cfg.block_m), on_gpu, reps)
     row["sum_ms"] = _time_ms(lambda: torch.sum(down.view(T, top_k, H), dim=1, out=out), on_gpu, reps)
     row["fused_ms"] = _time_ms(lambda: fm.fused_moe(x, w13, w2, w, ids, out, cfg), on_gpu, reps)
     row["loop_ms"] = _time_ms(lambda: fm.moe_experts_ref(x, w13, w2, w, ids, out), on_gpu, reps)
     projections = {
-        "gate_up": (lambda c, a: fm.moe_gate_up(x, w13, a, top_k, act, c), H, 2 * inter),
-        "down": (lambda c, a: fm.moe_down(act, w2, a, w, down, c), inter, H),
+        "gate_up": (lambda c, a: fm.moe_gate_up(x, w13, a, top_k, act_buf[: fm.act_rows(a, c)], c), H, 2 * inter),
+        "down": (lambda c, a: fm.moe_down(act_buf[: fm.act_rows(a, c)], w2, a, w, down, c), inter, H),
     }
     for name, (run, K, N) in projections.items():
         a_dense = torch.randn(n, K, device=device, dtype=dtype, generator=g)
@@ -269,7 +276,7 @@ def main() -> None:
               f"{r['loop_ms']:>8.3f}")
         if r.get("best"):
             b = r["best"]
-            sums = ", ".join(f"m{m} {ms:.3f}" for m, ms in b["ms_by_block_m"].items())
+            sums = ", ".join(f"{m} {ms:.3f}" for m, ms in b["ms_by_block_m"].items())
             print(f"      best: {b['ms']:.3f} ms = {b['pct_of_dense']:.1f}% of dense (fused {b['fused_ms']:.3f} ms vs "
                   f"{b['current_fused_ms']:.3f} now: {'adopt' if b['adopt'] else 'keep the current'}; "
                   f"sum by block_m: {sums})")

@@ -170,14 +170,18 @@ def _moe_gemm_kernel(
     num_pairs, N, K, num_blocks_m,
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_W: tl.constexpr,
+    TMA_W: tl.constexpr, SORTED_A: tl.constexpr, SORTED_OUT: tl.constexpr,
 ):  # fmt: skip
     """out[pair, n] = A[pair // ROW_DIV] @ W[e, n] over one expert's block of sorted pairs.
     GATED: W holds N gate rows then N up rows; out = silu(gate) * up. MUL_WEIGHT: times weight[pair].
     TMA_W: w_ptr is a tensor descriptor of W as [E * rows, K] with [BLOCK_N, BLOCK_K] blocks: the
     weight tiles come by TMA (no address math or load instructions in the warps; rows past the
-    expert's read the next expert's or zeros, in columns never stored); A's rows are gathered, which
-    Hopper's TMA cannot do, so they stay pointer loads."""
+    expert's read the next expert's or zeros, in columns never stored).
+    SORTED_A: A is already in slot order (row s for the pair in slot s of sorted_pairs), so a block's
+    rows are contiguous; with TMA_W, a_ptr is then a descriptor of A with [BLOCK_M, BLOCK_K] blocks
+    too (gathered rows, which Hopper's TMA cannot fetch, stay pointer loads). SORTED_OUT: out's row
+    is the slot, not the pair (every row of the block is written; padding slots hold rows never read
+    for a live pair)."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
     # grouped order: GROUP_M row blocks share each weight tile while it is in L2
@@ -194,7 +198,10 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pairs // ROW_DIV)[:, None] * stride_am + offs_k[None, :]
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if not (SORTED_A and TMA_W):  # else A's tiles come by its descriptor
+        rows_a = slots.to(tl.int64) if SORTED_A else pairs // ROW_DIV
+        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
     if TMA_W:  # the tile's first row in the [E * rows, K] view
         w_row0 = expert.to(tl.int32) * (2 * N if GATED else N) + pid_n * BLOCK_N
     else:  # columns past N wrap onto real rows (never stored): the weight loads need no N mask
@@ -203,10 +210,15 @@ def _moe_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:  # the model shapes: unmasked loads, plain wide copies
+        if not EVEN_K:
+            k_mask = offs_k < K - k0 * BLOCK_K
+        if SORTED_A and TMA_W:
+            a = a_ptr.load([pid_m * BLOCK_M, k0 * BLOCK_K])
+        elif SORTED_A:  # every slot's row exists: no row mask
+            a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        elif EVEN_K:  # the model shapes: unmasked loads, plain wide copies
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
         else:
-            k_mask = offs_k < K - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=live[:, None] & k_mask[None, :], other=0.0)
         if TMA_W:  # the descriptor zero-fills columns past K
             w = w_ptr.load([w_row0, k0 * BLOCK_K]).T
@@ -223,7 +235,8 @@ def _moe_gemm_kernel(
             else:
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None], other=0.0)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
+        if not (SORTED_A and TMA_W):
+            a_ptrs += BLOCK_K
         if not TMA_W:
             w_ptrs += BLOCK_K
     dtype = out_ptr.dtype.element_ty
@@ -233,14 +246,19 @@ def _moe_gemm_kernel(
         y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
     if MUL_WEIGHT:
         y = y * tl.load(weight_ptr + pairs, mask=live, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(dtype), mask=live[:, None] & n_mask[None, :])
+    if SORTED_OUT:
+        out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, y.to(dtype), mask=n_mask[None, :])
+    else:
+        out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, y.to(dtype), mask=live[:, None] & n_mask[None, :])
 
 
 def _launch(
     a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None, al: Aligned, row_div: int,
     n: int, gated: bool, cfg: MoEConfig,
 ) -> None:
+    """cfg.sorted_rows: a's rows are slots, and so are gate_up's output rows (act, which down reads)."""
     assert a.stride(-1) == 1 and w.is_contiguous() and out.stride(-1) == 1 and cfg.block_m == al.block_m
     K = a.shape[1]
     assert w.shape[2] == K and w.shape[1] == (2 * n if gated else n)
@@ -250,30 +268,52 @@ def _launch(
     if tma and (K * w.element_size()) % 16:
         raise ValueError(f"tma_weights needs rows of a multiple of 16 bytes (K = {K})")
     w_arg = TensorDescriptor.from_tensor(w.view(-1, K), block_shape=[cfg.block_n, cfg.block_k]) if tma else w
+    sorted_a = cfg.sorted_rows
+    if sorted_a:
+        assert a.shape[0] == al.sorted_pairs.numel(), "sorted rows: a has a row per slot"
+    a_arg = TensorDescriptor.from_tensor(a, block_shape=[cfg.block_m, cfg.block_k]) if tma and sorted_a else a
     _moe_gemm_kernel[grid](
-        a, w_arg, out, weights if weights is not None else out, al.sorted_pairs, al.block_expert, al.num_padded,
+        a_arg, w_arg, out, weights if weights is not None else out, al.sorted_pairs, al.block_expert, al.num_padded,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         al.num_pairs, n, K, num_blocks_m,
         ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=dot_precision(a.dtype),
         EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TMA_W=tma,
+        SORTED_A=sorted_a, SORTED_OUT=sorted_a and gated,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
+def act_rows(al: Aligned, cfg: MoEConfig) -> int:
+    """Rows of gate_up's output: one per pair, or (sorted_rows) one per slot of the align."""
+    return al.sorted_pairs.numel() if cfg.sorted_rows else al.num_pairs
+
+
+def sorted_rows(x: torch.Tensor, al: Aligned, top_k: int) -> torch.Tensor:
+    """x's rows in slot order, [capacity, H]: slot s holds its pair's token; padding slots repeat the
+    last token (finite rows whose results no live pair reads). One gather, ~1% of the GEMM after it."""
+    return x.index_select(0, (al.sorted_pairs // top_k).clamp_(max=x.shape[0] - 1))
+
+
 def moe_gate_up(x: torch.Tensor, w13: torch.Tensor, al: Aligned, top_k: int, act: torch.Tensor,
                 cfg: MoEConfig) -> torch.Tensor:
-    """act [T * top_k, I] (pair rows) = silu(x[token] @ w1[e].T) * (x[token] @ w3[e].T)."""
-    assert act.shape == (al.num_pairs, w13.shape[1] // 2)
+    """act [act_rows, I] = silu(x[token] @ w1[e].T) * (x[token] @ w3[e].T): a row per pair, or
+    (cfg.sorted_rows) per slot, x then gathered into slot order first."""
+    assert act.shape == (act_rows(al, cfg), w13.shape[1] // 2)
     if al.num_pairs:
-        _launch(x, w13, act, None, al, top_k, act.shape[1], True, cfg)
+        if cfg.sorted_rows:
+            _launch(sorted_rows(x, al, top_k), w13, act, None, al, 1, act.shape[1], True, cfg)
+        else:
+            _launch(x, w13, act, None, al, top_k, act.shape[1], True, cfg)
     return act
 
 
 def moe_down(act: torch.Tensor, w2: torch.Tensor, al: Aligned, topk_weights: torch.Tensor, down: torch.Tensor,
              cfg: MoEConfig) -> torch.Tensor:
-    """down [T * top_k, H] (pair rows) = weight[pair] * (act[pair] @ w2[e].T)."""
+    """down [T * top_k, H] (pair rows) = weight[pair] * (act[pair] @ w2[e].T); act as moe_gate_up wrote
+    it for the same cfg.sorted_rows."""
     assert down.shape == (al.num_pairs, w2.shape[1]) and topk_weights.is_contiguous()
+    assert act.shape[0] == act_rows(al, cfg)
     if al.num_pairs:
         _launch(act, w2, down, topk_weights.reshape(-1), al, 1, down.shape[1], False, cfg)
     return down
@@ -284,7 +324,8 @@ def fused_moe(
     out: torch.Tensor, cfg: MoEConfig | MoEConfigs | None = None, shard: ExpertShard | None = None,
 ) -> torch.Tensor:
     """Triton version of moe_experts_ref, without a host sync. out: [T, H] rows (e.g. a row slice of
-    a bigger buffer); scratch of [T * top_k, I + H] comes from the caching allocator (graph-safe).
+    a bigger buffer); scratch of [T * top_k, I + H] (sorted rows: [capacity, H + I] + [T * top_k, H])
+    comes from the caching allocator (graph-safe).
     cfg: each projection's tiles (one MoEConfig: the same for both; None: pick_config's).
     shard (expert parallel): out is the sum over the pairs of this rank's experts only."""
     T, top_k = topk_ids.shape
@@ -296,7 +337,7 @@ def fused_moe(
     elif isinstance(cfg, MoEConfig):
         cfg = MoEConfigs.same(cfg)
     al = align(topk_ids, E, cfg.block_m, _first_expert(shard))
-    act = torch.empty(T * top_k, w2.shape[2], device=x.device, dtype=x.dtype)
+    act = torch.empty(act_rows(al, cfg.gate_up), w2.shape[2], device=x.device, dtype=x.dtype)
     # expert parallel: the GEMMs never visit another rank's pairs, so their rows must start at zero
     # to add nothing to the sum (one memset, far cheaper than the GEMMs the align saved)
     down = (torch.zeros if shard is not None else torch.empty)(T, top_k, H, device=x.device, dtype=x.dtype)

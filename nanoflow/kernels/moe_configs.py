@@ -46,6 +46,10 @@ class MoEConfig:
     # weight tiles by TMA (a tensor descriptor) instead of pointer loads: Hopper and later, and rows
     # of a multiple of 16 bytes
     tma_weights: bool = False
+    # the rows gathered into the align's slot order before gate_up (one gather of x) and kept so for
+    # down, so both GEMMs read contiguous A tiles (by TMA too, with tma_weights); both projections
+    # must agree, as on block_m
+    sorted_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class MoEConfigs:
                 f"gate_up block_m {self.gate_up.block_m} != down block_m {self.down.block_m}: both "
                 "projections walk the blocks of one align, so they must share block_m"
             )
+        if self.gate_up.sorted_rows != self.down.sorted_rows:
+            raise ValueError("gate_up and down must agree on sorted_rows: down reads the rows gate_up writes")
 
     @classmethod
     def same(cls, cfg: MoEConfig) -> MoEConfigs:

@@ -29,10 +29,18 @@ SPLIT = mc.MoEConfigs(
     gate_up=mc.MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=1),
     down=mc.MoEConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1),
 )
-# the weight tiles by TMA: gate_up's tiles read past the expert's rows and (K step 128 > K) past
-# K, which the descriptor fills with zeros
-TMA = [dataclasses.replace(SMALL, tma_weights=True),
-       mc.MoEConfigs(*(dataclasses.replace(c, tma_weights=True) for c in (SPLIT.gate_up, SPLIT.down)))]
+
+
+def _with(cfg: fm.MoEConfig | mc.MoEConfigs, **fields: bool) -> fm.MoEConfig | mc.MoEConfigs:
+    if isinstance(cfg, mc.MoEConfigs):
+        return mc.MoEConfigs(*(dataclasses.replace(c, **fields) for c in (cfg.gate_up, cfg.down)))
+    return dataclasses.replace(cfg, **fields)
+
+
+# the weight tiles by TMA (gate_up's tiles read past the expert's rows and, K step 128 > K, past K,
+# which the descriptor fills with zeros); the rows in slot order, by pointer loads and by TMA
+TMA = [_with(c, **f) for c in (SMALL, SPLIT)
+       for f in ({"tma_weights": True}, {"sorted_rows": True}, {"sorted_rows": True, "tma_weights": True})]
 
 
 def _routing(kind: str, T: int, E: int, device: str) -> torch.Tensor:
@@ -115,7 +123,7 @@ def test_fused_moe(T: int, kind: str, E: int, device: str, dtype: torch.dtype, a
     ref = fm.moe_experts_ref(x, w13, w2, w, ids, torch.empty_like(x))
     assert_rel(ref, fm.moe_per_token_ref(x, w13, w2, w, ids), dtype)
     # the default config (as the model runs it), a small one with several blocks per expert,
-    # different tiles per projection, and both with the weights by TMA
+    # different tiles per projection, and both with TMA and sorted rows
     for cfg in (None, SMALL, SPLIT, *TMA):
         buf = torch.full((T + 3, H), float("nan"), device=device, dtype=dtype)
         out = buf[1 : T + 1]  # rows of a bigger buffer, as a nano-batch's
@@ -176,7 +184,7 @@ def test_fused_moe_expert_parallel(T: int, kind: str, ranks: int, device: str, d
         else:
             assert_rel(ref, masked, dtype)
             assert_rel(fm.moe_per_token_ref(x, w13_r, w2_r, w, ids, shard), ref, dtype)
-        for cfg in (None, SMALL):
+        for cfg in (None, SMALL, _with(SMALL, sorted_rows=True, tma_weights=True)):
             out = torch.full_like(x, float("nan"))
             fm.fused_moe(x, w13_r, w2_r, w, ids, out, cfg, shard=shard)
             assert (out[~mine.any(dim=1)] == 0).all(), "a token with no local expert gets exactly zero"
@@ -184,6 +192,11 @@ def test_fused_moe_expert_parallel(T: int, kind: str, ranks: int, device: str, d
                 assert_rel(out, ref, dtype)
         total += out.float()
     assert_rel(total, full, dtype)
+
+
+def test_configs_agree_on_sorted_rows() -> None:
+    with pytest.raises(ValueError, match="sorted_rows"):
+        mc.MoEConfigs(SMALL, dataclasses.replace(SMALL, sorted_rows=True))
 
 
 def test_default_config_block_m() -> None:
