@@ -15,7 +15,9 @@ so a CUDA graph can capture it:
    out[token] = sum over the top_k slots of down (a [T, top_k, H] sum, no atomics: deterministic).
 
 Tiles (moe_configs.py): each GEMM has its own, tuned per GPU, shape and token count; the two share
-BLOCK_M, the align's block size.
+BLOCK_M, the align's block size. A config may also fetch the weight tiles by TMA (`tma_weights`) and
+put the rows in slot order (`sorted_rows`: x gathered once before gate_up, act left in slot order
+for down), so both GEMMs read contiguous A tiles, by TMA too; the tuning sweep picks per GPU.
 
 Expert parallelism (`ExpertShard`): w13 and w2 hold one rank's whole experts and the routing names
 global ids. The align leaves out the pairs of other ranks' experts (no slot, no block, no GEMM
@@ -289,7 +291,7 @@ def act_rows(al: Aligned, cfg: MoEConfig) -> int:
     return al.sorted_pairs.numel() if cfg.sorted_rows else al.num_pairs
 
 
-def sorted_rows(x: torch.Tensor, al: Aligned, top_k: int) -> torch.Tensor:
+def rows_in_slot_order(x: torch.Tensor, al: Aligned, top_k: int) -> torch.Tensor:
     """x's rows in slot order, [capacity, H]: slot s holds its pair's token; padding slots repeat the
     last token (finite rows whose results no live pair reads). One gather, ~1% of the GEMM after it."""
     return x.index_select(0, (al.sorted_pairs // top_k).clamp_(max=x.shape[0] - 1))
@@ -302,7 +304,7 @@ def moe_gate_up(x: torch.Tensor, w13: torch.Tensor, al: Aligned, top_k: int, act
     assert act.shape == (act_rows(al, cfg), w13.shape[1] // 2)
     if al.num_pairs:
         if cfg.sorted_rows:
-            _launch(sorted_rows(x, al, top_k), w13, act, None, al, 1, act.shape[1], True, cfg)
+            _launch(rows_in_slot_order(x, al, top_k), w13, act, None, al, 1, act.shape[1], True, cfg)
         else:
             _launch(x, w13, act, None, al, top_k, act.shape[1], True, cfg)
     return act
