@@ -19,6 +19,7 @@ import json
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.kernels.decode_attention import CAPPED, DecodeConfig
+from nanoflow.layers.op import run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import overlap_schedule, pingpong_schedule
 from nanoflow.tune.timing import Timer
@@ -61,6 +63,9 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="fp8 halves attention's bytes and doubles the decodes a pool holds (GEMMs of a decode "
                    "step then further past the ridge)")
+    p.add_argument("--attention-ctas", default=None,
+                   help="also time the step's decode attention alone, every layer's, on these SM caps (comma "
+                   "list; all = uncapped), in TB/s of K+V: the engine's op as the tune profile runs it")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -85,6 +90,8 @@ def main() -> None:
         seq_ms = timer.ms(lambda: model(batch))
         results["sequential_ms"] = seq_ms
         print(f"sequential: {seq_ms:.2f} ms", flush=True)
+        if args.attention_ctas:
+            results["attention_alone"] = attention_alone(model, batch, runner, timer, args.attention_ctas)
         rows = []
         for kernel in args.kernels.split(","):
             for layer in model.layers:
@@ -123,6 +130,25 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "pipeline_step.json").write_text(json.dumps(results, indent=1))
+
+
+def attention_alone(model: Any, batch: Any, runner: Any, timer: Timer, ctas: str) -> list[dict[str, Any]]:
+    """Every layer's decode attention op over the step's buffers, alone, at each cap (capped: the
+    layers' capped_config, the engine's CAPPED unless --kernels set another), in TB/s of the K and
+    V that the decodes read: to set beside kernel_check's figures for the same kernel."""
+    bufs = model.buffers(batch)
+    run_sequential(model.layer_ops, bufs, [batch])  # the buffers of a real step (and kernels compiled)
+    i = [op.name for op in model.layer_ops[0]].index("decode_attention")
+    ops = [layer[i] for layer in model.layer_ops]
+    k = runner.kv_caches[0][0]  # [pages, kv heads, page size, head dim]
+    per_token = 2 * k.shape[1] * k.shape[3] * k.element_size()
+    nbytes = int(sum(batch.seq_lens_cpu[: batch.num_decodes])) * per_token * len(ops)
+    rows = []
+    for c in (None if c == "all" else int(c) for c in ctas.split(",")):
+        ms = timer.ms(lambda c=c: [op.run(batch, bufs, c) for op in ops])
+        rows.append({"ctas": c, "ms": ms, "tbps": nbytes / ms / 1e9})
+        print(f"decode attention alone, {c or 'all'} CTAs: {ms:.2f} ms = {nbytes / ms / 1e9:.2f} TB/s", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
