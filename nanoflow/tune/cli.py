@@ -148,11 +148,16 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         _print_profile(profile)
         return 0
     tuning = search(profile, min_gain=args.min_gain, time_limit_s=args.time_limit, split_step=args.split_step)
+    times: dict[int, dict[str, float]] = {}
+    if runner is not None and not args.no_verify:
+        tuning, times = _measure(runner, profile, tuning, workload, args.min_gain)
     target = Path(args.output) if args.output else cache_path(profile["key"])
     tuning.pipeline.save(target)
-    measured = _verify(runner, profile, tuning, workload) if runner is not None and not args.no_verify else {}
+    measured = {b.max_tokens: times[b.max_tokens][b.candidate.describe()] for b in tuning.buckets
+                if b.candidate.split is not None and b.max_tokens in times}
     report = {**tuning.to_json(), "profile": profile_path, "pipeline_path": str(target),
-              "measured_ms": {str(k): v for k, v in measured.items()}}
+              "measured_ms": {str(k): v for k, v in measured.items()},
+              "measured_candidates_ms": {str(k): v for k, v in times.items()}}
     _write_json(out_dir / f"tune-search_{_safe(profile['device'])}_{_safe(name)}_{stamp}.json", report)
     _print_table(profile, tuning, measured)
     for note in tuning.notes:
@@ -222,15 +227,28 @@ def _check_key(got: dict[str, Any], want: dict[str, Any], path: str) -> None:
                          ", ".join(f"{k}: profile {a!r} vs engine {b!r}" for k, (a, b) in diff.items()))
 
 
-def _verify(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any) -> dict[int, float]:
-    """Each pipelined bucket's forward at its largest size, timed as the profile timed the sequential one."""
+def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any,
+             min_gain: float) -> tuple[Any, dict[int, dict[str, float]]]:
+    """Whole forwards, timed as the profile timed the sequential one. On a GPU, each bucket's
+    candidates (tune.measured: the model's pick, sequential, ping-pong at each profiled cap) and the
+    fastest kept; on the CPU, where streams run one after the other, only the pipelined picks."""
+    from nanoflow.tune.measured import measured_choice
     from nanoflow.tune.profile import time_forward
     from nanoflow.tune.timing import Timer
 
     t = profile["timer"]
     timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=True)
-    return {b.max_tokens: time_forward(runner, b.max_tokens, workload, timer, s)
-            for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True) if b.candidate.split is not None}
+    names = [o["name"] for o in profile["ops"]]
+    forward = lambda tokens, schedule: time_forward(runner, tokens, workload, timer, schedule)  # noqa: E731
+    if runner.device.type == "cuda":
+        caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
+        m = measured_choice(tuning, names, caps, forward, min_gain)
+        return m.tuning, m.times
+    times = {}
+    for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
+        if b.candidate.split is not None:
+            times[b.max_tokens] = {b.candidate.describe(): forward(b.max_tokens, s)}
+    return tuning, times
 
 
 def _print_profile(profile: dict[str, Any]) -> None:
@@ -264,9 +282,11 @@ def _print_table(profile: dict[str, Any], tuning: Any, measured: dict[int, float
     for b in tuning.buckets:
         seq = forward.get(b.max_tokens)
         got = measured.get(b.max_tokens)
-        print(f"{f'{b.min_tokens}-{b.max_tokens}':>12} {b.sequential_ms:>14.3f} {b.predicted_ms:>10.3f} "
-              f"{b.sequential_ms / b.predicted_ms:>5.2f}x {'' if seq is None else f'{seq:.3f}':>13} "
-              f"{'' if got is None else f'{got:.3f}':>16}  {b.candidate.describe()}")
+        chosen = f"{b.predicted_ms:>10.3f} {b.sequential_ms / b.predicted_ms:>5.2f}x" if b.predicted_ms else \
+            f"{'-':>10} {'-':>6}"
+        print(f"{f'{b.min_tokens}-{b.max_tokens}':>12} {b.sequential_ms:>14.3f} {chosen} "
+              f"{'' if seq is None else f'{seq:.3f}':>13} {'' if got is None else f'{got:.3f}':>16}  "
+              f"{b.candidate.describe()}{' (measured)' if b.measured else ''}")
 
 
 def _safe(s: str) -> str:

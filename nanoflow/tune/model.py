@@ -26,9 +26,10 @@ import torch
 
 from nanoflow.layers.op import Op
 from nanoflow.pipeline.executor import PipelineExecutor
-from nanoflow.pipeline.schedule import Schedule, overlap_schedule, sequential_schedule
+from nanoflow.pipeline.schedule import Schedule, overlap_schedule, pingpong_schedule, sequential_schedule
 
 DECODE, PREFILL = "decode_attention", "prefill_attention"
+PINGPONG = "pingpong"
 SERIAL = (0.5, 0.5)  # kept fractions that price side-by-side work as if run one after the other
 
 
@@ -36,17 +37,23 @@ SERIAL = (0.5, 0.5)  # kept fractions that price side-by-side work as if run one
 class Candidate:
     split: int | None = None  # None: the sequential schedule
     ctas: int | None = None  # decode attention's SM cap on stream 1
-    beside: str = "qkv"  # what decode attention overlaps (pipeline.schedule.overlap_schedule)
+    # what decode attention overlaps (pipeline.schedule.overlap_schedule), or PINGPONG (each
+    # nano-batch on a stream of its own: pingpong_schedule; measured only, the model cannot price it)
+    beside: str = "qkv"
 
     def schedule(self, op_names: Sequence[str], min_tokens: int, max_tokens: int) -> Schedule:
         if self.split is None:
             return sequential_schedule(op_names, max_tokens, min_tokens)
+        if self.beside == PINGPONG:
+            return pingpong_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas)
         return overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside)
 
     def describe(self) -> str:
         if self.split is None:
             return "sequential"
         cap = f"{self.ctas} CTAs" if self.ctas else "all SMs"
+        if self.beside == PINGPONG:
+            return f"2 nano-batches split at {self.split}, each on a stream of its own, decode attention on {cap}"
         return f"2 nano-batches split at {self.split}, decode attention on {cap} beside the other's {self.beside}"
 
 

@@ -38,16 +38,20 @@ class BucketChoice:
     min_tokens: int
     max_tokens: int
     candidate: Candidate
-    predicted_ms: float  # a step at max_tokens, layers only (embedding, final norm, LM head excluded)
+    # a step at max_tokens, layers only (embedding, final norm, LM head excluded); None: a candidate
+    # the model cannot price, chosen by measurement (tune.measured)
+    predicted_ms: float | None
     sequential_ms: float
     num_candidates: int
+    measured: bool = False  # the choice is measurement's, overturning the model's
 
     def to_json(self) -> dict[str, Any]:
         c = self.candidate
         return {"min_tokens": self.min_tokens, "max_tokens": self.max_tokens, "choice": c.describe(),
-                "split": c.split, "decode_ctas": c.ctas,
+                "split": c.split, "decode_ctas": c.ctas, "beside": c.beside if c.split else None,
                 "predicted_ms": self.predicted_ms, "sequential_ms": self.sequential_ms,
-                "gain": self.sequential_ms / self.predicted_ms, "candidates": self.num_candidates}
+                "gain": self.sequential_ms / self.predicted_ms if self.predicted_ms else None,
+                "candidates": self.num_candidates, "chosen_by_measurement": self.measured}
 
 
 @dataclass

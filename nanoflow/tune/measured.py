@@ -1,0 +1,64 @@
+"""The search's choice, checked on the GPU: per bucket, whole forwards at the bucket's largest size
+for the sequential schedule, the model's pick, and the schedules the model cannot price (each
+nano-batch on a stream of its own, `pingpong_schedule`, at each profiled SM cap and uncapped); the
+fastest measured one is kept if it beats the sequential forward by min_gain, else the sequential
+schedule. The model prices the candidates it knows to choose among hundreds; the measurement has the
+last word, so a model error can cost a bucket its gain but not make it slower than sequential.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from nanoflow.pipeline.schedule import Schedule
+from nanoflow.tune.model import PINGPONG, Candidate
+from nanoflow.tune.search import BucketChoice, Tuning
+
+# ms of one forward of `tokens` tokens through `schedule` (None: the sequential walk)
+TimeForward = Callable[[int, Schedule | None], float]
+
+
+@dataclass(frozen=True)
+class Measured:
+    tuning: Tuning  # the search's, with the buckets that measurement overturned replaced
+    times: dict[int, dict[str, float]]  # bucket's max_tokens -> {candidate description: ms}
+
+
+def measured_candidates(choice: BucketChoice, caps: Sequence[int | None]) -> list[Candidate]:
+    """Sequential, the model's pick, and ping-pong split in half at each cap (none for a bucket
+    whose smallest step could leave a nano-batch empty)."""
+    out = [Candidate()]
+    if choice.candidate.split is not None:
+        out.append(choice.candidate)
+    split = choice.max_tokens // 2
+    if 0 < split < choice.min_tokens:
+        out += [Candidate(split, c, PINGPONG) for c in caps]
+    return out
+
+
+def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | None], time_forward: TimeForward,
+                    min_gain: float) -> Measured:
+    buckets, schedules, times = [], [], {}
+    for b in tuning.buckets:
+        cands = measured_candidates(b, caps)
+        ms = {c.describe(): time_forward(b.max_tokens, None if c.split is None else c.schedule(names, b.min_tokens,
+                                                                                              b.max_tokens))
+              for c in cands}
+        times[b.max_tokens] = ms
+        seq = ms[Candidate().describe()]
+        best = min(cands, key=lambda c: ms[c.describe()])
+        if best.split is not None and ms[best.describe()] >= seq * (1 - min_gain):
+            best = Candidate()
+        if best == b.candidate:
+            buckets.append(b)
+            schedules.append(next(s for s in tuning.pipeline.schedules if s.max_tokens == b.max_tokens))
+            continue
+        # overturned: the model priced sequential, not the schedules only measurement knows
+        predicted = b.sequential_ms if best.split is None else None
+        buckets.append(dataclasses.replace(b, candidate=best, predicted_ms=predicted, measured=True))
+        schedules.append(dataclasses.replace(best.schedule(names, b.min_tokens, b.max_tokens), predicted_ms=predicted))
+    pipeline = dataclasses.replace(tuning.pipeline, schedules=tuple(schedules))
+    pipeline.check(names)
+    return Measured(dataclasses.replace(tuning, pipeline=pipeline, buckets=buckets), times)

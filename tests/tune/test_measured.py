@@ -1,0 +1,70 @@
+"""tune.measured: the search's pick checked against whole-forward timings (here a fake clock), with
+the ping-pong schedules the model cannot price among the candidates."""
+
+from __future__ import annotations
+
+import synthetic_profiles as sp
+
+from nanoflow.pipeline.schedule import Schedule
+from nanoflow.tune.measured import measured_candidates, measured_choice
+from nanoflow.tune.model import PINGPONG
+from nanoflow.tune.search import search
+
+SIZES = [256, 512, 1024]
+
+
+def _tuning(op_kept: float, attention_kept: float):
+    profile = sp.profile(op_kept, attention_kept, sizes=SIZES)
+    return search(profile), [o["name"] for o in profile["ops"]]
+
+
+def _clock(seq_ms: float, model_ms: float, pingpong_ms: dict[int | None, float]):
+    """A fake time_forward: by the schedule's shape, and for ping-pong by its decode cap."""
+    calls: list[tuple[int, Schedule | None]] = []
+
+    def time_forward(tokens: int, schedule: Schedule | None) -> float:
+        calls.append((tokens, schedule))
+        if schedule is None:
+            return seq_ms
+        decode = next(s for s in schedule.steps if s.op == "decode_attention")
+        pingpong = {s.stream for s in schedule.steps if s.part == 1} == {1}  # all of nano-batch 1 on stream 1
+        return pingpong_ms[decode.num_ctas] if pingpong else model_ms
+
+    return time_forward, calls
+
+
+def test_candidates_per_bucket() -> None:
+    tuning, _ = _tuning(0.9, 0.9)  # overlap pays: the model splits the larger buckets
+    first, *rest = tuning.buckets
+    assert [c.split for c in measured_candidates(first, [44, None])] == [None]  # 1-256: no split fits
+    for b in rest:
+        cands = measured_candidates(b, [44, None])
+        assert cands[0].split is None and cands[1] == b.candidate
+        assert [(c.split, c.ctas, c.beside) for c in cands[2:]] == [(b.max_tokens // 2, 44, PINGPONG),
+                                                                   (b.max_tokens // 2, None, PINGPONG)]
+
+
+def test_measurement_overturns_the_model() -> None:
+    tuning, names = _tuning(0.9, 0.9)
+    # ping-pong on 44 SMs measures fastest, the model's pick slower than sequential
+    clock, calls = _clock(10.0, 10.5, {44: 8.0, None: 9.9})
+    m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01)
+    assert calls[0] == (256, None) and len(calls) == 1 + 2 * 4  # bucket 1: sequential only
+    for b, s in zip(m.tuning.buckets[1:], m.tuning.pipeline.schedules[1:], strict=True):
+        assert (b.candidate.beside, b.candidate.ctas, b.measured, b.predicted_ms) == (PINGPONG, 44, True, None)
+        assert s.num_streams == 2 and s.predicted_ms is None and m.times[b.max_tokens][b.candidate.describe()] == 8.0
+    m.tuning.pipeline.check(names)
+    assert m.tuning.buckets[0] == tuning.buckets[0]
+
+
+def test_no_gain_by_the_margin_keeps_sequential() -> None:
+    tuning, names = _tuning(0.9, 0.9)
+    clock, _ = _clock(10.0, 9.95, {44: 9.99, None: 10.2})  # 0.5% faster: under min_gain
+    m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01)
+    assert all(b.candidate.split is None for b in m.tuning.buckets)
+    assert all(s.num_streams == 1 for s in m.tuning.pipeline.schedules)
+    assert [b.measured for b in m.tuning.buckets] == [b.candidate.split is not None for b in tuning.buckets]
+    # and where the model's pick measures fastest, it stays, priced as the model priced it
+    clock, _ = _clock(10.0, 8.0, {44: 9.0, None: 9.0})
+    m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01)
+    assert m.tuning.buckets == tuning.buckets and m.tuning.pipeline == tuning.pipeline
