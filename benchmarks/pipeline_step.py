@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--attention-ctas", default=None,
                    help="also time the step's decode attention alone, every layer's, on these SM caps (comma "
                    "list; all = uncapped), in TB/s of K+V: the engine's op as the tune profile runs it")
+    p.add_argument("--spread", action="store_true",
+                   help="decode contexts spread from --context/2 to ~3x--context/2 (as the tune profile's) "
+                   "instead of all equal")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -75,8 +78,10 @@ def main() -> None:
     runner = llm.engine.runner
     model = runner.model
     chunk = args.tokens - args.decodes
-    plan = StepPlan.synthetic([args.context] * args.decodes, [(0, chunk)] if chunk else [],
-                              runner.arch.vocab_size)
+    # --spread: contexts from L/2 to ~3L/2, as nanoflow tune's profile makes them (tune.profile.mixed_plan)
+    contexts = [args.context // 2 + (i * 37 % 64) * args.context // 64 if args.spread else args.context
+                for i in range(args.decodes)]
+    plan = StepPlan.synthetic(contexts, [(0, chunk)] if chunk else [], runner.arch.vocab_size)
     pages = sum(len(t) for t in plan.tables)
     if pages > runner.num_pages:
         raise SystemExit(f"the step needs {pages} KV pages, the pool holds {runner.num_pages}: fewer --decodes or "
