@@ -121,6 +121,7 @@ def _sweep(fm: types.ModuleType, mc: types.ModuleType, ids: Any, E: int, T: int,
     sum is least."""
     best: tuple[float, dict[str, tuple[float, Any]]] | None = None
     sums = {}
+    trials: list[dict[str, Any]] = []  # every timing, to prune the grid by
     for (block_m, srt), configs in _sweep_grid(mc, T, top_k, E, on_gpu).items():
         al = fm.align(ids, E, block_m)
         fastest: dict[str, tuple[float, Any]] = {}
@@ -131,6 +132,7 @@ def _sweep(fm: types.ModuleType, mc: types.ModuleType, ids: Any, E: int, T: int,
                 except Exception as exc:  # noqa: BLE001 (out of shared memory and the like: skip the config)
                     print(f"  skip {name} {_tile(c)}: {type(exc).__name__}", file=sys.stderr)
                     continue
+                trials.append({"projection": name, "tile": _tile(c), "ms": ms})
                 if name not in fastest or ms < fastest[name][0]:
                     fastest[name] = (ms, c)
         if len(fastest) == len(projections):
@@ -142,7 +144,7 @@ def _sweep(fm: types.ModuleType, mc: types.ModuleType, ids: Any, E: int, T: int,
         return {}
     cfgs = mc.MoEConfigs(best[1]["gate_up"][1], best[1]["down"][1])
     return {"ms": best[0], "pct_of_dense": 100 * sum(dense_ms.values()) / best[0], "config": mc.to_entry(cfgs),
-            "ms_by_block_m": sums,
+            "ms_by_block_m": sums, "trials": trials,
             "per_projection": {name: {"ms": ms, "pct_of_dense": 100 * dense_ms[name] / ms, "tile": _tile(c)}
                                for name, (ms, c) in best[1].items()}}
 
