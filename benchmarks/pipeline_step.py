@@ -14,6 +14,7 @@ A first look at what overlap gains on this GPU before `nanoflow tune` searches i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -69,6 +70,10 @@ def main() -> None:
     p.add_argument("--spread", action="store_true",
                    help="decode contexts spread from --context/2 to ~3x--context/2 (as the tune profile's) "
                    "instead of all equal")
+    p.add_argument("--attention-variants", default="",
+                   help="with --attention-ctas, also these batches, comma list of: spread (contexts as --spread), "
+                   "shuffled (pages in random order, as kernel_check's; synthetic steps number them "
+                   "consecutively), spread+shuffled")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -77,16 +82,7 @@ def main() -> None:
               cuda_graph_max_tokens=0, max_num_batched_tokens=args.tokens, kv_cache_dtype=args.kv_cache_dtype)
     runner = llm.engine.runner
     model = runner.model
-    chunk = args.tokens - args.decodes
-    # --spread: contexts from L/2 to ~3L/2, as nanoflow tune's profile makes them (tune.profile.mixed_plan)
-    contexts = [args.context // 2 + (i * 37 % 64) * args.context // 64 if args.spread else args.context
-                for i in range(args.decodes)]
-    plan = StepPlan.synthetic(contexts, [(0, chunk)] if chunk else [], runner.arch.vocab_size)
-    pages = sum(len(t) for t in plan.tables)
-    if pages > runner.num_pages:
-        raise SystemExit(f"the step needs {pages} KV pages, the pool holds {runner.num_pages}: fewer --decodes or "
-                         "a shorter --context")
-    batch = runner.build(plan)
+    batch = step(runner, args.decodes, args.context, args.tokens - args.decodes, args.spread, False)
     names = [op.name for op in model.layer_ops[0]]
     sms = torch.cuda.get_device_properties(runner.device).multi_processor_count
     results = {"args": vars(args), "device": torch.cuda.get_device_name(), "build_s": time.perf_counter() - t0}
@@ -96,7 +92,12 @@ def main() -> None:
         results["sequential_ms"] = seq_ms
         print(f"sequential: {seq_ms:.2f} ms", flush=True)
         if args.attention_ctas:
-            results["attention_alone"] = attention_alone(model, batch, runner, timer, args.attention_ctas)
+            results["attention_alone"] = {"": attention_alone(model, batch, runner, timer, args.attention_ctas)}
+            for v in filter(None, args.attention_variants.split(",")):
+                print(f"batch variant {v}:", flush=True)
+                other = step(runner, args.decodes, args.context, args.tokens - args.decodes, "spread" in v,
+                             "shuffled" in v)
+                results["attention_alone"][v] = attention_alone(model, other, runner, timer, args.attention_ctas)
         rows = []
         for kernel in args.kernels.split(","):
             for layer in model.layers:
@@ -135,6 +136,21 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "pipeline_step.json").write_text(json.dumps(results, indent=1))
+
+
+def step(runner: Any, decodes: int, context: int, chunk: int, spread: bool, shuffled: bool) -> Any:
+    """A built step of `decodes` decodes and one prefill chunk. spread: contexts from L/2 to ~3L/2, as
+    nanoflow tune's profile makes them (tune.profile.mixed_plan); shuffled: pages in random order."""
+    contexts = [context // 2 + (i * 37 % 64) * context // 64 if spread else context for i in range(decodes)]
+    plan = StepPlan.synthetic(contexts, [(0, chunk)] if chunk else [], runner.arch.vocab_size)
+    pages = sum(len(t) for t in plan.tables)
+    if pages > runner.num_pages:
+        raise SystemExit(f"the step needs {pages} KV pages, the pool holds {runner.num_pages}: fewer --decodes or "
+                         "a shorter --context")
+    if shuffled:
+        perm = torch.randperm(runner.num_pages, generator=torch.Generator().manual_seed(0)).tolist()
+        plan = dataclasses.replace(plan, tables=[[perm[p] for p in t] for t in plan.tables])
+    return runner.build(plan)
 
 
 def attention_alone(model: Any, batch: Any, runner: Any, timer: Timer, ctas: str) -> list[dict[str, Any]]:
