@@ -90,7 +90,7 @@ def _sweep_grid(mc: types.ModuleType, num_tokens: int, top_k: int, num_experts: 
         tiles = [(64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 5), (128, 64, 4, 4)]
         block_ms, groups = (16, 32, 64), (1,)
     else:
-        # the tiles that won a projection in the H200 sweeps of 2026-11-30 (moe_check.json's trials), and
+        # the tiles that won a projection in the H200 sweeps of 2026-11-30 (benchmarks/results logs), and
         # their neighbours in stages: each is compiled three ways (below), so the grid stays small
         tiles = [(128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3),
                  (256, 64, 8, 4)]
