@@ -250,7 +250,6 @@ def tp_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, mi
     return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, tuple(steps))
 
 
-
 def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
                       decode_ctas: int | None) -> Schedule:
     """Two nano-batches, each on a stream of its own for the whole layer (and so across layers):

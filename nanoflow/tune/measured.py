@@ -40,9 +40,14 @@ def measured_candidates(choice: BucketChoice, caps: Sequence[int | None]) -> lis
 
 def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | None], time_forward: TimeForward,
                     min_gain: float) -> Measured:
+    """The module docstring's check over every bucket of the tuning (op names: the model's layer)."""
     buckets, schedules, times = [], [], {}
-    for b in tuning.buckets:
+    for b, schedule in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
         cands = measured_candidates(b, caps)
+        if len(cands) == 1:  # sequential is the only choice: nothing to time
+            buckets.append(b)
+            schedules.append(schedule)
+            continue
         ms = {c.describe(): time_forward(b.max_tokens, None if c.split is None else c.schedule(names, b.min_tokens,
                                                                                               b.max_tokens))
               for c in cands}
@@ -53,7 +58,7 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
             best = Candidate()
         if best == b.candidate:
             buckets.append(b)
-            schedules.append(next(s for s in tuning.pipeline.schedules if s.max_tokens == b.max_tokens))
+            schedules.append(schedule)
             continue
         # overturned: the model priced sequential, not the schedules only measurement knows
         predicted = b.sequential_ms if best.split is None else None
