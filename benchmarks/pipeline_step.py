@@ -27,6 +27,7 @@ import torch
 from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.step_plan import StepPlan
+from nanoflow.kernels import decode_attention as dk
 from nanoflow.kernels.decode_attention import CAPPED, DecodeConfig
 from nanoflow.layers.op import run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
@@ -167,9 +168,31 @@ def attention_alone(model: Any, batch: Any, runner: Any, timer: Timer, ctas: str
     rows = []
     for c in (None if c == "all" else int(c) for c in ctas.split(",")):
         ms = timer.ms(lambda c=c: [op.run(batch, bufs, c) for op in ops])
-        rows.append({"ctas": c, "ms": ms, "tbps": nbytes / ms / 1e9})
-        print(f"decode attention alone, {c or 'all'} CTAs: {ms:.2f} ms = {nbytes / ms / 1e9:.2f} TB/s", flush=True)
+        census = gate_census(model, batch, runner, c) if c is not None else {}
+        rows.append({"ctas": c, "ms": ms, "tbps": nbytes / ms / 1e9, **census})
+        print(f"decode attention alone, {c or 'all'} CTAs: {ms:.2f} ms = {nbytes / ms / 1e9:.2f} TB/s "
+              f"{census or ''}", flush=True)
     return rows
+
+
+def gate_census(model: Any, batch: Any, runner: Any, num_ctas: int) -> dict[str, Any]:
+    """Where the gated decode kernel's programs landed in one launch over the step (layer 1's cache,
+    random q): the SMs that joined the share, and how many programs each of them got (it runs at
+    most gate_ctas_per_sm); an SM of the share with fewer runs short of the gate's point."""
+    cfg = model.layers[1].decode_attention.capped_config
+    if not cfg.sm_gate or runner.device.type != "cuda":
+        return {}
+    sms = torch.cuda.get_device_properties(runner.device).multi_processor_count
+    counts = torch.zeros(2 + 2 * sms, dtype=torch.int32, device=runner.device)
+    rows, (k, v) = batch.decode_rows, runner.kv_caches[1]
+    q = torch.randn(rows, model.layers[1].decode_attention.shape.num_heads, k.shape[3], device=runner.device,
+                    dtype=runner.config.dtype)
+    dk.paged_decode_attention(q, k, v, batch.page_tables[:rows], batch.seq_lens[:rows], 0.08, None, num_ctas,
+                              config=cfg, num_seqs=batch.decode_count, gate_counts=counts)
+    state, programs = counts[2 : 2 + sms].tolist(), counts[2 + sms :].tolist()
+    share = [min(n, cfg.gate_ctas_per_sm) for st, n in zip(state, programs, strict=True) if st == 1]
+    return {"share_sms": len(share), "programs_on_share": sum(share),
+            "share_sms_by_programs": {n: share.count(n) for n in sorted(set(share))}}
 
 
 if __name__ == "__main__":

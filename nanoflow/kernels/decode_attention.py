@@ -207,6 +207,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     num_seqs: torch.Tensor | None = None,
+    gate_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of paged_decode_attention_ref. q: [B, Hq, D] with any row and head strides
     (e.g. the q part of a fused qkv buffer; a non-contiguous last dim costs a copy); out: None or a
@@ -219,7 +220,10 @@ def paged_decode_attention(
     the others untouched: a CUDA graph captured for B rows then serves every smaller batch. A
     sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
     config.all_heads=True runs the all-heads kernel instead (same arguments and results); with
-    config.sm_gate and num_ctas, num_ctas is a share of the SMs, each running gate_ctas_per_sm programs.
+    config.sm_gate and num_ctas, num_ctas is a share of the SMs, each running gate_ctas_per_sm programs;
+    gate_counts (int32, 2 + 2 * SMs, on the GPU), if given, is the gate's scratch, zeroed here and left
+    as the launch left it: [work items taken + programs, SMs claimed, each SM's state (1: in the share),
+    each SM's programs] (a census of where the programs landed, for benchmarks).
     """
     check_paged_inputs(q, k_cache, v_cache)
     # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
@@ -281,7 +285,11 @@ def paged_decode_attention(
         sms = num_sms(q.device.index or 0) if gate else 1
         grid = cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
         # the work counter (and, gated on the GPU, the gate's SM claims: see the kernel)
-        counter = torch.zeros(2 + 2 * sms if gate else 1, dtype=torch.int32, device=q.device) if gated else seq_lens
+        if gate and gate_counts is not None:
+            assert gate_counts.shape == (2 + 2 * sms,) and gate_counts.dtype == torch.int32
+            counter = gate_counts.zero_()
+        else:
+            counter = torch.zeros(2 + 2 * sms if gate else 1, dtype=torch.int32, device=q.device) if gated else seq_lens
         decode_all_heads_kernel[(grid,)](
             *tensors, scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window, *strides,
             BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, BATCHED=cfg.batched_dot,
