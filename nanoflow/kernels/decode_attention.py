@@ -283,7 +283,10 @@ def paged_decode_attention(
         # and the grid is the share's programs, taking items from the counter as on the GPU
         gate = gated and q.is_cuda
         sms = num_sms(q.device.index or 0) if gate else 1
-        grid = cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
+        # gated: twice the programs the SMs hold. Where the scheduler hands freed slots to the SMs
+        # outside the share first (their programs exit at once), the surplus still reaches the share's
+        # SMs that have fewer than gate_ctas_per_sm; the rest exit at once (gate_counts counts them).
+        grid = 2 * cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
         # the work counter (and, gated on the GPU, the gate's SM claims: see the kernel)
         if gate and gate_counts is not None:
             assert gate_counts.shape == (2 + 2 * sms,) and gate_counts.dtype == torch.int32
