@@ -229,3 +229,23 @@ def test_lazy_tensor_reads_the_region_a_tensor_would(tmp_path):
         assert torch.equal(lazy.narrow(1, 3, 3)[1].read(), t.narrow(1, 3, 3)[1])
         with pytest.raises(IndexError):
             lazy.narrow(0, 3, 2)
+
+
+def test_nccl_cap_from_the_flag_else_the_tuned_pipeline(tiny_model, tmp_path, monkeypatch):
+    """The communicator's NCCL CTA cap: --nccl-max-ctas when given, else the one `nanoflow tune -tp`
+    put into the pipeline the engine runs (auto: the cached one), else NCCL's own."""
+    from nanoflow.config import EngineConfig
+    from nanoflow.engine_args import EngineArgs
+    from nanoflow.executor.distributed import nccl_max_ctas
+    from nanoflow.executor.model_runner import pipeline_key
+    from nanoflow.pipeline.cache import cache_path
+    from nanoflow.pipeline.schedule import Pipeline
+
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path / "cache"))
+    config = lambda **kw: EngineConfig.from_args(EngineArgs(model=tiny_model("llama"), max_model_len=256,  # noqa: E731
+                                                            tensor_parallel_size=2, **kw))
+    assert nccl_max_ctas(config(), 2) is None  # nothing tuned
+    Pipeline((), pipeline_key(config(), 2), "test", nccl_max_ctas=8).save(cache_path(pipeline_key(config(), 2)))
+    assert nccl_max_ctas(config(), 2) == 8
+    assert nccl_max_ctas(config(nccl_max_ctas=4), 2) == 4
+    assert nccl_max_ctas(config(pipeline="off"), 2) is None

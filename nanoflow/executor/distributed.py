@@ -40,11 +40,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanoflow.config import EngineConfig
-from nanoflow.executor.model_runner import ModelRunner
+from nanoflow.executor.model_runner import ModelRunner, pipeline_key
 from nanoflow.executor.plan_channel import PlanRing
 from nanoflow.executor.symm_all_reduce import open_symm_all_reduce
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.model_arch import ModelArch
+from nanoflow.pipeline.cache import choose_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,15 @@ class _IdleMeter:
             self.ring.record_idle(max(0.0, prev_end.elapsed_time(start)))
 
 
+def nccl_max_ctas(config: EngineConfig, size: int) -> int | None:
+    """The NCCL CTA cap of the engine's communicator: --nccl-max-ctas if given, else the one the
+    pipeline it runs was tuned with (`nanoflow tune -tp` measures caps), else None (NCCL's own)."""
+    if config.args.nccl_max_ctas is not None:
+        return config.args.nccl_max_ctas
+    pipeline = choose_pipeline(config.args.pipeline, pipeline_key(config, size), quiet=True)
+    return pipeline.nccl_max_ctas if pipeline is not None else None
+
+
 def _join(rank: int, size: int, init_method: str, config: EngineConfig,
           one_host: bool) -> tuple[ParallelState, bool, EngineConfig]:
     """Joins the default process group (NCCL on GPUs, gloo on the CPU), a gloo control group and,
@@ -281,8 +291,9 @@ def _join(rank: int, size: int, init_method: str, config: EngineConfig,
     if config.device.type == "cuda":
         config = config.for_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))))
         torch.cuda.set_device(config.device)
-    if config.args.nccl_max_ctas is not None:  # read by NCCL when the communicator is made
-        os.environ["NCCL_MAX_CTAS"] = str(config.args.nccl_max_ctas)
+    cap = nccl_max_ctas(config, size)
+    if cap is not None:  # read by NCCL when the communicator is made
+        os.environ["NCCL_MAX_CTAS"] = str(cap)
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if config.device.type == "cuda" else "gloo"

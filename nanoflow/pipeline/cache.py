@@ -25,19 +25,21 @@ def cache_path(key: dict[str, Any]) -> Path:
     return cache_dir() / ("".join(c if c.isalnum() or c in "._-" else "-" for c in name) + ".json")
 
 
-def choose_pipeline(spec: str, key: dict[str, Any]) -> Pipeline | None:
+def choose_pipeline(spec: str, key: dict[str, Any], quiet: bool = False) -> Pipeline | None:
     """spec: "off" (sequential), "auto" (the tuned pipeline for this key if cached, else sequential)
-    or a path to a pipeline JSON. Returns None for sequential."""
+    or a path to a pipeline JSON. Returns None for sequential. quiet: no log lines (a second look)."""
     if spec == "off":
         return None
     if spec == "auto":
         path = cache_path(key)
         if not path.is_file():
-            log.info("pipeline: none tuned for this GPU, model, dtype, TP size and token budget; running the "
-                     "sequential schedule (`nanoflow tune` finds one and caches it at %s)", path)
+            if not quiet:
+                log.info("pipeline: none tuned for this GPU, model, dtype, TP size and token budget; running the "
+                         "sequential schedule (`nanoflow tune` finds one and caches it at %s)", path)
             return None
         pipeline = Pipeline.load(path)
-        log.info("pipeline: %s (%d schedules)", path, len(pipeline.schedules))
+        if not quiet:
+            log.info("pipeline: %s (%d schedules)", path, len(pipeline.schedules))
         return pipeline
     if not Path(spec).is_file():
         raise ValueError(f"pipeline must be 'auto', 'off' or a pipeline JSON file; {spec!r} is none of them")

@@ -91,6 +91,9 @@ class Pipeline:
     schedules: tuple[Schedule, ...]
     key: dict[str, Any] = field(default_factory=dict)  # what it was tuned for (GPU, model shape, ...)
     source: str = ""  # where it came from (a path, "tuned", "built-in")
+    # tensor parallel: the NCCL CTA cap the tune chose (NCCL_MAX_CTAS, set before the communicator is
+    # made: engine-wide, not per schedule); None: NCCL's own
+    nccl_max_ctas: int | None = None
 
     def for_tokens(self, num_tokens: int) -> Schedule | None:
         return next((s for s in self.schedules if s.min_tokens <= num_tokens <= s.max_tokens), None)
@@ -104,7 +107,8 @@ class Pipeline:
                 raise ValueError(f"pipeline schedules overlap in token ranges: {ranges}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": 1, "key": self.key, "schedules": [
+        cap = {} if self.nccl_max_ctas is None else {"nccl_max_ctas": self.nccl_max_ctas}
+        return {"version": 1, "key": self.key, **cap, "schedules": [
             {**asdict(s), "partitions": {k: list(v) for k, v in s.partitions.items()},
              "steps": [{k: v for k, v in asdict(st).items() if v != Step.__dataclass_fields__[k].default}
                        for st in s.steps]} for s in self.schedules]}
@@ -118,7 +122,8 @@ class Pipeline:
                      {k: tuple(int(x) for x in v) for k, v in s["partitions"].items()},
                      tuple(Step(**st) for st in s["steps"]), s.get("predicted_ms"))
             for s in data["schedules"])
-        return cls(schedules, dict(data.get("key", {})), source)
+        cap = data.get("nccl_max_ctas")
+        return cls(schedules, dict(data.get("key", {})), source, None if cap is None else int(cap))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

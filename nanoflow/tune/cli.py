@@ -74,6 +74,10 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
                    "measured in one engine start (default 0.5)")
     s.add_argument("--network-min-tokens", type=int, default=256,
                    help="tensor parallel: buckets above this many tokens get network-overlap candidates")
+    s.add_argument("--nccl-ctas", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                   help="tensor parallel: NCCL CTA caps to try besides the engine's own (--nccl-max-ctas, else "
+                   "NCCL's), comma list; each costs a fresh start of every run, and the one kept goes into the "
+                   "pipeline, which the engine starts its communicator with")
 
     o = p.add_argument_group("output")
     o.add_argument("--profile-only", action="store_true", help="write the profile JSON and stop")
@@ -188,7 +192,8 @@ def _tune_tensor_parallel(args: argparse.Namespace, ea: Any, name: str) -> int:
     key = pipeline_key(config, config.tensor_parallel_size)
     print(f"tune: {name}, tensor parallel {config.tensor_parallel_size}, token budget {config.max_num_batched_tokens}",
           flush=True)
-    t = tune_tensor_parallel(config, key, args.split_fractions, args.network_min_tokens, args.min_gain)
+    t = tune_tensor_parallel(config, key, args.split_fractions, args.network_min_tokens, args.min_gain,
+                             args.nccl_ctas)
     target = Path(args.output) if args.output else cache_path(key)
     t.pipeline.save(target)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

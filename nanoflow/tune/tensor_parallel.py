@@ -14,6 +14,11 @@ Each run is a fresh process holding a tensor-parallel engine's ranks, started an
 engine does it: candidates share no state, and a process group that fails to close cannot hold up
 the next. The first run (no pipeline) gives the layer's op names and the sequential baseline.
 
+NCCL's CTA cap (NCCL_MAX_CTAS: fewer SMs for the all-reduce, more for the GEMMs beside it, a slower
+all-reduce alone) is the communicator's, set when it is made, so it acts on every bucket at once:
+with `nccl_ctas`, every run is repeated at each cap, the cap whose buckets sum to the least step
+time is kept (step_total_ms), and the engine starts its communicator with it (Pipeline.nccl_max_ctas).
+
 Replays run with nothing to attend to (the capture batches hold no context), so attention's share
 of a real step is missing on both sides alike: the GEMMs, the all-reduces and their interference
 are what is timed.
@@ -114,10 +119,25 @@ def choose(baseline: Run, runs: dict[float, Run], ranges: Sequence[tuple[int, in
     return choices
 
 
-def tuned_pipeline(op_names: Sequence[str], choices: Sequence[BucketChoice], key: dict[str, Any]) -> Pipeline:
+def tuned_pipeline(op_names: Sequence[str], choices: Sequence[BucketChoice], key: dict[str, Any],
+                   nccl_max_ctas: int | None = None) -> Pipeline:
     schedules = tuple(network_overlap_schedule(op_names, c.max_tokens, c.split, c.min_tokens)
                       for c in choices if c.split is not None)
-    return Pipeline(schedules, key, "nanoflow tune (tensor parallel, measured)")
+    return Pipeline(schedules, key, "nanoflow tune (tensor parallel, measured)", nccl_max_ctas)
+
+
+def step_total_ms(sequential: Run, choices: Sequence[BucketChoice]) -> float:
+    """Every bucket's graphs (mixed + decode-only) summed: sequential, less what the kept splits save
+    against the sequential graphs of their own run. One number to compare NCCL CTA caps by, which act
+    on every bucket at once (the cap is the communicator's, not a schedule's)."""
+    total = sum(_bucket_ms(sequential.replay_ms, b, False) for b in sequential.buckets)
+    return total - sum(c.tried[c.split][1] - c.tried[c.split][0] for c in choices if c.split is not None)
+
+
+def choose_cap(totals: dict[int | None, float], default: int | None, min_gain: float) -> int | None:
+    """The cap whose step total is least, if it beats the engine's own (default) by min_gain."""
+    best = min(totals, key=lambda c: totals[c])
+    return best if totals[best] < totals[default] * (1 - min_gain) else default
 
 
 def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, timeout_s: float = 1800.0) -> Run:
@@ -182,34 +202,50 @@ def _measure_main(config: EngineConfig, conn: Any) -> None:
 class TensorParallelTuning:
     pipeline: Pipeline
     choices: list[BucketChoice]
-    baseline: Run
-    runs: dict[float, Run]
+    baseline: Run  # the sequential graphs at the chosen cap
+    runs: dict[float, Run]  # the candidates at the chosen cap, by split fraction
+    cap_totals: dict[int | None, float]  # NCCL CTA cap (None: NCCL's own) -> step_total_ms
 
     def to_json(self) -> dict[str, Any]:
         return {"method": "measured whole-iteration graph replays (max over ranks)",
                 "buckets": [c.to_json() for c in self.choices],
                 "runs_s": {"sequential": self.baseline.seconds, **{f"{f:g}": r.seconds for f, r in self.runs.items()}},
+                "nccl_max_ctas": {str(c): ms for c, ms in self.cap_totals.items()},
                 "pipeline": self.pipeline.to_json()}
 
 
 def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], fractions: Sequence[float] = (0.5,),
-                         min_tokens: int = 256, min_gain: float = 0.01) -> TensorParallelTuning:
+                         min_tokens: int = 256, min_gain: float = 0.01,
+                         nccl_ctas: Sequence[int] = ()) -> TensorParallelTuning:
     """Measures the sequential graphs and, per fraction, the network-overlap candidate, then keeps
-    per bucket what won (see the module docstring)."""
+    per bucket what won (see the module docstring). nccl_ctas: NCCL CTA caps to try besides the
+    engine's own (--nccl-max-ctas, else NCCL's), each a fresh start of every run; the cap whose
+    step total (step_total_ms) is least by min_gain goes into the pipeline, which the engine then
+    starts its communicator with."""
+    default = config.args.nccl_max_ctas
+    caps = [default, *dict.fromkeys(c for c in nccl_ctas if c != default)]
+    per_cap: dict[int | None, tuple[Run, dict[float, Run], list[BucketChoice]]] = {}
     with tempfile.TemporaryDirectory(prefix="nanoflow-tune-tp-") as tmp:
         workdir = Path(tmp)
-        print("tune: sequential graphs ...", flush=True)
-        baseline = measure(config, None, workdir)
-        ranges = bucket_ranges(baseline.buckets, min_tokens)
-        runs = {}
-        for f in fractions:
-            pipeline = candidate(baseline.op_names, ranges, f, key)
-            if not pipeline.schedules:
-                continue
-            print(f"tune: network overlap, split at {f:g} of each bucket above {min_tokens} tokens ...", flush=True)
-            runs[f] = measure(config, pipeline, workdir)
-    choices = choose(baseline, runs, ranges, min_gain)
-    return TensorParallelTuning(tuned_pipeline(baseline.op_names, choices, key), choices, baseline, runs)
+        for cap in caps:
+            cfg = dataclasses.replace(config, args=dataclasses.replace(config.args, nccl_max_ctas=cap))
+            label = f" (NCCL CTA cap {cap})" if cap is not None else ""
+            print(f"tune: sequential graphs{label} ...", flush=True)
+            baseline = measure(cfg, None, workdir)
+            ranges = bucket_ranges(baseline.buckets, min_tokens)
+            runs = {}
+            for f in fractions:
+                pipeline = candidate(baseline.op_names, ranges, f, key)
+                if not pipeline.schedules:
+                    continue
+                print(f"tune: network overlap, split at {f:g} of each bucket above {min_tokens} tokens{label} ...",
+                      flush=True)
+                runs[f] = measure(cfg, pipeline, workdir)
+            per_cap[cap] = (baseline, runs, choose(baseline, runs, ranges, min_gain))
+    totals = {cap: step_total_ms(b, choices) for cap, (b, _, choices) in per_cap.items()}
+    cap = choose_cap(totals, default, min_gain)
+    baseline, runs, choices = per_cap[cap]
+    return TensorParallelTuning(tuned_pipeline(baseline.op_names, choices, key, cap), choices, baseline, runs, totals)
 
 
 def print_table(t: TensorParallelTuning) -> None:
@@ -223,4 +259,8 @@ def print_table(t: TensorParallelTuning) -> None:
                          if s in c.tried else f"{'-':>18}")
         choice = "sequential" if c.split is None else f"network overlap, split {c.split} ({c.gain:.2f}x)"
         print(f"{f'{c.min_tokens}-{c.max_tokens}':>12} {c.sequential_ms:>11.2f}  " + "  ".join(cells) + f"  {choice}")
+    if len(t.cap_totals) > 1:
+        print("every bucket's graphs, summed, per NCCL CTA cap: " + ", ".join(
+            f"{'NCCL' if c is None else c}: {ms:.2f} ms" for c, ms in t.cap_totals.items()) +
+            f"; kept: {'NCCL' if t.pipeline.nccl_max_ctas is None else t.pipeline.nccl_max_ctas}")
 

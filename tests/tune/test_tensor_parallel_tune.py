@@ -12,13 +12,15 @@ from helpers import layer_op_names
 from nanoflow.cli import build_parser
 from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
-from nanoflow.pipeline.schedule import NETWORK_OPS
+from nanoflow.pipeline.schedule import NETWORK_OPS, Pipeline
 from nanoflow.tune.tensor_parallel import (
     Run,
     bucket_ranges,
     candidate,
     choose,
+    choose_cap,
     split_for,
+    step_total_ms,
     tune_tensor_parallel,
     tuned_pipeline,
 )
@@ -72,6 +74,23 @@ def test_choose_keeps_only_measured_wins():
     pipeline = tuned_pipeline(NAMES, choices, {"tp": 2})
     pipeline.check(NAMES)
     assert [(s.min_tokens, s.max_tokens) for s in pipeline.schedules] == [(257, 512), (513, 1024), (1025, 2048)]
+
+
+def test_nccl_cap_by_the_step_total(tmp_path):
+    """A cap acts on every bucket: judged by all buckets' graphs summed, less what kept splits save;
+    kept only if it beats the engine's own by min_gain; carried by the pipeline JSON."""
+    ranges = [(257, 512), (513, 1024)]
+    own = _run({256: (10, None), 512: (20, 19), 1024: (40, 36)})
+    choices = choose(own, {0.5: own}, ranges, min_gain=0.01)
+    # 10 + 20 + 40 (x1.5: the decode-only graphs) less the two splits' savings (1 and 4, x1.5)
+    assert step_total_ms(own, choices) == pytest.approx(1.5 * (70 - 1 - 4))
+    assert choose_cap({None: 100.0, 8: 95.0, 16: 99.5}, None, 0.01) == 8
+    assert choose_cap({None: 100.0, 8: 99.5}, None, 0.01) is None  # under min_gain: NCCL's own stays
+    assert choose_cap({4: 100.0, None: 90.0}, 4, 0.01) is None  # the engine's own cap is just a candidate
+    pipeline = tuned_pipeline(NAMES, choices, {"tp": 2}, nccl_max_ctas=8)
+    pipeline.save(tmp_path / "p.json")
+    assert Pipeline.load(tmp_path / "p.json").nccl_max_ctas == 8
+    assert "nccl_max_ctas" not in tuned_pipeline(NAMES, choices, {"tp": 2}).to_json()
 
 
 def test_tune_on_two_gloo_ranks_measures_and_keeps_sequential(tiny_model):
