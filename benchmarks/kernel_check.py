@@ -75,6 +75,7 @@ class Runner(DecodeChecks):
         self.dev = "cpu" if self.cpu else "cuda"
         self.dtype = torch.float32 if self.cpu else torch.bfloat16
         self.s = SMOKE if self.cpu else Shapes()
+        self.sms = 1 if self.cpu else torch.cuda.get_device_properties(0).multi_processor_count
         self.results: dict[str, Any] = {"errors": {}}
         self.table: list[tuple[str, str]] = []
 

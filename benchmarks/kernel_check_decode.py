@@ -54,9 +54,16 @@ class DecodeChecks:
             if verify:  # a fast config must also be a correct one (vs the bf16 reference)
                 ref_out[:] = ref_out or [ref()]
                 out.fill_(float("nan"))
-                fn()
+                gated = cfg.sm_gate and num_ctas is not None and not self.cpu
+                counts = torch.zeros(2 + 2 * self.sms, dtype=torch.int32, device=self.dev) if gated else None
+                dk.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.08, None, num_ctas, out=out,
+                                          config=cfg, gate_counts=counts)
                 finite = bool(torch.isfinite(out).all())
                 entry["rel_err_vs_ref"] = rel_err(out, ref_out[0]) if finite else float("nan")
+                if counts is not None:  # where the gated programs landed (pipeline_step's census, too)
+                    state, programs = counts[2 : 2 + self.sms].tolist(), counts[2 + self.sms :].tolist()
+                    share = [min(n, cfg.gate_ctas_per_sm) for st, n in zip(state, programs, strict=True) if st == 1]
+                    entry["gate_census"] = {"share_sms": len(share), "programs_on_share": sum(share)}
             return entry
 
         return time_cfg, ref
@@ -155,6 +162,8 @@ class DecodeChecks:
                     best = max(ok, key=lambda t: t["tbps"]) if ok else {}
                     if best:
                         best = time_cfg(C(**best["config"]), n, verify=True)
+                        if "gate_census" in best:
+                            print(f"   decode {b}x{ctx} ctas={n:3d} gated census: {best['gate_census']}", flush=True)
                     entry[kind] = {"default": trials[0], "best": best, "trials": trials}
                     row[kind] = best.get("tbps", nan)
                     row[f"{kind}_default"] = trials[0].get("tbps", nan)
