@@ -9,6 +9,7 @@ rank gets its own copy through `for_device`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,8 @@ class EngineConfig:
     enforce_eager: bool
     max_num_batched_tokens: int
     cuda_graph_max_tokens: int  # 0: no graphs
+    # the graph sizes asked for, within (0, cuda_graph_max_tokens] and with it; None: the defaults
+    cuda_graph_sizes: tuple[int, ...] | None
     # Whole experts per rank (asked for, with more than one rank: on one rank it would change nothing)
     expert_parallel: bool
 
@@ -100,9 +103,10 @@ class EngineConfig:
         if args.enable_expert_parallel and not arch.is_moe:
             raise ValueError(f"enable_expert_parallel needs a mixture-of-experts model; {arch.architecture} at "
                              f"{args.model!r} has no experts")
+        graph_tokens = 0 if enforce_eager else graph_tokens
         return cls(args, hf_config, arch, max_model_len, device, dtype,
                    _resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device, enforce_eager),
-                   enforce_eager, budget, 0 if enforce_eager else graph_tokens,
+                   enforce_eager, budget, graph_tokens, graph_sizes(args.cuda_graph_sizes, graph_tokens),
                    args.enable_expert_parallel and args.tensor_parallel_size > 1)
 
     def for_device(self, device: torch.device) -> EngineConfig:
@@ -144,6 +148,14 @@ def _resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device,
     return _KV_CACHE_DTYPES[name]
 
 
+def graph_sizes(asked: Sequence[int] | None, graph_tokens: int) -> tuple[int, ...] | None:
+    """The CUDA graph sizes to capture: those asked for up to the largest graph, and it; None for
+    the defaults, or when there are no graphs."""
+    if asked is None or not graph_tokens:
+        return None
+    return tuple(sorted({n for n in asked if n < graph_tokens} | {graph_tokens}))
+
+
 def _check_args(args: EngineArgs) -> None:
     for name in ("max_num_seqs", "admission_output_tokens", "tensor_parallel_size"):
         _positive(name, getattr(args, name))
@@ -154,6 +166,10 @@ def _check_args(args: EngineArgs) -> None:
     if graph_tokens is not None and (not isinstance(graph_tokens, int) or isinstance(graph_tokens, bool)
                                      or graph_tokens < 0):
         raise ValueError(f"cuda_graph_max_tokens must be a non-negative integer, got {graph_tokens!r}")
+    sizes = args.cuda_graph_sizes
+    if sizes is not None and (not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0
+                                               for n in sizes)):
+        raise ValueError(f"cuda_graph_sizes must be positive integers (tokens), got {sizes!r}")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.load_format not in ("auto", "dummy"):

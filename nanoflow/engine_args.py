@@ -35,6 +35,11 @@ class EngineArgs:
     # Largest iteration (in tokens) replayed from a CUDA graph; None: the token budget, so full
     # dense iterations are graphs too; 0: no graphs.
     cuda_graph_max_tokens: int | None = None
+    # The iteration sizes (tokens) captured as CUDA graphs, as vLLM's --cuda-graph-sizes; each batch
+    # replays the smallest that fits (and pads acceptably). None: powers of two and steps up to 512,
+    # then every 256 (executor.cuda_graph.token_buckets). Sizes past cuda_graph_max_tokens are
+    # dropped; that largest size is always captured.
+    cuda_graph_sizes: tuple[int, ...] | None = None
     tensor_parallel_size: int = 1
     # Tensor parallel: the most CTAs each NCCL collective takes (NCCL_MAX_CTAS, set before the
     # communicator exists, on every rank), so an all-reduce overlapped with the other nano-batch's
@@ -59,7 +64,7 @@ class EngineArgs:
 # The options add_engine_args defines (the model is named per command).
 _FLAG_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "admission_output_tokens", "num_kv_pages", "gpu_memory_utilization", "kv_cache_dtype",
-                "cuda_graph_max_tokens", "tensor_parallel_size", "nccl_max_ctas", "all_reduce",
+                "cuda_graph_max_tokens", "cuda_graph_sizes", "tensor_parallel_size", "nccl_max_ctas", "all_reduce",
                 "enable_expert_parallel", "seed", "tokenizer", "skip_tokenizer_init", "enforce_eager", "pipeline")
 
 
@@ -84,6 +89,9 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
                    help="KV cache storage: auto (the model dtype) | fp8 (e4m3, scale 1: twice the tokens)")
     p.add_argument("--cuda-graph-max-tokens", type=int, default=None,
                    help="largest iteration replayed from a CUDA graph (default: the token budget; 0: none)")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                   help="iteration sizes (tokens) captured as CUDA graphs (default: 1-512 in small steps, then "
+                   "every 256 up to --cuda-graph-max-tokens, which is always captured)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
     p.add_argument("--nccl-max-ctas", type=int, default=None,
                    help="tensor parallel: the most CTAs each NCCL collective takes (NCCL_MAX_CTAS), leaving the "

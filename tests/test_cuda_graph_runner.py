@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import pipeline_for, step_plan
 
-from nanoflow.config import EngineConfig
+from nanoflow.config import EngineConfig, graph_sizes
 from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.cuda_graph import GraphRunner, pads_acceptably, token_buckets
 from nanoflow.executor.model_runner import ModelRunner
@@ -99,6 +99,25 @@ def test_token_buckets() -> None:
     big = token_buckets(2048)
     assert big[-7:] == [512, 768, 1024, 1280, 1536, 1792, 2048] and big == sorted(set(big))
     assert token_buckets(600)[-2:] == [512, 600]
+
+
+def test_cuda_graph_sizes_flag(tiny_model) -> None:
+    """--cuda-graph-sizes (vLLM's name) replaces the buckets: those up to the largest graph, and it."""
+    path = tiny_model("llama")
+    args = lambda **kw: EngineArgs(model=path, max_model_len=256, max_num_batched_tokens=64, **kw)  # noqa: E731
+    cfg = EngineConfig.from_args(args(cuda_graph_sizes=(8, 96, 24, 8)))
+    assert cfg.cuda_graph_sizes is None  # the CPU runs eagerly: no graphs, no sizes
+    assert graph_sizes((8, 96, 24, 8), 64) == (8, 24, 64) and graph_sizes(None, 64) is None
+    for bad in ((), (0,), (-8,), (True,)):
+        with pytest.raises(ValueError, match="cuda_graph_sizes"):
+            EngineConfig.from_args(args(cuda_graph_sizes=bad))
+    fast = build_model(path, cfg.arch, torch.float32, torch.device("cpu"), 256, ParallelState(),
+                       enforce_eager=False)
+    graphs = GraphRunner(fast, max_tokens=64, max_seqs=8, max_pages=16, device=torch.device("cpu"),
+                         buckets=(8, 24, 64))
+    assert graphs.buckets == [8, 24, 64]
+    with pytest.raises(ValueError, match="must end at the largest"):
+        GraphRunner(fast, max_tokens=64, max_seqs=8, max_pages=16, device=torch.device("cpu"), buckets=(8, 24))
 
 
 @pytest.fixture(scope="module")

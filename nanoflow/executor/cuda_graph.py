@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -68,16 +68,20 @@ Key = tuple[int, bool, bool]
 class GraphRunner:
     def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_pages: int, device: torch.device,
                  executor_for: Callable[[int], PipelineExecutor | None] = lambda n: None,
-                 par: ParallelState | None = None, padding_row_cost: float = 1.0) -> None:
+                 par: ParallelState | None = None, padding_row_cost: float = 1.0,
+                 buckets: Sequence[int] | None = None) -> None:
         """executor_for(bucket): the pipeline schedule for a bucket, captured beside its sequential
         graph (None: the sequential graph only). par: this rank's (tensor parallel: every rank captures
         together and agrees on the replay times). padding_row_cost: a padding row's work as a fraction
         of a real token's (ModelArch.padding_row_cost: MoE pads cheaply, so its larger batches take
-        graphs that pad more)."""
+        graphs that pad more). buckets: the sizes to capture, max_tokens among them (None:
+        token_buckets(max_tokens))."""
         self.model, self.device, self.executor_for = model, device, executor_for
         self.padding_row_cost = padding_row_cost
         self.par = par or ParallelState()
-        self.buckets = token_buckets(max_tokens)
+        self.buckets = sorted(buckets) if buckets is not None else token_buckets(max_tokens)
+        if self.buckets[-1] != max_tokens:
+            raise ValueError(f"CUDA graph sizes {self.buckets} must end at the largest, {max_tokens} tokens")
         self.max_seqs = min(max_seqs, max_tokens)
         self.max_pages = max_pages
         # per key: the static batch it reads, its tensors' shapes, the captured graph (on the CPU,

@@ -79,7 +79,7 @@ class ModelRunner:
         if self._use_graphs:
             self.graphs = GraphRunner(self.model, config.cuda_graph_max_tokens, config.max_num_seqs,
                                       pages_for(config.max_model_len), self.device, self.executor_for, self.par,
-                                      config.arch.padding_row_cost())
+                                      config.arch.padding_row_cost(), config.cuda_graph_sizes)
             self.graphs.capture()
 
     def release_graphs(self) -> None:
