@@ -1,5 +1,6 @@
 """The search's choice, checked on the GPU: per bucket, whole forwards at the bucket's largest size
-for the sequential schedule, the model's pick, and the schedules the model cannot price (each
+for the sequential schedule, the model's pick (and its cheapest candidate of each other overlap
+order), and the schedules the model cannot price (each
 nano-batch on a stream of its own, `pingpong_schedule`, at each profiled SM cap and uncapped); the
 fastest measured one is kept if it beats the sequential forward by min_gain, else the sequential
 schedule. The model prices the candidates it knows to choose among hundreds; the measurement has the
@@ -27,11 +28,12 @@ class Measured:
 
 
 def measured_candidates(choice: BucketChoice, caps: Sequence[int | None]) -> list[Candidate]:
-    """Sequential, the model's pick, and ping-pong split in half at each cap (none for a bucket
-    whose smallest step could leave a nano-batch empty)."""
+    """Sequential, the model's pick and its cheapest of each other overlap order, and ping-pong split
+    in half at each cap (none for a bucket whose smallest step could leave a nano-batch empty)."""
     out = [Candidate()]
     if choice.candidate.split is not None:
         out.append(choice.candidate)
+    out += [c for c in choice.runners_up if c not in out]
     split = choice.max_tokens // 2
     if 0 < split < choice.min_tokens:
         out += [Candidate(split, c, PINGPONG) for c in caps]

@@ -44,6 +44,8 @@ class BucketChoice:
     sequential_ms: float
     num_candidates: int
     measured: bool = False  # the choice is measurement's, overturning the model's
+    # the model's cheapest candidate of each overlap order other than the pick (tune.measured times them)
+    runners_up: tuple[Candidate, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         c = self.candidate
@@ -110,7 +112,11 @@ def search(profile: dict[str, Any], *, split_step: int | None = None, min_gain: 
         costs = [e.layer_ms * model.num_layers for e in evals]
         k = _solve_milp(cands, evals, model.num_layers, min_gain, time_limit_s) if solver == "milp" else \
             min(range(len(cands)), key=lambda i: _biased(cands[i], costs[i], min_gain))
-        choices.append(BucketChoice(lo, hi, cands[k], costs[k], costs[0], len(cands)))
+        # the cheapest candidate of each overlap order besides the pick: what tune.measured times too
+        best_of = {o: min((i for i, c in enumerate(cands) if c.beside == o and c.split is not None),
+                          key=lambda i: costs[i], default=None) for o in OVERLAP_ORDERS}
+        runners_up = tuple(cands[i] for i in best_of.values() if i is not None and i != k)
+        choices.append(BucketChoice(lo, hi, cands[k], costs[k], costs[0], len(cands), runners_up=runners_up))
     names = model.names
     schedules = tuple(
         dataclasses.replace(b.candidate.schedule(names, b.min_tokens, b.max_tokens), predicted_ms=b.predicted_ms)

@@ -40,7 +40,10 @@ def test_candidates_per_bucket() -> None:
     for b in rest:
         cands = measured_candidates(b, [44, None])
         assert cands[0].split is None and cands[1] == b.candidate
-        assert [(c.split, c.ctas, c.beside) for c in cands[2:]] == [(b.max_tokens // 2, 44, PINGPONG),
+        # the model's cheapest of the other overlap order, then ping-pong at each cap
+        (other,) = b.runners_up
+        assert other.beside != b.candidate.beside and cands[2] == other
+        assert [(c.split, c.ctas, c.beside) for c in cands[3:]] == [(b.max_tokens // 2, 44, PINGPONG),
                                                                    (b.max_tokens // 2, None, PINGPONG)]
 
 
@@ -49,7 +52,7 @@ def test_measurement_overturns_the_model() -> None:
     # ping-pong on 44 SMs measures fastest, the model's pick slower than sequential
     clock, calls = _clock(10.0, 10.5, {44: 8.0, None: 9.9})
     m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01)
-    assert [t for t, _ in calls] == [512] * 4 + [1024] * 4  # 1-256: sequential the only choice, not timed
+    assert [t for t, _ in calls] == [512] * 5 + [1024] * 5  # 1-256: sequential the only choice, not timed
     for b, s in zip(m.tuning.buckets[1:], m.tuning.pipeline.schedules[1:], strict=True):
         assert (b.candidate.beside, b.candidate.ctas, b.measured, b.predicted_ms) == (PINGPONG, 44, True, None)
         assert s.num_streams == 2 and s.predicted_ms is None and m.times[b.max_tokens][b.candidate.describe()] == 8.0
