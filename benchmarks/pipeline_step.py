@@ -87,6 +87,12 @@ def main() -> None:
     names = [op.name for op in model.layer_ops[0]]
     sms = torch.cuda.get_device_properties(runner.device).multi_processor_count
     results = {"args": vars(args), "device": torch.cuda.get_device_name(), "build_s": time.perf_counter() - t0}
+
+    def save() -> None:  # after each part, so a run cut short keeps what it measured
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "pipeline_step.json").write_text(json.dumps(results, indent=1))
+
     with torch.inference_mode():
         timer = Timer(runner.device, warmup=2, repeats=args.reps)  # CUDA-graph replays
         seq_ms = timer.ms(lambda: model(batch))
@@ -99,7 +105,8 @@ def main() -> None:
                 other = step(runner, args.decodes, args.context, args.tokens - args.decodes, "spread" in v,
                              "shuffled" in v)
                 results["attention_alone"][v] = attention_alone(model, other, runner, timer, args.attention_ctas)
-        rows = []
+            save()
+        rows = results["pipelined"] = []
         for kernel in args.kernels.split(","):
             for layer in model.layers:
                 layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
@@ -122,6 +129,7 @@ def main() -> None:
                              "gemm_ctas": gemm_ctas, "priority": priority, "ms": ms, "speedup": seq_ms / ms})
                 print(f"{kernel:9s} {beside:3s} {priority:6s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: "
                       f"{ms:.2f} ms ({seq_ms / ms:.3f}x)", flush=True)
+        save()
         # correctness: the pipelined forward computes the sequential one
         want = model(batch)
         half = args.tokens // 2  # a split that fits any --tokens
@@ -133,10 +141,7 @@ def main() -> None:
             torch.cuda.synchronize()
             results[f"max_abs_diff_{beside}"] = diff = (got.float() - want.float()).abs().max().item()
             print(f"pipelined ({beside}) vs sequential hidden states: max |diff| {diff:.3g}")
-    results["pipelined"] = rows
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "pipeline_step.json").write_text(json.dumps(results, indent=1))
+    save()
 
 
 def step(runner: Any, decodes: int, context: int, chunk: int, spread: bool, shuffled: bool) -> Any:
