@@ -54,6 +54,9 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     g.add_argument("--decode-fraction", type=float, default=0.5,
                    help="share of a step's tokens that are decodes (the rest prefill chunks)")
     g.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill chunk (default 512; CPU 8)")
+    g.add_argument("--shuffle-pages", action="store_true",
+                   help="the profiled steps' KV pages in a random order, as a pool that has served a while hands "
+                   "them out (default: numbered one after the other)")
     g.add_argument("--layers", type=int, default=4, help="layers each timed sample runs an op over")
     g.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; CPU 1)")
     g.add_argument("--repeats", type=int, default=None, help="timed calls, median taken (default 10; CPU 3)")
@@ -136,7 +139,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         sms = torch.cuda.get_device_properties(config.device).multi_processor_count if on_gpu else 0
         ctas = args.ctas if args.ctas is not None else [c for c in (16, 24, 32, 44, 66, 88) if c < sms]
         workload = Workload(args.context_len or (1024 if on_gpu else 32), args.decode_fraction,
-                            args.prefill_chunk or (512 if on_gpu else 8))
+                            args.prefill_chunk or (512 if on_gpu else 8), args.shuffle_pages)
         print(f"tune: building {name} on {config.device} ({str(config.dtype).removeprefix('torch.')}, "
               f"token budget {budget})", flush=True)
         runner = ModelRunner(config)

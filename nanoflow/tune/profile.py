@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,9 @@ class Workload:
     context_len: int = 1024  # mean context of a decode
     decode_fraction: float = 0.5
     prefill_chunk: int = 512  # prefill tokens per sequence (none of them cached before)
+    # pages in a random order (as a pool that has served a while hands them out) instead of
+    # numbered one after the other: decode attention's rate may depend on it
+    shuffle_pages: bool = False
 
     def num_decodes(self, num_tokens: int) -> int:
         return round(num_tokens * self.decode_fraction)
@@ -63,7 +67,8 @@ def mixed_plan(num_tokens: int, w: Workload, vocab_size: int, num_pages: int, ma
         chunks.append((0, min(chunk, rest)))
         rest -= chunks[-1][1]
     plan = StepPlan.synthetic(contexts, chunks, vocab_size)
-    return dataclasses.replace(plan, tables=[[p % num_pages for p in t] for t in plan.tables])
+    order = random.Random(0).sample(range(num_pages), num_pages) if w.shuffle_pages else range(num_pages)
+    return dataclasses.replace(plan, tables=[[order[p % num_pages] for p in t] for t in plan.tables])
 
 
 def step_batch(runner: ModelRunner, num_tokens: int, w: Workload) -> tuple[ForwardBatch, Buffers]:

@@ -69,6 +69,12 @@ def test_the_mixed_step() -> None:
     assert min(contexts) >= 32 and max(contexts) <= 79 and 40 <= sum(contexts) / 16 <= 80
     assert all(0 <= p < 20 for t in plan.tables for p in t)  # pages past the pool wrap around
     assert sum(map(len, plan.token_ids)) == 64
+    shuffled = mixed_plan(64, dataclasses.replace(w, shuffle_pages=True), vocab_size=300, num_pages=20,
+                          max_model_len=80)
+    assert shuffled.seq_lens == plan.seq_lens and shuffled.tables != plan.tables
+    # the same page of the pool maps to the same page shuffled: a permutation, not a resample
+    mapping = {a: b for t, u in zip(plan.tables, shuffled.tables, strict=True) for a, b in zip(t, u, strict=True)}
+    assert len(set(mapping.values())) == len(mapping)
 
 
 
