@@ -61,9 +61,7 @@ class DecodeChecks:
                 finite = bool(torch.isfinite(out).all())
                 entry["rel_err_vs_ref"] = rel_err(out, ref_out[0]) if finite else float("nan")
                 if counts is not None:  # where the gated programs landed (pipeline_step's census, too)
-                    state, programs = counts[2 : 2 + self.sms].tolist(), counts[2 + self.sms :].tolist()
-                    share = [min(n, cfg.gate_ctas_per_sm) for st, n in zip(state, programs, strict=True) if st == 1]
-                    entry["gate_census"] = {"share_sms": len(share), "programs_on_share": sum(share)}
+                    entry["gate_census"] = dk.gate_census(counts, self.sms, cfg.gate_ctas_per_sm)
             return entry
 
         return time_cfg, ref

@@ -194,10 +194,7 @@ def gate_census(model: Any, batch: Any, runner: Any, num_ctas: int) -> dict[str,
                     dtype=runner.config.dtype)
     dk.paged_decode_attention(q, k, v, batch.page_tables[:rows], batch.seq_lens[:rows], 0.08, None, num_ctas,
                               config=cfg, num_seqs=batch.decode_count, gate_counts=counts)
-    state, programs = counts[2 : 2 + sms].tolist(), counts[2 + sms :].tolist()
-    share = [min(n, cfg.gate_ctas_per_sm) for st, n in zip(state, programs, strict=True) if st == 1]
-    return {"share_sms": len(share), "programs_on_share": sum(share),
-            "share_sms_by_programs": {n: share.count(n) for n in sorted(set(share))}}
+    return dk.gate_census(counts, sms, cfg.gate_ctas_per_sm)
 
 
 if __name__ == "__main__":

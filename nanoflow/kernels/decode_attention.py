@@ -13,6 +13,8 @@ loads whole pages, one contiguous run of all heads per page).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -150,6 +152,16 @@ def _head_step(
     if MASKED:
         qk = tl.where(t_mask[None, :], qk, float("-inf"))
     return softmax_step(qk, v, m_i, l_i, acc, PRECISION)
+
+
+def gate_census(gate_counts: torch.Tensor, num_sms: int, ctas_per_sm: int) -> dict[str, Any]:
+    """Where one gated launch's programs landed, from the gate_counts it left (paged_decode_attention):
+    the SMs that joined the share and the programs each ran (at most ctas_per_sm; an SM of the share
+    with fewer runs short of the gate's point). Syncs with the device."""
+    state, programs = gate_counts[2 : 2 + num_sms].tolist(), gate_counts[2 + num_sms :].tolist()
+    share = [min(n, ctas_per_sm) for st, n in zip(state, programs, strict=True) if st == 1]
+    return {"share_sms": len(share), "programs_on_share": sum(share),
+            "share_sms_by_programs": {n: share.count(n) for n in sorted(set(share))}}
 
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])

@@ -119,10 +119,9 @@ class DecodeConfig:
 
 # The kernel a capped grid runs (decode attention beside a GEMM in a pipeline) unless told
 # otherwise: the SM-gated all-heads kernel, two programs on each SM of the share, 4 kv heads a work
-# item, 4 warps, 5 stages. On an H200 (kernel_check, 2026-11-30) it moved 2.42 / 3.47 TB/s on 44 / 66
-# CTAs at 256 x 1024 and 2.03 / 2.93 at 64 x 4096, against the per-head kernel's 1.76 / 2.55 and
-# 2.01 / 2.95: the most robust of the sweep (8 heads a work item was 5% faster on 44 CTAs, 25%
-# slower on 66).
+# item, 4 warps, 5 stages: the most robust row of the H200 sweeps. Without token masks in its full
+# steps (kernel_check, 2026-11-30, third run) it moved 2.97 / 3.84 TB/s on 44 / 66 CTAs at
+# 256 x 1024 and 2.73 / 3.53 at 64 x 4096, against the per-head kernel's 1.85 / 2.66 and 2.09 / 3.04.
 CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5)
 
 

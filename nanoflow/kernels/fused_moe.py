@@ -172,7 +172,7 @@ def _moe_gemm_kernel(
     num_pairs, N, K, num_blocks_m,
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_W: tl.constexpr, SORTED_A: tl.constexpr, SORTED_OUT: tl.constexpr,
+    TMA_W: tl.constexpr, SORTED_A: tl.constexpr,
 ):  # fmt: skip
     """out[pair, n] = A[pair // ROW_DIV] @ W[e, n] over one expert's block of sorted pairs.
     GATED: W holds N gate rows then N up rows; out = silu(gate) * up. MUL_WEIGHT: times weight[pair].
@@ -181,9 +181,9 @@ def _moe_gemm_kernel(
     expert's read the next expert's or zeros, in columns never stored).
     SORTED_A: A is already in slot order (row s for the pair in slot s of sorted_pairs), so a block's
     rows are contiguous; with TMA_W, a_ptr is then a descriptor of A with [BLOCK_M, BLOCK_K] blocks
-    too (gathered rows, which Hopper's TMA cannot fetch, stay pointer loads). SORTED_OUT: out's row
-    is the slot, not the pair (every row of the block is written; padding slots hold rows never read
-    for a live pair)."""
+    too (gathered rows, which Hopper's TMA cannot fetch, stay pointer loads); GATED, out's row is then
+    the slot too, not the pair (every row of the block is written; padding slots hold rows never read
+    for a live pair), as down reads it."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
     # grouped order: GROUP_M row blocks share each weight tile while it is in L2
@@ -248,7 +248,7 @@ def _moe_gemm_kernel(
         y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
     if MUL_WEIGHT:
         y = y * tl.load(weight_ptr + pairs, mask=live, other=0.0).to(tl.float32)[:, None]
-    if SORTED_OUT:
+    if SORTED_A and GATED:
         out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, y.to(dtype), mask=n_mask[None, :])
     else:
@@ -281,7 +281,7 @@ def _launch(
         ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=dot_precision(a.dtype),
         EVEN_K=K % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TMA_W=tma,
-        SORTED_A=sorted_a, SORTED_OUT=sorted_a and gated,
+        SORTED_A=sorted_a,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 

@@ -192,6 +192,7 @@ def _tile(
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -196,8 +196,8 @@ def _interference(timer: Timer, first: str, runs: dict[str, Callable[[], None]],
         if key not in alone_ms:
             once = timer.side_by_side(fn, 1, None, 0)[0]
             reps = max(1, math.ceil(span_ms / max(once, 1e-3)))
-            runs = timer.side_by_side_runs(fn, reps, None, 0, repeats)
-            alone_ms[key] = statistics.median(ms / reps for ms, _ in runs)
+            timed = timer.side_by_side_runs(fn, reps, None, 0, repeats)
+            alone_ms[key] = statistics.median(ms / reps for ms, _ in timed)
         return alone_ms[key]
 
     op_alone = {name: alone(name, fn) for name, fn in partners.items()}

@@ -10,7 +10,12 @@ from paged_cache import FP8, PAGE, f32, fp8_and_widened, out_rows, paged_cache, 
 
 from nanoflow.kernels import decode_attention
 from nanoflow.kernels.attention_common import i32_offsets
-from nanoflow.kernels.decode_attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
+from nanoflow.kernels.decode_attention import (
+    DecodeConfig,
+    gate_census,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 from nanoflow.kernels.decode_common import decode_plan
 
 CUDA = torch.cuda.is_available()
@@ -323,3 +328,10 @@ def test_decode_64_bit_offsets(case: str, kernel: str, device: str, dtype: torch
     """The int64 address path (a layer's cache of 2**31 elements or more) computes what the int32 one does."""
     monkeypatch.setattr(decode_attention, "i32_offsets", lambda *caches: False)
     test_decode(DECODE_CASES[case], kernel, device, dtype, assert_rel)
+
+
+def test_gate_census_reads_the_counts_the_gate_leaves() -> None:
+    # 4 SMs: SMs 0 and 2 in the share (state 1), 3 programs reached SM 0 (2 ran), 1 reached SM 2
+    counts = torch.tensor([99, 2, 1, 2, 1, 2, 3, 5, 1, 4], dtype=torch.int32)
+    assert gate_census(counts, num_sms=4, ctas_per_sm=2) == {
+        "share_sms": 2, "programs_on_share": 3, "share_sms_by_programs": {1: 1, 2: 1}}
