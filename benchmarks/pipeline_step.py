@@ -74,7 +74,9 @@ def main() -> None:
     p.add_argument("--attention-variants", default="",
                    help="with --attention-ctas, also these batches, comma list of: spread (contexts as --spread), "
                    "shuffled (pages in random order, as kernel_check's; synthetic steps number them "
-                   "consecutively), spread+shuffled")
+                   "consecutively), spread+shuffled, direct (the kernel called straight, as kernel_check "
+                   "does, in steps from the engine's call to kernel_check's: contiguous q, the count from the "
+                   "host, a cache of just the step's pages)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -101,6 +103,9 @@ def main() -> None:
         if args.attention_ctas:
             results["attention_alone"] = {"": attention_alone(model, batch, runner, timer, args.attention_ctas)}
             for v in filter(None, args.attention_variants.split(",")):
+                if v == "direct":
+                    results["attention_direct"] = attention_direct(model, batch, runner, timer, args.attention_ctas)
+                    continue
                 print(f"batch variant {v}:", flush=True)
                 other = step(runner, args.decodes, args.context, args.tokens - args.decodes, "spread" in v,
                              "shuffled" in v)
@@ -178,6 +183,46 @@ def attention_alone(model: Any, batch: Any, runner: Any, timer: Timer, ctas: str
         print(f"decode attention alone, {c or 'all'} CTAs: {ms:.2f} ms = {nbytes / ms / 1e9:.2f} TB/s "
               f"{census or ''}", flush=True)
     return rows
+
+
+def attention_direct(model: Any, batch: Any, runner: Any, timer: Timer, ctas: str) -> list[dict[str, Any]]:
+    """The capped decode kernel called straight on the step's decodes, once per layer, changing one
+    thing at a time from the engine's call towards kernel_check's, to find what costs the engine's op
+    its rate: q as a strided view of the qkv rows (the engine's) or contiguous; the decode count on
+    the device (the engine's, so graphs serve any count) or from the host; the layers' own caches in
+    the whole pool or one cache holding just the step's pages, renumbered (kernel_check's)."""
+    attn = model.layers[1].decode_attention
+    cfg, s, rows = attn.capped_config, attn.shape, batch.decode_rows
+    caches = list(runner.kv_caches)
+    k0 = caches[0][0]
+    tables, lens = batch.page_tables[:rows], batch.seq_lens[:rows]
+    width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+    q_strided = torch.randn(rows, width, device=runner.device, dtype=runner.config.dtype)[:, : s.num_heads * s.head_dim]
+    q_strided = q_strided.view(rows, s.num_heads, s.head_dim)
+    q_contig = q_strided.contiguous()
+    used = tables[: batch.num_decodes].flatten().unique()
+    remap = torch.zeros(k0.shape[0], dtype=tables.dtype, device=tables.device)
+    remap[used] = torch.arange(len(used), dtype=tables.dtype, device=tables.device)
+    compact = [(k[used].clone(), v[used].clone()) for k, v in caches[1:2]] * len(caches)
+    compact_tables = remap[tables.long()]
+    out = torch.empty_like(q_contig)
+    nbytes = int(sum(batch.seq_lens_cpu[: batch.num_decodes])) * 2 * k0.shape[1] * k0.shape[3] * k0.element_size()
+    cases = {"engine call": (q_strided, caches, tables, batch.decode_count),
+             "contiguous q": (q_contig, caches, tables, batch.decode_count),
+             "+ host count": (q_contig, caches, tables, None),
+             "+ compact cache": (q_contig, compact, compact_tables, None)}
+    found = []
+    for c in (None if c == "all" else int(c) for c in ctas.split(",")):
+        for name, (q, kvs, pt, count) in cases.items():
+            def call(q=q, kvs=kvs, pt=pt, count=count, c=c) -> None:
+                for k, v in kvs:
+                    dk.paged_decode_attention(q, k, v, pt, lens, s.scale, None, c, out=out,
+                                              config=cfg if c is not None else None, num_seqs=count)
+            ms = timer.ms(call)
+            tbps = nbytes * len(caches) / ms / 1e9
+            found.append({"ctas": c, "case": name, "ms": ms, "tbps": tbps})
+            print(f"direct {name:16s} {c or 'all'} CTAs: {ms:.2f} ms = {tbps:.2f} TB/s", flush=True)
+    return found
 
 
 def gate_census(model: Any, batch: Any, runner: Any, num_ctas: int) -> dict[str, Any]:
