@@ -8,6 +8,7 @@ The bench's dummy models and its peak GEMM rate are handed in by the top-level C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 from collections.abc import Callable, Sequence
@@ -32,6 +33,15 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _fraction_or_serve(text: str) -> float | str:
+    if text == "serve":
+        return text
+    x = float(text)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction from 0 to 1, or serve: {text!r}")
+    return x
+
+
 def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EXAMPLES
@@ -51,8 +61,14 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
                    help="SM caps of decode attention to profile, comma list (default 16,24,32,44,66,88 below the "
                    "SM count; none on the CPU)")
     g.add_argument("--context-len", type=int, default=None, help="mean decode context (default 1024; CPU 32)")
-    g.add_argument("--decode-fraction", type=float, default=0.5,
-                   help="share of a step's tokens that are decodes (the rest prefill chunks)")
+    g.add_argument("--decode-fraction", type=_fraction_or_serve, default=0.5,
+                   help="share of a step's tokens that are decodes (the rest prefill chunks), or serve: the "
+                   "steps a server runs, where a step of the whole token budget holds --budget-decodes decodes "
+                   "and a prompt's chunks, and a smaller one only decodes (the profile then times decodes-only "
+                   "steps, and the measured check the serving ones)")
+    g.add_argument("--budget-decodes", type=int, default=None,
+                   help="with --decode-fraction serve: decodes in a step of the whole budget (default a quarter "
+                   "of the budget)")
     g.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill chunk (default 512; CPU 8)")
     g.add_argument("--shuffle-pages", action="store_true",
                    help="the profiled steps' KV pages in a random order, as a pool that has served a while hands "
@@ -72,6 +88,10 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     s.add_argument("--split-step", type=int, default=None,
                    help="split points tried are multiples of this (default: the gcd of the sizes)")
     s.add_argument("--time-limit", type=float, default=60.0, help="seconds the MILP solver may take per bucket")
+    s.add_argument("--pingpong-splits", type=lambda t: [float(x) for x in t.split(",") if x],
+                   default=[0.375, 0.5, 0.625],
+                   help="GPU: the measured check times ping-pong split at these fractions of each bucket's top, "
+                   "at each profiled SM cap and uncapped (default 0.375,0.5,0.625)")
     s.add_argument("--split-fractions", type=lambda t: [float(x) for x in t.split(",") if x], default=[0.5],
                    help="tensor parallel: network-overlap candidates split each bucket at these fractions, each "
                    "measured in one engine start (default 0.5)")
@@ -138,13 +158,15 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
             raise ValueError(f"no nano-batch size within the token budget ({budget})")
         sms = torch.cuda.get_device_properties(config.device).multi_processor_count if on_gpu else 0
         ctas = args.ctas if args.ctas is not None else [c for c in (16, 24, 32, 44, 66, 88) if c < sms]
-        workload = Workload(args.context_len or (1024 if on_gpu else 32), args.decode_fraction,
-                            args.prefill_chunk or (512 if on_gpu else 8), args.shuffle_pages)
+        serve = args.decode_fraction == "serve"
+        workload = Workload(args.context_len or (1024 if on_gpu else 32), 1.0 if serve else args.decode_fraction,
+                            args.prefill_chunk or (512 if on_gpu else 8), args.shuffle_pages,
+                            budget_decodes=(args.budget_decodes or budget // 4) if serve else None, budget=budget)
         print(f"tune: building {name} on {config.device} ({str(config.dtype).removeprefix('torch.')}, "
               f"token budget {budget})", flush=True)
         runner = ModelRunner(config)
         peak = peak_tflops(config.device) if on_gpu and peak_tflops is not None else None
-        profile = profile_ops(runner, sizes, ctas, workload=workload, layers=args.layers, peak_tflops=peak,
+        profile = profile_ops(runner, sizes, ctas, workload=workload.profiled(), layers=args.layers, peak_tflops=peak,
                               warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1),
                               repeats=args.repeats or (10 if on_gpu else 3), pairs=not args.no_pairs,
                               pair_tokens=args.pair_tokens, pair_ops=args.pair_ops, use_tqdm=not args.no_tqdm)
@@ -157,16 +179,17 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     tuning = search(profile, min_gain=args.min_gain, time_limit_s=args.time_limit, split_step=args.split_step)
     times: dict[int, dict[str, float]] = {}
     if runner is not None and not args.no_verify:
-        tuning, times = _measure(runner, profile, tuning, workload, args.min_gain)
+        tuning, times = _measure(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits)
     target = Path(args.output) if args.output else cache_path(profile["key"])
     tuning.pipeline.save(target)
     measured = {b.max_tokens: times[b.max_tokens][b.candidate.describe()] for b in tuning.buckets
                 if b.candidate.split is not None and b.max_tokens in times}
     report = {**tuning.to_json(), "profile": profile_path, "pipeline_path": str(target),
               "measured_ms": {str(k): v for k, v in measured.items()},
-              "measured_candidates_ms": {str(k): v for k, v in times.items()}}
+              "measured_candidates_ms": {str(k): v for k, v in times.items()},
+              "measured_workload": None if workload is None else dataclasses.asdict(workload)}
     _write_json(out_dir / f"tune-search_{_safe(profile['device'])}_{_safe(name)}_{stamp}.json", report)
-    _print_table(profile, tuning, measured)
+    _print_table(profile, tuning, measured, times)
     for note in tuning.notes:
         print(f"note: {note}")
     print(f"\npipeline: {target} (search: {tuning.solver}, {tuning.seconds:.1f} s)")
@@ -180,7 +203,6 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
 
 def _tune_tensor_parallel(args: argparse.Namespace, ea: Any, name: str) -> int:
     """Network overlap for the TP size at hand, chosen from measured graph replays (tune/tensor_parallel.py)."""
-    import dataclasses
 
     from nanoflow.config import EngineConfig
     from nanoflow.executor.model_runner import pipeline_key
@@ -235,11 +257,12 @@ def _check_key(got: dict[str, Any], want: dict[str, Any], path: str) -> None:
                          ", ".join(f"{k}: profile {a!r} vs engine {b!r}" for k, (a, b) in diff.items()))
 
 
-def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any,
-             min_gain: float) -> tuple[Any, dict[int, dict[str, float]]]:
-    """Whole forwards, timed as the profile timed the sequential one. On a GPU, each bucket's
-    candidates (tune.measured: the model's pick, sequential, ping-pong at each profiled cap) and the
-    fastest kept; on the CPU, where streams run one after the other, only the pipelined picks."""
+def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any, min_gain: float,
+             fractions: Sequence[float]) -> tuple[Any, dict[int, dict[str, float]]]:
+    """Whole forwards of the workload's steps (serving ones with --decode-fraction serve), timed as
+    the profile timed the sequential one. On a GPU, each bucket's candidates (tune.measured: the
+    model's pick, sequential, ping-pong at each split fraction and profiled cap) and the fastest
+    kept; on the CPU, where streams run one after the other, only the pipelined picks."""
     from nanoflow.tune.measured import measured_choice
     from nanoflow.tune.profile import time_forward
     from nanoflow.tune.timing import Timer
@@ -250,7 +273,7 @@ def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any,
     forward = lambda tokens, schedule: time_forward(runner, tokens, workload, timer, schedule)  # noqa: E731
     if runner.device.type == "cuda":
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
-        m = measured_choice(tuning, names, caps, forward, min_gain)
+        m = measured_choice(tuning, names, caps, forward, min_gain, fractions)
         return m.tuning, m.times
     times = {}
     for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
@@ -282,8 +305,11 @@ def _print_profile(profile: dict[str, Any]) -> None:
             print(f"{op:<22}  {v['op_kept']:.2f}/{v['attention_kept']:.2f}")
 
 
-def _print_table(profile: dict[str, Any], tuning: Any, measured: dict[int, float]) -> None:
+def _print_table(profile: dict[str, Any], tuning: Any, measured: dict[int, float],
+                 times: dict[int, dict[str, float]]) -> None:
+    # the measured check's sequential forward where it ran one (a serving step), else the profile's
     forward = dict(zip(profile["sizes"], profile.get("forward_ms") or [], strict=False))
+    forward.update({n: ms["sequential"] for n, ms in times.items() if "sequential" in ms})
     print("\npredicted step time (layers only) per token bucket; measured: one whole forward at the bucket's top")
     print(f"{'tokens':>12} {'sequential ms':>14} {'chosen ms':>10} {'gain':>6} {'measured seq':>13} "
           f"{'measured chosen':>16}  choice")

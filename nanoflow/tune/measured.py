@@ -1,10 +1,10 @@
 """The search's choice, checked on the GPU: per bucket, whole forwards at the bucket's largest size
 for the sequential schedule, the model's pick (and its cheapest candidate of each other overlap
-order), and the schedules the model cannot price (each
-nano-batch on a stream of its own, `pingpong_schedule`, at each profiled SM cap and uncapped); the
-fastest measured one is kept if it beats the sequential forward by min_gain, else the sequential
-schedule. The model prices the candidates it knows to choose among hundreds; the measurement has the
-last word, so a model error can cost a bucket its gain but not make it slower than sequential.
+order), and the schedules the model cannot price (each nano-batch on a stream of its own,
+`pingpong_schedule`, at a few splits, each profiled SM cap and uncapped); the fastest measured one
+is kept if it beats the sequential forward by min_gain, else the sequential schedule. The model
+prices the candidates it knows to choose among hundreds; the measurement has the last word, so a
+model error can cost a bucket its gain but not make it slower than sequential.
 """
 
 from __future__ import annotations
@@ -27,25 +27,28 @@ class Measured:
     times: dict[int, dict[str, float]]  # bucket's max_tokens -> {candidate description: ms}
 
 
-def measured_candidates(choice: BucketChoice, caps: Sequence[int | None]) -> list[Candidate]:
+def measured_candidates(choice: BucketChoice, caps: Sequence[int | None],
+                        fractions: Sequence[float] = (0.5,)) -> list[Candidate]:
     """Sequential, the model's pick and its cheapest of each other overlap order, and ping-pong split
-    in half at each cap (none for a bucket whose smallest step could leave a nano-batch empty)."""
+    at each fraction of the bucket's top (rounded to 16 rows) at each cap; none for a split that
+    the bucket's smallest step could leave a nano-batch empty with. Uneven splits matter in a
+    serving step, whose decodes come first and whose prefill chunk is not cut in half."""
     out = [Candidate()]
     if choice.candidate.split is not None:
         out.append(choice.candidate)
     out += [c for c in choice.runners_up if c not in out]
-    split = choice.max_tokens // 2
-    if 0 < split < choice.min_tokens:
-        out += [Candidate(split, c, PINGPONG) for c in caps]
+    splits = sorted({16 * round(choice.max_tokens * f / 16) for f in fractions})
+    out += [Candidate(s, c, PINGPONG) for s in splits if 0 < s < choice.min_tokens for c in caps]
     return out
 
 
 def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | None], time_forward: TimeForward,
-                    min_gain: float) -> Measured:
-    """The module docstring's check over every bucket of the tuning (op names: the model's layer)."""
+                    min_gain: float, fractions: Sequence[float] = (0.5,)) -> Measured:
+    """The module docstring's check over every bucket of the tuning (op names: the model's layer;
+    fractions: where ping-pong splits a bucket's steps, as measured_candidates)."""
     buckets, schedules, times = [], [], {}
     for b, schedule in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
-        cands = measured_candidates(b, caps)
+        cands = measured_candidates(b, caps, fractions)
         if len(cands) == 1:  # sequential is the only choice: nothing to time
             buckets.append(b)
             schedules.append(schedule)

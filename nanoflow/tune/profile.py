@@ -43,7 +43,8 @@ DECODE, PREFILL = "decode_attention", "prefill_attention"
 
 @dataclass(frozen=True)
 class Workload:
-    """What a profiled step holds: round(decode_fraction x tokens) decodes, the rest prefill chunks."""
+    """What a profiled step holds: round(decode_fraction x tokens) decodes, the rest prefill chunks;
+    or, with budget_decodes, the steps a server runs (`nanoflow tune --decode-fraction serve`)."""
 
     context_len: int = 1024  # mean context of a decode
     decode_fraction: float = 0.5
@@ -51,9 +52,24 @@ class Workload:
     # pages in a random order (as a pool that has served a while hands them out) instead of
     # numbered one after the other: decode attention's rate may depend on it
     shuffle_pages: bool = False
+    # serving steps: one of the whole token budget holds budget_decodes decodes and prefill chunks,
+    # a smaller one only decodes (the scheduler leaves a step short of the budget only when no
+    # prompt waits). None: decode_fraction at every size
+    budget_decodes: int | None = None
+    budget: int = 0
 
     def num_decodes(self, num_tokens: int) -> int:
+        if self.budget_decodes is not None:
+            return min(self.budget_decodes, num_tokens) if num_tokens >= self.budget else num_tokens
         return round(num_tokens * self.decode_fraction)
+
+    def profiled(self) -> Workload:
+        """The steps the op profile times: serving steps' decodes only, as the cost model reads op
+        times against decode counts that grow with the step (the measured check, which has the
+        last word, times the serving steps themselves)."""
+        if self.budget_decodes is None:
+            return self
+        return dataclasses.replace(self, decode_fraction=1.0, budget_decodes=None)
 
 
 def mixed_plan(num_tokens: int, w: Workload, vocab_size: int, num_pages: int, max_model_len: int) -> StepPlan:

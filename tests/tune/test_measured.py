@@ -45,6 +45,11 @@ def test_candidates_per_bucket() -> None:
         assert other.beside != b.candidate.beside and cands[2] == other
         assert [(c.split, c.ctas, c.beside) for c in cands[3:]] == [(b.max_tokens // 2, 44, PINGPONG),
                                                                    (b.max_tokens // 2, None, PINGPONG)]
+    # uneven splits (rounded to 16 rows), each at every cap; none that the bucket's smallest step
+    # would leave a nano-batch empty with (513-1024: 512 fits, 640 and 768 do not)
+    last = tuning.buckets[-1]
+    cands = measured_candidates(last, [44], fractions=(0.375, 0.5, 0.625, 0.75))
+    assert [(c.split, c.ctas) for c in cands if c.beside == PINGPONG] == [(384, 44), (512, 44)]
 
 
 def test_measurement_overturns_the_model() -> None:

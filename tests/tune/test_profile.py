@@ -59,6 +59,19 @@ def test_profile_a_tiny_checkpoint_on_the_cpu(tiny_model, arch) -> None:
         PipelineExecutor(schedule, runner.model.layer_ops, runner.device)
 
 
+def test_serving_steps() -> None:
+    """--decode-fraction serve: a step of the whole budget holds budget_decodes decodes and prefill,
+    a smaller one decodes only; the op profile times decodes-only steps at every size."""
+    w = Workload(context_len=64, decode_fraction=1.0, prefill_chunk=10, budget_decodes=12, budget=64)
+    assert [w.num_decodes(n) for n in (8, 32, 63, 64)] == [8, 32, 63, 12]
+    plan = mixed_plan(64, w, vocab_size=300, num_pages=20, max_model_len=80)
+    assert plan.num_decodes == 12 and sum(map(len, plan.token_ids[12:])) == 52
+    assert mixed_plan(32, w, vocab_size=300, num_pages=20, max_model_len=80).num_decodes == 32
+    assert [w.profiled().num_decodes(n) for n in (8, 64)] == [8, 64]
+    plain = Workload(64, 0.25, 10)
+    assert plain.profiled() is plain
+
+
 def test_the_mixed_step() -> None:
     w = Workload(context_len=64, decode_fraction=0.25, prefill_chunk=10)
     plan = mixed_plan(64, w, vocab_size=300, num_pages=20, max_model_len=80)

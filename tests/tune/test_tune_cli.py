@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import synthetic_profiles as sp
 
 from nanoflow import LLM, SamplingParams
@@ -51,6 +52,12 @@ def test_parser_knows_the_options() -> None:
                                       "--profile-only", "--max-num-batched-tokens", "1024"])
     assert (args.dummy, args.sizes, args.ctas, args.profile_only) == ("llama3-8b", [512, 1024], [32, 44], True)
     assert args.output_dir == "bench-results" and args.max_num_batched_tokens == 1024 and args.output is None
+    assert args.decode_fraction == 0.5 and args.pingpong_splits == [0.375, 0.5, 0.625]
+    args = build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--decode-fraction", "serve",
+                                      "--budget-decodes", "512", "--pingpong-splits", "0.5"])
+    assert (args.decode_fraction, args.budget_decodes, args.pingpong_splits) == ("serve", 512, [0.5])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--decode-fraction", "1.5"])
 
 
 def test_tune_then_pipeline_auto(tiny_model, tmp_path: Path, monkeypatch, capsys) -> None:
