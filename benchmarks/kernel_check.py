@@ -75,6 +75,9 @@ class Runner(DecodeChecks):
         self.dev = "cpu" if self.cpu else "cuda"
         self.dtype = torch.float32 if self.cpu else torch.bfloat16
         self.s = SMOKE if self.cpu else Shapes()
+        if args.decode_cases:  # e.g. the engine's 512 x 1,024 step beside the default 256 x 1,024
+            cases = tuple(tuple(int(x) for x in c.split("x")) for c in args.decode_cases.split(","))
+            self.s = dataclasses.replace(self.s, decode_cases=cases)
         self.sms = 1 if self.cpu else torch.cuda.get_device_properties(0).multi_processor_count
         self.results: dict[str, Any] = {"errors": {}}
         self.table: list[tuple[str, str]] = []
@@ -370,6 +373,8 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true", help="decode: time the default config only")
     p.add_argument("--no-overlap", action="store_true", help="skip the decode || GEMM measurement")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
+    p.add_argument("--decode-cases", default="",
+                   help="decode shapes as BATCHxCONTEXT, comma list (default 256x1024,64x4096; smoke: 4x40,2x70)")
     p.add_argument("--only", default="", help="comma-separated sections to run (env and copy_ceiling always run), "
                    "e.g. decode_all_heads")
     args = p.parse_args()
