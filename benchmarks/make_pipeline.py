@@ -59,7 +59,7 @@ def main() -> None:
     a = p.parse_args()
     if a.kind == "pingpong" and a.bounds:
         bounds = [int(b) for b in a.bounds.split(",")]
-        schedules = tuple(pingpong_schedule(layer_ops(a.moe, False), hi, (lo + 1 + hi) // 4, lo + 1, a.decode_ctas)
+        schedules = tuple(pingpong_schedule(layer_ops(a.moe, a.tp), hi, (lo + 1 + hi) // 4, lo + 1, a.decode_ctas)
                           for lo, hi in itertools.pairwise(bounds))
         Pipeline(schedules, {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
         print(f"wrote {a.out}: pingpong, {len(schedules)} schedules over {bounds[0] + 1}-{bounds[-1]} tokens")

@@ -11,8 +11,10 @@
 # (1000), TRACE, EAGER_FLAGS (--enforce-eager), TP_CHECK_TOTAL_S (540), TESTS_S (200), BENCH_S (170),
 # TP_CHECK_SECOND=network: the second bench runs the network-overlap pipeline (benchmarks/
 # make_pipeline.py NET_KIND: network, default, or tp-overlap, all-reduces and decode attention on
-# NET_DECODE_CTAS (66) SMs both beside the GEMMs; split NET_SPLIT, default 1024, for iterations of
-# NET_MIN_TOKENS, default split + 1, to the budget) against nanoflow-sequential instead of
+# NET_DECODE_CTAS (66) SMs both beside the GEMMs, or pingpong, each nano-batch on a stream of its
+# own and the all-reduces on a third; split NET_SPLIT, default 1024, for iterations of
+# NET_MIN_TOKENS, default split + 1, to the budget; NET_BOUNDS, e.g. 256,512,1024,1536,2048: one
+# pingpong schedule per range) against nanoflow-sequential instead of
 # EAGER_FLAGS; TP_CHECK_SECOND=tune: `nanoflow tune` (network overlap measured per bucket, cached)
 # then the bench with --pipeline auto against nanoflow-sequential; TP_CHECK_SECOND=ep: the second
 # bench with --enable-expert-parallel (for TP_MODEL=mixtral-8x7b); NCCL_MAX_CTAS_FLAG, e.g.
@@ -93,7 +95,8 @@ elif [[ ${TP_CHECK_SECOND:-eager} == ep ]]; then
 elif [[ ${TP_CHECK_SECOND:-eager} == network ]]; then
   # the network-overlap pipeline (each nano-batch's all-reduces beside the other's ops) vs sequential
   python benchmarks/make_pipeline.py "${NET_KIND:-network}" --tp --split "${NET_SPLIT:-1024}" \
-    --decode-ctas "${NET_DECODE_CTAS:-66}" ${NET_MIN_TOKENS:+--min-tokens "$NET_MIN_TOKENS"} --out "$OUT/net.json"
+    --decode-ctas "${NET_DECODE_CTAS:-66}" ${NET_MIN_TOKENS:+--min-tokens "$NET_MIN_TOKENS"} \
+    ${NET_BOUNDS:+--bounds "$NET_BOUNDS"} --out "$OUT/net.json"
   step bench_network "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/network" --pipeline "$OUT/net.json" \
     --compare nanoflow-sequential ${NCCL_MAX_CTAS_FLAG:-}
 else

@@ -132,15 +132,14 @@ def pipeline_for(arch: str, max_tokens: int, tp: bool = False):
     three attention nano-batches at uneven bounds: boundaries fall inside the decode rows and inside
     prefill chunks, and the attention runs on a second stream (in order on the CPU); the GEMMs beside
     it are capped at 3 CTAs (the persistent Triton GEMM on the fast path). The middle range runs
-    the "mlp" order (decode attention beside the other nano-batch's FFN), 41-100 tokens (without
-    tp) each nano-batch on a stream of its own (pingpong_schedule), the others NanoFlow's order.
-    tp: over the ops of a tensor-parallel layer."""
+    the "mlp" order (decode attention beside the other nano-batch's FFN), 41-100 tokens each
+    nano-batch on a stream of its own (pingpong_schedule; with tp, the all-reduces on a third), the
+    others NanoFlow's order. tp: over the ops of a tensor-parallel layer."""
     from nanoflow.pipeline.schedule import Pipeline, overlap_schedule, pingpong_schedule
 
     names = layer_op_names(arch, tp)
     ranges = [(2, 9, 1, None, "qkv"), (10, 40, 7, (0, 3, 7, 40), "mlp"),
-              *([] if tp else [(41, 100, 30, None, "pingpong")]),
-              (41 if tp else 101, max_tokens, 29, (0, 13, 29, max_tokens), "qkv")]
+              (41, 100, 30, None, "pingpong"), (101, max_tokens, 29, (0, 13, 29, max_tokens), "qkv")]
     schedules = tuple(pingpong_schedule(names, min(hi, max_tokens), split, lo, decode_ctas=8)
                       if beside == "pingpong" else
                       overlap_schedule(names, hi, split, lo, decode_ctas=8, attention_parts=attn, gemm_ctas=3,

@@ -69,18 +69,20 @@ def test_two_ranks_match_one(tiny_model, arch, ep, kv):
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_network_overlap_pipeline_matches_one(tiny_model, tmp_path, monkeypatch, arch):
-    """Two ranks running the network-overlap schedule (each nano-batch's all-reduces on a second
-    stream, beside the other nano-batch's ops) give one process's tokens; nano-batch bounds fall
-    inside the decode rows and inside prefill chunks. --nccl-max-ctas reaches NCCL's environment."""
+    """Two ranks running the network-overlap schedules (each nano-batch's all-reduces on a stream of
+    their own, beside the other nano-batch's ops; ping-pong among them) give one process's tokens;
+    nano-batch bounds fall inside the decode rows and inside prefill chunks. --nccl-max-ctas
+    reaches NCCL's environment."""
     from helpers import layer_op_names
 
-    from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule, tp_overlap_schedule
+    from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule, pingpong_schedule, tp_overlap_schedule
 
     path = tiny_model(arch)
     names = layer_op_names(arch, tp=True)
-    # the middle range: all-reduces on a third stream beside decode attention and the GEMMs
+    # the middle range: all-reduces on a third stream beside decode attention and the GEMMs; the
+    # last: each nano-batch on a stream of its own, the all-reduces on a third (ping-pong)
     pipeline = Pipeline((network_overlap_schedule(names, 9, 1, 2), tp_overlap_schedule(names, 40, 7, 10, 4),
-                         network_overlap_schedule(names, 64, 29, 41)), {"test": arch}, "tests")
+                         pingpong_schedule(names, 64, 29, 41, 4)), {"test": arch}, "tests")
     pipeline.save(tmp_path / "net.json")
     prompts = _prompts(2)
     settings = dict(max_model_len=256, max_num_batched_tokens=64)
@@ -93,6 +95,26 @@ def test_network_overlap_pipeline_matches_one(tiny_model, tmp_path, monkeypatch,
         assert _greedy(llm, prompts) == expected
     finally:
         llm.shutdown()
+
+
+def test_pingpong_under_tensor_parallelism_takes_turns() -> None:
+    """Ping-pong over a tensor-parallel layer: each nano-batch's compute on its own stream, every
+    all-reduce on stream 2, issued a segment at a time in turns (the network stream's order, the
+    same on every rank: 0's attention all-reduce, 1's, 0's FFN all-reduce, 1's)."""
+    from helpers import layer_op_names
+
+    from nanoflow.pipeline.schedule import NETWORK_OPS, pingpong_schedule
+
+    names = layer_op_names("llama", tp=True)
+    s = pingpong_schedule(names, 64, 29, 41, 4)
+    s.check(names)
+    assert s.num_streams == 3
+    assert [(x.op, x.part) for x in s.steps if x.op in NETWORK_OPS] == [
+        ("attn_all_reduce", 0), ("attn_all_reduce", 1), ("ffn_all_reduce", 0), ("ffn_all_reduce", 1)]
+    assert all(x.stream == (2 if x.op in NETWORK_OPS else x.part) for x in s.steps)
+    assert {x.num_ctas for x in s.steps if x.op == "decode_attention"} == {4}
+    first = names.index("attn_all_reduce") + 1
+    assert [x.op for x in s.steps[:first]] == names[:first] and {x.part for x in s.steps[:first]} == {0}
 
 
 def _ring_files() -> list:

@@ -263,10 +263,25 @@ def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_
     nano-batch 0 writes in the same layer), so while one runs its decode attention the other runs
     its GEMMs, and either may run ahead into its next layer. Rows are decodes first: a split inside
     the decodes gives each nano-batch some of them, and the one holding the prefill tokens the
-    larger share of the GEMMs. Hand-made (the search models one stream-1 op at a time). Not for
-    tensor parallelism: collectives of one communicator issued from two streams may deadlock."""
-    if NETWORK_OPS & set(op_names):
-        raise ValueError("pingpong_schedule: a tensor-parallel layer's all-reduces would run on two streams")
-    steps = tuple(Step(op, part, "dense", part, decode_ctas if op == "decode_attention" else None)
-                  for part in (0, 1) for op in op_names)
+    larger share of the GEMMs. Hand-made (the search models one stream-1 op at a time).
+
+    Under tensor parallelism every all-reduce runs on stream 2, one after another in issue order,
+    the same on every rank (collectives of one communicator issued from two streams could run in
+    different orders on different ranks and deadlock), and the issue order takes the nano-batches
+    in turns a segment at a time (a segment: the ops up to and including an all-reduce), so the
+    network stream alternates between them: nano-batch 0's all-reduce runs while nano-batch 1
+    computes its segment, and the other way round."""
+    def step(op: str, part: int) -> Step:
+        return Step(op, part, "dense", 2 if op in NETWORK_OPS else part,
+                    decode_ctas if op == "decode_attention" else None)
+
+    segments: list[list[str]] = [[]]
+    for op in op_names:
+        segments[-1].append(op)
+        if op in NETWORK_OPS:
+            segments.append([])
+    if len(segments) == 1:  # one GPU: each nano-batch's whole layer in turn
+        steps = tuple(step(op, part) for part in (0, 1) for op in op_names)
+    else:
+        steps = tuple(step(op, part) for seg in segments for part in (0, 1) for op in seg)
     return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, steps)
