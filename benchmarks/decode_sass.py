@@ -36,11 +36,11 @@ STRIDES = ("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_pt", "str
 
 
 def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool,
-                   gate: bool = False, heads: int = 8, batched: bool = True) -> tuple[bytes, int]:
+                   gate: bool = False, heads: int = 8, batched: bool = True, fp8: bool = False) -> tuple[bytes, int]:
     """The cubin and shared memory (bytes) of one decode kernel for Llama-3-8B's shape (8 kv heads x 4
-    query heads, D 128, bf16)."""
+    query heads, D 128, bf16 q; fp8: an fp8 e4m3 cache, widened to fp16 for the dots)."""
     common = dict(GROUP=4, HEAD_DIM=128, PAGE_SIZE=16, BLOCK_N=block_n, SPLIT=True, NUM_STAGES=stages, FLATTEN=False,
-                  PRECISION="tf32", FP16_DOTS=False, I32_OFFSETS=i32)
+                  PRECISION="tf32", FP16_DOTS=fp8, I32_OFFSETS=i32)
     if kernel == "per_head":
         fn, ints = _decode_kernel, ("num_kv_heads", "num_parts", "partition", "sliding_window")
         const = dict(BLOCK_G=16, **common)
@@ -50,7 +50,10 @@ def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool
         const = dict(BLOCK_G=4, HEADS=heads, BLOCK_H=heads, BATCHED=batched, EVEN_HEADS=True, DYNAMIC=gate,
                      SM_GATE=gate, **common)  # BLOCK_G: as the launcher pads the group
         ints = (*ints, "share", "num_sms", "ctas_per_sm")
-    types = {**dict(zip(PTRS, PTR_TYPES, strict=True)), "work_counter_ptr": "*i32", "qk_scale": "fp32",
+    ptr_types = dict(zip(PTRS, PTR_TYPES, strict=True))
+    if fp8:
+        ptr_types.update(k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
+    types = {**ptr_types, "work_counter_ptr": "*i32", "qk_scale": "fp32",
              **dict.fromkeys(ints, "i32"),
              **dict.fromkeys(STRIDES, "i32"), **dict.fromkeys(const, "constexpr")}
     names = list(fn.arg_names)  # the signature goes in the kernel's parameter order
@@ -101,6 +104,10 @@ def main() -> None:
                    help="all-heads: the 2-D dot (DecodeConfig(batched_dot=False)): heads x group rows against heads x "
                    "tokens columns, off-diagonal blocks masked; at 4 heads x a group of 4 the rows fill one 16-row MMA "
                    "tile with no padding")
+    p.add_argument("--fp8", action="store_true",
+                   help="an fp8 e4m3 cache (engine defaults: 64-token steps x 6 stages per-head, 32 x 7 all-heads)")
+    p.add_argument("--block-n", type=int, default=None, help="tokens per step (default: the engine's)")
+    p.add_argument("--top", type=int, default=12, help="with --mix: this many opcodes")
     args = p.parse_args()
     import tempfile
 
@@ -109,20 +116,23 @@ def main() -> None:
           f"{'regs':>5} {'smem KiB':>8} {'CTAs/SM':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for kernel in kernels:
-            stages = args.stages or (8 if kernel == "per_head" else 5)
-            block_n = 128 if kernel == "per_head" else 16
+            if args.fp8:
+                stages, block_n = args.stages or (6 if kernel == "per_head" else 7), 64 if kernel == "per_head" else 32
+            else:
+                stages, block_n = args.stages or (8 if kernel == "per_head" else 5), 128 if kernel == "per_head" else 16
+            block_n = args.block_n or block_n
             for warps in (int(w) for w in args.warps.split(",")):
                 for i32 in (False, True):
                     gate = args.gate and kernel == "all_heads"
                     cubin, smem = compile_kernel(kernel, warps, stages, block_n, i32, gate, args.heads,
-                                                 not (args.flat and kernel == "all_heads"))
+                                                 not (args.flat and kernel == "all_heads"), args.fp8)
                     ops, regs = inner_loop(cubin, Path(tmp)), registers(cubin, Path(tmp))
                     # Hopper: 64 Ki registers and 228 KiB of shared memory per SM (1 KiB reserved per CTA)
                     fit = min(65536 // max(1, regs * 32 * warps), (228 * 1024) // (smem + 1024))
                     print(f"{kernel:<10} {warps:>5} {stages:>6} {'int32' if i32 else 'int64':>7} {len(ops):>23} "
                           f"{regs:>5} {smem / 1024:>8.0f} {fit:>7}")
                     if args.mix:
-                        print("    " + ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(12)))
+                        print("    " + ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(args.top)))
 
 
 if __name__ == "__main__":
