@@ -132,7 +132,8 @@ def main() -> None:
                     print(f"{kernel:<10} {warps:>5} {stages:>6} {'int32' if i32 else 'int64':>7} {len(ops):>23} "
                           f"{regs:>5} {smem / 1024:>8.0f} {fit:>7}")
                     if args.mix:
-                        print("    " + ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(args.top)))
+                        mix = collections.Counter(ops).most_common(args.top)
+                        print("    " + ", ".join(f"{op} {n}" for op, n in mix))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ iterations of --min-tokens to --tokens tokens (sequential below).
     python benchmarks/make_pipeline.py overlap --split 1024 --decode-ctas 44 --gemm-ctas 88 --out ov.json
     python benchmarks/make_pipeline.py pingpong --bounds 256,512,1024,2048 --decode-ctas 66 --out pp.json
 
-The op names are a Llama/Mixtral decoder layer's (models/llama.py); the engine checks them against
-the model it loads and refuses a pipeline that does not match.
+The op names are a Llama/Mixtral decoder layer's (models/llama.layer_op_names); the engine checks
+them against the model it loads and refuses a pipeline that does not match.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanoflow.models.llama import layer_op_names  # noqa: E402
 from nanoflow.pipeline.schedule import (  # noqa: E402
     OVERLAP_ORDERS,
     Pipeline,
@@ -28,13 +29,6 @@ from nanoflow.pipeline.schedule import (  # noqa: E402
     pingpong_schedule,
     tp_overlap_schedule,
 )
-
-
-def layer_ops(moe: bool, tp: bool) -> list[str]:
-    ffn = ["route", "experts"] if moe else ["gate_up", "act", "down"]
-    reduce = (["attn_all_reduce"], ["ffn_all_reduce"]) if tp else ([], [])
-    return ["input_norm", "qkv", "rope_kv_write", "decode_attention", "prefill_attention", "o", *reduce[0],
-            "post_attention_norm", *ffn, *reduce[1]]
 
 
 def main() -> None:
@@ -59,12 +53,12 @@ def main() -> None:
     a = p.parse_args()
     if a.kind == "pingpong" and a.bounds:
         bounds = [int(b) for b in a.bounds.split(",")]
-        schedules = tuple(pingpong_schedule(layer_ops(a.moe, a.tp), hi, (lo + 1 + hi) // 4, lo + 1, a.decode_ctas)
+        schedules = tuple(pingpong_schedule(layer_op_names(a.moe, a.tp), hi, (lo + 1 + hi) // 4, lo + 1, a.decode_ctas)
                           for lo, hi in itertools.pairwise(bounds))
         Pipeline(schedules, {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
         print(f"wrote {a.out}: pingpong, {len(schedules)} schedules over {bounds[0] + 1}-{bounds[-1]} tokens")
         return
-    names = layer_ops(a.moe, a.tp or a.kind in ("network", "tp-overlap"))
+    names = layer_op_names(a.moe, a.tp or a.kind in ("network", "tp-overlap"))
     lo = a.min_tokens or a.split + 1
     if a.kind == "network":
         schedule = network_overlap_schedule(names, a.tokens, a.split, lo)

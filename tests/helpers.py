@@ -121,10 +121,9 @@ def step_plan(decodes: list[int], prefills: list[tuple[int, int]], first_page: i
 def layer_op_names(arch: str, tp: bool = False) -> list[str]:
     """The op names a decoder layer publishes (models/llama.py): on one GPU, or (tp) with its
     tensor-parallel all-reduces."""
-    ffn = ["route", "experts"] if arch == "mixtral" else ["gate_up", "act", "down"]
-    reduce = (["attn_all_reduce"], ["ffn_all_reduce"]) if tp else ([], [])
-    return ["input_norm", "qkv", "rope_kv_write", "decode_attention", "prefill_attention", "o", *reduce[0],
-            "post_attention_norm", *ffn, *reduce[1]]
+    from nanoflow.models.llama import layer_op_names as names
+
+    return names(arch == "mixtral", tp)
 
 
 def pipeline_for(arch: str, max_tokens: int, tp: bool = False):

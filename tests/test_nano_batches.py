@@ -72,3 +72,14 @@ def test_split_describes_each_part(runner) -> None:
     assert torch.equal(b.page_tables, batch.page_tables[3:5])
     with pytest.raises(ValueError, match="bounds"):
         batch.split([0, 12, 12, 30])
+
+
+def test_published_op_names(runner) -> None:
+    """models.llama.layer_op_names (what hand-made pipelines and the tests name) is what a layer
+    publishes; the tensor-parallel ones add the two all-reduces (test_tensor_parallel runs them)."""
+    from nanoflow.models.llama import layer_op_names
+
+    moe = runner.arch.is_moe
+    assert [op.name for op in runner.model.layer_ops[1]] == layer_op_names(moe, False)
+    with_reduces = layer_op_names(moe, True)
+    assert [n for n in with_reduces if not n.endswith("_all_reduce")] == layer_op_names(moe, False)

@@ -34,6 +34,15 @@ from nanoflow.layers.rotary import cos_sin_table
 from nanoflow.model_arch import ModelArch
 
 
+def layer_op_names(moe: bool, tensor_parallel: bool) -> list[str]:
+    """The names DecoderLayer.make_ops publishes, in its order, without building a layer: for
+    pipelines made by hand (benchmarks/make_pipeline.py) and for tests (a test holds the two equal)."""
+    ffn = ["route", "experts"] if moe else ["gate_up", "act", "down"]
+    reduce = (["attn_all_reduce"], ["ffn_all_reduce"]) if tensor_parallel else ([], [])
+    return ["input_norm", "qkv", "rope_kv_write", "decode_attention", "prefill_attention", "o", *reduce[0],
+            "post_attention_norm", *ffn, *reduce[1]]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, dtype: torch.dtype, par: ParallelState, enforce_eager: bool) -> None:
         super().__init__()
