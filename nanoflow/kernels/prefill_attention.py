@@ -21,7 +21,6 @@ from nanoflow.kernels.attention_common import (
     fp16_dots,
     gather_pages,
     token_offsets,
-    widen,
 )
 
 
@@ -146,11 +145,11 @@ def _prefill_kernel(
             n0 = tl.where(i < n_head, start + i * BLOCK_N, full_hi + (i - n_head) * BLOCK_N)
             m_i, l_i, acc = _tile(n0, hi, q, q_pos, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d,
                                   qk_scale, sliding_window, stride_cp, stride_ct, m_i, l_i, acc,
-                                  PAGE_SIZE, PRECISION, True, FP16_DOTS)
+                                  PAGE_SIZE, PRECISION, True)
         for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
             m_i, l_i, acc = _tile(n0, hi, q, q_pos, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d,
                                   qk_scale, sliding_window, stride_cp, stride_ct, m_i, l_i, acc,
-                                  PAGE_SIZE, PRECISION, False, FP16_DOTS)
+                                  PAGE_SIZE, PRECISION, False)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
@@ -160,7 +159,6 @@ def _prefill_kernel(
 def _tile(
     n0, hi, q, q_pos, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d, qk_scale, sliding_window,
     stride_cp, stride_ct, m_i, l_i, acc, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-    FP16_DOTS: tl.constexpr,
 ):  # fmt: skip
     """One key tile from n0 of the online softmax. MASKED: keys past hi, after a query (causal) or
     before its window count for nothing, and a row may see no key of the tile; else every row sees
@@ -168,11 +166,11 @@ def _tile(
     tok_off, t_mask = token_offsets(n0, offs_n, 0, hi, page_row, stride_cp, stride_ct, PAGE_SIZE, False, MASKED)
     row = tok_off + kv_base
     tok = n0 + offs_n
+    # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
     if MASKED:
-        k = widen(tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0), q.dtype,
-                  FP16_DOTS)
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
     else:
-        k = widen(tl.load(k_cache_ptr + row[:, None] + offs_d[None, :]), q.dtype, FP16_DOTS)
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         mask = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
@@ -188,10 +186,9 @@ def _tile(
     p = tl.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
-        v = widen(tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0), q.dtype,
-                  FP16_DOTS)
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
     else:
-        v = widen(tl.load(v_cache_ptr + row[:, None] + offs_d[None, :]), q.dtype, FP16_DOTS)
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -212,7 +209,6 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,  # H100 sweep with GQA packing: 136 us at 3 stages vs 145 at 2 (kernel_check)
-    opaque_fp8: bool = False,  # an fp8 cache's tiles widened by inline PTX (DecodeConfig.opaque_fp8); to measure
 ) -> torch.Tensor:
     """Triton version of paged_prefill_attention_ref for a whole varlen batch in one launch.
 
@@ -260,7 +256,7 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_N=block_n, NUM_STAGES=num_stages, PRECISION=dot_precision(q.dtype),
-        FP16_DOTS=fp16_dots(q, k_cache, opaque_fp8),
+        FP16_DOTS=fp16_dots(q, k_cache),
         num_warps=num_warps,
     )  # fmt: skip
     return out
