@@ -76,7 +76,7 @@ def registers(cubin: bytes, workdir: Path) -> int:
 
 
 def inner_loop(cubin: bytes, workdir: Path) -> list[str]:
-    """Opcodes of the innermost loop: the shortest backward branch's body."""
+    """Opcodes of the innermost loop: the shortest backward branch's body that holds MMAs."""
     path = workdir / "k.cubin"
     path.write_bytes(cubin)
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
@@ -90,7 +90,8 @@ def inner_loop(cubin: bytes, workdir: Path) -> list[str]:
             ops = [m2.group(1) for x in lines[labels[m.group(1)]: i + 1]
                    if (m2 := re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", x))]
             loops.append(ops)
-    return min((ops for ops in loops if len(ops) > 20), key=len, default=[])
+    # the K/V step: the shortest loop with MMAs (the SM gate's spin loop has none)
+    return min((ops for ops in loops if "HMMA" in ops), key=len, default=[])
 
 
 def main() -> None:
