@@ -203,7 +203,6 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
 
 def _tune_tensor_parallel(args: argparse.Namespace, ea: Any, name: str) -> int:
     """Network overlap for the TP size at hand, chosen from measured graph replays (tune/tensor_parallel.py)."""
-
     from nanoflow.config import EngineConfig
     from nanoflow.executor.model_runner import pipeline_key
     from nanoflow.pipeline.cache import cache_path
