@@ -95,6 +95,11 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     s.add_argument("--split-fractions", type=lambda t: [float(x) for x in t.split(",") if x], default=[0.5],
                    help="tensor parallel: network-overlap candidates split each bucket at these fractions, each "
                    "measured in one engine start (default 0.5)")
+    s.add_argument("--tp-schedules", type=lambda t: [x for x in t.split(",") if x], default=["network", "pingpong"],
+                   help="tensor parallel: the candidates' kinds, comma list of network (each all-reduce beside the "
+                   "other nano-batch's ops) and pingpong (each nano-batch on a stream of its own, decode attention "
+                   "capped at each --ctas, default half the SMs; the all-reduces on a third); each split at each "
+                   "--split-fractions, each one engine start")
     s.add_argument("--network-min-tokens", type=int, default=256,
                    help="tensor parallel: buckets above this many tokens get network-overlap candidates")
     s.add_argument("--nccl-ctas", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
@@ -202,11 +207,14 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
 
 
 def _tune_tensor_parallel(args: argparse.Namespace, ea: Any, name: str) -> int:
-    """Network overlap for the TP size at hand, chosen from measured graph replays (tune/tensor_parallel.py)."""
+    """Network overlap for the TP size at hand, chosen by measuring each candidate in an engine start
+    (tune/tensor_parallel.py): graph replays, and on a GPU real steps with --context-len decodes."""
+    import torch
+
     from nanoflow.config import EngineConfig
     from nanoflow.executor.model_runner import pipeline_key
     from nanoflow.pipeline.cache import cache_path
-    from nanoflow.tune.tensor_parallel import print_table, tune_tensor_parallel
+    from nanoflow.tune.tensor_parallel import NETWORK, PINGPONG, Candidate, print_table, tune_tensor_parallel
 
     # the engine's own graphs are what is measured: the user's graph flags, not the profiler's
     config = EngineConfig.from_args(dataclasses.replace(ea, cuda_graph_max_tokens=args.cuda_graph_max_tokens))
@@ -216,8 +224,16 @@ def _tune_tensor_parallel(args: argparse.Namespace, ea: Any, name: str) -> int:
     key = pipeline_key(config, config.tensor_parallel_size)
     print(f"tune: {name}, tensor parallel {config.tensor_parallel_size}, token budget {config.max_num_batched_tokens}",
           flush=True)
-    t = tune_tensor_parallel(config, key, args.split_fractions, args.network_min_tokens, args.min_gain,
-                             args.nccl_ctas)
+    unknown = set(args.tp_schedules) - {NETWORK, PINGPONG}
+    if unknown:
+        raise ValueError(f"--tp-schedules: unknown kinds {sorted(unknown)} (network, pingpong)")
+    on_gpu = config.device.type == "cuda"
+    half = torch.cuda.get_device_properties(config.device).multi_processor_count // 2 if on_gpu else None
+    caps = args.ctas or [half]
+    candidates = [Candidate(kind, f, cap) for f in args.split_fractions for kind in args.tp_schedules
+                  for cap in (caps if kind == PINGPONG else [None])]
+    t = tune_tensor_parallel(config, key, candidates, args.network_min_tokens, args.min_gain, args.nccl_ctas,
+                             context_len=(args.context_len or 1024) if on_gpu else 0)
     target = Path(args.output) if args.output else cache_path(key)
     t.pipeline.save(target)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

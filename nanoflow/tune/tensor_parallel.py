@@ -19,9 +19,14 @@ all-reduce alone) is the communicator's, set when it is made, so it acts on ever
 with `nccl_ctas`, every run is repeated at each cap, the cap whose buckets sum to the least step
 time is kept (step_total_ms), and the engine starts its communicator with it (Pipeline.nccl_max_ctas).
 
-Replays run with nothing to attend to (the capture batches hold no context), so attention's share
-of a real step is missing on both sides alike: the GEMMs, the all-reduces and their interference
-are what is timed.
+Two kinds of candidate: network overlap, and ping-pong (`pingpong_schedule`: each nano-batch's
+compute on a stream of its own, its decode attention capped, every all-reduce on a third), which
+also hides decode attention behind the other nano-batch's GEMMs. Graph replays run with nothing to
+attend to (the capture batches hold no context), so on a GPU each run also times real steps per
+bucket, decodes at `context_len` (a mixed graph's: a quarter of its tokens decodes, the rest prompt
+chunks) issued by rank 0 as the engine issues a step and run by every rank (`Run.step_ms`); a
+candidate is then judged by its steps against the sequential run's same steps. Without them (the
+CPU, or context_len 0) the graphs are compared within a run, as before.
 """
 
 from __future__ import annotations
@@ -32,25 +37,51 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanoflow.config import EngineConfig
-from nanoflow.pipeline.schedule import Pipeline, network_overlap_schedule
+from nanoflow.pipeline.schedule import Pipeline, Schedule, network_overlap_schedule, pingpong_schedule
 
 Key = tuple[int, bool, bool]  # GraphRunner's (bucket, mixed, pipelined)
 ALIGN = 16  # split points are multiples of this many rows
+NETWORK, PINGPONG = "network", "pingpong"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A kind of schedule, split at a fraction of each bucket (pingpong: decode attention capped)."""
+
+    kind: str = NETWORK
+    fraction: float = 0.5
+    decode_ctas: int | None = None
+
+    @property
+    def label(self) -> str:
+        cap = f" decode@{self.decode_ctas}" if self.kind == PINGPONG and self.decode_ctas else ""
+        return f"{self.kind} {self.fraction:g}{cap}"
+
+    def schedule(self, op_names: Sequence[str], lo: int, hi: int) -> Schedule | None:
+        """The bucket (lo, hi]'s schedule; None where the split leaves a nano-batch empty."""
+        split = split_for(lo, hi, self.fraction)
+        if split is None:
+            return None
+        if self.kind == PINGPONG:
+            return pingpong_schedule(op_names, hi, split, lo, self.decode_ctas)
+        return network_overlap_schedule(op_names, hi, split, lo)
 
 
 @dataclass(frozen=True)
 class Run:
-    """One engine start: the graphs' replay times, the layer's op names and the graph buckets."""
+    """One engine start: the graphs' replay times, the layer's op names, the graph buckets and (on a
+    GPU) the times of real steps per (bucket, mixed)."""
 
     replay_ms: dict[Key, float]
     op_names: list[str]
     buckets: list[int]
     seconds: float
+    step_ms: dict[tuple[int, bool], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,20 +89,27 @@ class BucketChoice:
     min_tokens: int
     max_tokens: int
     sequential_ms: float  # the bucket's sequential graphs (mixed + decode-only), summed
-    tried: dict[int, tuple[float, float]]  # split -> (its pipelined graphs, the same run's sequential ones)
-    split: int | None  # the one kept (None: sequential)
+    # candidate label -> (its split, its pipelined time, the sequential time it is judged against)
+    tried: dict[str, tuple[int, float, float]]
+    chosen: Candidate | None  # the one kept (None: sequential)
+
+    @property
+    def split(self) -> int | None:
+        return None if self.chosen is None else self.tried[self.chosen.label][0]
 
     @property
     def gain(self) -> float:
-        if self.split is None:
+        if self.chosen is None:
             return 1.0
-        piped, seq = self.tried[self.split]
+        _, piped, seq = self.tried[self.chosen.label]
         return seq / piped
 
     def to_json(self) -> dict[str, Any]:
         return {"min_tokens": self.min_tokens, "max_tokens": self.max_tokens, "split": self.split,
+                "choice": None if self.chosen is None else self.chosen.label,
                 "sequential_ms": self.sequential_ms, "gain": self.gain,
-                "tried": {str(s): {"pipelined_ms": p, "sequential_ms": q} for s, (p, q) in self.tried.items()}}
+                "tried": {k: {"split": s, "pipelined_ms": p, "sequential_ms": q}
+                          for k, (s, p, q) in self.tried.items()}}
 
 
 def bucket_ranges(buckets: Sequence[int], min_tokens: int) -> list[tuple[int, int]]:
@@ -88,50 +126,62 @@ def split_for(lo: int, hi: int, fraction: float) -> int | None:
     return split if 0 < split < lo else None
 
 
-def candidate(op_names: Sequence[str], ranges: Sequence[tuple[int, int]], fraction: float,
+def candidate(op_names: Sequence[str], ranges: Sequence[tuple[int, int]], cand: Candidate,
               key: dict[str, Any]) -> Pipeline:
-    schedules = tuple(network_overlap_schedule(op_names, hi, split, lo) for lo, hi in ranges
-                      if (split := split_for(lo, hi, fraction)) is not None)
-    return Pipeline(schedules, key, f"tune candidate: network overlap, split at {fraction:g} of each bucket")
+    schedules = tuple(s for lo, hi in ranges if (s := cand.schedule(op_names, lo, hi)) is not None)
+    return Pipeline(schedules, key, f"tune candidate: {cand.label} of each bucket")
 
 
 def _bucket_ms(table: dict[Key, float], bucket: int, piped: bool) -> float:
     return sum(ms for (b, _, p), ms in table.items() if b == bucket and p == piped)
 
 
-def choose(baseline: Run, runs: dict[float, Run], ranges: Sequence[tuple[int, int]],
+def _steps_ms(run: Run, bucket: int) -> float:
+    return sum(ms for (b, _), ms in run.step_ms.items() if b == bucket)
+
+
+def choose(baseline: Run, runs: dict[Candidate, Run], ranges: Sequence[tuple[int, int]],
            min_gain: float) -> list[BucketChoice]:
-    """Per bucket, the split whose pipelined graphs beat the same run's sequential graphs by the most,
-    if by at least min_gain. Each candidate is judged against the sequential graphs captured beside
-    it (same process, same moment), not against another run's."""
+    """Per bucket, the candidate that beats the sequential schedule by the most, if by at least
+    min_gain. With real steps timed (a GPU) a candidate's steps are judged against the sequential
+    run's same steps; else its pipelined graphs against the sequential graphs captured beside them
+    (same process, same moment)."""
     choices = []
     for lo, hi in ranges:
-        tried: dict[int, tuple[float, float]] = {}
-        for fraction, run in runs.items():
-            split = split_for(lo, hi, fraction)
-            piped = _bucket_ms(run.replay_ms, hi, True)
-            if split is not None and piped > 0:
-                tried[split] = (piped, _bucket_ms(run.replay_ms, hi, False))
-        best = min(tried, key=lambda s: tried[s][0] / tried[s][1], default=None)
-        if best is not None and tried[best][0] > tried[best][1] * (1 - min_gain):
+        tried: dict[str, tuple[int, float, float]] = {}
+        by_label = {c.label: c for c in runs}
+        for cand, run in runs.items():
+            split = split_for(lo, hi, cand.fraction)
+            if split is None or _bucket_ms(run.replay_ms, hi, True) <= 0:
+                continue  # no pipelined graph of this bucket in the run
+            if run.step_ms and baseline.step_ms:
+                tried[cand.label] = (split, _steps_ms(run, hi), _steps_ms(baseline, hi))
+            else:
+                tried[cand.label] = (split, _bucket_ms(run.replay_ms, hi, True), _bucket_ms(run.replay_ms, hi, False))
+        best = min(tried, key=lambda k: tried[k][1] / tried[k][2], default=None)
+        if best is not None and tried[best][1] > tried[best][2] * (1 - min_gain):
             best = None
-        choices.append(BucketChoice(lo, hi, _bucket_ms(baseline.replay_ms, hi, False), tried, best))
+        choices.append(BucketChoice(lo, hi, _bucket_ms(baseline.replay_ms, hi, False), tried,
+                                    None if best is None else by_label[best]))
     return choices
 
 
 def tuned_pipeline(op_names: Sequence[str], choices: Sequence[BucketChoice], key: dict[str, Any],
                    nccl_max_ctas: int | None = None) -> Pipeline:
-    schedules = tuple(network_overlap_schedule(op_names, c.max_tokens, c.split, c.min_tokens)
-                      for c in choices if c.split is not None)
+    schedules = tuple(c.chosen.schedule(op_names, c.min_tokens, c.max_tokens) for c in choices
+                      if c.chosen is not None)
     return Pipeline(schedules, key, "nanoflow tune (tensor parallel, measured)", nccl_max_ctas)
 
 
 def step_total_ms(sequential: Run, choices: Sequence[BucketChoice]) -> float:
-    """Every bucket's graphs (mixed + decode-only) summed: sequential, less what the kept splits save
-    against the sequential graphs of their own run. One number to compare NCCL CTA caps by, which act
-    on every bucket at once (the cap is the communicator's, not a schedule's)."""
-    total = sum(_bucket_ms(sequential.replay_ms, b, False) for b in sequential.buckets)
-    return total - sum(c.tried[c.split][1] - c.tried[c.split][0] for c in choices if c.split is not None)
+    """Every bucket's graphs (mixed + decode-only) summed: sequential, less what the kept
+    candidates save against what they were judged by. One number to compare NCCL CTA caps by,
+    which act on every bucket at once (the cap is the communicator's, not a schedule's). With real
+    steps timed, the total is theirs."""
+    total = sum(sequential.step_ms.values()) if sequential.step_ms else \
+        sum(_bucket_ms(sequential.replay_ms, b, False) for b in sequential.buckets)
+    kept = [c.tried[c.chosen.label] for c in choices if c.chosen is not None]
+    return total - sum(seq - piped for _, piped, seq in kept)
 
 
 def choose_cap(totals: dict[int | None, float], default: int | None, min_gain: float) -> int | None:
@@ -140,9 +190,11 @@ def choose_cap(totals: dict[int | None, float], default: int | None, min_gain: f
     return best if totals[best] < totals[default] * (1 - min_gain) else default
 
 
-def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, timeout_s: float = 1800.0) -> Run:
+def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, context_len: int = 0,
+            min_tokens: int = 0, timeout_s: float = 1800.0) -> Run:
     """Starts the tensor-parallel ranks with the pipeline (None: sequential) in a fresh process and
-    returns the replay-time table of their graphs."""
+    returns the replay-time table of their graphs and, on a GPU with context_len, the times of real
+    steps of the buckets above min_tokens (time_steps)."""
     spec = "off"
     if pipeline is not None:  # the workers read it too
         path = workdir / f"candidate_{len(list(workdir.glob('candidate_*.json')))}.json"
@@ -152,7 +204,7 @@ def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, time
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     # not a daemon: it spawns the tensor-parallel workers itself
-    p = ctx.Process(target=_measure_main, args=(config, send), name="nanoflow-tune-tp")
+    p = ctx.Process(target=_measure_main, args=(config, send, context_len, min_tokens), name="nanoflow-tune-tp")
     p.start()
     send.close()
     try:
@@ -172,7 +224,7 @@ def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, time
     return result
 
 
-def _measure_main(config: EngineConfig, conn: Any) -> None:
+def _measure_main(config: EngineConfig, conn: Any, context_len: int, min_tokens: int) -> None:
     from nanoflow.executor.distributed import TensorParallelGroup
     from nanoflow.executor.model_runner import ModelRunner
 
@@ -185,8 +237,10 @@ def _measure_main(config: EngineConfig, conn: Any) -> None:
             if graphs is None:
                 raise ValueError("tensor-parallel tuning measures CUDA graph replays: CUDA graphs are off "
                                  "(--enforce-eager or --cuda-graph-max-tokens 0)")
+            on_gpu = runner.device.type == "cuda"
+            steps = time_steps(runner, context_len, min_tokens) if on_gpu and context_len else {}
             run = Run(dict(graphs.replay_ms), [op.name for op in runner.model.layer_ops[0]], list(graphs.buckets),
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, steps)
             runner.release_graphs()
         finally:
             group.shutdown()
@@ -198,49 +252,83 @@ def _measure_main(config: EngineConfig, conn: Any) -> None:
         conn.close()
 
 
+def time_steps(runner: Any, context_len: int, min_tokens: int, warmup: int = 2,
+               repeats: int = 5) -> dict[tuple[int, bool], float]:
+    """Median GPU ms of a real step per graph (bucket, mixed) above min_tokens: decodes at
+    context_len (spread as tune.profile's; a mixed graph's step a quarter decodes, the rest prompt
+    chunks), issued by rank 0 as the engine issues a step and run by every rank, so the time holds
+    the all-reduces' waits. The graph that runs it is the engine's own choice (a pipelined one where
+    the pipeline covers the bucket)."""
+    import statistics
+
+    import torch
+
+    from nanoflow.tune.profile import Workload, mixed_plan
+
+    out = {}
+    for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b > min_tokens}):
+        w = Workload(context_len, 0.25 if mixed else 1.0)
+        plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
+        times = []
+        for _ in range(warmup + repeats):
+            runner.par.broadcast_object(plan.for_workers())
+            batch = runner.build(plan)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.forward(batch)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        out[(bucket, mixed)] = statistics.median(times[warmup:])
+    return out
+
+
 @dataclass
 class TensorParallelTuning:
     pipeline: Pipeline
     choices: list[BucketChoice]
     baseline: Run  # the sequential graphs at the chosen cap
-    runs: dict[float, Run]  # the candidates at the chosen cap, by split fraction
+    runs: dict[Candidate, Run]  # the candidates' runs at the chosen cap
     cap_totals: dict[int | None, float]  # NCCL CTA cap (None: NCCL's own) -> step_total_ms
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": "measured whole-iteration graph replays (max over ranks)",
+        how = "real steps with context per bucket, against the sequential run's" if self.baseline.step_ms else \
+            "whole-iteration graph replays (max over ranks), against the same run's sequential graphs"
+        return {"method": f"measured: {how}",
                 "buckets": [c.to_json() for c in self.choices],
-                "runs_s": {"sequential": self.baseline.seconds, **{f"{f:g}": r.seconds for f, r in self.runs.items()}},
+                "runs_s": {"sequential": self.baseline.seconds, **{c.label: r.seconds for c, r in self.runs.items()}},
+                "sequential_step_ms": {f"{b} {'mixed' if m else 'decode'}": ms
+                                       for (b, m), ms in self.baseline.step_ms.items()},
                 "nccl_max_ctas": {str(c): ms for c, ms in self.cap_totals.items()},
                 "pipeline": self.pipeline.to_json()}
 
 
-def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], fractions: Sequence[float] = (0.5,),
-                         min_tokens: int = 256, min_gain: float = 0.01,
-                         nccl_ctas: Sequence[int] = ()) -> TensorParallelTuning:
-    """Measures the sequential graphs and, per fraction, the network-overlap candidate, then keeps
-    per bucket what won (see the module docstring). nccl_ctas: NCCL CTA caps to try besides the
-    engine's own (--nccl-max-ctas, else NCCL's), each a fresh start of every run; the cap whose
-    step total (step_total_ms) is least by min_gain goes into the pipeline, which the engine then
-    starts its communicator with."""
+def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], candidates: Sequence[Candidate] = (Candidate(),),
+                         min_tokens: int = 256, min_gain: float = 0.01, nccl_ctas: Sequence[int] = (),
+                         context_len: int = 0) -> TensorParallelTuning:
+    """Measures the sequential schedule and each candidate, then keeps per bucket what won (see the
+    module docstring). nccl_ctas: NCCL CTA caps to try besides the engine's own (--nccl-max-ctas,
+    else NCCL's), each a fresh start of every run; the cap whose step total (step_total_ms) is
+    least by min_gain goes into the pipeline, which the engine then starts its communicator with.
+    context_len: the decodes' context in the real steps each run times on a GPU (0: none)."""
     default = config.args.nccl_max_ctas
     caps = [default, *dict.fromkeys(c for c in nccl_ctas if c != default)]
-    per_cap: dict[int | None, tuple[Run, dict[float, Run], list[BucketChoice]]] = {}
+    per_cap: dict[int | None, tuple[Run, dict[Candidate, Run], list[BucketChoice]]] = {}
     with tempfile.TemporaryDirectory(prefix="nanoflow-tune-tp-") as tmp:
         workdir = Path(tmp)
         for cap in caps:
             cfg = dataclasses.replace(config, args=dataclasses.replace(config.args, nccl_max_ctas=cap))
             label = f" (NCCL CTA cap {cap})" if cap is not None else ""
-            print(f"tune: sequential graphs{label} ...", flush=True)
-            baseline = measure(cfg, None, workdir)
+            print(f"tune: sequential{label} ...", flush=True)
+            baseline = measure(cfg, None, workdir, context_len, min_tokens)
             ranges = bucket_ranges(baseline.buckets, min_tokens)
             runs = {}
-            for f in fractions:
-                pipeline = candidate(baseline.op_names, ranges, f, key)
+            for cand in candidates:
+                pipeline = candidate(baseline.op_names, ranges, cand, key)
                 if not pipeline.schedules:
                     continue
-                print(f"tune: network overlap, split at {f:g} of each bucket above {min_tokens} tokens{label} ...",
-                      flush=True)
-                runs[f] = measure(cfg, pipeline, workdir)
+                print(f"tune: {cand.label} of each bucket above {min_tokens} tokens{label} ...", flush=True)
+                runs[cand] = measure(cfg, pipeline, workdir, context_len, min_tokens)
             per_cap[cap] = (baseline, runs, choose(baseline, runs, ranges, min_gain))
     totals = {cap: step_total_ms(b, choices) for cap, (b, _, choices) in per_cap.items()}
     cap = choose_cap(totals, default, min_gain)
@@ -249,18 +337,19 @@ def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], fractions: S
 
 
 def print_table(t: TensorParallelTuning) -> None:
-    print("\nwhole-iteration graph replays per bucket (ms, max over ranks, mixed + decode-only graphs summed)")
-    print(f"{'tokens':>12} {'sequential':>11}  " + "  ".join(f"{'split ' + f'{f:g}':>18}" for f in t.runs) + "  choice")
+    what = "real steps with context (decode-only + mixed)" if t.baseline.step_ms else \
+        "whole-iteration graph replays (max over ranks, mixed + decode-only graphs summed)"
+    print(f"\n{what} per bucket, ms: each candidate's time and gain")
+    print(f"{'tokens':>12} {'sequential':>11}  " + "  ".join(f"{c.label:>24}" for c in t.runs) + "  choice")
     for c in t.choices:
         cells = []
-        for f in t.runs:
-            s = split_for(c.min_tokens, c.max_tokens, f)
-            cells.append(f"{s:>5}: {c.tried[s][0]:>6.2f} {c.tried[s][1] / c.tried[s][0]:>4.2f}x"
-                         if s in c.tried else f"{'-':>18}")
-        choice = "sequential" if c.split is None else f"network overlap, split {c.split} ({c.gain:.2f}x)"
-        print(f"{f'{c.min_tokens}-{c.max_tokens}':>12} {c.sequential_ms:>11.2f}  " + "  ".join(cells) + f"  {choice}")
+        for cand in t.runs:
+            got = c.tried.get(cand.label)
+            cells.append(f"{got[0]:>5}: {got[1]:>9.2f} {got[2] / got[1]:>5.2f}x" if got else f"{'-':>24}")
+        seq = _steps_ms(t.baseline, c.max_tokens) if t.baseline.step_ms else c.sequential_ms
+        choice = "sequential" if c.chosen is None else f"{c.chosen.label}, split {c.split} ({c.gain:.2f}x)"
+        print(f"{f'{c.min_tokens}-{c.max_tokens}':>12} {seq:>11.2f}  " + "  ".join(cells) + f"  {choice}")
     if len(t.cap_totals) > 1:
-        print("every bucket's graphs, summed, per NCCL CTA cap: " + ", ".join(
+        print("every bucket summed, per NCCL CTA cap: " + ", ".join(
             f"{'NCCL' if c is None else c}: {ms:.2f} ms" for c, ms in t.cap_totals.items()) +
             f"; kept: {'NCCL' if t.pipeline.nccl_max_ctas is None else t.pipeline.nccl_max_ctas}")
-

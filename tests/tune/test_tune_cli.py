@@ -56,6 +56,8 @@ def test_parser_knows_the_options() -> None:
     args = build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--decode-fraction", "serve",
                                       "--budget-decodes", "512", "--pingpong-splits", "0.5"])
     assert (args.decode_fraction, args.budget_decodes, args.pingpong_splits) == ("serve", 512, [0.5])
+    assert args.tp_schedules == ["network", "pingpong"]
+    assert build_parser().parse_args(["tune", "--tp-schedules", "pingpong"]).tp_schedules == ["pingpong"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--decode-fraction", "1.5"])
 
