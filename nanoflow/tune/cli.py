@@ -33,6 +33,28 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def graph_buckets(args: argparse.Namespace, budget: int) -> list[int]:
+    """The token sizes the engine's CUDA graphs take with these flags (tune's own runner captures
+    none); [] without graphs."""
+    from nanoflow.config import graph_sizes
+    from nanoflow.executor.cuda_graph import token_buckets
+
+    tokens = budget if args.cuda_graph_max_tokens is None else min(args.cuda_graph_max_tokens, budget)
+    if args.enforce_eager or tokens <= 0:
+        return []
+    return list(graph_sizes(args.cuda_graph_sizes, tokens) or token_buckets(tokens))
+
+
+def default_sizes(graphs: Sequence[int], step: int, budget: int) -> list[int]:
+    """The profiled sizes, each the top of a pipeline bucket: the graph sizes from `step` up (a
+    schedule's split is a row count, so a bucket that held several graphs would split its smaller
+    ones unevenly: ping-pong split at 256 for 257-512 gives a 310-token step nano-batches of 256 and
+    54; such steps ran 0.94x in an H200 trace bench), then multiples of `step` above the largest graph."""
+    top = max(graphs, default=0)
+    return sorted({g for g in graphs if g >= step} | set(range(step, budget + 1, step)) - set(range(0, top + 1))
+                  | {budget})
+
+
 def _fraction_or_serve(text: str) -> float | str:
     if text == "serve":
         return text
@@ -54,8 +76,10 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
 
     g = p.add_argument_group("profile")
     g.add_argument("--sizes", type=_ints, default=None,
-                   help="nano-batch sizes in tokens, comma list (default: multiples of --size-step up to the "
-                   "token budget on a GPU; 8,16,32 on the CPU); each ends a token bucket of the pipeline")
+                   help="step sizes in tokens, comma list; each ends a token bucket of the pipeline (default on a "
+                   "GPU: the engine's CUDA graph sizes from --size-step up, so that every graph gets the schedule "
+                   "tuned for its own size, and multiples of --size-step above the largest graph; 8,16,32 on "
+                   "the CPU)")
     g.add_argument("--size-step", type=int, default=128)
     g.add_argument("--ctas", type=_ints, default=None,
                    help="SM caps of decode attention to profile, comma list (default 16,24,32,44,66,88 below the "
@@ -157,7 +181,8 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         assert config is not None
         on_gpu = config.device.type == "cuda"
         budget = config.max_num_batched_tokens
-        sizes = args.sizes or (list(range(args.size_step, budget + 1, args.size_step)) if on_gpu else [8, 16, 32])
+        sizes = args.sizes or (default_sizes(graph_buckets(args, budget), args.size_step, budget) if on_gpu
+                               else [8, 16, 32])
         sizes = sorted({n for n in sizes if 0 < n <= budget})
         if not sizes:
             raise ValueError(f"no nano-batch size within the token budget ({budget})")
