@@ -49,11 +49,15 @@ def main() -> None:
                    help="overlap: what decode attention runs beside (pipeline.schedule.overlap_schedule)")
     p.add_argument("--bounds", default=None,
                    help="pingpong: comma list of iteration sizes b0,b1,...: one schedule for each (b_i, b_i+1], "
-                   "split at half its middle size (overrides --split, --tokens and --min-tokens)")
+                   "split at half its top (at b_i if that is less), e.g. the CUDA graph sizes (overrides --split, "
+                   "--tokens and --min-tokens)")
     a = p.parse_args()
     if a.kind == "pingpong" and a.bounds:
         bounds = [int(b) for b in a.bounds.split(",")]
-        schedules = tuple(pingpong_schedule(layer_op_names(a.moe, a.tp), hi, (lo + 1 + hi) // 4, lo + 1, a.decode_ctas)
+        # graphs replay a range's schedule at their own size, the range's top where the bounds are
+        # the graph sizes: split at half of it, unless the smallest step would leave nothing past it
+        schedules = tuple(pingpong_schedule(layer_op_names(a.moe, a.tp), hi, min(hi // 2, lo) // 16 * 16, lo + 1,
+                                            a.decode_ctas)
                           for lo, hi in itertools.pairwise(bounds))
         Pipeline(schedules, {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
         print(f"wrote {a.out}: pingpong, {len(schedules)} schedules over {bounds[0] + 1}-{bounds[-1]} tokens")

@@ -13,7 +13,7 @@
 # make_pipeline.py NET_KIND: network, default, or tp-overlap, all-reduces and decode attention on
 # NET_DECODE_CTAS (66) SMs both beside the GEMMs, or pingpong, each nano-batch on a stream of its
 # own and the all-reduces on a third; split NET_SPLIT, default 1024, for iterations of
-# NET_MIN_TOKENS, default split + 1, to the budget; NET_BOUNDS, e.g. 256,512,1024,1536,2048: one
+# NET_MIN_TOKENS, default split + 1, to the budget; NET_BOUNDS, e.g. the graph sizes 256,320,...,2048: one
 # pingpong schedule per range) against nanoflow-sequential instead of
 # EAGER_FLAGS; TP_CHECK_SECOND=tune: `nanoflow tune` (network overlap measured per bucket, cached)
 # then the bench with --pipeline auto against nanoflow-sequential; TP_CHECK_SECOND=ep: the second
