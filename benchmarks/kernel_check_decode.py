@@ -243,7 +243,9 @@ class DecodeChecks:
             # the tiles widened opaquely (DecodeConfig.opaque_fp8: 28-32% fewer instructions a step
             # in sm_90a SASS, the dots' tiles read by ldmatrix instead of byte by byte)
             OP = lambda **kw: dk.DecodeConfig(opaque_fp8=True, **kw)  # noqa: E731
-            cfgs += [OP(), OP(num_warps=8), OP(block_n=128, num_warps=8, num_stages=4), OP(all_heads=True),
+            # (114 registers a thread at the per-head default: three programs fit an SM)
+            cfgs += [OP(), OP(ctas_per_sm=3), OP(num_warps=8), OP(block_n=128, num_warps=8, num_stages=4),
+                     OP(all_heads=True),
                      OP(all_heads=True, kv_heads_per_item=4), OP(all_heads=True, kv_heads_per_item=4, num_stages=3)]
         trials = [time_cfg(cfg, None, verify=True) for cfg in cfgs]
         # and the engine's capped kernel (a pipeline's decode attention) on a third and a half of the
