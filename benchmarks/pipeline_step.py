@@ -118,13 +118,11 @@ def main() -> None:
             for layer in model.layers:
                 layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
             for split, ctas, gemm, beside, priority in itertools.product(
-                    map(int, args.splits.split(",")), [int(c) if c != "all" else None for c in args.ctas.split(",")],
+                    map(int, args.splits.split(",")), caps(args.ctas),
                     args.gemm_ctas.split(","), args.beside.split(","), args.priority.split(",")):
                 gemm_ctas = None if gemm == "none" or ctas is None else sms - ctas if gemm == "auto" else int(gemm)
-                schedule = (pingpong_schedule(names, args.tokens, split, split + 1, ctas) if beside == "pingpong"
-                            else overlap_schedule(names, args.tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas,
-                                                  beside=beside))
-                ex = PipelineExecutor(schedule, model.layer_ops, runner.device, side_priority=priority == "high")
+                ex = PipelineExecutor(two_batches(names, args.tokens, split, ctas, gemm_ctas, beside), model.layer_ops,
+                                      runner.device, side_priority=priority == "high")
                 parts = ex.split(batch, model.prepare)
                 try:
                     ms = timer.ms(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)))
@@ -141,14 +139,32 @@ def main() -> None:
         want = model(batch)
         half = args.tokens // 2  # a split that fits any --tokens
         for beside in ("qkv", "mlp", "pingpong"):
-            schedule = (pingpong_schedule(names, args.tokens, half, half + 1, 32) if beside == "pingpong" else
-                        overlap_schedule(names, args.tokens, half, half + 1, 32, gemm_ctas=sms - 32, beside=beside))
-            ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+            ex = PipelineExecutor(two_batches(names, args.tokens, half, 32, sms - 32, beside), model.layer_ops,
+                                  runner.device)
             got = model(batch, partial(ex.run, parts=ex.split(batch, model.prepare)))
             torch.cuda.synchronize()
             results[f"max_abs_diff_{beside}"] = diff = (got.float() - want.float()).abs().max().item()
             print(f"pipelined ({beside}) vs sequential hidden states: max |diff| {diff:.3g}")
     save()
+
+
+def caps(text: str) -> list[int | None]:
+    """SM caps from a comma list (all: uncapped)."""
+    return [None if c == "all" else int(c) for c in text.split(",")]
+
+
+def two_batches(names: list[str], tokens: int, split: int, ctas: int | None, gemm_ctas: int | None,
+                beside: str) -> Any:
+    """The two-nano-batch schedule of --beside: ping-pong (its GEMMs uncapped) or an overlap order."""
+    if beside == "pingpong":
+        return pingpong_schedule(names, tokens, split, split + 1, ctas)
+    return overlap_schedule(names, tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas, beside=beside)
+
+
+def kv_bytes(batch: Any, k_cache: Any) -> int:
+    """Bytes of K and V the step's decodes read in one layer (cache [pages, kv heads, page, dim])."""
+    return int(sum(batch.seq_lens_cpu[: batch.num_decodes])) * 2 * k_cache.shape[1] * k_cache.shape[3] * \
+        k_cache.element_size()
 
 
 def step(runner: Any, decodes: int, context: int, chunk: int, spread: bool, shuffled: bool) -> Any:
@@ -174,11 +190,9 @@ def attention_alone(model: Any, batch: Any, runner: Any, timer: Timer, ctas: str
     run_sequential(model.layer_ops, bufs, [batch])  # the buffers of a real step (and kernels compiled)
     i = [op.name for op in model.layer_ops[0]].index("decode_attention")
     ops = [layer[i] for layer in model.layer_ops]
-    k = runner.kv_caches[0][0]  # [pages, kv heads, page size, head dim]
-    per_token = 2 * k.shape[1] * k.shape[3] * k.element_size()
-    nbytes = int(sum(batch.seq_lens_cpu[: batch.num_decodes])) * per_token * len(ops)
+    nbytes = kv_bytes(batch, runner.kv_caches[0][0]) * len(ops)
     rows = []
-    for c in (None if c == "all" else int(c) for c in ctas.split(",")):
+    for c in caps(ctas):
         ms = timer.ms(lambda c=c: [op.run(batch, bufs, c) for op in ops])
         census = gate_census(model, batch, runner, c) if c is not None else {}
         rows.append({"ctas": c, "ms": ms, "tbps": nbytes / ms / 1e9, **census})
@@ -208,13 +222,13 @@ def attention_direct(model: Any, batch: Any, runner: Any, timer: Timer, ctas: st
     compact = [(k[used].clone(), v[used].clone()) for k, v in caches[1:2]] * len(caches)
     compact_tables = remap[tables.long()]
     out = torch.empty_like(q_contig)
-    nbytes = int(sum(batch.seq_lens_cpu[: batch.num_decodes])) * 2 * k0.shape[1] * k0.shape[3] * k0.element_size()
+    nbytes = kv_bytes(batch, k0)
     cases = {"engine call": (q_strided, caches, tables, batch.decode_count),
              "contiguous q": (q_contig, caches, tables, batch.decode_count),
              "+ host count": (q_contig, caches, tables, None),
              "+ compact cache": (q_contig, compact, compact_tables, None)}
     found = []
-    for c in (None if c == "all" else int(c) for c in ctas.split(",")):
+    for c in caps(ctas):
         for name, (q, kvs, pt, count) in cases.items():
             def call(q=q, kvs=kvs, pt=pt, count=count, c=c) -> None:
                 for k, v in kvs:

@@ -60,6 +60,14 @@ def token_buckets(max_tokens: int) -> list[int]:
     return sorted(sizes | {max_tokens})
 
 
+def capture_sizes(max_tokens: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """The token sizes a GraphRunner captures: `sizes` (EngineConfig.cuda_graph_sizes, ending at
+    max_tokens), else token_buckets(max_tokens); none without graphs (max_tokens 0)."""
+    if not max_tokens:
+        return []
+    return sorted(sizes) if sizes is not None else token_buckets(max_tokens)
+
+
 # (bucket, mixed, pipelined): the graph's token count, whether it runs prefill attention (else it
 # is decode-only) and whether it runs the bucket's pipeline schedule (else the sequential one).
 Key = tuple[int, bool, bool]
@@ -79,7 +87,7 @@ class GraphRunner:
         self.model, self.device, self.executor_for = model, device, executor_for
         self.padding_row_cost = padding_row_cost
         self.par = par or ParallelState()
-        self.buckets = sorted(buckets) if buckets is not None else token_buckets(max_tokens)
+        self.buckets = capture_sizes(max_tokens, buckets)
         if self.buckets[-1] != max_tokens:
             raise ValueError(f"CUDA graph sizes {self.buckets} must end at the largest, {max_tokens} tokens")
         self.max_seqs = min(max_seqs, max_tokens)

@@ -49,8 +49,8 @@ def fp16_dots(q: torch.Tensor, k_cache: torch.Tensor, opaque: bool = False) -> i
     same, the tiles widened opaquely (`widen`; opaque asked for, on a GPU of sm89+). 0: no fp8."""
     if k_cache.dtype != torch.float8_e4m3fn or q.dtype not in (torch.bfloat16, torch.float16):
         return 0
-    on_sm89 = q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
-    return 2 if opaque and on_sm89 else 1
+    # the device is asked only when opaque is (a launch on the hot path otherwise)
+    return 2 if opaque and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9) else 1
 
 
 @triton.jit

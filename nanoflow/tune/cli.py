@@ -33,18 +33,6 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def graph_buckets(args: argparse.Namespace, budget: int) -> list[int]:
-    """The token sizes the engine's CUDA graphs take with these flags (tune's own runner captures
-    none); [] without graphs."""
-    from nanoflow.config import graph_sizes
-    from nanoflow.executor.cuda_graph import token_buckets
-
-    tokens = budget if args.cuda_graph_max_tokens is None else min(args.cuda_graph_max_tokens, budget)
-    if args.enforce_eager or tokens <= 0:
-        return []
-    return list(graph_sizes(args.cuda_graph_sizes, tokens) or token_buckets(tokens))
-
-
 def default_sizes(graphs: Sequence[int], step: int, budget: int) -> list[int]:
     """The profiled sizes, each the top of a pipeline bucket: the graph sizes from `step` up (a
     schedule's split is a row count, so a bucket that held several graphs would split its smaller
@@ -152,6 +140,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
 
     from nanoflow.config import EngineConfig
     from nanoflow.engine_args import EngineArgs, engine_kwargs
+    from nanoflow.executor.cuda_graph import capture_sizes
     from nanoflow.executor.model_runner import ModelRunner, pipeline_key
     from nanoflow.pipeline.cache import cache_path
     from nanoflow.tune.profile import Workload, profile_ops
@@ -161,15 +150,16 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     model_dir, load_format, name = _resolve_model(args, dummy_model_dir)
     runner, config = None, None
     if model_dir is not None:
+        # the engine's configuration, graphs as the user's flags make them (what the pipeline's buckets
+        # follow, and what the tensor-parallel search measures); the profiling runner captures none
         ea = EngineArgs(model=model_dir, load_format=load_format,
-                        **{**engine_kwargs(args), "pipeline": "off", "cuda_graph_max_tokens": 0,
-                           "skip_tokenizer_init": True})
+                        **{**engine_kwargs(args), "pipeline": "off", "skip_tokenizer_init": True})
         config = EngineConfig.from_args(ea)
         if config.tensor_parallel_size != 1:
             if profile is not None or args.profile_only:
                 raise ValueError("under tensor parallelism nanoflow tune measures whole iterations: no op "
                                  "profile (--profile-json, --profile-only) to read or write")
-            return _tune_tensor_parallel(args, ea, name)
+            return _tune_tensor_parallel(args, config, name)
         if profile is not None:
             _check_key(profile["key"], pipeline_key(config, 1), args.profile_json)
     elif profile is None:
@@ -181,8 +171,8 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         assert config is not None
         on_gpu = config.device.type == "cuda"
         budget = config.max_num_batched_tokens
-        sizes = args.sizes or (default_sizes(graph_buckets(args, budget), args.size_step, budget) if on_gpu
-                               else [8, 16, 32])
+        graphs = capture_sizes(config.cuda_graph_max_tokens, config.cuda_graph_sizes)
+        sizes = args.sizes or (default_sizes(graphs, args.size_step, budget) if on_gpu else [8, 16, 32])
         sizes = sorted({n for n in sizes if 0 < n <= budget})
         if not sizes:
             raise ValueError(f"no nano-batch size within the token budget ({budget})")
@@ -194,7 +184,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
                             budget_decodes=(args.budget_decodes or budget // 4) if serve else None, budget=budget)
         print(f"tune: building {name} on {config.device} ({str(config.dtype).removeprefix('torch.')}, "
               f"token budget {budget})", flush=True)
-        runner = ModelRunner(config)
+        runner = ModelRunner(dataclasses.replace(config, cuda_graph_max_tokens=0, cuda_graph_sizes=None))
         peak = peak_tflops(config.device) if on_gpu and peak_tflops is not None else None
         profile = profile_ops(runner, sizes, ctas, workload=workload.profiled(), layers=args.layers, peak_tflops=peak,
                               warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1),
@@ -231,18 +221,16 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     return 0
 
 
-def _tune_tensor_parallel(args: argparse.Namespace, ea: Any, name: str) -> int:
+def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> int:
     """Network overlap for the TP size at hand, chosen by measuring each candidate in an engine start
     (tune/tensor_parallel.py): graph replays, and on a GPU real steps with --context-len decodes."""
     import torch
 
-    from nanoflow.config import EngineConfig
     from nanoflow.executor.model_runner import pipeline_key
     from nanoflow.pipeline.cache import cache_path
     from nanoflow.tune.tensor_parallel import NETWORK, PINGPONG, Candidate, print_table, tune_tensor_parallel
 
-    # the engine's own graphs are what is measured: the user's graph flags, not the profiler's
-    config = EngineConfig.from_args(dataclasses.replace(ea, cuda_graph_max_tokens=args.cuda_graph_max_tokens))
+    # the engine's own graphs are what is measured
     if not config.cuda_graph_max_tokens:
         raise ValueError("under tensor parallelism nanoflow tune measures CUDA graph replays: it needs the GPU "
                          "fast path with graphs (not --enforce-eager, --cuda-graph-max-tokens 0 or a CPU)")
@@ -303,14 +291,25 @@ def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any, m
     the profile timed the sequential one. On a GPU, each bucket's candidates (tune.measured: the
     model's pick, sequential, ping-pong at each split fraction and profiled cap) and the fastest
     kept; on the CPU, where streams run one after the other, only the pipelined picks."""
+    import functools
+
+    import torch
+
     from nanoflow.tune.measured import measured_choice
-    from nanoflow.tune.profile import time_forward
+    from nanoflow.tune.profile import step_batch, time_forward
     from nanoflow.tune.timing import Timer
 
     t = profile["timer"]
     timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=True)
     names = [o["name"] for o in profile["ops"]]
-    forward = lambda tokens, schedule: time_forward(runner, tokens, workload, timer, schedule)  # noqa: E731
+
+    @functools.cache
+    def step(tokens: int) -> Any:
+        """One built step per bucket, shared by its candidates (building one runs a forward)."""
+        with torch.inference_mode():
+            return step_batch(runner, tokens, workload)[0]
+
+    forward = lambda tokens, schedule: time_forward(runner, step(tokens), timer, schedule)  # noqa: E731
     if runner.device.type == "cuda":
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
         m = measured_choice(tuning, names, caps, forward, min_gain, fractions)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nanoflow.pipeline.schedule import Schedule
-from nanoflow.tune.model import PINGPONG, Candidate
+from nanoflow.tune.model import PINGPONG, Candidate, split_for
 from nanoflow.tune.search import BucketChoice, Tuning
 
 # ms of one forward of `tokens` tokens through `schedule` (None: the sequential walk)
@@ -30,15 +30,14 @@ class Measured:
 def measured_candidates(choice: BucketChoice, caps: Sequence[int | None],
                         fractions: Sequence[float] = (0.5,)) -> list[Candidate]:
     """Sequential, the model's pick and its cheapest of each other overlap order, and ping-pong split
-    at each fraction of the bucket's top (rounded to 16 rows) at each cap; none for a split that
-    the bucket's smallest step could leave a nano-batch empty with. Uneven splits matter in a
+    at each fraction of the bucket's top (model.split_for) at each cap. Uneven splits matter in a
     serving step, whose decodes come first and whose prefill chunk is not cut in half."""
     out = [Candidate()]
     if choice.candidate.split is not None:
         out.append(choice.candidate)
     out += [c for c in choice.runners_up if c not in out]
-    splits = sorted({16 * round(choice.max_tokens * f / 16) for f in fractions})
-    out += [Candidate(s, c, PINGPONG) for s in splits if 0 < s < choice.min_tokens for c in caps]
+    splits = sorted({s for f in fractions if (s := split_for(choice.min_tokens, choice.max_tokens, f)) is not None})
+    out += [Candidate(s, c, PINGPONG) for s in splits for c in caps]
     return out
 
 

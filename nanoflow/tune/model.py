@@ -30,7 +30,15 @@ from nanoflow.pipeline.schedule import Schedule, overlap_schedule, pingpong_sche
 
 DECODE, PREFILL = "decode_attention", "prefill_attention"
 PINGPONG = "pingpong"
+ALIGN = 16  # split points a fraction of a bucket gives are multiples of this many rows
 SERIAL = (0.5, 0.5)  # kept fractions that price side-by-side work as if run one after the other
+
+
+def split_for(lo: int, hi: int, fraction: float) -> int | None:
+    """The split of a bucket's rows (lo..hi tokens) at fraction of its top, on an ALIGN boundary;
+    None where a step of lo tokens would leave the second nano-batch empty."""
+    split = int(hi * fraction) // ALIGN * ALIGN
+    return split if 0 < split < lo else None
 
 
 @dataclass(frozen=True)

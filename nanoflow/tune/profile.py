@@ -237,12 +237,10 @@ def _interference(timer: Timer, first: str, runs: dict[str, Callable[[], None]],
     return table
 
 
-def time_forward(runner: ModelRunner, num_tokens: int, w: Workload, timer: Timer,
-                 schedule: Schedule | None = None) -> float:
-    """Milliseconds of one forward of the workload's step at num_tokens, through `schedule`'s
-    pipeline executor (None: the sequential walk): what the search predicted, measured."""
+def time_forward(runner: ModelRunner, batch: ForwardBatch, timer: Timer, schedule: Schedule | None = None) -> float:
+    """Milliseconds of one forward of a step (step_batch's), through `schedule`'s pipeline executor
+    (None: the sequential walk): what the search predicted, measured."""
     with torch.inference_mode():
-        batch, _ = step_batch(runner, num_tokens, w)
         model = runner.model
         if schedule is None:
             return timer.ms(lambda: model(batch))

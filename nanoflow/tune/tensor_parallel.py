@@ -43,10 +43,10 @@ from typing import Any
 
 from nanoflow.config import EngineConfig
 from nanoflow.pipeline.schedule import Pipeline, Schedule, network_overlap_schedule, pingpong_schedule
+from nanoflow.tune.model import PINGPONG, split_for
 
 Key = tuple[int, bool, bool]  # GraphRunner's (bucket, mixed, pipelined)
-ALIGN = 16  # split points are multiples of this many rows
-NETWORK, PINGPONG = "network", "pingpong"
+NETWORK = "network"
 
 
 @dataclass(frozen=True)
@@ -89,27 +89,27 @@ class BucketChoice:
     min_tokens: int
     max_tokens: int
     sequential_ms: float  # the bucket's sequential graphs (mixed + decode-only), summed
-    # candidate label -> (its split, its pipelined time, the sequential time it is judged against)
-    tried: dict[str, tuple[int, float, float]]
+    # candidate -> (its split, its pipelined time, the sequential time it is judged against)
+    tried: dict[Candidate, tuple[int, float, float]]
     chosen: Candidate | None  # the one kept (None: sequential)
 
     @property
     def split(self) -> int | None:
-        return None if self.chosen is None else self.tried[self.chosen.label][0]
+        return None if self.chosen is None else self.tried[self.chosen][0]
 
     @property
     def gain(self) -> float:
         if self.chosen is None:
             return 1.0
-        _, piped, seq = self.tried[self.chosen.label]
+        _, piped, seq = self.tried[self.chosen]
         return seq / piped
 
     def to_json(self) -> dict[str, Any]:
         return {"min_tokens": self.min_tokens, "max_tokens": self.max_tokens, "split": self.split,
                 "choice": None if self.chosen is None else self.chosen.label,
                 "sequential_ms": self.sequential_ms, "gain": self.gain,
-                "tried": {k: {"split": s, "pipelined_ms": p, "sequential_ms": q}
-                          for k, (s, p, q) in self.tried.items()}}
+                "tried": {c.label: {"split": s, "pipelined_ms": p, "sequential_ms": q}
+                          for c, (s, p, q) in self.tried.items()}}
 
 
 def bucket_ranges(buckets: Sequence[int], min_tokens: int) -> list[tuple[int, int]]:
@@ -117,13 +117,6 @@ def bucket_ranges(buckets: Sequence[int], min_tokens: int) -> list[tuple[int, in
     tokens replays the bucket's graph."""
     s = sorted(buckets)
     return [(s[i - 1] + 1, b) for i, b in enumerate(s) if i > 0 and b > min_tokens]
-
-
-def split_for(lo: int, hi: int, fraction: float) -> int | None:
-    """The split of a bucket's rows at fraction, on an ALIGN boundary; None where a batch of lo tokens
-    would leave the second nano-batch empty."""
-    split = int(hi * fraction) // ALIGN * ALIGN
-    return split if 0 < split < lo else None
 
 
 def candidate(op_names: Sequence[str], ranges: Sequence[tuple[int, int]], cand: Candidate,
@@ -148,21 +141,19 @@ def choose(baseline: Run, runs: dict[Candidate, Run], ranges: Sequence[tuple[int
     (same process, same moment)."""
     choices = []
     for lo, hi in ranges:
-        tried: dict[str, tuple[int, float, float]] = {}
-        by_label = {c.label: c for c in runs}
+        tried: dict[Candidate, tuple[int, float, float]] = {}
         for cand, run in runs.items():
             split = split_for(lo, hi, cand.fraction)
             if split is None or _bucket_ms(run.replay_ms, hi, True) <= 0:
                 continue  # no pipelined graph of this bucket in the run
             if run.step_ms and baseline.step_ms:
-                tried[cand.label] = (split, _steps_ms(run, hi), _steps_ms(baseline, hi))
+                tried[cand] = (split, _steps_ms(run, hi), _steps_ms(baseline, hi))
             else:
-                tried[cand.label] = (split, _bucket_ms(run.replay_ms, hi, True), _bucket_ms(run.replay_ms, hi, False))
-        best = min(tried, key=lambda k: tried[k][1] / tried[k][2], default=None)
+                tried[cand] = (split, _bucket_ms(run.replay_ms, hi, True), _bucket_ms(run.replay_ms, hi, False))
+        best = min(tried, key=lambda c: tried[c][1] / tried[c][2], default=None)
         if best is not None and tried[best][1] > tried[best][2] * (1 - min_gain):
             best = None
-        choices.append(BucketChoice(lo, hi, _bucket_ms(baseline.replay_ms, hi, False), tried,
-                                    None if best is None else by_label[best]))
+        choices.append(BucketChoice(lo, hi, _bucket_ms(baseline.replay_ms, hi, False), tried, best))
     return choices
 
 
@@ -180,7 +171,7 @@ def step_total_ms(sequential: Run, choices: Sequence[BucketChoice]) -> float:
     steps timed, the total is theirs."""
     total = sum(sequential.step_ms.values()) if sequential.step_ms else \
         sum(_bucket_ms(sequential.replay_ms, b, False) for b in sequential.buckets)
-    kept = [c.tried[c.chosen.label] for c in choices if c.chosen is not None]
+    kept = [c.tried[c.chosen] for c in choices if c.chosen is not None]
     return total - sum(seq - piped for _, piped, seq in kept)
 
 
@@ -344,7 +335,7 @@ def print_table(t: TensorParallelTuning) -> None:
     for c in t.choices:
         cells = []
         for cand in t.runs:
-            got = c.tried.get(cand.label)
+            got = c.tried.get(cand)
             cells.append(f"{got[0]:>5}: {got[1]:>9.2f} {got[2] / got[1]:>5.2f}x" if got else f"{'-':>24}")
         seq = _steps_ms(t.baseline, c.max_tokens) if t.baseline.step_ms else c.sequential_ms
         choice = "sequential" if c.chosen is None else f"{c.chosen.label}, split {c.split} ({c.gain:.2f}x)"

@@ -65,18 +65,17 @@ def test_parser_knows_the_options() -> None:
 def test_default_sizes_follow_the_graphs() -> None:
     """On a GPU each pipeline bucket ends at a CUDA graph size, so every graph gets the schedule
     tuned for its own size; above the largest graph, multiples of --size-step."""
-    from nanoflow.tune.cli import default_sizes, graph_buckets
+    from nanoflow.config import graph_sizes
+    from nanoflow.executor.cuda_graph import capture_sizes
+    from nanoflow.tune.cli import default_sizes
 
-    args = build_parser().parse_args(["tune", "--dummy", "llama3-8b"])
-    graphs = graph_buckets(args, 2048)
+    graphs = capture_sizes(2048)  # the engine's defaults at a 2,048-token budget
     assert graphs[-1] == 2048 and 320 in graphs
     assert default_sizes(graphs, 256, 2048) == [256, 320, 384, 448, 512, 768, 1024, 1280, 1536, 1792, 2048]
-    few = build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--cuda-graph-sizes", "512", "1024",
-                                     "--cuda-graph-max-tokens", "1024"])
-    assert graph_buckets(few, 2048) == [512, 1024]
-    assert default_sizes(graph_buckets(few, 2048), 256, 2048) == [512, 1024, 1280, 1536, 1792, 2048]
-    eager = build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--enforce-eager"])
-    assert graph_buckets(eager, 2048) == [] and default_sizes([], 512, 2048) == [512, 1024, 1536, 2048]
+    few = capture_sizes(1024, graph_sizes([512, 1024], 1024))  # --cuda-graph-sizes 512 1024, max 1024
+    assert few == [512, 1024]
+    assert default_sizes(few, 256, 2048) == [512, 1024, 1280, 1536, 1792, 2048]
+    assert capture_sizes(0) == [] and default_sizes([], 512, 2048) == [512, 1024, 1536, 2048]  # no graphs
 
 
 def test_tune_then_pipeline_auto(tiny_model, tmp_path: Path, monkeypatch, capsys) -> None:
