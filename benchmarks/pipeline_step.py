@@ -29,6 +29,7 @@ from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.kernels import decode_attention as dk
 from nanoflow.kernels.decode_attention import CAPPED, DecodeConfig
+from nanoflow.kernels.decode_common import FP8_MANY
 from nanoflow.layers.op import run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import overlap_schedule, pingpong_schedule
@@ -42,7 +43,11 @@ CAPPED_KERNELS = {"per_head": DecodeConfig(), "all_heads": DecodeConfig(all_head
                   "gated_opaque": dataclasses.replace(CAPPED, opaque_fp8=True),
                   # the 2-D dot, three programs an SM (kernel_check's gated sweep)
                   "gated_2d": DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, batched_dot=False,
-                                           gate_ctas_per_sm=3, num_warps=4, num_stages=5)}
+                                           gate_ctas_per_sm=3, num_warps=4, num_stages=5),
+                  # the gate, only even SM ids joining (one SM of each neighbouring pair)
+                  "gated_even": dataclasses.replace(CAPPED, gate_smid_stride=2),
+                  # no gate: the fp8 all-SM default's shape on num_ctas programs, striding or from the counter
+                  "heads4": FP8_MANY, "heads4_dynamic": dataclasses.replace(FP8_MANY, dynamic=True)}
 
 
 def main() -> None:
@@ -103,7 +108,12 @@ def main() -> None:
         results["sequential_ms"] = seq_ms
         print(f"sequential: {seq_ms:.2f} ms", flush=True)
         if args.attention_ctas:
-            results["attention_alone"] = {"": attention_alone(model, batch, runner, timer, args.attention_ctas)}
+            results["attention_alone"] = {}
+            for kernel in args.kernels.split(","):
+                print(f"capped kernel {kernel}:", flush=True)
+                for layer in model.layers:
+                    layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
+                results["attention_alone"][kernel] = attention_alone(model, batch, runner, timer, args.attention_ctas)
             for v in filter(None, args.attention_variants.split(",")):
                 if v == "direct":
                     results["attention_direct"] = attention_direct(model, batch, runner, timer, args.attention_ctas)

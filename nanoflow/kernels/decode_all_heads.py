@@ -31,7 +31,7 @@ def decode_all_heads_kernel(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     BATCHED: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr, I32_OFFSETS: tl.constexpr, EVEN_HEADS: tl.constexpr,
-    work_counter_ptr, share, num_sms, ctas_per_sm, DYNAMIC: tl.constexpr, SM_GATE: tl.constexpr,
+    work_counter_ptr, share, num_sms, ctas_per_sm, smid_stride, DYNAMIC: tl.constexpr, SM_GATE: tl.constexpr,
 ):  # fmt: skip
     """Persistent over work items (seq, head block, partition); a head block is HEADS kv heads
     (all of them by default), padded to BLOCK_H. Each step loads BLOCK_N tokens of every kv head
@@ -61,8 +61,9 @@ def decode_all_heads_kernel(
         state = tl.atomic_cas(state_ptr, 0, 3)
         if state == 0:
             state = 2
-            if tl.atomic_add(work_counter_ptr + 1, 1) < share:
-                state = 1
+            if smid % smid_stride == 0:
+                if tl.atomic_add(work_counter_ptr + 1, 1) < share:
+                    state = 1
             tl.atomic_xchg(state_ptr, state)
         while state == 3:
             state = tl.atomic_add(state_ptr, 0)

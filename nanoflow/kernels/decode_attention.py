@@ -35,6 +35,7 @@ from nanoflow.kernels.decode_common import CAPPED as CAPPED  # the capped-grid d
 from nanoflow.kernels.decode_common import (
     DecodeConfig,
     decode_plan,
+    default_config,
     full_steps,
     partial_step,
     softmax_step,
@@ -163,7 +164,8 @@ def gate_census(gate_counts: torch.Tensor, num_sms: int, ctas_per_sm: int) -> di
     state, programs = gate_counts[2 : 2 + num_sms].tolist(), gate_counts[2 + num_sms :].tolist()
     share = [min(n, ctas_per_sm) for st, n in zip(state, programs, strict=True) if st == 1]
     return {"share_sms": len(share), "programs_on_share": sum(share),
-            "share_sms_by_programs": {n: share.count(n) for n in sorted(set(share))}}
+            "share_sms_by_programs": {n: share.count(n) for n in sorted(set(share))},
+            "share_smids": [i for i, st in enumerate(state) if st == 1]}
 
 
 @triton.jit(do_not_specialize=["num_parts", "partition", "sliding_window"])
@@ -242,9 +244,10 @@ def paged_decode_attention(
     check_paged_inputs(q, k_cache, v_cache)
     # tiles are sized by q's dtype, the one they are computed in (an fp8 tile is widened after its
     # load): an fp8 cache keeps the tile shape of its model dtype and halves the bytes per step
-    cfg = (config or DecodeConfig()).resolved(
-        q.shape[-1], q.element_size(), k_cache.dtype == torch.float8_e4m3fn, num_kv_heads=k_cache.shape[1]
-    )
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if config is None:
+        config = default_config(q.shape[0], k_cache.shape[1], fp8) if num_ctas is None else DecodeConfig()
+    cfg = config.resolved(q.shape[-1], q.element_size(), fp8, num_kv_heads=k_cache.shape[1])
     if q.stride(-1) != 1:
         q = q.contiguous()
     B, Hq, D = q.shape
@@ -303,17 +306,20 @@ def paged_decode_attention(
         # SMs that have fewer than gate_ctas_per_sm; the rest exit at once (gate_counts counts them).
         grid = 2 * cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
         # the work counter (and, gated on the GPU, the gate's SM claims: see the kernel)
+        dynamic = gated or cfg.dynamic
         if gate and gate_counts is not None:
             assert gate_counts.shape == (2 + 2 * sms,) and gate_counts.dtype == torch.int32
             counter = gate_counts.zero_()
+        elif dynamic:
+            counter = torch.zeros(2 + 2 * sms if gate else 1, dtype=torch.int32, device=q.device)
         else:
-            counter = torch.zeros(2 + 2 * sms if gate else 1, dtype=torch.int32, device=q.device) if gated else seq_lens
+            counter = seq_lens  # unread
         decode_all_heads_kernel[(grid,)](
             *tensors, scale * LOG2E, Hkv, num_head_blocks, num_parts, part, window, *strides,
             BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, BATCHED=cfg.batched_dot,
             EVEN_HEADS=Hkv % heads_per_item == 0 and block_h == heads_per_item,
             work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, ctas_per_sm=cfg.gate_ctas_per_sm,
-            DYNAMIC=gated, SM_GATE=gate, **shared,
+            smid_stride=cfg.gate_smid_stride, DYNAMIC=dynamic, SM_GATE=gate, **shared,
         )  # fmt: skip
     else:
         _decode_kernel[(min(num_work, grid_cap),)](

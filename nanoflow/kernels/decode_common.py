@@ -56,6 +56,12 @@ class DecodeConfig:
     # of which that many fit one SM (shared memory, registers); experimental, issue 12.
     sm_gate: bool = False
     gate_ctas_per_sm: int = 2
+    # sm_gate: only SMs whose id is a multiple of this may join the share (2: at most one SM of each
+    # pair of neighbouring ids), so a share claimed first-come does not crowd into a few SM clusters
+    gate_smid_stride: int = 1
+    # all-heads kernel without the gate: programs take work items from an atomic counter instead of
+    # a static stride, so programs that start late beside a running GEMM take fewer (no tail)
+    dynamic: bool = False
     # fp8 cache on a GPU of sm89+: widen each K/V tile right after its load by inline assembly that
     # Triton's layout passes cannot move (attention_common.widen), so the dots read 16-bit tiles by
     # ldmatrix instead of 8-bit ones byte by byte (sm_90a SASS: docs/pipeline.md); to measure
@@ -215,3 +221,19 @@ def store_item(
         o = acc / tl.expand_dims(tl.where(l_i > 0, l_i, 1.0), -1)
         o_ptrs = out_ptr + b * stride_ob + tl.expand_dims(heads, -1) * stride_oh + offs_d
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, -1))
+
+# An fp8 cache's decodes on all SMs when there are many of them: the all-heads kernel, 4 kv heads a
+# work item, one 2-D dot, 5 stages. H200, kernel_check 2026-11-30 (fifth stop), TB/s of fp8 cache:
+# at 512 x 1,024 3.22 against the per-head default's 2.41; at 256 x 1,024 2.25 against 2.36 (too
+# few items of 4 heads to fill 132 SMs evenly), so the threshold sits between the two batches.
+FP8_MANY = DecodeConfig(all_heads=True, kv_heads_per_item=4, batched_dot=False, num_stages=5)
+FP8_MANY_MIN_HEAD_ITEMS = 3072  # sequences x kv heads
+
+
+def default_config(batch: int, num_kv_heads: int, fp8_cache: bool) -> DecodeConfig:
+    """The config of a decode launch on all SMs that names none, from host-known shapes: a batch of
+    `batch` rows (a CUDA graph's capacity) over num_kv_heads kv heads."""
+    if fp8_cache and batch * num_kv_heads >= FP8_MANY_MIN_HEAD_ITEMS:
+        return FP8_MANY
+    return DecodeConfig()
+

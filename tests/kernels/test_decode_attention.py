@@ -16,7 +16,7 @@ from nanoflow.kernels.decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from nanoflow.kernels.decode_common import decode_plan
+from nanoflow.kernels.decode_common import FP8_MANY, decode_plan, default_config
 
 CUDA = torch.cuda.is_available()
 
@@ -363,4 +363,29 @@ def test_gate_census_reads_the_counts_the_gate_leaves() -> None:
     # 4 SMs: SMs 0 and 2 in the share (state 1), 3 programs reached SM 0 (2 ran), 1 reached SM 2
     counts = torch.tensor([99, 2, 1, 2, 1, 2, 3, 5, 1, 4], dtype=torch.int32)
     assert gate_census(counts, num_sms=4, ctas_per_sm=2) == {
-        "share_sms": 2, "programs_on_share": 3, "share_sms_by_programs": {1: 1, 2: 1}}
+        "share_sms": 2, "programs_on_share": 3, "share_sms_by_programs": {1: 1, 2: 1}, "share_smids": [0, 2]}
+
+
+def test_fp8_decodes_on_all_sms_take_the_all_heads_kernel_when_many() -> None:
+    """The measured switch (decode_common.default_config): many fp8 decodes run the all-heads kernel."""
+    assert default_config(512, 8, fp8_cache=True) == FP8_MANY
+    assert default_config(256, 8, fp8_cache=True) == DecodeConfig()
+    assert default_config(4096, 8, fp8_cache=False) == DecodeConfig()
+
+
+@pytest.mark.parametrize("case", ["gqa4-d128-split-capped", "mha-d64-window-capped"])
+def test_decode_dynamic_without_gate(case: str, device: str, dtype: torch.dtype, assert_rel,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The all-heads kernel on a capped grid taking work items from the counter without the SM gate."""
+    monkeypatch.setitem(KERNELS, "all_heads_dynamic", {"all_heads": True, "dynamic": True})
+    test_decode(DECODE_CASES[case], "all_heads_dynamic", device, dtype, assert_rel)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("num_ctas", [16, 44, 66])
+@pytest.mark.parametrize("extra", [{"dynamic": True}, {"sm_gate": True, "gate_smid_stride": 2}],
+                         ids=["dynamic", "gate_even_smids"])
+def test_decode_real_shapes_capped_variants(num_ctas: int, extra: dict, assert_rel,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(KERNELS, "variant", {"all_heads": True, "kv_heads_per_item": 4, **extra})
+    test_decode_real_shapes(num_ctas, "variant", assert_rel)
