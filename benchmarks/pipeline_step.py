@@ -44,8 +44,8 @@ CAPPED_KERNELS = {"per_head": DecodeConfig(), "all_heads": DecodeConfig(all_head
                   # the 2-D dot, three programs an SM (kernel_check's gated sweep)
                   "gated_2d": DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, batched_dot=False,
                                            gate_ctas_per_sm=3, num_warps=4, num_stages=5),
-                  # the gate, only even SM ids joining (one SM of each neighbouring pair)
-                  "gated_even": dataclasses.replace(CAPPED, gate_smid_stride=2),
+                  # the gate taking any SM first-come (the engine's takes even SM ids only)
+                  "gated_any": dataclasses.replace(CAPPED, gate_smid_stride=1),
                   # no gate: the fp8 all-SM default's shape on num_ctas programs, striding or from the counter
                   "heads4": FP8_MANY, "heads4_dynamic": dataclasses.replace(FP8_MANY, dynamic=True)}
 

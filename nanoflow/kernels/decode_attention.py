@@ -319,7 +319,8 @@ def paged_decode_attention(
             BLOCK_G=block_g, HEADS=heads_per_item, BLOCK_H=block_h, BATCHED=cfg.batched_dot,
             EVEN_HEADS=Hkv % heads_per_item == 0 and block_h == heads_per_item,
             work_counter_ptr=counter, share=num_ctas or 1, num_sms=sms, ctas_per_sm=cfg.gate_ctas_per_sm,
-            smid_stride=cfg.gate_smid_stride, DYNAMIC=dynamic, SM_GATE=gate, **shared,
+            smid_stride=cfg.gate_smid_stride if (num_ctas or 1) * cfg.gate_smid_stride <= sms else 1,
+            DYNAMIC=dynamic, SM_GATE=gate, **shared,
         )  # fmt: skip
     else:
         _decode_kernel[(min(num_work, grid_cap),)](

@@ -133,7 +133,12 @@ class DecodeConfig:
 # item, 4 warps, 5 stages: the most robust row of the H200 sweeps. Without token masks in its full
 # steps (kernel_check, 2026-11-30, third run) it moved 2.97 / 3.84 TB/s on 44 / 66 CTAs at
 # 256 x 1024 and 2.73 / 3.53 at 64 x 4096, against the per-head kernel's 1.85 / 2.66 and 2.09 / 3.04.
-CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5)
+# Only even SM ids join the share (gate_smid_stride 2, where the share fits in them): taken
+# first-come, the share crowds into runs of neighbouring ids (2-7, 18-23, 34-37, ...); alone that
+# costs nothing, but beside the other nano-batch's GEMMs one SM of each pair gave a 1,024-decode fp8
+# step 1.205x in ping-pong on 66 SMs against 0.997x first-come (pipeline_step, H200, fifth stop).
+CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5,
+                      gate_smid_stride=2)
 
 
 def decode_plan(
