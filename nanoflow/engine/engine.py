@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -139,6 +140,7 @@ class LLMEngine:
         one (NanoFlow's asynchronous scheduling: a sequence that stopped is retired one step late).
         Returns the outputs of requests that made progress in the processed step (only those that
         finished with finished_only, which spares offline runs a copy of every output per step)."""
+        t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         if self.tp is not None:
             self.tp.check_workers()
@@ -165,7 +167,8 @@ class LLMEngine:
             if self.stats.keep_timeline:  # an O(decodes) sum per step: only when someone reads it
                 shape = StepShape(sched.num_tokens, len(sched.decodes),
                                   sum(s.seq.num_computed_tokens for s in sched.decodes),
-                                  len(self.scheduler.running), len(self.scheduler.waiting))
+                                  len(self.scheduler.running), len(self.scheduler.waiting),
+                                  (time.perf_counter() - t0) * 1e3)
             launched = LaunchedStep(inflight, sampled, shape)
             self.scheduler.step_done(sched)
             for seq in launched.seqs:
@@ -176,8 +179,9 @@ class LLMEngine:
         return outputs
 
     def _process(self, step: LaunchedStep, finished_only: bool) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         result = step.inflight.result()
-        self.stats.record(step.inflight, step.shape)
+        self.stats.record(step.inflight, step.shape, (time.perf_counter() - t0) * 1e3)
         touched: dict[str, Request] = {}
         for row, seq in enumerate(step.seqs):
             seq.num_inflight -= 1

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-STEP_FIELDS = ("tokens", "decodes", "decode_context_tokens", "running", "waiting", "gpu_busy_ms", "gpu_idle_ms")
+STEP_FIELDS = ("tokens", "decodes", "decode_context_tokens", "running", "waiting", "gpu_busy_ms", "gpu_idle_ms",
+               "host_launch_ms", "host_wait_ms")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,9 @@ class StepShape:
     decode_context_tokens: int  # KV tokens the decode attention reads (per layer)
     num_running: int
     num_waiting: int
+    # host time from the start of the engine step to the step's forward and sampling queued (schedule,
+    # plan, batch build, launch): where the GPU idles before a step, this tells whether the host was late
+    host_launch_ms: float = 0.0
 
 
 @dataclass
@@ -29,9 +33,10 @@ class StepStats:
     timeline: list[tuple[float, ...]] = field(default_factory=list, repr=False)
     _last_end: torch.cuda.Event | None = field(default=None, repr=False)
 
-    def record(self, step, shape: StepShape | None) -> None:
+    def record(self, step, shape: StepShape | None, wait_ms: float = 0.0) -> None:
         """step: a processed step's InFlight (its end event has completed); shape: what it computed
-        (None: launched before the timeline was switched on)."""
+        (None: launched before the timeline was switched on); wait_ms: how long the host waited for
+        its result (none: the host, not the GPU, set the pace)."""
         self.steps += 1
         busy = idle = 0.0
         if step.start is not None and step.end is not None:
@@ -43,7 +48,8 @@ class StepStats:
         self.gpu_idle_ms += idle
         if self.keep_timeline and shape is not None:
             self.timeline.append((shape.num_tokens, shape.num_decodes, shape.decode_context_tokens, shape.num_running,
-                                  shape.num_waiting, round(busy, 3), round(idle, 3)))
+                                  shape.num_waiting, round(busy, 3), round(idle, 3), round(shape.host_launch_ms, 3),
+                                  round(wait_ms, 3)))
 
     def reset(self) -> None:
         self.steps, self.gpu_busy_ms, self.gpu_idle_ms, self._last_end = 0, 0.0, 0.0, None

@@ -77,6 +77,8 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         timeline = s["step_timeline"]
         assert sum(timeline["tokens"]) == 8 * (32 + 16 - 1)  # the last token is sampled, never fed back
         assert len(timeline["tokens"]) == s["step_stats"]["steps"] and max(timeline["tokens"]) <= 512
+        # the host's side of each step: time to queue it, time waiting for its result
+        assert all(t > 0 for t in timeline["host_launch_ms"]) and all(t >= 0 for t in timeline["host_wait_ms"])
     assert result["systems"]["sequential"]["options"] == {"enforce_eager": True, "pipeline": "off"}
     hf = result["systems"]["hf"]
     assert (hf["batch_sizes"], hf["shape"], hf["padding_efficiency"]) == ([8], "requests", 1)
