@@ -87,3 +87,29 @@ def test_bench_defaults_to_the_built_in_model_and_takes_num_prompts(monkeypatch)
     seen.clear()
     cli.main(["bench", "--dummy", "llama3-8b"])
     assert seen["args"].model is None and seen["args"].dummy == "llama3-8b"
+
+
+def test_a_runner_start_freezes_the_heap_and_frees_what_an_earlier_one_froze() -> None:
+    """freeze_heap (at every ModelRunner start): the objects alive then skip the collector's full
+    passes, and cyclic garbage among them goes at the next start."""
+    import gc
+    import weakref
+
+    from nanoflow.executor.model_runner import freeze_heap
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the collector frees it
+    gone = weakref.ref(a)
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+        del a, b
+        gc.collect()
+        assert gone() is not None  # frozen: exempt from collection
+        freeze_heap()
+        assert gone() is None  # the next start unfreezes first
+    finally:
+        gc.unfreeze()

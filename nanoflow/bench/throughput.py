@@ -76,6 +76,7 @@ def _safe(s: str) -> str:
 
 
 def _free_memory(device: torch.device) -> None:
+    gc.unfreeze()  # the engine froze the heap it started with (model_runner.freeze_heap)
     gc.collect()
     sync(device)
     if device.type == "cuda":
