@@ -130,15 +130,29 @@ class DecodeConfig:
 
 # The kernel a capped grid runs (decode attention beside a GEMM in a pipeline) unless told
 # otherwise: the SM-gated all-heads kernel, two programs on each SM of the share, 4 kv heads a work
-# item, 4 warps, 5 stages: the most robust row of the H200 sweeps. Without token masks in its full
-# steps (kernel_check, 2026-11-30, third run) it moved 2.97 / 3.84 TB/s on 44 / 66 CTAs at
-# 256 x 1024 and 2.73 / 3.53 at 64 x 4096, against the per-head kernel's 1.85 / 2.66 and 2.09 / 3.04.
-# Only even SM ids join the share (gate_smid_stride 2, where the share fits in them): taken
-# first-come, the share crowds into runs of neighbouring ids (2-7, 18-23, 34-37, ...); alone that
-# costs nothing, but beside the other nano-batch's GEMMs one SM of each pair gave a 1,024-decode fp8
-# step 1.205x in ping-pong on 66 SMs against 0.997x first-come (pipeline_step, H200, fifth stop).
+# item, 4 warps, 5 stages: the most robust row of the H200 sweeps. The share is taken first-come
+# among even SM ids only (gate_smid_stride 2, where it fits in them): first-come among all ids it
+# crowds into runs of neighbouring ones (2-7, 18-23, 34-37, ...), which alone costs nothing (bf16,
+# 512 x 1,024: 2.44 / 2.49 TB/s on 44 / 66 SMs either way; the 2.97 / 3.84 of the third run had
+# fixed, evenly spread ids) but beside the other nano-batch's GEMMs cost a 1,024-decode fp8 step
+# its gain: ping-pong on 66 SMs 1.205x with even ids against 0.997x (pipeline_step, H200, fifth stop).
 CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5,
                       gate_smid_stride=2)
+
+# An fp8 cache's decodes on all SMs when there are many of them: the all-heads kernel, 4 kv heads a
+# work item, one 2-D dot, 5 stages. H200, kernel_check 2026-11-30 (fifth stop), TB/s of fp8 cache:
+# at 512 x 1,024 3.22 against the per-head default's 2.41; at 256 x 1,024 2.25 against 2.36 (too
+# few items of 4 heads to fill 132 SMs evenly), so the threshold sits between the two batches.
+FP8_MANY = DecodeConfig(all_heads=True, kv_heads_per_item=4, batched_dot=False, num_stages=5)
+FP8_MANY_MIN_HEAD_ITEMS = 3072  # sequences x kv heads
+
+
+def default_config(batch: int, num_kv_heads: int, fp8_cache: bool) -> DecodeConfig:
+    """The config of a decode launch on all SMs that names none, from host-known shapes: a batch of
+    `batch` rows (a CUDA graph's capacity) over num_kv_heads kv heads."""
+    if fp8_cache and batch * num_kv_heads >= FP8_MANY_MIN_HEAD_ITEMS:
+        return FP8_MANY
+    return DecodeConfig()
 
 
 def decode_plan(
@@ -226,19 +240,3 @@ def store_item(
         o = acc / tl.expand_dims(tl.where(l_i > 0, l_i, 1.0), -1)
         o_ptrs = out_ptr + b * stride_ob + tl.expand_dims(heads, -1) * stride_oh + offs_d
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, -1))
-
-# An fp8 cache's decodes on all SMs when there are many of them: the all-heads kernel, 4 kv heads a
-# work item, one 2-D dot, 5 stages. H200, kernel_check 2026-11-30 (fifth stop), TB/s of fp8 cache:
-# at 512 x 1,024 3.22 against the per-head default's 2.41; at 256 x 1,024 2.25 against 2.36 (too
-# few items of 4 heads to fill 132 SMs evenly), so the threshold sits between the two batches.
-FP8_MANY = DecodeConfig(all_heads=True, kv_heads_per_item=4, batched_dot=False, num_stages=5)
-FP8_MANY_MIN_HEAD_ITEMS = 3072  # sequences x kv heads
-
-
-def default_config(batch: int, num_kv_heads: int, fp8_cache: bool) -> DecodeConfig:
-    """The config of a decode launch on all SMs that names none, from host-known shapes: a batch of
-    `batch` rows (a CUDA graph's capacity) over num_kv_heads kv heads."""
-    if fp8_cache and batch * num_kv_heads >= FP8_MANY_MIN_HEAD_ITEMS:
-        return FP8_MANY
-    return DecodeConfig()
-
