@@ -37,7 +37,7 @@ class EngineArgs:
     cuda_graph_max_tokens: int | None = None
     # The iteration sizes (tokens) captured as CUDA graphs, as vLLM's --cuda-graph-sizes; each batch
     # replays the smallest that fits (and pads acceptably). None: powers of two and steps up to 512,
-    # then every 256 (executor.cuda_graph.token_buckets). Sizes past cuda_graph_max_tokens are
+    # then every 1/16 of an octave (executor.cuda_graph.token_buckets). Sizes past cuda_graph_max_tokens are
     # dropped; that largest size is always captured.
     cuda_graph_sizes: tuple[int, ...] | None = None
     tensor_parallel_size: int = 1
@@ -91,7 +91,8 @@ def add_engine_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, positi
                    help="largest iteration replayed from a CUDA graph (default: the token budget; 0: none)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
                    help="iteration sizes (tokens) captured as CUDA graphs (default: 1-512 in small steps, then "
-                   "every 256 up to --cuda-graph-max-tokens, which is always captured)")
+                   "every 1/16 of an octave (32 tokens to 1,024, 64 to 2,048, ...) up to --cuda-graph-max-tokens, "
+                   "which is always captured)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
     p.add_argument("--nccl-max-ctas", type=int, default=None,
                    help="tensor parallel: the most CTAs each NCCL collective takes (NCCL_MAX_CTAS), leaving the "

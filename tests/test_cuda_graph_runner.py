@@ -97,8 +97,12 @@ def test_padding_rule_weighs_what_a_padding_row_costs() -> None:
 def test_token_buckets() -> None:
     assert token_buckets(48) == [1, 2, 4, 8, 16, 24, 32, 48]
     big = token_buckets(2048)
-    assert big[-7:] == [512, 768, 1024, 1280, 1536, 1792, 2048] and big == sorted(set(big))
-    assert token_buckets(600)[-2:] == [512, 600]
+    assert big[18:21] == [512, 544, 576] and big[33:37] == [992, 1024, 1088, 1152] and big[-1] == 2048
+    assert big == sorted(set(big)) and len(big) == 19 + 16 + 16
+    assert token_buckets(600)[-3:] == [544, 576, 600]
+    # every batch from 1 to the budget has a graph it pads acceptably (dense steps have no eager fallback)
+    for n in range(1, 2049):
+        assert pads_acceptably(next(b for b in big if b >= n), n, padding_row_cost=1.0)
 
 
 def test_cuda_graph_sizes_flag(tiny_model) -> None:

@@ -34,13 +34,17 @@ def _ints(text: str) -> list[int]:
 
 
 def default_sizes(graphs: Sequence[int], step: int, budget: int) -> list[int]:
-    """The profiled sizes, each the top of a pipeline bucket: the graph sizes from `step` up (a
-    schedule's split is a row count, so a bucket that held several graphs would split its smaller
-    ones unevenly: ping-pong split at 256 for 257-512 gives a 310-token step nano-batches of 256 and
-    54; such steps ran 0.94x in an H200 trace bench), then multiples of `step` above the largest graph."""
+    """The profiled sizes, each the top of a pipeline bucket: the graph sizes from `step` up to
+    SMALL_BATCH and, above it, those that are multiples of `step`, then multiples of `step` above the
+    largest graph. A schedule's split is a row count, so a bucket must not hold graphs much smaller
+    than its top (ping-pong split at 256 for 257-512 gave a 310-token step nano-batches of 256 and
+    54: 0.94x in an H200 trace bench); above SMALL_BATCH the graphs come every 1/16 of an octave,
+    and a bucket of several of them (544-768 split at 288) stays balanced enough at every size."""
+    from nanoflow.executor.cuda_graph import SMALL_BATCH  # not at import: `nanoflow --help` stays light
+
     top = max(graphs, default=0)
-    return sorted({g for g in graphs if g >= step} | set(range(step, budget + 1, step)) - set(range(0, top + 1))
-                  | {budget})
+    ends = {g for g in graphs if g >= step and (g <= SMALL_BATCH or g % step == 0)}
+    return sorted(ends | set(range(step, budget + 1, step)) - set(range(0, top + 1)) | {budget})
 
 
 def _fraction_or_serve(text: str) -> float | str:
