@@ -83,6 +83,14 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's driver calls so far on the device (empty off a GPU)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
+
 @contextlib.contextmanager
 def triton_compiles() -> Iterator[list[str]]:
     """Collects the Triton kernel variants compiled inside the block: each one stalls the engine for
@@ -151,6 +159,7 @@ def run_engine(
                      "elapsed_s": time.perf_counter() - t}
     preempt0 = engine.scheduler.num_preemptions
     replays0 = runner.graphs.num_replays if runner.graphs else 0
+    alloc0 = allocator_counts(device)
 
     prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
     sampling = [params(o) for _, o in workload.requests]
@@ -190,6 +199,9 @@ def run_engine(
         "output_tokens_per_s": out_tok / elapsed,
         "num_preemptions": engine.scheduler.num_preemptions - preempt0,
         "cuda_graph_steps": (runner.graphs.num_replays if runner.graphs else 0) - replays0,
+        # the caching allocator going to the driver mid-run (cudaMalloc / cudaFree, a retry frees
+        # every cached block first): each can stall the host on the GPU, so the GPU idles
+        "allocator": {k: v - alloc0[k] for k, v in allocator_counts(device).items()},
         # GPU busy inside steps vs idle between them (CUDA events; generate() resets them per call).
         "step_stats": engine.stats.summary(),
         # tensor parallel, one host: each worker's plans read and GPU idle between its steps (issue 13)

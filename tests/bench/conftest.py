@@ -47,3 +47,18 @@ def trace_csv(tmp_path: Path) -> Path:
         "2023-11-16 18:15:54.00,7,1\r\n"
     )
     return path
+
+
+@pytest.fixture
+def tiny_dummy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """shrink(name): the named `--dummy` shape cut to a few layers of width 64 (its architecture
+    kept), its folder under tmp_path."""
+    from nanoflow.bench import dummy_models
+
+    def shrink(name: str) -> None:
+        tiny = {**dummy_models.DUMMY_CONFIGS[name], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}
+        monkeypatch.setitem(dummy_models.DUMMY_CONFIGS, name, tiny)
+        monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+
+    return shrink

@@ -79,6 +79,7 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         assert len(timeline["tokens"]) == s["step_stats"]["steps"] and max(timeline["tokens"]) <= 512
         # the host's side of each step: time to queue it, time waiting for its result
         assert all(t > 0 for t in timeline["host_launch_ms"]) and all(t >= 0 for t in timeline["host_wait_ms"])
+        assert s["allocator"] == {}  # the CUDA allocator's driver calls: none off a GPU
     assert result["systems"]["sequential"]["options"] == {"enforce_eager": True, "pipeline": "off"}
     hf = result["systems"]["hf"]
     assert (hf["batch_sizes"], hf["shape"], hf["padding_efficiency"]) == ([8], "requests", 1)
@@ -168,15 +169,9 @@ def test_report_module_plots_and_tabulates(bench_tiny_llama: str, tmp_path: Path
     assert path.with_suffix(".png").is_file()
 
 
-def test_dummy_path_with_a_shrunken_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dummy_path_with_a_shrunken_config(tmp_path: Path, tiny_dummy) -> None:
     """--dummy: config.json written, random weights in the engine (load_format=dummy) and in HF."""
-    from nanoflow.bench import dummy_models
-
-    tiny = {**dummy_models.DUMMY_CONFIGS["llama3-8b"], "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-            "max_position_embeddings": 256}
-    monkeypatch.setitem(dummy_models.DUMMY_CONFIGS, "llama3-8b", tiny)
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the config folder goes under the temp dir
+    tiny_dummy("llama3-8b")  # the config folder goes under the temp dir
     out = tmp_path / "out"
     rc = main(["bench", "--dummy", "llama3-8b", "--workload", "100x40", "--num-requests", "3",
                "--compare", "hf", "--output-dir", str(out), "--no-plot", *CPU_ARGS])
@@ -187,16 +182,10 @@ def test_dummy_path_with_a_shrunken_config(tmp_path: Path, monkeypatch: pytest.M
     assert all(s["status"] == "ok" for s in result["systems"].values())
 
 
-def test_expert_parallel_dummy_mixtral(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_expert_parallel_dummy_mixtral(tmp_path: Path, tiny_dummy) -> None:
     """--enable-expert-parallel reaches the engine (2 gloo ranks, each with 4 of the 8 random experts
     whole) and the JSON's engine_config."""
-    from nanoflow.bench import dummy_models
-
-    tiny = {**dummy_models.DUMMY_CONFIGS["mixtral-8x7b"], "hidden_size": 64, "intermediate_size": 96,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-            "max_position_embeddings": 256}
-    monkeypatch.setitem(dummy_models.DUMMY_CONFIGS, "mixtral-8x7b", tiny)
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    tiny_dummy("mixtral-8x7b")
     rc = main(["bench", "--dummy", "mixtral-8x7b", "--workload", "16x8", "--num-requests", "3", "--num-warmup", "1",
                "-tp", "2", "--enable-expert-parallel", "--output-dir", str(tmp_path), "--no-plot", *CPU_ARGS])
     assert rc == 0

@@ -25,19 +25,14 @@ def test_a_child_that_dies_silently_is_named() -> None:
         run_isolated(os._exit, 3)
 
 
-def test_tensor_parallel_systems_each_in_their_own_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensor_parallel_systems_each_in_their_own_process(tmp_path: Path, tiny_dummy) -> None:
     """Two tensor-parallel systems in one bench (2 gloo ranks each): both run, and rank 0's engine
     lived in a child (the bench's own process never joined a process group)."""
     import torch.distributed as dist
 
-    from nanoflow.bench import dummy_models
     from nanoflow.cli import main
 
-    tiny = {**dummy_models.DUMMY_CONFIGS["llama3-8b"], "hidden_size": 64, "intermediate_size": 96,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-            "max_position_embeddings": 256}
-    monkeypatch.setitem(dummy_models.DUMMY_CONFIGS, "llama3-8b", tiny)
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    tiny_dummy("llama3-8b")
     rc = main(["bench", "--dummy", "llama3-8b", "--workload", "16x8", "--num-requests", "3", "--num-warmup", "1",
                "-tp", "2", "--compare", "nanoflow-sequential", "--output-dir", str(tmp_path), "--no-plot",
                "--device", "cpu", "--dtype", "float32", "--num-kv-pages", "64", "--no-tqdm", "--peak-seconds", "0.05"])
