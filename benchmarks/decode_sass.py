@@ -36,10 +36,9 @@ STRIDES = ("stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_pt", "str
 
 
 def compile_kernel(kernel: str, warps: int, stages: int, block_n: int, i32: bool,
-                   gate: bool = False, heads: int = 8, batched: bool = True, fp8: int = 0) -> tuple[bytes, int]:
+                   gate: bool = False, heads: int = 8, batched: bool = True, fp8: bool = False) -> tuple[bytes, int]:
     """The cubin and shared memory (bytes) of one decode kernel for Llama-3-8B's shape (8 kv heads x 4
-    query heads, D 128, bf16 q; fp8: an fp8 e4m3 cache widened to fp16 for the dots, 2: opaquely,
-    attention_common.fp16_dots)."""
+    query heads, D 128, bf16 q; fp8: an fp8 e4m3 cache, widened to fp16 for the dots)."""
     common = dict(GROUP=4, HEAD_DIM=128, PAGE_SIZE=16, BLOCK_N=block_n, SPLIT=True, NUM_STAGES=stages, FLATTEN=False,
                   PRECISION="tf32", FP16_DOTS=fp8, I32_OFFSETS=i32)
     if kernel == "per_head":
@@ -108,7 +107,6 @@ def main() -> None:
                    "tile with no padding")
     p.add_argument("--fp8", action="store_true",
                    help="an fp8 e4m3 cache (engine defaults: 64-token steps x 6 stages per-head, 32 x 7 all-heads)")
-    p.add_argument("--opaque-fp8", action="store_true", help="with --fp8: DecodeConfig(opaque_fp8=True)")
     p.add_argument("--block-n", type=int, default=None, help="tokens per step (default: the engine's)")
     p.add_argument("--top", type=int, default=12, help="with --mix: this many opcodes")
     args = p.parse_args()
@@ -128,8 +126,7 @@ def main() -> None:
                 for i32 in (False, True):
                     gate = args.gate and kernel == "all_heads"
                     cubin, smem = compile_kernel(kernel, warps, stages, block_n, i32, gate, args.heads,
-                                                 not (args.flat and kernel == "all_heads"),
-                                                 (2 if args.opaque_fp8 else 1) if args.fp8 else 0)
+                                                 not (args.flat and kernel == "all_heads"), args.fp8)
                     ops, regs = inner_loop(cubin, Path(tmp)), registers(cubin, Path(tmp))
                     # Hopper: 64 Ki registers and 228 KiB of shared memory per SM (1 KiB reserved per CTA)
                     fit = min(65536 // max(1, regs * 32 * warps), (228 * 1024) // (smem + 1024))

@@ -240,18 +240,9 @@ class DecodeChecks:
         if not self.cpu:
             cfgs += [AH(kv_heads_per_item=4, batched_dot=False), AH(kv_heads_per_item=4, batched_dot=False,
                                                                     num_stages=5), AH(num_stages=5)]
-            # the tiles widened opaquely (DecodeConfig.opaque_fp8: 28-32% fewer instructions a step
-            # in sm_90a SASS, the dots' tiles read by ldmatrix instead of byte by byte)
-            OP = lambda **kw: dk.DecodeConfig(opaque_fp8=True, **kw)  # noqa: E731
-            # (114 registers a thread at the per-head default: three programs fit an SM)
-            cfgs += [OP(), OP(ctas_per_sm=3), OP(num_warps=8), OP(block_n=128, num_warps=8, num_stages=4),
-                     OP(all_heads=True),
-                     OP(all_heads=True, kv_heads_per_item=4), OP(all_heads=True, kv_heads_per_item=4, num_stages=3)]
         trials = [time_cfg(cfg, None, verify=True) for cfg in cfgs]
-        # and the engine's capped kernel (a pipeline's decode attention) on a third and a half of the
-        # SMs, also widening opaquely
-        capped = {f"{n}{tag}": time_cfg(cfg, n, verify=True) for n in (() if self.cpu else (44, 66))
-                  for tag, cfg in (("", dk.CAPPED), (" opaque", dataclasses.replace(dk.CAPPED, opaque_fp8=True)))}
+        # and the engine's capped kernel (a pipeline's decode attention) on a third and a half of the SMs
+        capped = {n: time_cfg(dk.CAPPED, n, verify=True) for n in (() if self.cpu else (44, 66))}
         for n, t in capped.items():
             print(f"   fp8 decode {b}x{ctx} capped at {n} CTAs: {t.get('tbps', float('nan')):.2f} TB/s of fp8 cache "
                   f"({t.get('error', 'rel_err ' + format(t.get('rel_err_vs_ref', float('nan')), '.1e'))})", flush=True)

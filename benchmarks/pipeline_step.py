@@ -39,8 +39,6 @@ from nanoflow.tune.timing import Timer
 CAPPED_KERNELS = {"per_head": DecodeConfig(), "all_heads": DecodeConfig(all_heads=True),
                   # the engine's default: two programs on each SM of the share
                   "gated": CAPPED,
-                  # the same, an fp8 cache's tiles widened opaquely (DecodeConfig.opaque_fp8)
-                  "gated_opaque": dataclasses.replace(CAPPED, opaque_fp8=True),
                   # the 2-D dot, three programs an SM (kernel_check's gated sweep)
                   "gated_2d": DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, batched_dot=False,
                                            gate_ctas_per_sm=3, num_warps=4, num_stages=5),

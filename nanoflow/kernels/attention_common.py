@@ -41,31 +41,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def fp16_dots(q: torch.Tensor, k_cache: torch.Tensor, opaque: bool = False) -> int:
-    """1 for an fp8 cache with a 16-bit q: the dots run in fp16 (q converted once per program).
-    fp8 -> fp16 is one instruction per two values on sm89+, while fp8 -> bf16 goes through fp16 and
-    costs three: enough to make the fp8 decode kernel slower than the bf16 one (H100: 1.2 vs 2.9 TB/s
-    of cache). fp16 also holds p and any fp8 value exactly; q overflows only beyond 65504. 2: the
-    same, the tiles widened opaquely (`widen`; opaque asked for, on a GPU of sm89+). 0: no fp8."""
-    if k_cache.dtype != torch.float8_e4m3fn or q.dtype not in (torch.bfloat16, torch.float16):
-        return 0
-    # the device is asked only when opaque is (a launch on the hot path otherwise)
-    return 2 if opaque and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9) else 1
-
-
-@triton.jit
-def widen(x, dtype: tl.constexpr, FP16_DOTS: tl.constexpr):
-    """A K or V tile just loaded, in the dtype the dots run in (a no-op for a 16/32-bit cache).
-    FP16_DOTS == 2: by the hardware conversion in inline assembly marked as having side effects,
-    which Triton's layout passes cannot move. They move a plain widening past the tile's trip
-    through shared memory, where an 8-bit V tile, the p @ V dot's K-major operand, is then read
-    back a byte at a time (sm_90a, Triton 3.6: 64 LDS.U8 a 64-token step) instead of by ldmatrix."""
-    if FP16_DOTS == 2:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-            "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
-    else:
-        return x.to(dtype)
+def fp16_dots(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """An fp8 cache with a 16-bit q: the dots run in fp16 (q converted once per program). fp8 -> fp16
+    is one instruction per two values on sm89+, while fp8 -> bf16 goes through fp16 and costs three:
+    enough to make the fp8 decode kernel slower than the bf16 one (H100: 1.2 vs 2.9 TB/s of cache).
+    fp16 also holds p and any fp8 value exactly; q overflows only beyond 65504."""
+    return k_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def i32_offsets(*caches: torch.Tensor) -> bool:

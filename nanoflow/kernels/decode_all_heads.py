@@ -10,7 +10,7 @@ partitions and their reduce kernel with.
 import triton
 import triton.language as tl
 
-from nanoflow.kernels.attention_common import token_offsets, widen
+from nanoflow.kernels.attention_common import token_offsets
 from nanoflow.kernels.decode_common import (
     full_steps,
     partial_step,
@@ -148,14 +148,14 @@ def _work_item(
             m_i, l_i, acc = _step(
                 n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
                 qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
-                PAGE_SIZE, BATCHED, PRECISION, I32_OFFSETS, True, EVEN_HEADS, FP16_DOTS,
+                PAGE_SIZE, BATCHED, PRECISION, I32_OFFSETS, True, EVEN_HEADS,
             )  # fmt: skip
     full_lo, full_hi = full_steps(lo, end, BLOCK_N)
     for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
         m_i, l_i, acc = _step(
             n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
             qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
-            PAGE_SIZE, BATCHED, PRECISION, I32_OFFSETS, False, EVEN_HEADS, FP16_DOTS,
+            PAGE_SIZE, BATCHED, PRECISION, I32_OFFSETS, False, EVEN_HEADS,
         )  # fmt: skip
     store_item(acc, m_i, l_i, heads, row_ok, b, part, lo, end, num_kv_heads * GROUP, num_parts,
                out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)
@@ -166,7 +166,7 @@ def _step(
     n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, head_off, c_ok, r_h, c_h, c_n, offs_d,
     qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
     PAGE_SIZE: tl.constexpr, BATCHED: tl.constexpr, PRECISION: tl.constexpr, I32_OFFSETS: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_HEADS: tl.constexpr, FP16_DOTS: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_HEADS: tl.constexpr,
 ):  # fmt: skip
     """One K/V step of the online softmax from token n0: every kv head's BLOCK_N tokens (MASKED:
     tokens outside [lo, end) count for nothing; else all are valid). EVEN_HEADS: every kv head of
@@ -179,14 +179,14 @@ def _step(
         kv_off = (head_off + tok_off)[:, None] + offs_d[None, :]
         head_mask, tok_mask = c_ok[:, None], t_mask[:, None]
     if MASKED:
-        k = widen(tl.load(k_cache_ptr + kv_off, mask=head_mask & tok_mask, other=0.0), q.dtype, FP16_DOTS)
-        v = widen(tl.load(v_cache_ptr + kv_off, mask=head_mask & tok_mask, other=0.0), q.dtype, FP16_DOTS)
+        k = tl.load(k_cache_ptr + kv_off, mask=head_mask & tok_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=head_mask & tok_mask, other=0.0).to(q.dtype)
     elif EVEN_HEADS:
-        k = widen(tl.load(k_cache_ptr + kv_off), q.dtype, FP16_DOTS)
-        v = widen(tl.load(v_cache_ptr + kv_off), q.dtype, FP16_DOTS)
+        k = tl.load(k_cache_ptr + kv_off).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off).to(q.dtype)
     else:
-        k = widen(tl.load(k_cache_ptr + kv_off, mask=head_mask, other=0.0), q.dtype, FP16_DOTS)
-        v = widen(tl.load(v_cache_ptr + kv_off, mask=head_mask, other=0.0), q.dtype, FP16_DOTS)
+        k = tl.load(k_cache_ptr + kv_off, mask=head_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=head_mask, other=0.0).to(q.dtype)
     if BATCHED:
         qk = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * qk_scale  # [H, G, N] fp32
         if MASKED:

@@ -28,7 +28,6 @@ from nanoflow.kernels.attention_common import (
     i32_offsets,
     num_sms,
     token_offsets,
-    widen,
 )
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
 from nanoflow.kernels.decode_common import CAPPED as CAPPED  # the capped-grid default, for callers of this module
@@ -121,12 +120,12 @@ def _decode_kernel(
             if run:
                 m_i, l_i, acc = _head_step(n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n,
                                            offs_d, qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
-                                           PAGE_SIZE, PRECISION, I32_OFFSETS, True, FP16_DOTS)
+                                           PAGE_SIZE, PRECISION, I32_OFFSETS, True)
         full_lo, full_hi = full_steps(lo, end, BLOCK_N)
         for n0 in tl.range(full_lo, full_hi, BLOCK_N, num_stages=NUM_STAGES):
             m_i, l_i, acc = _head_step(n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n,
                                        offs_d, qk_scale, stride_cp, stride_ct, m_i, l_i, acc,
-                                       PAGE_SIZE, PRECISION, I32_OFFSETS, False, FP16_DOTS)
+                                       PAGE_SIZE, PRECISION, I32_OFFSETS, False)
         # the reduce kernel recomputes which partitions are non-empty
         store_item(acc, m_i, l_i, heads, g_mask, b, part, lo, end, num_kv_heads * GROUP, num_parts,
                    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ob, stride_oh, HEAD_DIM, SPLIT)
@@ -136,21 +135,20 @@ def _decode_kernel(
 def _head_step(
     n0, lo, end, q, k_cache_ptr, v_cache_ptr, page_row, kv_base, offs_n, offs_d, qk_scale, stride_cp, stride_ct,
     m_i, l_i, acc, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, I32_OFFSETS: tl.constexpr,
-    MASKED: tl.constexpr, FP16_DOTS: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
     """One step of one kv head's online softmax from token n0 (MASKED: tokens outside [lo, end)
     count for nothing; else all are valid)."""
     tok_off, t_mask = token_offsets(n0, offs_n, lo, end, page_row, stride_cp, stride_ct, PAGE_SIZE, I32_OFFSETS,
                                     MASKED)
     row = tok_off + kv_base
+    # to q's dtype: a no-op for a 16/32-bit cache, the widening of an fp8 one
     if MASKED:
-        k = widen(tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0), q.dtype,
-                  FP16_DOTS)
-        v = widen(tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0), q.dtype,
-                  FP16_DOTS)
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0).to(q.dtype)
     else:
-        k = widen(tl.load(k_cache_ptr + row[:, None] + offs_d[None, :]), q.dtype, FP16_DOTS)
-        v = widen(tl.load(v_cache_ptr + row[:, None] + offs_d[None, :]), q.dtype, FP16_DOTS)
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :]).to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], fp32
     if MASKED:
         qk = tl.where(t_mask[None, :], qk, float("-inf"))
@@ -287,8 +285,7 @@ def paged_decode_attention(
                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     shared = dict(GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SPLIT=split,
                   NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, PRECISION=dot_precision(q.dtype),
-                  FP16_DOTS=fp16_dots(q, k_cache, cfg.opaque_fp8), I32_OFFSETS=i32_offsets(k_cache, v_cache),
-                  num_warps=cfg.num_warps)
+                  FP16_DOTS=fp16_dots(q, k_cache), I32_OFFSETS=i32_offsets(k_cache, v_cache), num_warps=cfg.num_warps)
     if cfg.all_heads:
         block_h = triton.next_power_of_2(heads_per_item)
         # Triton >= 3.3 takes dots with M < 16 (it pads the MMA rows itself): the group is not

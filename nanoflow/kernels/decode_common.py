@@ -62,10 +62,6 @@ class DecodeConfig:
     # all-heads kernel without the gate: programs take work items from an atomic counter instead of
     # a static stride, so programs that start late beside a running GEMM take fewer (no tail)
     dynamic: bool = False
-    # fp8 cache on a GPU of sm89+: widen each K/V tile right after its load by inline assembly that
-    # Triton's layout passes cannot move (attention_common.widen), so the dots read 16-bit tiles by
-    # ldmatrix instead of 8-bit ones byte by byte (sm_90a SASS: docs/pipeline.md); to measure
-    opaque_fp8: bool = False
 
     def resolved(
         self, head_dim: int, elem_size: int, fp8_cache: bool = False, num_kv_heads: int | None = None
@@ -105,10 +101,9 @@ class DecodeConfig:
         - Fewer heads per item (kv_heads_per_item=4: 32 KiB steps) buy a deeper pipeline in less
           shared memory (9 stages: L = 4, 132 KiB) at shorter runs per page and 2x the work items.
         - fp8 halves the bytes: block_n 32 (two pages a step) keeps 64 KiB steps (255 registers,
-          no spills at 7 stages). Widened opaquely (opaque_fp8), the tiles go through shared memory
-          in 16 bits: shaped as a 16-bit cache's."""
-        cache_bytes = 1 if fp8_cache and not self.opaque_fp8 else elem_size
-        block_n = self.block_n or (32 if cache_bytes == 1 else 16)
+          no spills at 7 stages)."""
+        cache_bytes = 1 if fp8_cache else elem_size
+        block_n = self.block_n or (32 if fp8_cache else 16)
         if self.kv_heads_per_item:
             heads = min(self.kv_heads_per_item, num_kv_heads)
         else:  # as many heads as fit 64 KiB of K + V per step, a power of two
@@ -120,12 +115,6 @@ class DecodeConfig:
             self, block_n=block_n, kv_heads_per_item=heads,
             num_warps=self.num_warps or (8 if heads >= 8 else 4),
             num_stages=self.num_stages or 2 * latency + 1)
-
-    def smem_per_stage(self, head_dim: int, cache_bytes: int, num_kv_heads: int) -> int:
-        """Bytes of K + V one step loads (one shared-memory buffer of the software pipeline), for a
-        resolved config."""
-        heads = triton.next_power_of_2(self.kv_heads_per_item or num_kv_heads) if self.all_heads else 1
-        return 2 * self.block_n * heads * head_dim * cache_bytes
 
 
 # The kernel a capped grid runs (decode attention beside a GEMM in a pipeline) unless told

@@ -172,35 +172,6 @@ def test_decode_fp8_cache(name: str, kernel: str, device: str, dtype: torch.dtyp
     assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, D**-0.5, window), dtype)
 
 
-@pytest.mark.skipif(not CUDA, reason="inline PTX: the interpreter cannot run it")
-@pytest.mark.parametrize("name", ["gqa4-d128-split-capped", "mha-d64-window-capped"])
-@pytest.mark.parametrize("kernel", ["per_head", "all_heads", "all_heads_gated"])
-def test_decode_fp8_cache_widened_opaquely(name: str, kernel: str, assert_rel) -> None:
-    """DecodeConfig(opaque_fp8=True): the K/V tiles widened by inline PTX (attention_common.widen)."""
-    Hq, Hkv, D, lens, window, cfg, num_ctas = DECODE_CASES[name]
-    cfg = on(kernel, dataclasses.replace(cfg, opaque_fp8=True))
-    k_cache, v_cache, tables = paged_cache(lens, Hkv, D, torch.bfloat16, "cuda")
-    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
-    seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
-    q = torch.randn(len(lens), Hq, D, device="cuda", dtype=torch.bfloat16)
-    kp, vp = poison_unwritten(k8, tables, lens), poison_unwritten(v8, tables, lens)
-    out = paged_decode_attention(q, kp, vp, tables, seq_lens, D**-0.5, window, num_ctas=num_ctas, config=cfg)
-    q32, k32, v32 = f32(q, k8, v8)
-    assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, D**-0.5, window), torch.bfloat16)
-
-
-def test_opaque_widening_only_where_the_gpu_has_it() -> None:
-    """fp16_dots: 0 without an fp8 cache, 1 for one (the dots in fp16), 2 only when asked and on a
-    GPU of sm89+ (the interpreter and older GPUs widen the plain way)."""
-    from nanoflow.kernels.attention_common import fp16_dots
-
-    q, k8 = torch.zeros(1, 2, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 16, 8).to(FP8)
-    assert fp16_dots(q, k8.to(torch.bfloat16), opaque=True) == 0
-    assert fp16_dots(q, k8) == 1 and fp16_dots(q, k8, opaque=True) == 1  # on the CPU
-    opaque = DecodeConfig(all_heads=True, opaque_fp8=True).resolved(128, 2, fp8_cache=True, num_kv_heads=8)
-    assert (opaque.block_n, opaque.num_stages) == (16, 7)  # its tiles cross shared memory in 16 bits
-
-
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_ref_fp8_cache_equals_widened_cache(qdtype: torch.dtype) -> None:
     """The eager path with an fp8 cache is attention over a q-dtype cache holding the same values
@@ -270,7 +241,6 @@ def test_decode_all_heads_config_defaults() -> None:
     shape = lambda c: (c.block_n, c.kv_heads_per_item, c.num_warps, c.num_stages)  # noqa: E731
     ah = DecodeConfig(all_heads=True)
     assert shape(ah.resolved(128, 2, num_kv_heads=8)) == (16, 8, 8, 7)
-    assert ah.resolved(128, 2, num_kv_heads=8).smem_per_stage(128, 2, 8) == 64 * 1024
     assert shape(ah.resolved(128, 2, fp8_cache=True, num_kv_heads=8)) == (32, 8, 8, 7)
     assert shape(ah.resolved(128, 2, num_kv_heads=32)) == (16, 8, 8, 7)  # MHA: 8 heads per item
     assert shape(ah.resolved(128, 2, num_kv_heads=2)) == (16, 2, 4, 9)  # 16 KiB steps: 4 in flight
