@@ -34,3 +34,27 @@ def test_pipeline_matches_sequential_fp32(tiny_model, tmp_path, arch, graphs):
         runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
     assert runs["off"] == runs[str(pipeline)]
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+def test_a_step_is_queued_without_waiting_for_the_gpu(tiny_model, tmp_path, pipelined):
+    """Launching a step (batch build, the nano-batches' metadata and copies, the graph replay, the
+    sampler) never synchronises with the device: the host must stay ahead of the GPU, or the GPU
+    idles between steps (docs/pipeline.md: the pipelined runs' 2-12 ms gaps)."""
+    from nanoflow.executor.step_plan import StepPlan
+
+    pipeline = tmp_path / "pipeline.json"
+    pipeline_for("llama", 256).save(pipeline)
+    llm = LLM(tiny_model("llama"), max_model_len=512, max_num_batched_tokens=256, num_kv_pages=2048,
+              pipeline=str(pipeline) if pipelined else "off")
+    runner = llm.engine.runner
+    plan = StepPlan.synthetic([40] * 100 + [300] * 20, [(0, 100)], runner.arch.vocab_size)
+    runner.launch(plan).result()  # warm: kernels compiled, pinned buffers cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        inflight = runner.launch(plan)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    inflight.result()
+    assert runner.graphs is not None and runner.graphs.num_replays >= 2
