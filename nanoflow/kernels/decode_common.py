@@ -121,10 +121,11 @@ class DecodeConfig:
 # otherwise: the SM-gated all-heads kernel, two programs on each SM of the share, 4 kv heads a work
 # item, 4 warps, 5 stages: the most robust row of the H200 sweeps. The share is taken first-come
 # among even SM ids only (gate_smid_stride 2, where it fits in them): first-come among all ids it
-# crowds into runs of neighbouring ones (2-7, 18-23, 34-37, ...), which alone costs nothing (bf16,
-# 512 x 1,024: 2.44 / 2.49 TB/s on 44 / 66 SMs either way; the 2.97 / 3.84 of the third run had
-# fixed, evenly spread ids) but beside the other nano-batch's GEMMs cost a 1,024-decode fp8 step
-# its gain: ping-pong on 66 SMs 1.205x with even ids against 0.997x (pipeline_step, H200, fifth stop).
+# crowds into runs of neighbouring ones (2-7, 18-23, 34-37, ...), which alone costs nothing (fp8,
+# 1,024 x 1,024: 1.38 / 2.02 TB/s on 44 / 66 SMs either way) but beside the other nano-batch's
+# GEMMs cost a 1,024-decode fp8 step its gain: ping-pong on 66 SMs 1.205x with even ids against
+# 0.997x (pipeline_step, H200, fifth stop). (bf16 at 512 x 1,024, first-come: 2.44 / 2.49 TB/s;
+# the 2.97 / 3.84 of the third run had fixed, evenly spread ids.)
 CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5,
                       gate_smid_stride=2)
 
