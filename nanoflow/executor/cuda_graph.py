@@ -67,6 +67,17 @@ def token_buckets(max_tokens: int) -> list[int]:
     return sorted({x for x in sizes if x < max_tokens} | {max_tokens})
 
 
+def bucket_ends(sizes: Sequence[int], step: int) -> list[int]:
+    """The graph sizes at which a tuned pipeline's buckets end (`nanoflow tune`): every size up to
+    SMALL_BATCH, above it the multiples of `step` and the largest. A schedule's split is a row count,
+    so a bucket must not hold graphs much smaller than its top (a 257-512 bucket split at 256 gave
+    a 310-token step nano-batches of 256 and 54: 0.94x in an H200 trace bench); above SMALL_BATCH the
+    graphs come every 1/16 of an octave, and a bucket of several (544-768 split at 288) stays
+    balanced enough at each of them."""
+    top = max(sizes, default=0)
+    return sorted(s for s in set(sizes) if s <= SMALL_BATCH or s % step == 0 or s == top)
+
+
 def capture_sizes(max_tokens: int, sizes: Sequence[int] | None = None) -> list[int]:
     """The token sizes a GraphRunner captures: `sizes` (EngineConfig.cuda_graph_sizes, ending at
     max_tokens), else token_buckets(max_tokens); none without graphs (max_tokens 0)."""

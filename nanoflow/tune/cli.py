@@ -34,16 +34,12 @@ def _ints(text: str) -> list[int]:
 
 
 def default_sizes(graphs: Sequence[int], step: int, budget: int) -> list[int]:
-    """The profiled sizes, each the top of a pipeline bucket: the graph sizes from `step` up to
-    SMALL_BATCH and, above it, those that are multiples of `step`, then multiples of `step` above the
-    largest graph. A schedule's split is a row count, so a bucket must not hold graphs much smaller
-    than its top (ping-pong split at 256 for 257-512 gave a 310-token step nano-batches of 256 and
-    54: 0.94x in an H200 trace bench); above SMALL_BATCH the graphs come every 1/16 of an octave,
-    and a bucket of several of them (544-768 split at 288) stays balanced enough at every size."""
-    from nanoflow.executor.cuda_graph import SMALL_BATCH  # not at import: `nanoflow --help` stays light
+    """The profiled sizes, each the top of a pipeline bucket: the graph sizes where buckets end
+    (executor.cuda_graph.bucket_ends) from `step` up, then multiples of `step` above the largest graph."""
+    from nanoflow.executor.cuda_graph import bucket_ends  # not at import: `nanoflow --help` stays light
 
     top = max(graphs, default=0)
-    ends = {g for g in graphs if g >= step and (g <= SMALL_BATCH or g % step == 0)}
+    ends = {g for g in bucket_ends(graphs, step) if g >= step}
     return sorted(ends | set(range(step, budget + 1, step)) - set(range(0, top + 1)) | {budget})
 
 
@@ -251,7 +247,7 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
     candidates = [Candidate(kind, f, cap) for f in args.split_fractions for kind in args.tp_schedules
                   for cap in (caps if kind == PINGPONG else [None])]
     t = tune_tensor_parallel(config, key, candidates, args.network_min_tokens, args.min_gain, args.nccl_ctas,
-                             context_len=(args.context_len or 1024) if on_gpu else 0)
+                             context_len=(args.context_len or 1024) if on_gpu else 0, size_step=args.size_step)
     target = Path(args.output) if args.output else cache_path(key)
     t.pipeline.save(target)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoflow.config import EngineConfig
+from nanoflow.executor.cuda_graph import bucket_ends, capture_sizes
 from nanoflow.pipeline.schedule import Pipeline, Schedule, network_overlap_schedule, pingpong_schedule
 from nanoflow.tune.model import PINGPONG, split_for
 
@@ -112,10 +113,10 @@ class BucketChoice:
                           for c, (s, p, q) in self.tried.items()}}
 
 
-def bucket_ranges(buckets: Sequence[int], min_tokens: int) -> list[tuple[int, int]]:
-    """(previous bucket + 1, bucket) for each graph bucket above min_tokens: a batch of that many
-    tokens replays the bucket's graph."""
-    s = sorted(buckets)
+def bucket_ranges(buckets: Sequence[int], min_tokens: int, step: int) -> list[tuple[int, int]]:
+    """(previous end + 1, end) for each graph size where a pipeline bucket ends (bucket_ends) above
+    min_tokens: every batch in the range replays a graph of the range, with the range's schedule."""
+    s = bucket_ends(buckets, step)
     return [(s[i - 1] + 1, b) for i, b in enumerate(s) if i > 0 and b > min_tokens]
 
 
@@ -182,10 +183,10 @@ def choose_cap(totals: dict[int | None, float], default: int | None, min_gain: f
 
 
 def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, context_len: int = 0,
-            min_tokens: int = 0, timeout_s: float = 1800.0) -> Run:
+            sizes: Sequence[int] = (), timeout_s: float = 1800.0) -> Run:
     """Starts the tensor-parallel ranks with the pipeline (None: sequential) in a fresh process and
     returns the replay-time table of their graphs and, on a GPU with context_len, the times of real
-    steps of the buckets above min_tokens (time_steps)."""
+    steps of the graph sizes in `sizes` (time_steps)."""
     spec = "off"
     if pipeline is not None:  # the workers read it too
         path = workdir / f"candidate_{len(list(workdir.glob('candidate_*.json')))}.json"
@@ -195,7 +196,7 @@ def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, cont
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     # not a daemon: it spawns the tensor-parallel workers itself
-    p = ctx.Process(target=_measure_main, args=(config, send, context_len, min_tokens), name="nanoflow-tune-tp")
+    p = ctx.Process(target=_measure_main, args=(config, send, context_len, list(sizes)), name="nanoflow-tune-tp")
     p.start()
     send.close()
     try:
@@ -215,7 +216,7 @@ def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, cont
     return result
 
 
-def _measure_main(config: EngineConfig, conn: Any, context_len: int, min_tokens: int) -> None:
+def _measure_main(config: EngineConfig, conn: Any, context_len: int, sizes: list[int]) -> None:
     from nanoflow.executor.distributed import TensorParallelGroup
     from nanoflow.executor.model_runner import ModelRunner
 
@@ -229,7 +230,7 @@ def _measure_main(config: EngineConfig, conn: Any, context_len: int, min_tokens:
                 raise ValueError("tensor-parallel tuning measures CUDA graph replays: CUDA graphs are off "
                                  "(--enforce-eager or --cuda-graph-max-tokens 0)")
             on_gpu = runner.device.type == "cuda"
-            steps = time_steps(runner, context_len, min_tokens) if on_gpu and context_len else {}
+            steps = time_steps(runner, context_len, sizes) if on_gpu and context_len else {}
             run = Run(dict(graphs.replay_ms), [op.name for op in runner.model.layer_ops[0]], list(graphs.buckets),
                       time.perf_counter() - t0, steps)
             runner.release_graphs()
@@ -243,9 +244,9 @@ def _measure_main(config: EngineConfig, conn: Any, context_len: int, min_tokens:
         conn.close()
 
 
-def time_steps(runner: Any, context_len: int, min_tokens: int, warmup: int = 2,
+def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int = 2,
                repeats: int = 5) -> dict[tuple[int, bool], float]:
-    """Median GPU ms of a real step per graph (bucket, mixed) above min_tokens: decodes at
+    """Median GPU ms of a real step per graph (bucket, mixed) of the given sizes: decodes at
     context_len (spread as tune.profile's; a mixed graph's step a quarter decodes, the rest prompt
     chunks), issued by rank 0 as the engine issues a step and run by every rank, so the time holds
     the all-reduces' waits. The graph that runs it is the engine's own choice (a pipelined one where
@@ -257,7 +258,7 @@ def time_steps(runner: Any, context_len: int, min_tokens: int, warmup: int = 2,
     from nanoflow.tune.profile import Workload, mixed_plan
 
     out = {}
-    for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b > min_tokens}):
+    for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b in sizes}):
         w = Workload(context_len, 0.25 if mixed else 1.0)
         plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
         times = []
@@ -296,14 +297,17 @@ class TensorParallelTuning:
 
 def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], candidates: Sequence[Candidate] = (Candidate(),),
                          min_tokens: int = 256, min_gain: float = 0.01, nccl_ctas: Sequence[int] = (),
-                         context_len: int = 0) -> TensorParallelTuning:
+                         context_len: int = 0, size_step: int = 128) -> TensorParallelTuning:
     """Measures the sequential schedule and each candidate, then keeps per bucket what won (see the
     module docstring). nccl_ctas: NCCL CTA caps to try besides the engine's own (--nccl-max-ctas,
     else NCCL's), each a fresh start of every run; the cap whose step total (step_total_ms) is
     least by min_gain goes into the pipeline, which the engine then starts its communicator with.
-    context_len: the decodes' context in the real steps each run times on a GPU (0: none)."""
+    context_len: the decodes' context in the real steps each run times on a GPU (0: none), at the
+    graph sizes where buckets end (bucket_ends with size_step), the tops of the ranges judged."""
     default = config.args.nccl_max_ctas
     caps = [default, *dict.fromkeys(c for c in nccl_ctas if c != default)]
+    ranges = bucket_ranges(capture_sizes(config.cuda_graph_max_tokens, config.cuda_graph_sizes), min_tokens, size_step)
+    tops = [hi for _, hi in ranges]
     per_cap: dict[int | None, tuple[Run, dict[Candidate, Run], list[BucketChoice]]] = {}
     with tempfile.TemporaryDirectory(prefix="nanoflow-tune-tp-") as tmp:
         workdir = Path(tmp)
@@ -311,15 +315,14 @@ def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], candidates: 
             cfg = dataclasses.replace(config, args=dataclasses.replace(config.args, nccl_max_ctas=cap))
             label = f" (NCCL CTA cap {cap})" if cap is not None else ""
             print(f"tune: sequential{label} ...", flush=True)
-            baseline = measure(cfg, None, workdir, context_len, min_tokens)
-            ranges = bucket_ranges(baseline.buckets, min_tokens)
+            baseline = measure(cfg, None, workdir, context_len, tops)
             runs = {}
             for cand in candidates:
                 pipeline = candidate(baseline.op_names, ranges, cand, key)
                 if not pipeline.schedules:
                     continue
                 print(f"tune: {cand.label} of each bucket above {min_tokens} tokens{label} ...", flush=True)
-                runs[cand] = measure(cfg, pipeline, workdir, context_len, min_tokens)
+                runs[cand] = measure(cfg, pipeline, workdir, context_len, tops)
             per_cap[cap] = (baseline, runs, choose(baseline, runs, ranges, min_gain))
     totals = {cap: step_total_ms(b, choices) for cap, (b, _, choices) in per_cap.items()}
     cap = choose_cap(totals, default, min_gain)

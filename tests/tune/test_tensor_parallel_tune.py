@@ -12,6 +12,7 @@ from helpers import layer_op_names
 from nanoflow.cli import build_parser
 from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
+from nanoflow.executor.cuda_graph import token_buckets
 from nanoflow.pipeline.schedule import NETWORK_OPS, Pipeline
 from nanoflow.tune.tensor_parallel import (
     PINGPONG,
@@ -43,7 +44,11 @@ def _run(times: dict[int, tuple[float, float | None]]) -> Run:
 
 
 def test_ranges_and_splits():
-    assert bucket_ranges([1, 256, 320, 512, 2048], 256) == [(257, 320), (321, 512), (513, 2048)]
+    assert bucket_ranges([1, 256, 320, 512, 2048], 256, 256) == [(257, 320), (321, 512), (513, 2048)]
+    # the engine's graphs every 1/16 of an octave above 512: ranges end at multiples of the step there
+    assert bucket_ranges(token_buckets(2048), 256, 256) == [
+        (257, 320), (321, 384), (385, 448), (449, 512), (513, 768), (769, 1024), (1025, 1280), (1281, 1536),
+        (1537, 1792), (1793, 2048)]
     assert split_for(1793, 2048, 0.5) == 1024
     assert split_for(257, 320, 0.5) == 160
     assert split_for(1025, 2048, 0.25) == 512
@@ -69,7 +74,7 @@ def test_candidate_covers_the_ranges_it_can_split():
 
 def test_choose_keeps_only_measured_wins():
     baseline = _run({256: (10, None), 512: (20, None), 1024: (40, None), 2048: (80, None)})
-    ranges = bucket_ranges(baseline.buckets, 256)
+    ranges = bucket_ranges(baseline.buckets, 256, 256)
     half = _run({256: (10, None), 512: (20, 21), 1024: (40, 39.9), 2048: (80, 70)})
     quarter = _run({256: (10, None), 512: (20, 19), 1024: (41, 38), 2048: (80, 76)})
     choices = choose(baseline, {Candidate(fraction=0.5): half, Candidate(fraction=0.25): quarter}, ranges,
