@@ -145,3 +145,11 @@ def pipeline_for(arch: str, max_tokens: int, tp: bool = False):
                                        beside=beside)
                       for lo, hi, split, attn, beside in ranges if lo <= max_tokens)
     return Pipeline(schedules, {"test": arch}, "tests")
+
+
+def worker_that_dies_before_joining(rank: int, *args) -> None:
+    """A tensor-parallel worker (TensorParallelGroup.start's `worker`) that exits before it joins the
+    process group, as one would whose GPU or imports fail."""
+    import os
+
+    os._exit(3)

@@ -7,15 +7,19 @@ import os
 import random
 import shutil
 import threading
+import time
 
 import pytest
 import torch
-from helpers import VOCAB_SIZE
+import torch.distributed as dist
+from helpers import VOCAB_SIZE, worker_that_dies_before_joining
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.executor.distributed import NO_MULTICAST, check_tensor_parallel
+from nanoflow.config import EngineConfig
+from nanoflow.engine_args import EngineArgs
+from nanoflow.executor.distributed import NO_MULTICAST, TensorParallelGroup, check_tensor_parallel
 from nanoflow.executor.plan_channel import PREFIX, SHM_DIR
 from nanoflow.layers.linear import LazyTensor
 from nanoflow.layers.parallel import ParallelState
@@ -164,6 +168,16 @@ def test_dead_worker_fails_loudly(tiny_model):
         llm.shutdown()  # must not hang on the dead worker
     assert not multiprocessing.active_children()
     assert not _ring_files()
+
+
+def test_worker_dead_before_joining_fails_the_start_at_once(tiny_model):
+    """Rank 0 does not wait out the rendezvous timeout for a worker that exited before joining."""
+    cfg = EngineConfig.from_args(EngineArgs(model=tiny_model("llama"), max_model_len=256, tensor_parallel_size=2))
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"worker rank 1 \(pid \d+\) died with exit code 3"):
+        TensorParallelGroup.start(cfg, worker=worker_that_dies_before_joining)
+    assert time.perf_counter() - t0 < 60
+    assert not multiprocessing.active_children() and not dist.is_initialized()
 
 
 def test_worker_watch_reports_a_death_unless_shutting_down(tiny_model):

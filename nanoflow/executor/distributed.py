@@ -96,9 +96,10 @@ class TensorParallelGroup:
         self._closed = False
 
     @classmethod
-    def start(cls, config: EngineConfig) -> TensorParallelGroup:
+    def start(cls, config: EngineConfig, worker: Callable[..., None] | None = None) -> TensorParallelGroup:
         """Starts (or, under torchrun, joins) the ranks. On a torchrun rank other than 0 this runs the
-        worker loop and then exits the process."""
+        worker loop and then exits the process. worker: what each spawned rank runs (default
+        _worker_main; tests start ones that fail)."""
         size = config.tensor_parallel_size
         disable_multicast()  # before any process group exists or any worker is spawned
         if launched_by_torchrun():
@@ -118,14 +119,18 @@ class TensorParallelGroup:
         init_method = f"tcp://{addr}:{os.environ.get('MASTER_PORT') or _free_port(addr)}"
         ctx = mp.get_context("spawn")
         threads = max(1, torch.get_num_threads() // size)  # CPU ranks compute at once: share the cores
-        processes = []
+        processes, ready = [], []
         for rank in range(1, size):
-            p = ctx.Process(target=_worker_main, name=f"nanoflow-tp{rank}", daemon=True,
-                            args=(rank, size, init_method, config, threads))
+            receive, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=worker or _worker_main, name=f"nanoflow-tp{rank}", daemon=True,
+                            args=(rank, size, init_method, config, threads, send))
             p.start()
+            send.close()
             processes.append(p)
+            ready.append(receive)
         group = cls(ParallelState(0, size), processes, True, config)
         try:
+            _await_workers(processes, ready)
             group.par, group.owns_group, group.config = _join(0, size, init_method, config, True)
         except BaseException as e:
             try:
@@ -283,11 +288,33 @@ def nccl_max_ctas(config: EngineConfig, size: int) -> int | None:
     return pipeline.nccl_max_ctas if pipeline is not None else None
 
 
-def _join(rank: int, size: int, init_method: str, config: EngineConfig,
-          one_host: bool) -> tuple[ParallelState, bool, EngineConfig]:
+def _await_workers(processes: list[Any], ready: list[multiprocessing.connection.Connection]) -> None:
+    """Waits until every spawned worker is about to join the process group, or raises as soon as one
+    exits first: rank 0 would otherwise wait out the rendezvous (TIMEOUT_S) for a rank that never comes."""
+    pending = dict(zip(ready, processes, strict=True))
+    while pending:
+        woke = multiprocessing.connection.wait([*pending, *(p.sentinel for p in pending.values())], timeout=TIMEOUT_S)
+        if not woke:
+            raise RuntimeError(f"a tensor-parallel worker gave no sign of joining within {TIMEOUT_S:.0f} s "
+                               "(NANOFLOW_TP_TIMEOUT_S)")
+        for obj in woke:
+            if obj in pending:
+                try:
+                    obj.recv()
+                except EOFError:  # its end closed: the worker is gone
+                    raise RuntimeError("a tensor-parallel worker exited before joining the process group") from None
+                obj.close()
+                del pending[obj]
+            else:
+                raise RuntimeError("a tensor-parallel worker exited before joining the process group")
+
+
+def _join(rank: int, size: int, init_method: str, config: EngineConfig, one_host: bool,
+          before_rendezvous: Callable[[], None] | None = None) -> tuple[ParallelState, bool, EngineConfig]:
     """Joins the default process group (NCCL on GPUs, gloo on the CPU), a gloo control group and,
     on one host, the plan channel; returns the rank's parallel state, whether it created the default
-    group, and its configuration (on its own GPU)."""
+    group, and its configuration (on its own GPU). before_rendezvous: called once this rank has its
+    device, right before it waits for the others."""
     if config.device.type == "cuda":
         config = config.for_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))))
         torch.cuda.set_device(config.device)
@@ -295,6 +322,8 @@ def _join(rank: int, size: int, init_method: str, config: EngineConfig,
     if cap is not None:  # read by NCCL when the communicator is made
         os.environ["NCCL_MAX_CTAS"] = str(cap)
     owns = not dist.is_initialized()
+    if before_rendezvous is not None:
+        before_rendezvous()
     if owns:
         backend = "nccl" if config.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
@@ -344,12 +373,18 @@ def _open_plan_channel(par: ParallelState, one_host: bool) -> ParallelState:
     return dataclasses.replace(par, plans=ring)
 
 
-def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, num_threads: int) -> None:
+def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, num_threads: int,
+                 ready: multiprocessing.connection.Connection) -> None:
     # Ctrl-C reaches the whole process group: let rank 0 alone handle it (and then stop the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     disable_multicast()  # inherited from rank 0 already; set again before NCCL reads it
     torch.set_num_threads(num_threads)
-    par, owns, config = _join(rank, size, init_method, config, True)
+
+    def joining() -> None:  # rank 0 waits for this (or this process's exit) before its rendezvous
+        ready.send(rank)
+        ready.close()
+
+    par, owns, config = _join(rank, size, init_method, config, True, before_rendezvous=joining)
     run_worker(config, par, owns)
 
 
