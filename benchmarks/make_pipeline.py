@@ -29,6 +29,7 @@ from nanoflow.pipeline.schedule import (  # noqa: E402
     pingpong_schedule,
     tp_overlap_schedule,
 )
+from nanoflow.tune.model import ALIGN, split_for  # noqa: E402
 
 
 def main() -> None:
@@ -55,9 +56,10 @@ def main() -> None:
     if a.kind == "pingpong" and a.bounds:
         bounds = [int(b) for b in a.bounds.split(",")]
         # graphs replay a range's schedule at their own size, the range's top where the bounds are
-        # the graph sizes: split at half of it, unless the smallest step would leave nothing past it
-        schedules = tuple(pingpong_schedule(layer_op_names(a.moe, a.tp), hi, min(hi // 2, lo) // 16 * 16, lo + 1,
-                                            a.decode_ctas)
+        # the graph sizes: split at half of it (tune.model.split_for), unless the smallest step would
+        # leave nothing past it
+        schedules = tuple(pingpong_schedule(layer_op_names(a.moe, a.tp), hi,
+                                            split_for(lo + 1, hi, 0.5) or lo // ALIGN * ALIGN, lo + 1, a.decode_ctas)
                           for lo, hi in itertools.pairwise(bounds))
         Pipeline(schedules, {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
         print(f"wrote {a.out}: pingpong, {len(schedules)} schedules over {bounds[0] + 1}-{bounds[-1]} tokens")

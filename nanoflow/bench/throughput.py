@@ -28,12 +28,12 @@ from nanoflow.bench import report
 from nanoflow.bench.cli_args import COMPARE_CHOICES
 from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.bench.environment import environment
-from nanoflow.bench.isolated import run_isolated
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s, sync
 from nanoflow.bench.pipeline_info import bench_timeline, pipeline_summary
 from nanoflow.bench.workloads import Workload, build_workload
 from nanoflow.config import PAGE_SIZE, resolve_device, resolve_dtype
 from nanoflow.engine_args import engine_kwargs as cli_engine_kwargs
+from nanoflow.executor.isolated import run_isolated
 from nanoflow.model_arch import ModelArch, load_hf_config
 
 log = logging.getLogger(__name__)
@@ -307,8 +307,9 @@ def run_bench(args: argparse.Namespace) -> int:
                     if timeline_png and name == "nanoflow" else None
                 run = (name, model_dir, load_format, workload, engine_kwargs, device,
                        args.num_warmup, args.warmup_max_tokens, use_tqdm, timeline)
-                # tensor parallel: each system in a process of its own (bench/isolated.py says why)
-                res = run_isolated(run_engine, *run) if args.tensor_parallel_size > 1 else run_engine(*run)
+                # tensor parallel: each system in a process of its own (executor/isolated.py says why)
+                res = run_isolated(run_engine, *run, name=f"nanoflow bench {name}") \
+                    if args.tensor_parallel_size > 1 else run_engine(*run)
                 if res.get("timeline", {}).get("png"):
                     result["files"]["timeline_png"] = timeline_png
         except Exception as e:  # one system failing (e.g. out of memory) must not lose the others

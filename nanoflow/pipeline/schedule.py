@@ -275,13 +275,10 @@ def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_
         return Step(op, part, "dense", 2 if op in NETWORK_OPS else part,
                     decode_ctas if op == "decode_attention" else None)
 
-    segments: list[list[str]] = [[]]
+    segments: list[list[str]] = [[]]  # one GPU: one segment, each nano-batch's whole layer in turn
     for op in op_names:
         segments[-1].append(op)
         if op in NETWORK_OPS:
             segments.append([])
-    if len(segments) == 1:  # one GPU: each nano-batch's whole layer in turn
-        steps = tuple(step(op, part) for part in (0, 1) for op in op_names)
-    else:
-        steps = tuple(step(op, part) for seg in segments for part in (0, 1) for op in seg)
+    steps = tuple(step(op, part) for seg in segments for part in (0, 1) for op in seg)
     return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, steps)

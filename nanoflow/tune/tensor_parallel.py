@@ -32,10 +32,8 @@ CPU, or context_len 0) the graphs are compared within a run, as before.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import tempfile
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from typing import Any
 
 from nanoflow.config import EngineConfig
 from nanoflow.executor.cuda_graph import bucket_ends, capture_sizes
+from nanoflow.executor.isolated import run_isolated
 from nanoflow.pipeline.schedule import Pipeline, Schedule, network_overlap_schedule, pingpong_schedule
 from nanoflow.tune.model import PINGPONG, split_for
 
@@ -193,55 +192,30 @@ def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, cont
         pipeline.save(path)
         spec = str(path)
     config = dataclasses.replace(config, args=dataclasses.replace(config.args, pipeline=spec))
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    # not a daemon: it spawns the tensor-parallel workers itself
-    p = ctx.Process(target=_measure_main, args=(config, send, context_len, list(sizes)), name="nanoflow-tune-tp")
-    p.start()
-    send.close()
-    try:
-        if not recv.poll(timeout_s):
-            raise RuntimeError(f"tensor-parallel measurement gave no result within {timeout_s:.0f} s")
-        result = recv.recv()
-    except EOFError:
-        p.join(60)
-        result = RuntimeError(f"the tensor-parallel measurement process died (exit code {p.exitcode}); "
-                              "its error is printed above")
-    finally:
-        p.join(60)
-        if p.is_alive():
-            p.kill()
-    if isinstance(result, BaseException):
-        raise result
-    return result
+    return run_isolated(_measure_run, config, context_len, list(sizes), timeout_s=timeout_s,
+                        name="tensor-parallel measurement")
 
 
-def _measure_main(config: EngineConfig, conn: Any, context_len: int, sizes: list[int]) -> None:
+def _measure_run(config: EngineConfig, context_len: int, sizes: list[int]) -> Run:
     from nanoflow.executor.distributed import TensorParallelGroup
     from nanoflow.executor.model_runner import ModelRunner
 
     t0 = time.perf_counter()
+    group = TensorParallelGroup.start(config)
     try:
-        group = TensorParallelGroup.start(config)
-        try:
-            runner = ModelRunner(group.config, group.par)
-            graphs = runner.graphs
-            if graphs is None:
-                raise ValueError("tensor-parallel tuning measures CUDA graph replays: CUDA graphs are off "
-                                 "(--enforce-eager or --cuda-graph-max-tokens 0)")
-            on_gpu = runner.device.type == "cuda"
-            steps = time_steps(runner, context_len, sizes) if on_gpu and context_len else {}
-            run = Run(dict(graphs.replay_ms), [op.name for op in runner.model.layer_ops[0]], list(graphs.buckets),
-                      time.perf_counter() - t0, steps)
-            runner.release_graphs()
-        finally:
-            group.shutdown()
-        conn.send(run)
-    except BaseException as e:  # the parent raises it (as text: not every exception pickles)
-        traceback.print_exc()
-        conn.send(RuntimeError(f"tensor-parallel measurement failed: {type(e).__name__}: {e}"))
+        runner = ModelRunner(group.config, group.par)
+        graphs = runner.graphs
+        if graphs is None:
+            raise ValueError("tensor-parallel tuning measures CUDA graph replays: CUDA graphs are off "
+                             "(--enforce-eager or --cuda-graph-max-tokens 0)")
+        on_gpu = runner.device.type == "cuda"
+        steps = time_steps(runner, context_len, sizes) if on_gpu and context_len else {}
+        run = Run(dict(graphs.replay_ms), [op.name for op in runner.model.layer_ops[0]], list(graphs.buckets),
+                  time.perf_counter() - t0, steps)
+        runner.release_graphs()
     finally:
-        conn.close()
+        group.shutdown()
+    return run
 
 
 def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int = 2,

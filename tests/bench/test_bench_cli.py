@@ -205,3 +205,20 @@ def test_triton_compiles_are_collected_and_the_hook_restored() -> None:
                                             compile={}, is_manual_warmup=False, already_compiled=False)
     assert found == ["_decode_kernel[num_warps=8](...)"]
     assert knobs.runtime.jit_post_compile_hook is before
+
+
+def test_tensor_parallel_systems_each_in_their_own_process(tmp_path: Path, tiny_dummy) -> None:
+    """Two tensor-parallel systems in one bench (2 gloo ranks each): both run, and rank 0's engine
+    lived in a child (the bench's own process never joined a process group)."""
+    import torch.distributed as dist
+
+    tiny_dummy("llama3-8b")
+    rc = main(["bench", "--dummy", "llama3-8b", "--workload", "16x8", "--num-requests", "3", "--num-warmup", "1",
+               "-tp", "2", "--compare", "nanoflow-sequential", "--output-dir", str(tmp_path), "--no-plot",
+               *CPU_ARGS])
+    assert rc == 0
+    (path,) = tmp_path.glob("bench_*.json")
+    systems = json.loads(path.read_text())["systems"]
+    assert [s["status"] for s in systems.values()] == ["ok", "ok"]
+    assert all(s["output_tokens"] == 3 * 8 for s in systems.values())
+    assert not dist.is_initialized()
