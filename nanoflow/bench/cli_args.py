@@ -111,8 +111,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "are named after it, beside it or in --output-dir")
     o.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     o.add_argument("--timeline", action="store_true",
-                   help="after the nanoflow run, time one full-budget step shaped like its full steps (eager, "
-                   "outside CUDA graphs): one layer's ops per stream over time, coloured by resource, "
+                   help="after the nanoflow run, time one step of the shape that held most of its GPU time "
+                   "(eager, outside CUDA graphs): one layer's ops per stream over time, coloured by resource, "
                    "written to <stem>_timeline.png and into the JSON")
     o.add_argument("--no-tqdm", action="store_true", help="no progress bars")
 

@@ -1,6 +1,6 @@
 """The pipeline side of a bench run: which nano-batch pipeline an engine ran (for the JSON, so that
-`nanoflow` vs `nanoflow-sequential` says what was compared), and `--timeline`: one full-budget step
-of the run's own shape, one layer's ops per stream over time (nanoflow.pipeline.timeline)."""
+`nanoflow` vs `nanoflow-sequential` says what was compared), and `--timeline`: one step of the
+shape that held most of the run's GPU time, one layer's ops per stream over time (nanoflow.pipeline.timeline)."""
 
 from __future__ import annotations
 
@@ -36,36 +36,44 @@ def pipeline_summary(runner: Any) -> list[dict[str, Any]] | str:
 
 
 def representative_step(step_timeline: dict[str, list] | None, budget: int, max_seqs: int,
-                        mean_context: int) -> tuple[int, int]:
-    """(decodes, context tokens per decode) of the run's full steps: the median over the steps that
-    came within 10% of the fullest one. Without a timeline: half the budget decoding at mean_context."""
-    tokens = (step_timeline or {}).get("tokens") or []
+                        mean_context: int) -> tuple[int, int, int]:
+    """(tokens, decodes, context tokens per decode) of the step shape that held the most GPU time:
+    the steps are grouped by token count in eighths of the budget, and the heaviest group gives its
+    medians (a decode-heavy run draws its decode steps, not the few full ones). Without a timeline:
+    a full budget, half of it decoding at mean_context."""
+    t = step_timeline or {}
+    tokens = t.get("tokens") or []
     if not tokens:
-        return min(budget // 2, max_seqs), mean_context
-    full = [i for i, t in enumerate(tokens) if t >= 0.9 * max(tokens)]
-    decodes = int(statistics.median(step_timeline["decodes"][i] for i in full))
-    per_seq = [step_timeline["decode_context_tokens"][i] / step_timeline["decodes"][i] for i in full
-               if step_timeline["decodes"][i]]
-    return min(decodes, budget, max_seqs), int(statistics.median(per_seq)) if per_seq else mean_context
+        return budget, min(budget // 2, max_seqs), mean_context
+    busy = t.get("gpu_busy_ms") or [1.0] * len(tokens)
+    width = max(1, -(-budget // 8))
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(tokens):
+        groups.setdefault((n - 1) // width, []).append(i)
+    rows = max(groups.values(), key=lambda g: sum(busy[i] for i in g))
+    n = int(statistics.median(tokens[i] for i in rows))
+    decodes = min(int(statistics.median(t["decodes"][i] for i in rows)), n, max_seqs)
+    per_seq = [t["decode_context_tokens"][i] / t["decodes"][i] for i in rows if t["decodes"][i]]
+    return n, decodes, int(statistics.median(per_seq)) if per_seq else mean_context
 
 
-def full_budget_plan(budget: int, num_decodes: int, context: int, num_pages: int, max_model_len: int,
+def shaped_step_plan(tokens: int, num_decodes: int, context: int, num_pages: int, max_model_len: int,
                      vocab_size: int) -> StepPlan:
-    """A step of exactly `budget` tokens: num_decodes decodes of `context` tokens each (fewer or
+    """A step of exactly `tokens` tokens: num_decodes decodes of `context` tokens each (fewer or
     shorter where the KV pool is too small) and the rest as prefill chunks from position 0 of at
     most max_model_len tokens each. Every sequence has pages of its own."""
     def prefill_pages(d: int) -> int:
-        rest = budget - d
+        rest = tokens - d
         return (rest // max_model_len) * pages_for(max_model_len) + pages_for(rest % max_model_len)
 
-    d = max(0, min(num_decodes, budget))
+    d = max(0, min(num_decodes, tokens))
     while d and prefill_pages(d) + d > num_pages:  # every decode needs at least one page
         d -= 1
     if prefill_pages(d) > num_pages:
-        raise ValueError(f"a {budget}-token step does not fit a KV pool of {num_pages} pages")
+        raise ValueError(f"a {tokens}-token step does not fit a KV pool of {num_pages} pages")
     per_seq = min(pages_for(max(1, context)), (num_pages - prefill_pages(d)) // d) if d else 0
     context = max(1, min(context, per_seq * PAGE_SIZE, max_model_len))
-    chunks, rest = [], budget - d
+    chunks, rest = [], tokens - d
     while rest:
         chunks.append((0, min(rest, max_model_len)))
         rest -= chunks[-1][1]
@@ -75,21 +83,21 @@ def full_budget_plan(budget: int, num_decodes: int, context: int, num_pages: int
 
 def bench_timeline(engine: Any, run: dict[str, Any], workload: Workload, png_path: str,
                    title: str) -> dict[str, Any]:
-    """After an engine run (its pages all free again): one full-budget step shaped like the run's
-    own full steps, the ops of TIMELINE_LAYER timed per stream, drawn to png_path. What it could
-    not do goes into the result as an error: the run's numbers stand without the picture."""
+    """After an engine run (its pages all free again): one step shaped like the run's heaviest steps
+    (representative_step), the ops of TIMELINE_LAYER timed per stream, drawn to png_path. What it
+    could not do goes into the result as an error: the run's numbers stand without the picture."""
     runner, cfg = engine.runner, engine.config
     out: dict[str, Any] = {"layer": TIMELINE_LAYER, "png": None}
     try:
-        budget = cfg.max_num_batched_tokens
         # a decode's context where the run kept no step timeline: halfway through a mean request
         ins, outs = workload.input_lens, workload.output_lens
         mean_context = (sum(ins) + sum(outs) // 2) // max(1, len(ins))
-        decodes, context = representative_step(run.get("step_timeline"), budget, cfg.max_num_seqs, mean_context)
-        plan = full_budget_plan(budget, decodes, context, runner.num_pages, engine.max_model_len,
+        tokens, decodes, context = representative_step(run.get("step_timeline"), cfg.max_num_batched_tokens,
+                                                       cfg.max_num_seqs, mean_context)
+        plan = shaped_step_plan(tokens, decodes, context, runner.num_pages, engine.max_model_len,
                                 runner.arch.vocab_size)
-        ex = runner.executor_for(budget)
-        out["step"] = {"tokens": budget, "decodes": plan.num_decodes,
+        ex = runner.executor_for(tokens)
+        out["step"] = {"tokens": tokens, "decodes": plan.num_decodes,
                        "decode_context": plan.seq_lens[0] if plan.num_decodes else None,
                        "prefill_chunks": [len(t) for t in plan.token_ids[plan.num_decodes:]]}
         out["schedule"] = schedule_summary(ex) if ex else "sequential"
@@ -102,7 +110,7 @@ def bench_timeline(engine: Any, run: dict[str, Any], workload: Workload, png_pat
         out["layer_ms"] = max(r["end_ms"] for r in out["records"])
         out["elapsed_s"] = time.perf_counter() - t
         step = out["step"]
-        plot_timeline(out["records"], png_path, f"{title}\nlayer {layer} of a {budget}-token step: "
+        plot_timeline(out["records"], png_path, f"{title}\nlayer {layer} of a {tokens}-token step: "
                       f"{step['decodes']} decodes of {step['decode_context'] or 0} tokens, prefill chunks "
                       f"{step['prefill_chunks'] or 'none'}; {'pipelined' if ex else 'sequential'}")
         out["png"] = png_path

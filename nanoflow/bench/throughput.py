@@ -119,7 +119,8 @@ def run_engine(
     device: torch.device, num_warmup: int, warmup_max_tokens: int, use_tqdm: bool,
     timeline: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """timeline: (PNG path, title) to draw one full-budget step's layer ops per stream after the run."""
+    """timeline: (PNG path, title) to draw, after the run, one layer's ops per stream in a step of
+    the shape that held most of its GPU time."""
     from nanoflow.entrypoints.llm import LLM
     from nanoflow.sampling_params import SamplingParams
 

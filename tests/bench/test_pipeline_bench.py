@@ -12,7 +12,7 @@ import pytest
 from helpers import layer_op_names, pipeline_for, step_plan
 
 from nanoflow.bench import report
-from nanoflow.bench.pipeline_info import full_budget_plan, representative_step
+from nanoflow.bench.pipeline_info import representative_step, shaped_step_plan
 from nanoflow.cli import main
 from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine_args import EngineArgs
@@ -71,7 +71,7 @@ def test_compare_nanoflow_sequential_with_a_timeline(bench_tiny_llama: str, pipe
     md = report.markdown_table([result])
     assert "vs nanoflow-sequential" in md and f"| {ratio:.2f}x |" in md
 
-    # the timeline: the nanoflow run only, one full-budget step through the budget's schedule
+    # the timeline: the nanoflow run only, one step of the run's heaviest shape, through its schedule
     tl = piped["timeline"]
     assert "timeline" not in seq and "error" not in tl, tl.get("traceback")
     assert tl["step"]["tokens"] == BUDGET == tl["step"]["decodes"] + sum(tl["step"]["prefill_chunks"])
@@ -106,28 +106,30 @@ def test_record_timeline_pipelined_and_sequential(bench_tiny_llama: str, pipelin
         record_timeline(runner, plan, layer=2)
 
 
-def test_full_budget_step_fits_the_pool() -> None:
-    plan = full_budget_plan(2048, 400, 1500, num_pages=100_000, max_model_len=8192, vocab_size=1000)
+def test_shaped_step_fits_the_pool() -> None:
+    plan = shaped_step_plan(2048, 400, 1500, num_pages=100_000, max_model_len=8192, vocab_size=1000)
     assert (plan.num_decodes, sum(map(len, plan.token_ids))) == (400, 2048)
     assert plan.seq_lens[:400] == [1500] * 400 and plan.starts[400:] == [0]
     pages = [p for t in plan.tables for p in t]
     assert len(pages) == len(set(pages)) and all(len(t) * PAGE_SIZE >= n for t, n in zip(plan.tables, plan.seq_lens,
                                                                                        strict=True))
     # a small pool: the decodes get shorter, then fewer; long prefills are cut at max_model_len
-    small = full_budget_plan(512, 40, 1000, num_pages=64, max_model_len=256, vocab_size=300)
+    small = shaped_step_plan(512, 40, 1000, num_pages=64, max_model_len=256, vocab_size=300)
     assert sum(map(len, small.token_ids)) == 512 and sum(map(len, small.tables)) <= 64
     assert all(len(t) <= 256 for t in small.token_ids) and 0 < small.num_decodes <= 40
     assert max(max(t) for t in small.token_ids) < 300
     with pytest.raises(ValueError, match="does not fit"):
-        full_budget_plan(2048, 0, 1, num_pages=10, max_model_len=4096, vocab_size=300)
+        shaped_step_plan(2048, 0, 1, num_pages=10, max_model_len=4096, vocab_size=300)
 
 
 def test_representative_step() -> None:
     timeline = {"tokens": [512, 2048, 2048, 2040, 900], "decodes": [0, 300, 400, 500, 900],
                 "decode_context_tokens": [0, 300 * 600, 400 * 700, 500 * 800, 900 * 1000]}
-    assert representative_step(timeline, 2048, 1024, 99) == (400, 700)
-    assert representative_step(timeline, 2048, 350, 99) == (350, 700)
-    assert representative_step(None, 2048, 1024, 99) == (1024, 99)
+    assert representative_step(timeline, 2048, 1024, 99) == (2048, 400, 700)  # by step count: the full ones
+    assert representative_step(timeline, 2048, 350, 99) == (2048, 350, 700)
+    # by GPU time: the one 900-decode step outweighs the three full ones
+    assert representative_step({**timeline, "gpu_busy_ms": [5, 50, 50, 50, 200]}, 2048, 1024, 99) == (900, 900, 1000)
+    assert representative_step(None, 2048, 1024, 99) == (2048, 1024, 99)
 
 
 def test_a_failing_timeline_keeps_the_run(bench_tiny_llama: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
