@@ -5,7 +5,7 @@ instructions of the inner loop (one K/V step) per warp, by opcode.
     python benchmarks/decode_sass.py                        # per-head and all-heads, int32 and int64 offsets
     python benchmarks/decode_sass.py --kernel all_heads --warps 4,8 --stages 5 --mix
 
-Why: on a capped grid a decode CTA moves ~35-45 GB/s whatever its bytes in flight (docs/pipeline.md);
+Why: on a capped grid a decode CTA moves ~35-45 GB/s whatever its bytes in flight (docs/pipeline_history.md);
 its warps run out of issue slots and latency hiding first, so fewer instructions per step is a lever
 that can be measured here, before a GPU run. Integer arguments are compiled as Triton specialises a
 real launch (pointers and strides divisible by 16), or the K/V loads would not be pipelined at all.

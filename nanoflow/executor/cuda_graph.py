@@ -58,7 +58,7 @@ def token_buckets(max_tokens: int) -> list[int]:
     """Powers of two and steps up to SMALL_BATCH, then a grid of 1/16 of each octave (every 32 tokens
     to 1,024, every 64 to 2,048, ...), so that every batch has a graph within PAD_LIMIT of its size.
     A coarser grid (every 256) left steps of 513-722 and 769-963 tokens without one: eager, so without
-    their pipeline (5-8% of a one-H200 bench run, 29% of a 70B TP2 run; docs/pipeline.md)."""
+    their pipeline (5-8% of a one-H200 bench run, 29% of a 70B TP2 run; docs/pipeline_history.md)."""
     sizes = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, SMALL_BATCH}
     s = SMALL_BATCH
     while s < max_tokens:

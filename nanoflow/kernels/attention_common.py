@@ -54,7 +54,7 @@ def i32_offsets(*caches: torch.Tensor) -> bool:
     decode kernels compute K/V addresses in int32. The 64-bit products cost 9-23% of the
     instructions of a decode step's inner loop (sm_90a SASS, Triton 3.7.1: per-head kernel 811 ->
     625 instructions a warp at 4 warps, all-heads 427 -> 389 at 8), and a capped grid runs out of
-    issue slots and latency hiding before it runs out of bytes in flight (docs/pipeline.md)."""
+    issue slots and latency hiding before it runs out of bytes in flight (docs/pipeline_history.md)."""
     return all(sum((n - 1) * st for n, st in zip(c.shape, c.stride(), strict=True)) < 2**31 for c in caches)
 
 

@@ -84,7 +84,7 @@ class DecodeConfig:
 
     def _resolved_all_heads(self, head_dim: int, elem_size: int, fp8_cache: bool, num_kv_heads: int) -> DecodeConfig:
         """Defaults of the all-heads kernel (kernel_check's decode_all_heads section sweeps around
-        them; the H200 measurements are in docs/pipeline.md). The trade-off, for Llama-3-8B's 8 kv
+        them; the H200 measurements are in docs/pipeline_history.md). The trade-off, for Llama-3-8B's 8 kv
         heads x 128 in bf16:
         - block_n = 16 tokens (one page of every head: 32 KiB of K + 32 KiB of V, each one
           contiguous run) is the smallest step: p @ V's K dimension (block_n) must be >= 16. So a
@@ -124,8 +124,9 @@ class DecodeConfig:
 # crowds into runs of neighbouring ones (2-7, 18-23, 34-37, ...), which alone costs nothing (fp8,
 # 1,024 x 1,024: 1.38 / 2.02 TB/s on 44 / 66 SMs either way) but beside the other nano-batch's
 # GEMMs cost a 1,024-decode fp8 step its gain: ping-pong on 66 SMs 1.205x with even ids against
-# 0.997x (pipeline_step, H200, fifth stop). (bf16 at 512 x 1,024, first-come: 2.44 / 2.49 TB/s;
-# the 2.97 / 3.84 of the third run had fixed, evenly spread ids.)
+# 0.997x (pipeline_step, H200, fifth stop). In bf16 (512 x 1,024, sixth stop) the even ids move
+# more alone too: 2.99 / 3.96 TB/s on 44 / 66 SMs against first-come's 2.43 / 2.68 (all SMs: 4.27),
+# and a 512-decode bf16 step ran ping-pong on 66 SMs at 1.031x against 0.910x.
 CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5,
                       gate_smid_stride=2)
 

@@ -4,7 +4,7 @@ cuBLAS sizes its grid for the whole GPU. Beside a memory-bound kernel capped at 
 (decode attention in a nano-batch pipeline, issue 12), a cuBLAS GEMM runs its tiles on the
 remaining two thirds in waves sized for all of them, and the last wave leaves SMs idle: on an H200
 the GEMMs beside capped decode attention lost more than the overlap gained
-(docs/pipeline.md). This kernel takes the grid size from its caller (num_ctas, one CTA per SM
+(docs/pipeline_history.md). This kernel takes the grid size from its caller (num_ctas, one CTA per SM
 when the tiles fill shared memory) and walks the output tiles persistently, GROUP_M row blocks at
 a time so a weight tile is reused from L2 by the CTAs that load it together.
 

@@ -40,7 +40,7 @@ def test_pipeline_matches_sequential_fp32(tiny_model, tmp_path, arch, graphs):
 def test_a_step_is_queued_without_waiting_for_the_gpu(tiny_model, tmp_path, pipelined):
     """Launching a step (batch build, the nano-batches' metadata and copies, the graph replay, the
     sampler) never synchronises with the device: the host must stay ahead of the GPU, or the GPU
-    idles between steps (docs/pipeline.md: the pipelined runs' 2-12 ms gaps)."""
+    idles between steps (docs/pipeline_history.md: the pipelined runs' 2-12 ms gaps)."""
     from nanoflow.executor.step_plan import StepPlan
 
     pipeline = tmp_path / "pipeline.json"
