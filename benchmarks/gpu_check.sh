@@ -40,8 +40,8 @@
 #   STEP_ARGS            benchmarks/pipeline_step.py arguments for the step step (default: both overlap orders
 #                        and stream priorities, the gated kernel on 44 and 66 SMs, splits 512, 768, 1024)
 #   MOE_TOKENS           token counts the moe step tunes (default "640 2048": 512x512's decode steps, full steps)
-#   TUNE_ARGS            `nanoflow tune` arguments for the tune step (default "--size-step 256 --ctas 32,44,66
-#                        --repeats 5")
+#   TUNE_ARGS            `nanoflow tune` arguments for the tune step (default "--repeats 5": the tune's own
+#                        defaults, serving steps, buckets from 256 tokens, decode on a third and half of the SMs)
 #   TESTS_S, KERNELS_S, SHARE_S, STEP_S, MOE_S, TUNE_S, TRACE_S, FIXED_S   per-step caps in seconds
 #                        (default 200, 150, 200, 240, 300, 300, 200, 200; the GPU tests take over 90 s)
 
@@ -163,7 +163,7 @@ wanted moe && run_step moe moe_check.log python benchmarks/moe_check.py --sweep 
 if wanted tune; then
   export NANOFLOW_CACHE="$OUT/cache"
   # shellcheck disable=SC2086  # BENCH_MODEL and TUNE_ARGS are argument lists
-  run_step tune tune.log python -m nanoflow.cli tune $BENCH_MODEL --no-tqdm --output-dir "$OUT/tune" ${TUNE_ARGS:---size-step 256 --ctas 32,44,66 --repeats 5}
+  run_step tune tune.log python -m nanoflow.cli tune $BENCH_MODEL --no-tqdm --output-dir "$OUT/tune" ${TUNE_ARGS:---repeats 5}
 fi
 wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
 wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"

@@ -68,16 +68,18 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
                    "GPU: the engine's CUDA graph sizes from --size-step up, so that every graph gets the schedule "
                    "tuned for its own size, and multiples of --size-step above the largest graph; 8,16,32 on "
                    "the CPU)")
-    g.add_argument("--size-step", type=int, default=128)
+    g.add_argument("--size-step", type=int, default=256,
+                   help="graph sizes from this one up end token buckets (default 256: smaller steps stayed "
+                   "sequential in every H200 tune)")
     g.add_argument("--ctas", type=_ints, default=None,
-                   help="SM caps of decode attention to profile, comma list (default 16,24,32,44,66,88 below the "
-                   "SM count; none on the CPU)")
+                   help="SM caps of decode attention to profile and to try ping-pong with, comma list (default a "
+                   "third and a half of the SMs, 44,66 on an H200, where 66 won; none on the CPU)")
     g.add_argument("--context-len", type=int, default=None, help="mean decode context (default 1024; CPU 32)")
-    g.add_argument("--decode-fraction", type=_fraction_or_serve, default=0.5,
-                   help="share of a step's tokens that are decodes (the rest prefill chunks), or serve: the "
-                   "steps a server runs, where a step of the whole token budget holds --budget-decodes decodes "
-                   "and a prompt's chunks, and a smaller one only decodes (the profile then times decodes-only "
-                   "steps, and the measured check the serving ones)")
+    g.add_argument("--decode-fraction", type=_fraction_or_serve, default="serve",
+                   help="share of a step's tokens that are decodes (the rest prefill chunks), or serve (default): "
+                   "the steps a server runs, where a step of the whole token budget holds --budget-decodes "
+                   "decodes and a prompt's chunks, and a smaller one only decodes (the profile then times "
+                   "decodes-only steps, and the measured check the serving ones)")
     g.add_argument("--budget-decodes", type=int, default=None,
                    help="with --decode-fraction serve: decodes in a step of the whole budget (default a quarter "
                    "of the budget)")
@@ -103,8 +105,8 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     s.add_argument("--pingpong-splits", type=lambda t: [float(x) for x in t.split(",") if x],
                    default=[0.25, 0.375, 0.5],
                    help="GPU: the measured check times ping-pong split at these fractions of each bucket's top, "
-                   "at each profiled SM cap and uncapped (default 0.25,0.375,0.5: on an H200 with the fp8 "
-                   "cache 0.375 won every bucket of 0.375-0.625)")
+                   "at each profiled SM cap and uncapped (default 0.25,0.375,0.5: on an H200 each won some "
+                   "buckets, 0.625 none)")
     s.add_argument("--split-fractions", type=lambda t: [float(x) for x in t.split(",") if x], default=[0.5],
                    help="tensor parallel: network-overlap candidates split each bucket at these fractions, each "
                    "measured in one engine start (default 0.5)")
@@ -178,7 +180,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         if not sizes:
             raise ValueError(f"no nano-batch size within the token budget ({budget})")
         sms = torch.cuda.get_device_properties(config.device).multi_processor_count if on_gpu else 0
-        ctas = args.ctas if args.ctas is not None else [c for c in (16, 24, 32, 44, 66, 88) if c < sms]
+        ctas = args.ctas if args.ctas is not None else sorted({c for c in (sms // 3, sms // 2) if c})
         serve = args.decode_fraction == "serve"
         workload = Workload(args.context_len or (1024 if on_gpu else 32), 1.0 if serve else args.decode_fraction,
                             args.prefill_chunk or (512 if on_gpu else 8), args.shuffle_pages,

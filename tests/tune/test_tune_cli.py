@@ -52,7 +52,9 @@ def test_parser_knows_the_options() -> None:
                                       "--profile-only", "--max-num-batched-tokens", "1024"])
     assert (args.dummy, args.sizes, args.ctas, args.profile_only) == ("llama3-8b", [512, 1024], [32, 44], True)
     assert args.output_dir == "bench-results" and args.max_num_batched_tokens == 1024 and args.output is None
-    assert args.decode_fraction == 0.5 and args.pingpong_splits == [0.25, 0.375, 0.5]
+    # the defaults are what won on an H200: serving steps, buckets from 256 tokens
+    assert (args.decode_fraction, args.size_step, args.pingpong_splits) == ("serve", 256, [0.25, 0.375, 0.5])
+    assert build_parser().parse_args(["tune", "--decode-fraction", "0.5"]).decode_fraction == 0.5
     args = build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--decode-fraction", "serve",
                                       "--budget-decodes", "512", "--pingpong-splits", "0.5"])
     assert (args.decode_fraction, args.budget_decodes, args.pingpong_splits) == ("serve", 512, [0.5])
