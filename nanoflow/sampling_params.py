@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # vLLM's default cap of top logprobs a request may ask for
+
 
 @dataclass
 class SamplingParams:
@@ -56,8 +58,8 @@ class SamplingParams:
                self.frequency_penalty, "in [-2, 2]")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
                self.repetition_penalty, "> 0")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
-               self.logprobs, "an integer in [0, 20] or None")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}] or None")
 
     @property
     def greedy(self) -> bool:

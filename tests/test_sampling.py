@@ -6,7 +6,8 @@ from test_equivalence import _prompts
 from transformers import AutoModelForCausalLM
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.executor.sampler import apply_top_k_top_p_min_p
+from nanoflow.executor import sampler as sampler_mod
+from nanoflow.executor.sampler import Sampler, SamplingMetadata, apply_top_k_top_p_min_p
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,29 @@ def test_filter_masks():
     assert kept[0] == [True, True, False, False, False]  # top_k=2
     assert kept[1] == [True, True, False, False, False]  # p(4)=0.64 < 0.7 so the second token is needed
     assert kept[2] == [True, True, False, False, False]  # min_p: p(2)/p(4) = e^-2 < 0.3
+
+
+def _mixed_meta(rows: int, vocab: int) -> SamplingMetadata:
+    """Greedy rows and seeded random rows, filters, penalties, logprobs and a banned token: every
+    sampled token is determined, so passes of any size must give the same result."""
+    meta = SamplingMetadata.worst_case(rows, vocab, torch.device("cpu"))
+    meta.temperature[::3] = 0.0
+    meta.top_k[1::2] = vocab
+    meta.output_counts[:, :4] = 2
+    meta.seen_mask[:, 2:6] = True
+    meta.generators = [torch.Generator().manual_seed(i) for i in range(rows)]
+    meta.banned = [(4, [7, 8]), (9, [1])]
+    return meta
+
+
+def test_sampling_in_passes_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows, vocab = 11, 40
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    whole = Sampler(torch.device("cpu"), 0)(logits, _mixed_meta(rows, vocab))
+    monkeypatch.setattr(sampler_mod, "ROW_CHUNK_ELEMENTS", 3 * vocab)  # passes of 3 rows: 4 passes
+    parts = Sampler(torch.device("cpu"), 0)(logits, _mixed_meta(rows, vocab))
+    assert torch.equal(whole.tokens, parts.tokens) and whole.num_logprobs == parts.num_logprobs == 20
+    for a, b in zip(whole.logprobs, parts.logprobs, strict=True):
+        assert torch.equal(a, b)
+    assert parts.tokens[4] not in (7, 8) and parts.tokens[9] != 1
+    assert parts.logprobs[2].shape == (rows, 20)

@@ -133,10 +133,10 @@ class ModelRunner:
             self.par.all_reduce(torch.zeros(1, device=self.device))
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        activations = self._profile_activation_bytes()
+        forward, activations = self._profile_activation_bytes()
         # CUDA graphs are captured after the pool exists, into a memory pool of their own: keep room
         # for one more forward's activations (the largest graph's; the others share its memory).
-        graph_reserve = activations if self._use_graphs else 0
+        graph_reserve = forward if self._use_graphs else 0
         budget = total * self.config.args.gpu_memory_utilization - (total - free) - activations - graph_reserve
         pages = int(budget // self.page_bytes)
         if pages < 1:
@@ -148,8 +148,11 @@ class ModelRunner:
                  pages * PAGE_SIZE, str(self.kv_dtype).removeprefix("torch."))
         return pages
 
-    def _profile_activation_bytes(self) -> int:
-        """Peak extra memory of one forward at the full token budget (one long prefill, the worst case)."""
+    def _profile_activation_bytes(self) -> tuple[int, int]:
+        """(forward, all): the peak extra memory of one forward at the full token budget (one long
+        prefill, the worst case for the layers), and the larger of that and the peak of the logits
+        and sampling of the most rows a step can sample, every row with every filter, penalty and
+        logprob (SamplingMetadata.worst_case). Each with a 10% margin."""
         n = min(self.config.max_num_batched_tokens, self.config.max_model_len)
         pages = pages_for(n)
         kv_heads = self.arch.num_kv_heads // self.par.size
@@ -160,14 +163,21 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         batch = self.build(StepPlan.synthetic([], [(0, n)], self.arch.vocab_size))
+        rows = min(self.config.max_num_seqs, n)
         with torch.inference_mode():
-            self.model.compute_logits(self.model(batch)[batch.logits_indices])
+            hidden = self.model(batch)[-rows:]
+            torch.cuda.synchronize(self.device)
+            forward = torch.cuda.max_memory_allocated(self.device) - base
+            logits = self.model.compute_logits(hidden)
+            # a sampler of its own: the engine's generator draws nothing before the first request
+            Sampler(self.device, 0)(logits, SamplingMetadata.worst_case(rows, logits.shape[1], self.device))
+            del hidden, logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del kv
         self.model.bind_kv_caches([])  # the pool's caches are bound once they exist
         torch.cuda.empty_cache()
-        return int(peak * 1.1)
+        return int(forward * 1.1), int(peak * 1.1)
 
     # --- per iteration ---------------------------------------------------------------------------
     def build(self, plan: StepPlan, prev: InFlight | None = None) -> ForwardBatch:

@@ -7,9 +7,17 @@ on which other requests share the batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from nanoflow.sampling_params import MAX_LOGPROBS
+
+# Logits a sampler pass holds at once (fp32): a batch of ~1,000 rows over a 128k vocabulary would
+# otherwise make a dozen [rows, vocab] temporaries (sort values, int64 order, probabilities, noise:
+# several GiB) outside what the KV pool's sizing counted. 2^25 is 128 MiB a temporary.
+ROW_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -30,6 +38,30 @@ class SamplingMetadata:
     # (row, token ids) that must not be sampled yet (min_tokens not reached).
     banned: list[tuple[int, list[int]]] | None = None
     max_num_logprobs: int = -1  # -1: none requested
+
+    def rows(self, start: int, end: int) -> SamplingMetadata:
+        """The metadata of rows [start, end) (the batch-wide flags stay: they only allow work)."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:end]
+        banned = [(r - start, ids) for r, ids in self.banned or () if start <= r < end]
+        return dataclasses.replace(
+            self, temperature=self.temperature[start:end], top_p=self.top_p[start:end], top_k=self.top_k[start:end],
+            min_p=self.min_p[start:end], generators=self.generators[start:end], presence=cut(self.presence),
+            frequency=cut(self.frequency), repetition=cut(self.repetition), output_counts=cut(self.output_counts),
+            seen_mask=cut(self.seen_mask), banned=banned or None)
+
+    @staticmethod
+    def worst_case(num_rows: int, vocab_size: int, device: torch.device) -> SamplingMetadata:
+        """Every row sampling with every filter, penalty and the most logprobs: what the memory
+        profile runs, so the KV pool leaves room for the costliest batch a server can get."""
+        full = lambda v, dtype=torch.float32: torch.full((num_rows,), v, dtype=dtype, device=device)  # noqa: E731
+        return SamplingMetadata(
+            temperature=full(0.7), top_p=full(0.9), top_k=full(50, torch.int64), min_p=full(0.05),
+            generators=[None] * num_rows, all_greedy=False, any_top_p_k_min_p=True, presence=full(0.5),
+            frequency=full(0.5), repetition=full(1.1),
+            output_counts=torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device),
+            seen_mask=torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device),
+            max_num_logprobs=MAX_LOGPROBS)
 
 
 @dataclass
@@ -52,6 +84,14 @@ class SampledTensors:
         return [self.tokens, *(self.logprobs or ())]
 
     @staticmethod
+    def cat(parts: list[SampledTensors]) -> SampledTensors:
+        if len(parts) == 1:
+            return parts[0]
+        logprobs = None if parts[0].logprobs is None else tuple(
+            torch.cat(ts) for ts in zip(*(p.logprobs for p in parts), strict=True))
+        return SampledTensors(torch.cat([p.tokens for p in parts]), logprobs, parts[0].num_logprobs)
+
+    @staticmethod
     def to_output(host: list[torch.Tensor], num_logprobs: int) -> SamplerOutput:
         """Host copies of tensors() -> Python lists."""
         tokens = host[0].tolist()
@@ -69,6 +109,16 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampledTensors:
+        """Samples in passes of at most ROW_CHUNK_ELEMENTS logits; a seeded row draws from its own
+        generator, so its token does not depend on the pass it falls in."""
+        step = max(1, ROW_CHUNK_ELEMENTS // max(1, logits.shape[1]))
+        n = logits.shape[0]
+        if n <= step:
+            return self._sample(logits, meta)
+        return SampledTensors.cat([self._sample(logits[i:i + step], meta.rows(i, min(n, i + step)))
+                                   for i in range(0, n, step)])
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampledTensors:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs >= 0 else None
         logits = apply_penalties(logits, meta)
