@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Tensor parallelism with CUDA graphs (issue 13) on a 2-GPU machine, in one call of under 10 minutes:
-# the GPU test (TP2 with graphs against TP2 without them and one GPU), then `nanoflow bench` of
+# Tensor parallelism with CUDA graphs (issue 13) on a 2-GPU machine (TP_SIZE=4: a 4-GPU one), in one
+# call of under 10 minutes: the GPU test (TP2 with graphs against TP2 without them and one GPU), then `nanoflow bench` of
 # Llama-3-8B TP2 on the Splitwise trace with graphs and, for comparison, with EAGER_FLAGS. Every step
 # runs under `timeout`; the whole script ends within TP_CHECK_TOTAL_S. Logs and JSON go into $OUT.
 #
@@ -16,7 +16,8 @@
 # NET_MIN_TOKENS, default split + 1, to the budget; NET_BOUNDS, e.g. the graph sizes 256,320,...,2048: one
 # pingpong schedule per range) against nanoflow-sequential instead of
 # EAGER_FLAGS; TP_CHECK_SECOND=tune: `nanoflow tune` (network overlap measured per bucket, cached)
-# then the bench with --pipeline auto against nanoflow-sequential; TP_CHECK_SECOND=ep: the second
+# then the bench with --pipeline auto against nanoflow-sequential (TUNE_ONLY=1: the tune alone, whose cache
+# a later call's bench reads with NANOFLOW_CACHE); TP_CHECK_SECOND=ep: the second
 # bench with --enable-expert-parallel (for TP_MODEL=mixtral-8x7b); NCCL_MAX_CTAS_FLAG, e.g.
 # "--nccl-max-ctas 16"; TP_MODEL (llama3-8b), TP_WORKLOAD (the trace), TP_STEPS (tests,graphs,second;
 # also allreduce: benchmarks/allreduce_check.py, NCCL vs symm-mem alone and beside a GEMM); BENCH_FLAGS
@@ -65,15 +66,16 @@ step() {
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'gpus', torch.cuda.device_count())" 2>&1
 } | tee "$OUT/env.log"
-if ! python -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)"; then
-  echo "tp_check needs 2 GPUs" | tee -a "$SUMMARY"
+TP=${TP_SIZE:-2}
+if ! python -c "import sys, torch; sys.exit(torch.cuda.device_count() < $TP)"; then
+  echo "tp_check needs $TP GPUs" | tee -a "$SUMMARY"
   exit 2
 fi
 
 MODEL=${TP_MODEL:-llama3-8b}
 STEPS=${TP_STEPS:-tests,graphs,second}
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
-bench=(python -m nanoflow.cli bench --dummy "$MODEL" --tensor-parallel-size 2 --workload "${TP_WORKLOAD:-trace:$TRACE}"
+bench=(python -m nanoflow.cli bench --dummy "$MODEL" --tensor-parallel-size "$TP" --workload "${TP_WORKLOAD:-trace:$TRACE}"
        --num-requests "$NUM_REQUESTS" --no-tqdm ${BENCH_FLAGS:-})
 wanted tests && step tests "${TESTS_S:-200}" 340 python -m pytest tests/gpu/test_tensor_parallel_gpu.py -q -x \
   --no-header -p no:cacheprovider
@@ -85,9 +87,9 @@ if ! wanted second; then
 elif [[ ${TP_CHECK_SECOND:-eager} == tune ]]; then
   # the search measures each candidate in its own engine start; its pipeline lands in $OUT's cache
   export NANOFLOW_CACHE="$OUT/cache"
-  step tune "${TUNE_S:-200}" 120 python -m nanoflow.cli tune --dummy "$MODEL" --tensor-parallel-size 2 --no-tqdm \
-    --output-dir "$OUT/tune" ${TUNE_FLAGS:-} ${NCCL_MAX_CTAS_FLAG:-}
-  step bench_tuned "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/tuned" --pipeline auto \
+  step tune "${TUNE_S:-200}" $(( ${TUNE_ONLY:-0} == 1 ? 0 : 120 )) python -m nanoflow.cli tune --dummy "$MODEL" \
+    --tensor-parallel-size "$TP" --no-tqdm --output-dir "$OUT/tune" ${TUNE_FLAGS:-} ${NCCL_MAX_CTAS_FLAG:-}
+  [[ ${TUNE_ONLY:-0} == 1 ]] || step bench_tuned "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/tuned" --pipeline auto \
     --compare nanoflow-sequential ${NCCL_MAX_CTAS_FLAG:-}
 elif [[ ${TP_CHECK_SECOND:-eager} == ep ]]; then
   # expert parallelism against the tensor-parallel MoE of bench_graphs (TP_MODEL=mixtral-8x7b)
