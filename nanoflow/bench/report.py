@@ -128,6 +128,11 @@ def format_table(result: Result) -> str:
                          f"computed tokens real ({s['note']})")
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
+    systems = result["systems"]
+    if "nanoflow-sequential" in systems and systems.get("nanoflow", {}).get("pipeline") == "sequential":
+        lines.append("note: nanoflow ran the sequential schedule too (no pipeline tuned for this GPU, model, dtype, "
+                     "KV dtype, TP size and token budget: `nanoflow tune` with the same engine flags finds one), "
+                     "so nanoflow/nanoflow-sequential compares the schedule with itself")
     return "\n".join(lines)
 
 
