@@ -211,8 +211,9 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
               "measured_ms": {str(k): v for k, v in measured.items()},
               "measured_candidates_ms": {str(k): v for k, v in times.items()},
               "measured_workload": None if workload is None else dataclasses.asdict(workload)}
-    _write_json(out_dir / f"tune-search_{_safe(profile['device'])}_{_safe(name)}_{stamp}.json", report)
+    search_json = _write_json(out_dir / f"tune-search_{_safe(profile['device'])}_{_safe(name)}_{stamp}.json", report)
     _print_table(profile, tuning, measured, times)
+    _plot(report, search_json.with_suffix(".png"), f"nanoflow tune: {profile['device']}, {name}")
     for note in tuning.notes:
         print(f"note: {note}")
     print(f"\npipeline: {target} (search: {tuning.solver}, {tuning.seconds:.1f} s)")
@@ -363,6 +364,17 @@ def _print_table(profile: dict[str, Any], tuning: Any, measured: dict[int, float
         print(f"{f'{b.min_tokens}-{b.max_tokens}':>12} {b.sequential_ms:>14.3f} {chosen} "
               f"{'' if seq is None else f'{seq:.3f}':>13} {'' if got is None else f'{got:.3f}':>16}  "
               f"{b.candidate.describe()}{' (measured)' if b.measured else ''}")
+
+
+def _plot(report: dict[str, Any], path: Path, title: str) -> None:
+    """The chart beside the search JSON; a tune that cannot draw it still stands."""
+    from nanoflow.tune.plot import plot_search
+
+    try:
+        if plot_search(report, str(path), title):
+            print(f"chart: {path}")
+    except Exception as e:  # e.g. no matplotlib
+        print(f"chart not drawn: {type(e).__name__}: {e}")
 
 
 def _safe(s: str) -> str:
