@@ -35,7 +35,8 @@ def plot_search(report: dict[str, Any], path: str, title: str) -> bool:
     work = report.get("measured_workload") or {}
     if work.get("budget_decodes") and work.get("budget") in seq:  # --decode-fraction serve: a serving step
         ax.annotate(f"a mixed step: {work['budget_decodes']} decodes + prompt chunks", (work["budget"],
-                    seq[work["budget"]]), textcoords="offset points", xytext=(-10, 18), ha="right", fontsize=8)
+                    seq[work["budget"]]), textcoords="offset points", xytext=(0, -75), ha="right", fontsize=8,
+                    arrowprops={"arrowstyle": "-", "color": "#888888"})
     widths = [0.6 * _gap(tops, i) for i in range(len(tops))]
     gain.bar(tops, [seq[n] / chosen.get(n, seq[n]) for n in tops], width=widths,
              color=["#d2691e" if n in chosen else "#5b95bf" for n in tops])
