@@ -257,6 +257,8 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
     report = _write_json(Path(args.output_dir) / f"tune-tp{key['tp']}_{_safe(key['gpu'])}_{_safe(name)}_{stamp}.json",
                          {**t.to_json(), "pipeline_path": str(target)})
     print_table(t)
+    _plot(json.loads(report.read_text()), report.with_suffix(".png"),
+          f"nanoflow tune: {key['gpu']}, {name}, tensor parallel {key['tp']}", tensor_parallel=True)
     print(f"\npipeline: {target} ({len(t.pipeline.schedules)} pipelined buckets; report {report})")
     return 0
 
@@ -366,12 +368,12 @@ def _print_table(profile: dict[str, Any], tuning: Any, measured: dict[int, float
               f"{b.candidate.describe()}{' (measured)' if b.measured else ''}")
 
 
-def _plot(report: dict[str, Any], path: Path, title: str) -> None:
+def _plot(report: dict[str, Any], path: Path, title: str, tensor_parallel: bool = False) -> None:
     """The chart beside the search JSON; a tune that cannot draw it still stands."""
-    from nanoflow.tune.plot import plot_search
+    from nanoflow.tune.plot import plot_search, plot_tensor_parallel
 
     try:
-        if plot_search(report, str(path), title):
+        if (plot_tensor_parallel if tensor_parallel else plot_search)(report, str(path), title):
             print(f"chart: {path}")
     except Exception as e:  # e.g. no matplotlib
         print(f"chart not drawn: {type(e).__name__}: {e}")

@@ -1,12 +1,13 @@
 """The tune's chart: per token bucket, the measured whole forward of the sequential schedule, of every
-candidate the measured check tried, and of the one kept, drawn from the search JSON."""
+candidate the measured check tried, and of the one kept, drawn from the search JSON (one GPU) or
+the tensor-parallel tune's report."""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-def plot_search(report: dict[str, Any], path: str, title: str) -> bool:
+def plot_search(report: dict[str, Any], path: str, title: str, ylabel: str = "ms per forward (measured)") -> bool:
     """Draws report (a tune-search JSON) to path; False (nothing drawn) where the check measured
     nothing, as on a run with --no-verify."""
     cands = {int(k): v for k, v in (report.get("measured_candidates_ms") or {}).items()}
@@ -28,7 +29,7 @@ def plot_search(report: dict[str, Any], path: str, title: str) -> bool:
     ax.plot(tops, [seq[n] for n in tops], "o-", color="#5b95bf", label="sequential schedule", zorder=2)
     kept = [n for n in tops if n in chosen]
     ax.plot(kept, [chosen[n] for n in kept], "o-", color="#d2691e", label="pipeline kept", zorder=3)
-    ax.set_ylabel("ms per forward (measured)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -48,6 +49,22 @@ def plot_search(report: dict[str, Any], path: str, title: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot_tensor_parallel(report: dict[str, Any], path: str, title: str) -> bool:
+    """The tensor-parallel tune's report (tune.tensor_parallel) drawn as plot_search draws one GPU's:
+    each candidate's time against the sequential time it was judged by."""
+    cands: dict[str, dict[str, float]] = {}
+    kept: dict[str, float] = {}
+    for b in report.get("buckets", []):
+        tried = b.get("tried") or {}
+        seq = next((t["sequential_ms"] for t in tried.values()), b["sequential_ms"])
+        cands[str(b["max_tokens"])] = {"sequential": seq, **{k: t["pipelined_ms"] for k, t in tried.items()}}
+        if b.get("choice") in tried:
+            kept[str(b["max_tokens"])] = tried[b["choice"]]["pipelined_ms"]
+    unit = "real steps" if report.get("sequential_step_ms") else "graph replays"
+    return plot_search({"measured_candidates_ms": cands, "measured_ms": kept}, path, title,
+                       f"ms per bucket ({unit}, decode-only + mixed)")
 
 
 def _gap(tops: list[int], i: int) -> float:

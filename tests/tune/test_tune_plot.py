@@ -26,3 +26,16 @@ def test_nothing_to_draw_without_a_measured_check(tmp_path: Path) -> None:
     assert not plot_search({"measured_candidates_ms": {"16": {"2 nano-batches": 1.0}}}, str(tmp_path / "a.png"), "t")
     assert not plot_search({}, str(tmp_path / "b.png"), "t")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_tensor_parallel_report_draws_the_same_way(tmp_path: Path) -> None:
+    from nanoflow.tune.plot import plot_tensor_parallel
+    from nanoflow.tune.tensor_parallel import PINGPONG, BucketChoice, Candidate
+
+    pp, net = Candidate(PINGPONG, 0.5, 66), Candidate()
+    choices = [BucketChoice(257, 512, 45.0, {pp: (256, 50.0, 55.0), net: (256, 57.0, 55.0)}, pp),
+               BucketChoice(513, 1024, 90.0, {pp: (512, 99.0, 95.0)}, None)]  # kept sequential
+    report = {"buckets": [c.to_json() for c in choices], "sequential_step_ms": {"512 mixed": 30.0}}
+    assert plot_tensor_parallel(report, str(tmp_path / "tp.png"), "tp2")
+    assert (tmp_path / "tp.png").stat().st_size > 10_000
+    assert not plot_tensor_parallel({"buckets": []}, str(tmp_path / "none.png"), "tp2")
