@@ -254,11 +254,12 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
     target = Path(args.output) if args.output else cache_path(key)
     t.pipeline.save(target)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    data = {**t.to_json(), "pipeline_path": str(target)}
     report = _write_json(Path(args.output_dir) / f"tune-tp{key['tp']}_{_safe(key['gpu'])}_{_safe(name)}_{stamp}.json",
-                         {**t.to_json(), "pipeline_path": str(target)})
+                         data)
     print_table(t)
-    _plot(json.loads(report.read_text()), report.with_suffix(".png"),
-          f"nanoflow tune: {key['gpu']}, {name}, tensor parallel {key['tp']}", tensor_parallel=True)
+    _plot(data, report.with_suffix(".png"), f"nanoflow tune: {key['gpu']}, {name}, tensor parallel {key['tp']}",
+          tensor_parallel=True)
     print(f"\npipeline: {target} ({len(t.pipeline.schedules)} pipelined buckets; report {report})")
     return 0
 

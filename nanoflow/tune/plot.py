@@ -19,7 +19,7 @@ def plot_search(report: dict[str, Any], path: str, title: str, ylabel: str = "ms
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    chosen = {n: ms for n, ms in ((int(k), v) for k, v in (report.get("measured_ms") or {}).items())}
+    chosen = {int(k): ms for k, ms in (report.get("measured_ms") or {}).items()}
     tops = sorted(seq)
     fig, (ax, gain) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=(2, 1))
     for n in tops:
