@@ -163,7 +163,7 @@ wanted moe && run_step moe moe_check.log python benchmarks/moe_check.py --sweep 
 if wanted tune; then
   export NANOFLOW_CACHE="$OUT/cache"
   # shellcheck disable=SC2086  # BENCH_MODEL and TUNE_ARGS are argument lists
-  run_step tune tune.log python -m nanoflow.cli tune $BENCH_MODEL --no-tqdm --output-dir "$OUT/tune" ${TUNE_ARGS:---repeats 5}
+  run_step tune tune.log python -m nanoflow.cli tune $BENCH_MODEL --no-tqdm --output-dir "$OUT/tune" --dtype bfloat16 ${TUNE_ARGS:---repeats 5}
 fi
 wanted trace && run_step trace bench_trace.log bench --workload "trace:$TRACE"
 wanted fixed && run_step fixed bench_fixed.log bench --workload "$FIXED_WORKLOAD"

@@ -85,10 +85,12 @@ wanted graphs && step bench_graphs "${BENCH_S:-170}" 170 "${bench[@]}" --output-
 if ! wanted second; then
   :
 elif [[ ${TP_CHECK_SECOND:-eager} == tune ]]; then
-  # the search measures each candidate in its own engine start; its pipeline lands in $OUT's cache
+  # the search measures each candidate in its own engine start; its pipeline lands in $OUT's cache.
+  # --dtype bfloat16 as the bench runs every model (a float16 preset, e.g. llama2-70b, would otherwise
+  # be tuned in float16 and its pipeline file missed by the bench); TUNE_FLAGS may name another.
   export NANOFLOW_CACHE="$OUT/cache"
   step tune "${TUNE_S:-200}" $(( ${TUNE_ONLY:-0} == 1 ? 0 : 120 )) python -m nanoflow.cli tune --dummy "$MODEL" \
-    --tensor-parallel-size "$TP" --no-tqdm --output-dir "$OUT/tune" ${TUNE_FLAGS:-} ${NCCL_MAX_CTAS_FLAG:-}
+    --tensor-parallel-size "$TP" --no-tqdm --output-dir "$OUT/tune" --dtype bfloat16 ${TUNE_FLAGS:-} ${NCCL_MAX_CTAS_FLAG:-}
   [[ ${TUNE_ONLY:-0} == 1 ]] || step bench_tuned "${BENCH_S:-170}" 0 "${bench[@]}" --output-dir "$OUT/tuned" --pipeline auto \
     --compare nanoflow-sequential ${NCCL_MAX_CTAS_FLAG:-}
 elif [[ ${TP_CHECK_SECOND:-eager} == ep ]]; then

@@ -285,3 +285,16 @@ def test_nccl_cap_from_the_flag_else_the_tuned_pipeline(tiny_model, tmp_path, mo
     assert nccl_max_ctas(config(), 2) == 8
     assert nccl_max_ctas(config(nccl_max_ctas=4), 2) == 4
     assert nccl_max_ctas(config(pipeline="off"), 2) is None
+
+
+def test_symm_mem_declines_float16_on_every_rank(caplog):
+    """torch's two-shot all-reduce has no float16 kernel (it raised NotImplementedError in the first
+    step of a float16 Llama-2-70B under --all-reduce symm-mem): such a model uses NCCL instead, with
+    a warning, decided before any symmetric memory is touched (so on the CPU too)."""
+    from nanoflow.executor.symm_all_reduce import open_symm_all_reduce
+
+    agreed = []
+    with caplog.at_level("WARNING"):
+        comm = open_symm_all_reduce(1024, torch.float16, torch.device("cpu"), lambda ok: agreed.append(ok) or ok)
+    assert comm is None and agreed == [0]
+    assert "float16" in caplog.text and "using NCCL" in caplog.text

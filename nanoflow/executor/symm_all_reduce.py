@@ -26,6 +26,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+# What torch.ops.symm_mem.two_shot_all_reduce_ is built for (torch 2.11: no float16).
+TWO_SHOT_DTYPES = (torch.bfloat16, torch.float32)
+
 
 class SymmAllReduce:
     def __init__(self, max_numel: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -55,6 +58,8 @@ def open_symm_all_reduce(max_numel: int, dtype: torch.dtype, device: torch.devic
     NCCL). agree(ok) -> the minimum of every rank's ok (ParallelState.min on the control group)."""
     comm, error = None, None
     try:
+        if dtype not in TWO_SHOT_DTYPES:  # torch's kernel raises NotImplementedError on the first call
+            raise TypeError(f"torch's two-shot all-reduce takes {TWO_SHOT_DTYPES}, not {dtype}")
         comm = SymmAllReduce(max_numel, dtype, device)
     except Exception as e:  # an old torch, no peer access: NCCL it is, on every rank
         error = e

@@ -25,6 +25,13 @@ def cache_path(key: dict[str, Any]) -> Path:
     return cache_dir() / ("".join(c if c.isalnum() or c in "._-" else "-" for c in name) + ".json")
 
 
+def describe_key(key: dict[str, Any]) -> str:
+    """The fields of a key that differ between runs of one model, e.g. "bfloat16, KV float8_e4m3fn,
+    TP 2, budget 2048": a tune and an engine that disagree on one of them miss each other's file."""
+    return (f"{key.get('dtype')}, KV {key.get('kv_cache_dtype')}, TP {key.get('tp', 1)}, "
+            f"budget {key.get('max_num_batched_tokens')}")
+
+
 def choose_pipeline(spec: str, key: dict[str, Any], quiet: bool = False) -> Pipeline | None:
     """spec: "off" (sequential), "auto" (the tuned pipeline for this key if cached, else sequential)
     or a path to a pipeline JSON. Returns None for sequential. quiet: no log lines (a second look)."""
@@ -34,8 +41,9 @@ def choose_pipeline(spec: str, key: dict[str, Any], quiet: bool = False) -> Pipe
         path = cache_path(key)
         if not path.is_file():
             if not quiet:
-                log.info("pipeline: none tuned for this GPU, model, dtype, TP size and token budget; running the "
-                         "sequential schedule (`nanoflow tune` finds one and caches it at %s)", path)
+                log.info("pipeline: none tuned for this GPU, model, dtype, TP size and token budget (%s); running "
+                         "the sequential schedule (`nanoflow tune` finds one and caches it at %s)",
+                         describe_key(key), path)
             return None
         pipeline = Pipeline.load(path)
         if not quiet:

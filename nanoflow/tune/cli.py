@@ -231,7 +231,7 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
     import torch
 
     from nanoflow.executor.model_runner import pipeline_key
-    from nanoflow.pipeline.cache import cache_path
+    from nanoflow.pipeline.cache import cache_path, describe_key
     from nanoflow.tune.tensor_parallel import NETWORK, PINGPONG, Candidate, print_table, tune_tensor_parallel
 
     # the engine's own graphs are what is measured
@@ -239,8 +239,7 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
         raise ValueError("under tensor parallelism nanoflow tune measures CUDA graph replays: it needs the GPU "
                          "fast path with graphs (not --enforce-eager, --cuda-graph-max-tokens 0 or a CPU)")
     key = pipeline_key(config, config.tensor_parallel_size)
-    print(f"tune: {name}, tensor parallel {config.tensor_parallel_size}, token budget {config.max_num_batched_tokens}",
-          flush=True)
+    print(f"tune: {name} ({describe_key(key)})", flush=True)
     unknown = set(args.tp_schedules) - {NETWORK, PINGPONG}
     if unknown:
         raise ValueError(f"--tp-schedules: unknown kinds {sorted(unknown)} (network, pingpong)")

@@ -220,32 +220,34 @@ def _measure_run(config: EngineConfig, context_len: int, sizes: list[int]) -> Ru
 
 def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int = 2,
                repeats: int = 5) -> dict[tuple[int, bool], float]:
-    """Median GPU ms of a real step per graph (bucket, mixed) of the given sizes: decodes at
-    context_len (spread as tune.profile's; a mixed graph's step a quarter decodes, the rest prompt
-    chunks), issued by rank 0 as the engine issues a step and run by every rank, so the time holds
-    the all-reduces' waits. The graph that runs it is the engine's own choice (a pipelined one where
-    the pipeline covers the bucket)."""
-    import statistics
-
+    """GPU ms of a real step per graph (bucket, mixed) of the given sizes: decodes at context_len
+    (spread as tune.profile's; a mixed graph's step a quarter decodes, the rest prompt chunks),
+    issued by rank 0 as the engine issues steps and run by every rank, so the time holds the
+    all-reduces' waits. The graph that runs it is the engine's own choice (a pipelined one where
+    the pipeline covers the bucket). The timed steps are issued back to back, as the engine does:
+    a step timed alone would also hold a worker's time to read, build and launch its plan, which
+    the engine hides behind the step before (rank 0 waits on it at the first all-reduce)."""
     import torch
 
     from nanoflow.tune.profile import Workload, mixed_plan
 
-    out = {}
-    for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b in sizes}):
-        w = Workload(context_len, 0.25 if mixed else 1.0)
-        plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
-        times = []
-        for _ in range(warmup + repeats):
+    def issue(plan: Any, n: int) -> None:
+        for _ in range(n):
             runner.par.broadcast_object(plan.for_workers())
-            batch = runner.build(plan)
+            runner.forward(runner.build(plan))
+
+    out = {}
+    with torch.inference_mode():  # the graphs' static inputs are inference tensors
+        for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b in sizes}):
+            w = Workload(context_len, 0.25 if mixed else 1.0)
+            plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
+            issue(plan, warmup)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            runner.forward(batch)
+            issue(plan, repeats)
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
-        out[(bucket, mixed)] = statistics.median(times[warmup:])
+            out[(bucket, mixed)] = start.elapsed_time(end) / repeats
     return out
 
 
