@@ -1,0 +1,54 @@
+"""benchmarks/tp_step_profile.py: kernels grouped by name, and the sweep that says how long each
+group ran, ran alone, and how long the GPU idled (the GPU run is issue 13's diagnostic)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("tp_step_profile", REPO / "benchmarks" / "tp_step_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_groups() -> None:
+    group = _module().kernel_group
+    assert group("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "network"
+    assert group("two_shot_all_reduce_kernel<bf16>") == "network"
+    assert group("decode_all_heads_kernel") == "attention"
+    assert group("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "gemm"
+    assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert group("_rms_norm_kernel") == "other"
+
+
+def test_overlap_summary_over_two_steps() -> None:
+    summary = _module().overlap_summary
+    # per step (µs): a GEMM 0-100, attention 50-150 beside it, an all-reduce 160-200, idle 150-160
+    step = [("gemm", 0, 100), ("attention", 50, 150), ("network", 160, 200)]
+    kernels = step + [(g, a + 200, b + 200) for g, a, b in step]
+    s = summary(kernels, steps=2)
+    assert s["step_ms"] == pytest.approx(0.2)
+    assert s["idle_ms"] == pytest.approx(0.01)
+    assert s["busy_ms"] == pytest.approx({"gemm": 0.1, "attention": 0.1, "network": 0.04})
+    assert s["alone_ms"] == pytest.approx({"gemm": 0.05, "attention": 0.05, "network": 0.04})
+    assert summary([], steps=1)["step_ms"] == 0.0
+
+
+def test_trace_kernels_reads_the_profilers_trace(tmp_path: Path) -> None:
+    events = [{"cat": "kernel", "name": "nvjet_x", "ts": 10.0, "dur": 5.0},
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 1.0},
+              {"cat": "kernel", "name": "ncclDevKernel_AllReduce", "ts": 20.0, "dur": 2.0}]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert _module().trace_kernels(path) == [("gemm", 10.0, 15.0, "nvjet_x"),
+                                             ("network", 20.0, 22.0, "ncclDevKernel_AllReduce")]
