@@ -83,10 +83,14 @@ def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repe
     from nanoflow.executor.model_runner import ModelRunner
     from nanoflow.tune.profile import Workload, mixed_plan
 
-    group = TensorParallelGroup.start(config)
+    # --tp 1: the same steps on one GPU, where the ping-pong pipeline wins (the picture to compare with)
+    group = TensorParallelGroup.start(config) if config.tensor_parallel_size > 1 else None
     results = {}
     try:
-        runner = ModelRunner(group.config, group.par)
+        runner = ModelRunner(group.config, group.par) if group else ModelRunner(config)
+        on_gpu = runner.device.type == "cuda"  # the CPU: a smoke test, with no kernels to report
+        sync = torch.cuda.synchronize if on_gpu else lambda: None
+        activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
         for tokens in sizes:
             plan = mixed_plan(tokens, Workload(context, 0.25 if mixed else 1.0), runner.arch.vocab_size,
                               runner.num_pages, runner.config.max_model_len)
@@ -98,10 +102,10 @@ def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repe
 
             with torch.inference_mode():
                 issue(3)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                sync()
+                with profile(activities=[activity]) as prof:
                     issue(repeats)
-                    torch.cuda.synchronize()
+                    sync()
             trace = out / f"trace_{tokens}{'_mixed' if mixed else ''}.json.gz"
             prof.export_chrome_trace(str(trace))
             kernels = trace_kernels(trace)
@@ -112,13 +116,16 @@ def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repe
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["busy_ms"].items()) + "; alone " +
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["alone_ms"].items()), flush=True)
     finally:
-        group.shutdown()
+        if group:
+            group.shutdown()
     return results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dummy", default="llama3-8b")
+    p.add_argument("--model", default=None, help="a Hugging Face folder instead of --dummy")
+    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pipeline", default="off", help="a pipeline JSON, or off (sequential)")
     p.add_argument("--tokens", default="512,1024,2048", help="step sizes (CUDA graph sizes)")
@@ -134,12 +141,13 @@ def main() -> None:
     from nanoflow.config import EngineConfig
     from nanoflow.engine_args import EngineArgs
 
+    sizes = [int(x) for x in args.tokens.split(",") if x]  # only these graphs: a faster start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ea = EngineArgs(model=dummy_model_dir(args.dummy), load_format="dummy", dtype="bfloat16",
+    model, load_format = (args.model, "auto") if args.model else (dummy_model_dir(args.dummy), "dummy")
+    ea = EngineArgs(model=model, load_format=load_format, dtype=args.dtype,
                     tensor_parallel_size=args.tp, kv_cache_dtype=args.kv_cache_dtype, all_reduce=args.all_reduce,
-                    pipeline=args.pipeline, skip_tokenizer_init=True)
-    sizes = [int(x) for x in args.tokens.split(",") if x]
+                    pipeline=args.pipeline, skip_tokenizer_init=True, cuda_graph_sizes=tuple(sizes))
     results = profile_sizes(EngineConfig.from_args(ea), sizes, args.context, args.mixed, args.repeats, out)
     (out / f"tp_step_profile{'_mixed' if args.mixed else ''}.json").write_text(
         json.dumps({"settings": vars(args), "steps": results}, indent=1))

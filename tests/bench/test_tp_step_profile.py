@@ -52,3 +52,18 @@ def test_trace_kernels_reads_the_profilers_trace(tmp_path: Path) -> None:
         json.dump({"traceEvents": events}, f)
     assert _module().trace_kernels(path) == [("gemm", 10.0, 15.0, "nvjet_x"),
                                              ("network", 20.0, 22.0, "ncclDevKernel_AllReduce")]
+
+
+def test_runs_end_to_end_on_two_cpu_ranks(tiny_model, tmp_path: Path) -> None:
+    """The whole script with 2 gloo ranks on a tiny checkpoint: its engine arguments, plans and
+    output hold (the CPU has no kernels to report, so the numbers are zeros)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "tp_step_profile.py"), "--model", tiny_model("llama"),
+                    "--tp", "2", "--dtype", "float32", "--tokens", "16,32", "--context", "8", "--repeats", "1",
+                    "--out", str(out)], check=True, timeout=300)
+    data = json.loads((out / "tp_step_profile.json").read_text())
+    assert set(data["steps"]) == {"16", "32"} and data["settings"]["tp"] == 2
+    assert (out / "trace_16.json.gz").is_file()
