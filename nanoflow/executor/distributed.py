@@ -244,7 +244,7 @@ def run_worker(config: EngineConfig, par: ParallelState, owns_group: bool) -> No
             batch = runner.build(plan)
             if idle is not None:
                 idle.start()
-            runner.forward(batch)
+            runner.forward(batch, plan.eager)
             if idle is not None:
                 idle.end()
     runner.release_graphs()

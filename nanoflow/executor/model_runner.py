@@ -194,16 +194,17 @@ class ModelRunner:
             batch.input_ids[idx] = self.par.broadcast(tokens)
         return batch
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
-        """The model forward and the logits of the rows that sample (None when none does)."""
-        key = self.graphs.select(batch) if self.graphs is not None else None
+    def forward(self, batch: ForwardBatch, eager: bool = False) -> torch.Tensor | None:
+        """The model forward and the logits of the rows that sample (None when none does). eager:
+        no graph, the pipeline's schedule for the batch's size run op by op (StepPlan.eager)."""
+        key = self.graphs.select(batch) if self.graphs is not None and not eager else None
         hidden = self.graphs.run(batch, key) if key is not None else None
         if hidden is None:
             # beside captured graphs, a step that fits none runs sequentially: pipelines are tuned as
             # graph replays, and launched eagerly a second stream's kernels and events cost host time
             # the GPU then waits for (an H200, ping-pong, ~600-token steps: 8.8 ms idle of 59.6).
             # Without graphs (--enforce-eager, --cuda-graph-max-tokens 0, the CPU) they run eagerly.
-            ex = self.executor_for(batch.num_tokens) if self.graphs is None else None
+            ex = self.executor_for(batch.num_tokens) if self.graphs is None or eager else None
             walk = partial(ex.run, parts=ex.split(batch, self.model.prepare)) if ex else None
             hidden = self.model(batch, walk)
         if batch.logits_indices.shape[0] == 0:

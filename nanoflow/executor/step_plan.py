@@ -38,6 +38,10 @@ class StepPlan:
     fill_at: list[int]  # flat positions of the in-flight tokens
     fill_from: list[int]  # their rows in the previous step's sampled tokens
     sampling: SamplingRows | None = None  # rank 0 only
+    # run without CUDA graphs, by the pipeline's schedule for the step's size (pipeline.timeline:
+    # rank 0 times an eager forward's ops, and every rank must issue the same collectives, of the
+    # same sizes, which a worker's graph replay, padded to its bucket, would not)
+    eager: bool = False
 
     def for_workers(self) -> StepPlan:
         """What the other ranks need: the forward's inputs, not the sampling (generators stay here)."""

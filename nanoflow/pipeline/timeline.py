@@ -120,9 +120,10 @@ def record_timeline(runner: _Runner, batch_plan: Any, layer: int = 1) -> list[di
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} is not one of the model's {num_layers} layers")
     # No sampled rows: the forward stops at the hidden states, and tensor-parallel workers (which
-    # run runner.forward on the broadcast plan) then compute no logits either, meeting ours in
-    # exactly the layers' collectives.
-    plan = dataclasses.replace(batch_plan, sample_at=[], fill_at=[], fill_from=[], sampling=None)
+    # run runner.forward on the broadcast plan) then compute no logits either; eager: they run the
+    # same schedule op by op, not a graph padded to its bucket (or, where none fits, the sequential
+    # schedule), meeting ours in exactly the layers' collectives.
+    plan = dataclasses.replace(batch_plan, sample_at=[], fill_at=[], fill_from=[], sampling=None, eager=True)
     timer = OpTimer(layer, runner.device)
     with torch.inference_mode():
         batch = runner.build(plan)
