@@ -46,6 +46,7 @@ from nanoflow.executor.symm_all_reduce import open_symm_all_reduce
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.model_arch import ModelArch
 from nanoflow.pipeline.cache import choose_pipeline
+from nanoflow.pipeline.timeline import hold_gpu
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,8 @@ def run_worker(config: EngineConfig, par: ParallelState, owns_group: bool) -> No
             batch = runner.build(plan)
             if idle is not None:
                 idle.start()
+            if plan.eager:  # rank 0 is timing its ops (pipeline.timeline): hold as it holds
+                hold_gpu(runner.device)
             runner.forward(batch, plan.eager)
             if idle is not None:
                 idle.end()

@@ -51,15 +51,6 @@ class OpTimer:
         self.device = device
         self.marks: list[_Mark] = []
 
-    def hold(self, cycles: int = 20_000_000) -> None:
-        """On a GPU, a spin kernel (~10 ms at 2 GHz) on the current stream: issued ahead of the
-        forward, it holds every stream the forward forks from there, so that the CPU has queued the
-        timed layer before the GPU reaches it. The picture then shows the GPU's own gaps, not the
-        eager launch time that a CUDA graph replay does not have. (A hold on the stream of the
-        layer's first op alone let the other streams' first ops run ahead of it, ~8 ms early.)"""
-        if self.on_gpu and cycles:
-            torch.cuda._sleep(cycles)
-
     @contextlib.contextmanager
     def __call__(self, op: Op, layer: int, step: Step, num_tokens: int) -> Iterator[None]:
         if layer != self.layer:
@@ -99,6 +90,18 @@ class OpTimer:
                 for m, (a, b) in zip(self.marks, spans, strict=True)]
 
 
+def hold_gpu(device: torch.device, cycles: int = 20_000_000) -> None:
+    """On a GPU, a spin kernel (~10 ms at 2 GHz) on the current stream: issued ahead of an eager
+    forward, it holds every stream the forward forks from there, so that the CPU has queued the
+    timed layer before the GPU reaches it. The picture then shows the GPU's own gaps, not the eager
+    launch time that a CUDA graph replay does not have. (A hold on the stream of the layer's first
+    op alone let the other streams' first ops run ahead of it, ~8 ms early.) Tensor-parallel
+    workers hold theirs too (executor.distributed.run_worker), or rank 0's all-reduces would wait
+    on their launches."""
+    if device.type == "cuda" and cycles:
+        torch.cuda._sleep(cycles)
+
+
 class _Runner(Protocol):
     """What record_timeline needs of executor.model_runner.ModelRunner."""
 
@@ -136,7 +139,7 @@ def record_timeline(runner: _Runner, batch_plan: Any, layer: int = 1) -> list[di
         for t in (None, timer):  # the untimed first forward meets any compile or autotune first
             runner.par.broadcast_object(plan)
             if t is not None:
-                t.hold()
+                hold_gpu(runner.device)
             runner.model(batch, partial(ex.run, parts=parts, timer=t))
         return timer.collect()
 
