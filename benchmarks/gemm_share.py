@@ -2,9 +2,10 @@
 persistent Triton GEMM (nanoflow/kernels/linear.py) capped at several CTA counts, next to cuBLAS on
 all SMs; then the pair the pipeline needs: decode attention capped at --decode-ctas, launched
 first on one stream, beside the projection on another (cuBLAS, or the persistent GEMM on the SMs
-left), against the best sequential pair (decode on all SMs, then cuBLAS).
+left, or cuBLAS told to leave the decode's SMs out: torch's SM carveout, cuBLASLt's SM-count target),
+against the best sequential pair (decode on all SMs, then cuBLAS).
 
-    python benchmarks/gemm_share.py --out DIR [--rows 512 1024 2048] [--decode-ctas 44]
+    python benchmarks/gemm_share.py --out DIR [--rows 512 1024 2048] [--decode-ctas 44] [--no-triton]
 
 Writes DIR/gemm_share.json. Imports only torch, triton and nanoflow.kernels.
 """
@@ -26,6 +27,21 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 TILES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
 
 
+def carved(carveout: int, lib: str, fn: Callable[[], Any]) -> Any:
+    """fn() with cuBLAS told to leave `carveout` SMs out (torch's experimental SM carveout, which
+    sets cuBLASLt's SM-count target) and `lib` the preferred BLAS library; both restored after."""
+    import torch
+
+    prev_lib, prev = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
+    torch.backends.cuda.preferred_blas_library(lib)
+    torch._C._set_sm_carveout_experimental(carveout)
+    try:
+        return fn()
+    finally:
+        torch._C._set_sm_carveout_experimental(prev)
+        torch.backends.cuda.preferred_blas_library(prev_lib)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -33,6 +49,7 @@ def main() -> None:
     p.add_argument("--ctas", type=int, nargs="*", default=None, help="caps (default: 100/83/67/50%% of the SMs)")
     p.add_argument("--decode-ctas", type=int, default=44)
     p.add_argument("--decode", default="256x1024", help="decode batch BxCONTEXT beside the GEMM")
+    p.add_argument("--no-triton", action="store_true", help="cuBLAS only (with and without the SM carveout)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
@@ -43,6 +60,9 @@ def main() -> None:
     from nanoflow.kernels.linear import GemmConfig, persistent_linear
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    libs = ("cublas", "cublaslt") if hasattr(torch._C, "_set_sm_carveout_experimental") else ()
+    if not libs:
+        print(f"torch {torch.__version__} has no SM carveout: cuBLAS on all SMs only", file=sys.stderr)
     caps = args.ctas or [sms, sms * 5 // 6, sms * 2 // 3, sms // 2]
     bench: Callable[[Callable[[], Any]], float] = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
     dt = torch.bfloat16
@@ -55,8 +75,12 @@ def main() -> None:
             out = torch.empty(m, n, device="cuda", dtype=dt)
             flops = 2 * m * n * k
             ref_ms = bench(lambda: torch.matmul(x, w.t(), out=out))  # noqa: B023
-            row: dict[str, Any] = {"cublas_tflops": flops / ref_ms / 1e9, "capped": {}}
-            for cap in caps:
+            row: dict[str, Any] = {"cublas_tflops": flops / ref_ms / 1e9, "capped": {}, "carveout": {}}
+            for cap in caps:  # cuBLAS left cap SMs, per BLAS library (the carveout may act on one only)
+                row["carveout"][str(cap)] = {
+                    lib: flops / bench(lambda cap=cap, lib=lib: carved(sms - cap, lib, lambda: torch.matmul(
+                        x, w.t(), out=out))) / 1e9 for lib in libs}  # noqa: B023
+            for cap in ([] if args.no_triton else caps):
                 best: dict[str, Any] = {}
                 for bm, bn, bk, warps, stages in TILES:
                     cfg = GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
@@ -68,11 +92,14 @@ def main() -> None:
                     if not best or ms < best["ms"]:
                         best = {"ms": ms, "tflops": flops / ms / 1e9, "config": dataclasses.asdict(cfg)}
                 row["capped"][str(cap)] = best
-            torch.testing.assert_close(persistent_linear(x, w, out=torch.empty_like(out), num_ctas=caps[-1]),
-                                       torch.matmul(x, w.t()), rtol=2e-2, atol=2e-2)
+            if not args.no_triton:
+                torch.testing.assert_close(persistent_linear(x, w, out=torch.empty_like(out), num_ctas=caps[-1]),
+                                           torch.matmul(x, w.t()), rtol=2e-2, atol=2e-2)
             res["gemm"][f"{name}@{m}"] = row
             print(f"{name:8s} {m:5d} {row['cublas_tflops']:8.0f}  " + "  ".join(
-                f"{row['capped'][str(c)].get('tflops', float('nan')):9.0f}" for c in caps), flush=True)
+                f"{row['capped'].get(str(c), {}).get('tflops', float('nan')):9.0f}" for c in caps) + "   carveout: " +
+                "  ".join(f"{c}: " + "/".join(f"{t:.0f}" for t in row["carveout"][str(c)].values()) for c in caps),
+                flush=True)
 
     # the pair: decode capped at decode_ctas first on s1, a projection on s2 (cuBLAS or capped)
     b, ctx = map(int, args.decode.split("x"))
@@ -85,7 +112,8 @@ def main() -> None:
     q = torch.randn(b, hq, hd, device="cuda", dtype=dt)
     o = torch.empty_like(q)
     left = sms - args.decode_ctas
-    for kernel, cfg in (("per_head", dk.DecodeConfig()), ("all_heads", dk.DecodeConfig(all_heads=True))):
+    for kernel, cfg in (("per_head", dk.DecodeConfig()), ("all_heads", dk.DecodeConfig(all_heads=True)),
+                        ("capped", dk.CAPPED)):  # the last: what the pipeline's capped decode runs
         dec = lambda n, cfg=cfg: lambda: dk.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.08, None, n,
                                                                    out=o, config=cfg)
         try:
@@ -106,14 +134,19 @@ def main() -> None:
             t_g = bench(cublas)
             seq = t_dec_all + t_g
             row = {"decode_all_ms": t_dec_all, "decode_capped_ms": t_dec, "cublas_ms": t_g, "sequential_ms": seq,
-                   "beside_cublas_ms": bench(stream_pair(dec(args.decode_ctas), cublas)),
-                   "beside_capped_gemm_ms": bench(stream_pair(dec(args.decode_ctas), capped))}
-            row["gain_cublas"] = seq / row["beside_cublas_ms"]
-            row["gain_capped_gemm"] = seq / row["beside_capped_gemm_ms"]
+                   "beside_cublas_ms": bench(stream_pair(dec(args.decode_ctas), cublas))}
+            for lib in libs:  # cuBLAS told to leave the decode's SMs out
+                row[f"beside_{lib}_carveout_ms"] = bench(stream_pair(
+                    dec(args.decode_ctas), lambda lib=lib, f=cublas: carved(args.decode_ctas, lib, f)))
+            if not args.no_triton:
+                row["beside_capped_gemm_ms"] = bench(stream_pair(dec(args.decode_ctas), capped))
+            gains = {k.removeprefix("beside_").removesuffix("_ms"): seq / v for k, v in row.items()
+                     if k.startswith("beside_")}
+            row.update({f"gain_{k}": g for k, g in gains.items()})
             res["pairs"][f"{kernel}:{name}"] = row
             print(f"decode {kernel} ({args.decode_ctas} CTAs, {t_dec:.3f} ms; all SMs {t_dec_all:.3f}) beside {name} "
-                  f"({t_g:.3f} ms): cuBLAS {row['gain_cublas']:.2f}x, capped GEMM on {left} CTAs "
-                  f"{row['gain_capped_gemm']:.2f}x vs the sequential pair", flush=True)
+                  f"({t_g:.3f} ms; GEMM on {left} SMs where capped): " +
+                  ", ".join(f"{k} {g:.2f}x" for k, g in gains.items()) + " vs the sequential pair", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gemm_share.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {Path(args.out) / 'gemm_share.json'}")
