@@ -232,7 +232,7 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
 
     from nanoflow.executor.model_runner import pipeline_key
     from nanoflow.pipeline.cache import cache_path, describe_key
-    from nanoflow.tune.tensor_parallel import NETWORK, PINGPONG, Candidate, print_table, tune_tensor_parallel
+    from nanoflow.tune.tensor_parallel import NETWORK, PINGPONG, TPCandidate, print_table, tune_tensor_parallel
 
     # the engine's own graphs are what is measured
     if not config.cuda_graph_max_tokens:
@@ -246,7 +246,7 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
     on_gpu = config.device.type == "cuda"
     half = torch.cuda.get_device_properties(config.device).multi_processor_count // 2 if on_gpu else None
     caps = args.ctas or [half]
-    candidates = [Candidate(kind, f, cap) for f in args.split_fractions for kind in args.tp_schedules
+    candidates = [TPCandidate(kind, f, cap) for f in args.split_fractions for kind in args.tp_schedules
                   for cap in (caps if kind == PINGPONG else [None])]
     t = tune_tensor_parallel(config, key, candidates, args.network_min_tokens, args.min_gain, args.nccl_ctas,
                              context_len=(args.context_len or 1024) if on_gpu else 0, size_step=args.size_step)

@@ -50,7 +50,7 @@ NETWORK = "network"
 
 
 @dataclass(frozen=True)
-class Candidate:
+class TPCandidate:
     """A kind of schedule, split at a fraction of each bucket (pingpong: decode attention capped)."""
 
     kind: str = NETWORK
@@ -90,8 +90,8 @@ class BucketChoice:
     max_tokens: int
     sequential_ms: float  # the bucket's sequential graphs (mixed + decode-only), summed
     # candidate -> (its split, its pipelined time, the sequential time it is judged against)
-    tried: dict[Candidate, tuple[int, float, float]]
-    chosen: Candidate | None  # the one kept (None: sequential)
+    tried: dict[TPCandidate, tuple[int, float, float]]
+    chosen: TPCandidate | None  # the one kept (None: sequential)
 
     @property
     def split(self) -> int | None:
@@ -119,7 +119,7 @@ def bucket_ranges(buckets: Sequence[int], min_tokens: int, step: int) -> list[tu
     return [(s[i - 1] + 1, b) for i, b in enumerate(s) if i > 0 and b > min_tokens]
 
 
-def candidate(op_names: Sequence[str], ranges: Sequence[tuple[int, int]], cand: Candidate,
+def candidate(op_names: Sequence[str], ranges: Sequence[tuple[int, int]], cand: TPCandidate,
               key: dict[str, Any]) -> Pipeline:
     schedules = tuple(s for lo, hi in ranges if (s := cand.schedule(op_names, lo, hi)) is not None)
     return Pipeline(schedules, key, f"tune candidate: {cand.label} of each bucket")
@@ -133,7 +133,7 @@ def _steps_ms(run: Run, bucket: int) -> float:
     return sum(ms for (b, _), ms in run.step_ms.items() if b == bucket)
 
 
-def choose(baseline: Run, runs: dict[Candidate, Run], ranges: Sequence[tuple[int, int]],
+def choose(baseline: Run, runs: dict[TPCandidate, Run], ranges: Sequence[tuple[int, int]],
            min_gain: float) -> list[BucketChoice]:
     """Per bucket, the candidate that beats the sequential schedule by the most, if by at least
     min_gain. With real steps timed (a GPU) a candidate's steps are judged against the sequential
@@ -141,7 +141,7 @@ def choose(baseline: Run, runs: dict[Candidate, Run], ranges: Sequence[tuple[int
     (same process, same moment)."""
     choices = []
     for lo, hi in ranges:
-        tried: dict[Candidate, tuple[int, float, float]] = {}
+        tried: dict[TPCandidate, tuple[int, float, float]] = {}
         for cand, run in runs.items():
             split = split_for(lo, hi, cand.fraction)
             if split is None or _bucket_ms(run.replay_ms, hi, True) <= 0:
@@ -256,7 +256,7 @@ class TensorParallelTuning:
     pipeline: Pipeline
     choices: list[BucketChoice]
     baseline: Run  # the sequential graphs at the chosen cap
-    runs: dict[Candidate, Run]  # the candidates' runs at the chosen cap
+    runs: dict[TPCandidate, Run]  # the candidates' runs at the chosen cap
     cap_totals: dict[int | None, float]  # NCCL CTA cap (None: NCCL's own) -> step_total_ms
 
     def to_json(self) -> dict[str, Any]:
@@ -271,9 +271,10 @@ class TensorParallelTuning:
                 "pipeline": self.pipeline.to_json()}
 
 
-def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], candidates: Sequence[Candidate] = (Candidate(),),
-                         min_tokens: int = 256, min_gain: float = 0.01, nccl_ctas: Sequence[int] = (),
-                         context_len: int = 0, size_step: int = 128) -> TensorParallelTuning:
+def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any],
+                         candidates: Sequence[TPCandidate] = (TPCandidate(),), min_tokens: int = 256,
+                         min_gain: float = 0.01, nccl_ctas: Sequence[int] = (), context_len: int = 0,
+                         size_step: int = 128) -> TensorParallelTuning:
     """Measures the sequential schedule and each candidate, then keeps per bucket what won (see the
     module docstring). nccl_ctas: NCCL CTA caps to try besides the engine's own (--nccl-max-ctas,
     else NCCL's), each a fresh start of every run; the cap whose step total (step_total_ms) is
@@ -284,7 +285,7 @@ def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any], candidates: 
     caps = [default, *dict.fromkeys(c for c in nccl_ctas if c != default)]
     ranges = bucket_ranges(capture_sizes(config.cuda_graph_max_tokens, config.cuda_graph_sizes), min_tokens, size_step)
     tops = [hi for _, hi in ranges]
-    per_cap: dict[int | None, tuple[Run, dict[Candidate, Run], list[BucketChoice]]] = {}
+    per_cap: dict[int | None, tuple[Run, dict[TPCandidate, Run], list[BucketChoice]]] = {}
     with tempfile.TemporaryDirectory(prefix="nanoflow-tune-tp-") as tmp:
         workdir = Path(tmp)
         for cap in caps:

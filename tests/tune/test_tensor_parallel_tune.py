@@ -16,8 +16,8 @@ from nanoflow.executor.cuda_graph import token_buckets
 from nanoflow.pipeline.schedule import NETWORK_OPS, Pipeline
 from nanoflow.tune.tensor_parallel import (
     PINGPONG,
-    Candidate,
     Run,
+    TPCandidate,
     bucket_ranges,
     candidate,
     choose,
@@ -58,18 +58,18 @@ def test_ranges_and_splits():
 
 def test_candidate_covers_the_ranges_it_can_split():
     ranges = [(257, 320), (449, 512), (513, 2048), (1793, 2048)]
-    p = candidate(NAMES, ranges, Candidate(), {"tp": 2})
+    p = candidate(NAMES, ranges, TPCandidate(), {"tp": 2})
     p.check(NAMES)
     assert [(s.min_tokens, s.max_tokens, s.partitions["dense"]) for s in p.schedules] == [
         (257, 320, (0, 160, 320)), (449, 512, (0, 256, 512)), (1793, 2048, (0, 1024, 2048))]
     for s in p.schedules:  # every all-reduce on the second stream, nothing else
         assert {st.op for st in s.steps if st.stream == 1} == set(NETWORK_OPS)
     # ping-pong: the nano-batches' compute on streams 0 and 1, the all-reduces on 2, decode capped
-    pp = candidate(NAMES, ranges, Candidate(PINGPONG, 0.5, 66), {"tp": 2})
+    pp = candidate(NAMES, ranges, TPCandidate(PINGPONG, 0.5, 66), {"tp": 2})
     pp.check(NAMES)
     assert len(pp.schedules) == 3 and all(s.num_streams == 3 for s in pp.schedules)
     assert {st.num_ctas for s in pp.schedules for st in s.steps if st.op == "decode_attention"} == {66}
-    assert Candidate(PINGPONG, 0.5, 66).label == "pingpong 0.5 decode@66" and Candidate().label == "network 0.5"
+    assert TPCandidate(PINGPONG, 0.5, 66).label == "pingpong 0.5 decode@66" and TPCandidate().label == "network 0.5"
 
 
 def test_choose_keeps_only_measured_wins():
@@ -77,7 +77,7 @@ def test_choose_keeps_only_measured_wins():
     ranges = bucket_ranges(baseline.buckets, 256, 256)
     half = _run({256: (10, None), 512: (20, 21), 1024: (40, 39.9), 2048: (80, 70)})
     quarter = _run({256: (10, None), 512: (20, 19), 1024: (41, 38), 2048: (80, 76)})
-    choices = choose(baseline, {Candidate(fraction=0.5): half, Candidate(fraction=0.25): quarter}, ranges,
+    choices = choose(baseline, {TPCandidate(fraction=0.5): half, TPCandidate(fraction=0.25): quarter}, ranges,
                      min_gain=0.01)
     by_bucket = {c.max_tokens: c for c in choices}
     assert by_bucket[512].split == 128  # the quarter split won; the half split lost
@@ -85,7 +85,7 @@ def test_choose_keeps_only_measured_wins():
     assert by_bucket[2048].split == 1024 and by_bucket[2048].gain == pytest.approx(80 / 70)
     assert by_bucket[512].sequential_ms == pytest.approx(30)  # mixed + decode-only of the baseline
     # a gain under min_gain keeps the sequential schedule
-    assert choose(baseline, {Candidate(): half}, ranges, min_gain=0.2)[-1].split is None
+    assert choose(baseline, {TPCandidate(): half}, ranges, min_gain=0.2)[-1].split is None
     pipeline = tuned_pipeline(NAMES, choices, {"tp": 2})
     pipeline.check(NAMES)
     assert [(s.min_tokens, s.max_tokens) for s in pipeline.schedules] == [(257, 512), (513, 1024), (1025, 2048)]
@@ -96,7 +96,7 @@ def test_nccl_cap_by_the_step_total(tmp_path):
     kept only if it beats the engine's own by min_gain; carried by the pipeline JSON."""
     ranges = [(257, 512), (513, 1024)]
     own = _run({256: (10, None), 512: (20, 19), 1024: (40, 36)})
-    choices = choose(own, {Candidate(): own}, ranges, min_gain=0.01)
+    choices = choose(own, {TPCandidate(): own}, ranges, min_gain=0.01)
     # 10 + 20 + 40 (x1.5: the decode-only graphs) less the two splits' savings (1 and 4, x1.5)
     assert step_total_ms(own, choices) == pytest.approx(1.5 * (70 - 1 - 4))
     assert choose_cap({None: 100.0, 8: 95.0, 16: 99.5}, None, 0.01) == 8
@@ -115,7 +115,7 @@ def test_tune_on_two_gloo_ranks_measures_and_keeps_sequential(tiny_model):
     cfg = EngineConfig.from_args(EngineArgs(model=path, max_model_len=256, max_num_batched_tokens=64,
                                             num_kv_pages=256, tensor_parallel_size=2, skip_tokenizer_init=True))
     cfg = dataclasses.replace(cfg, enforce_eager=False, cuda_graph_max_tokens=64)  # the GPU's graph path
-    t = tune_tensor_parallel(cfg, {"test": "tp2"}, (Candidate(), Candidate(PINGPONG, 0.5, 4)), min_tokens=16)
+    t = tune_tensor_parallel(cfg, {"test": "tp2"}, (TPCandidate(), TPCandidate(PINGPONG, 0.5, 4)), min_tokens=16)
     assert t.baseline.op_names == NAMES and not t.baseline.step_ms  # real steps: on a GPU only
     assert [(c.min_tokens, c.max_tokens) for c in t.choices] == [(17, 24), (25, 32), (33, 48), (49, 64)]
     assert all(c.split is None for c in t.choices) and [len(c.tried) for c in t.choices] == [0, 2, 2, 2]
@@ -133,7 +133,7 @@ def test_real_steps_judge_against_the_sequential_runs_steps():
                                    step_ms={(512, True): 30.0, (512, False): 25.0, (1024, True): 60.0})
     pp = dataclasses.replace(_run({256: (10, None), 512: (20, 21), 1024: (40, 45)}),
                              step_ms={(512, True): 28.0, (512, False): 22.0, (1024, True): 50.0})
-    cand = Candidate(PINGPONG, 0.5, 66)
+    cand = TPCandidate(PINGPONG, 0.5, 66)
     choices = choose(baseline, {cand: pp}, ranges, min_gain=0.01)
     # its graphs replay slower with nothing to attend to, its real steps run faster: the steps decide
     assert [c.chosen for c in choices] == [cand, cand]

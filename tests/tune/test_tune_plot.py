@@ -30,9 +30,9 @@ def test_nothing_to_draw_without_a_measured_check(tmp_path: Path) -> None:
 
 def test_the_tensor_parallel_report_draws_the_same_way(tmp_path: Path) -> None:
     from nanoflow.tune.plot import plot_tensor_parallel
-    from nanoflow.tune.tensor_parallel import PINGPONG, BucketChoice, Candidate
+    from nanoflow.tune.tensor_parallel import PINGPONG, BucketChoice, TPCandidate
 
-    pp, net = Candidate(PINGPONG, 0.5, 66), Candidate()
+    pp, net = TPCandidate(PINGPONG, 0.5, 66), TPCandidate()
     choices = [BucketChoice(257, 512, 45.0, {pp: (256, 50.0, 55.0), net: (256, 57.0, 55.0)}, pp),
                BucketChoice(513, 1024, 90.0, {pp: (512, 99.0, 95.0)}, None)]  # kept sequential
     report = {"buckets": [c.to_json() for c in choices], "sequential_step_ms": {"512 mixed": 30.0}}
