@@ -27,21 +27,6 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 TILES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
 
 
-def carved(carveout: int, lib: str, fn: Callable[[], Any]) -> Any:
-    """fn() with cuBLAS told to leave `carveout` SMs out (torch's experimental SM carveout, which
-    sets cuBLASLt's SM-count target) and `lib` the preferred BLAS library; both restored after."""
-    import torch
-
-    prev_lib, prev = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
-    torch.backends.cuda.preferred_blas_library(lib)
-    torch._C._set_sm_carveout_experimental(carveout)
-    try:
-        return fn()
-    finally:
-        torch._C._set_sm_carveout_experimental(prev)
-        torch.backends.cuda.preferred_blas_library(prev_lib)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -57,10 +42,17 @@ def main() -> None:
     from stream_pair import stream_pair
 
     from nanoflow.kernels import decode_attention as dk
-    from nanoflow.kernels.linear import GemmConfig, persistent_linear
+    from nanoflow.kernels.linear import GemmConfig, carveout_available, cublas_sms, persistent_linear
+
+    def carved(ctas: int, lib: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """fn with cuBLAS sized for ctas SMs, lib the preferred BLAS library (the carveout may act on one only)."""
+        def run() -> Any:
+            with cublas_sms(ctas, torch.device("cuda"), lib):
+                return fn()
+        return run
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    libs = ("cublas", "cublaslt") if hasattr(torch._C, "_set_sm_carveout_experimental") else ()
+    libs = ("cublas", "cublaslt") if carveout_available() else ()
     if not libs:
         print(f"torch {torch.__version__} has no SM carveout: cuBLAS on all SMs only", file=sys.stderr)
     caps = args.ctas or [sms, sms * 5 // 6, sms * 2 // 3, sms // 2]
@@ -78,8 +70,8 @@ def main() -> None:
             row: dict[str, Any] = {"cublas_tflops": flops / ref_ms / 1e9, "capped": {}, "carveout": {}}
             for cap in caps:  # cuBLAS left cap SMs, per BLAS library (the carveout may act on one only)
                 row["carveout"][str(cap)] = {
-                    lib: flops / bench(lambda cap=cap, lib=lib: carved(sms - cap, lib, lambda: torch.matmul(
-                        x, w.t(), out=out))) / 1e9 for lib in libs}  # noqa: B023
+                    lib: flops / bench(carved(cap, lib, lambda: torch.matmul(x, w.t(), out=out))) / 1e9  # noqa: B023
+                    for lib in libs}
             for cap in ([] if args.no_triton else caps):
                 best: dict[str, Any] = {}
                 for bm, bn, bk, warps, stages in TILES:
@@ -136,8 +128,7 @@ def main() -> None:
             row = {"decode_all_ms": t_dec_all, "decode_capped_ms": t_dec, "cublas_ms": t_g, "sequential_ms": seq,
                    "beside_cublas_ms": bench(stream_pair(dec(args.decode_ctas), cublas))}
             for lib in libs:  # cuBLAS told to leave the decode's SMs out
-                row[f"beside_{lib}_carveout_ms"] = bench(stream_pair(
-                    dec(args.decode_ctas), lambda lib=lib, f=cublas: carved(args.decode_ctas, lib, f)))
+                row[f"beside_{lib}_carveout_ms"] = bench(stream_pair(dec(args.decode_ctas), carved(left, lib, cublas)))
             if not args.no_triton:
                 row["beside_capped_gemm_ms"] = bench(stream_pair(dec(args.decode_ctas), capped))
             gains = {k.removeprefix("beside_").removesuffix("_ms"): seq / v for k, v in row.items()

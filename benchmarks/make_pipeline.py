@@ -6,6 +6,8 @@ iterations of --min-tokens to --tokens tokens (sequential below).
     python benchmarks/make_pipeline.py tp-overlap --split 1024 --decode-ctas 66 --out tpo.json   # 3 streams
     python benchmarks/make_pipeline.py overlap --split 1024 --decode-ctas 44 --gemm-ctas 88 --out ov.json
     python benchmarks/make_pipeline.py pingpong --bounds 256,512,1024,2048 --decode-ctas 66 --out pp.json
+    python benchmarks/make_pipeline.py pingpong --bounds 256,512,1024,2048 --decode-ctas 66 --gemm-ctas 66 --cublas \
+        --out pp_halves.json   # every GEMM told to size its grid for the 66 SMs the decode leaves
 
 The op names are a Llama/Mixtral decoder layer's (models/llama.layer_op_names); the engine checks
 them against the model it loads and refuses a pipeline that does not match.
@@ -45,7 +47,10 @@ def main() -> None:
     p.add_argument("--tp", action="store_true", help="a tensor-parallel layer (with its all-reduces)")
     p.add_argument("--moe", action="store_true", help="Mixtral's layer (route, experts)")
     p.add_argument("--decode-ctas", type=int, default=None)
-    p.add_argument("--gemm-ctas", type=int, default=None)
+    p.add_argument("--gemm-ctas", type=int, default=None, help="cap the GEMMs (overlap: those beside decode "
+                   "attention; network, pingpong: all)")
+    p.add_argument("--cublas", action="store_true", help="a capped GEMM is cuBLAS sized for --gemm-ctas SMs (the "
+                   "SM carveout), not the persistent Triton GEMM")
     p.add_argument("--beside", choices=OVERLAP_ORDERS, default="qkv",
                    help="overlap: what decode attention runs beside (pipeline.schedule.overlap_schedule)")
     p.add_argument("--bounds", default=None,
@@ -59,7 +64,8 @@ def main() -> None:
         # the graph sizes: split at half of it (tune.model.split_for), unless the smallest step would
         # leave nothing past it
         schedules = tuple(pingpong_schedule(layer_op_names(a.moe, a.tp), hi,
-                                            split_for(lo + 1, hi, 0.5) or lo // ALIGN * ALIGN, lo + 1, a.decode_ctas)
+                                            split_for(lo + 1, hi, 0.5) or lo // ALIGN * ALIGN, lo + 1, a.decode_ctas,
+                                            a.gemm_ctas, a.cublas)
                           for lo, hi in itertools.pairwise(bounds))
         Pipeline(schedules, {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
         print(f"wrote {a.out}: pingpong, {len(schedules)} schedules over {bounds[0] + 1}-{bounds[-1]} tokens")
@@ -67,14 +73,14 @@ def main() -> None:
     names = layer_op_names(a.moe, a.tp or a.kind in ("network", "tp-overlap"))
     lo = a.min_tokens or a.split + 1
     if a.kind == "network":
-        schedule = network_overlap_schedule(names, a.tokens, a.split, lo)
+        schedule = network_overlap_schedule(names, a.tokens, a.split, lo, a.gemm_ctas, a.cublas)
     elif a.kind == "pingpong":
-        schedule = pingpong_schedule(names, a.tokens, a.split, lo, a.decode_ctas)
+        schedule = pingpong_schedule(names, a.tokens, a.split, lo, a.decode_ctas, a.gemm_ctas, a.cublas)
     elif a.kind == "tp-overlap":
         schedule = tp_overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas)
     else:
         schedule = overlap_schedule(names, a.tokens, a.split, lo, a.decode_ctas, gemm_ctas=a.gemm_ctas,
-                                    beside=a.beside)
+                                    beside=a.beside, cublas=a.cublas)
     Pipeline((schedule,), {"made_by": "benchmarks/make_pipeline.py", **vars(a)}, "hand-made").save(a.out)
     print(f"wrote {a.out}: {a.kind}, split {a.split}, iterations of {lo}-{a.tokens} tokens")
 

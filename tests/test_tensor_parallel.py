@@ -8,6 +8,7 @@ import random
 import shutil
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -83,10 +84,12 @@ def test_network_overlap_pipeline_matches_one(tiny_model, tmp_path, monkeypatch,
 
     path = tiny_model(arch)
     names = layer_op_names(arch, tp=True)
-    # the middle range: all-reduces on a third stream beside decode attention and the GEMMs; the
-    # last: each nano-batch on a stream of its own, the all-reduces on a third (ping-pong)
-    pipeline = Pipeline((network_overlap_schedule(names, 9, 1, 2), tp_overlap_schedule(names, 40, 7, 10, 4),
-                         pingpong_schedule(names, 64, 29, 41, 4)), {"test": arch}, "tests")
+    # the first range with its GEMMs capped (the persistent Triton GEMM); the middle: all-reduces on
+    # a third stream beside decode attention and the GEMMs; the last: each nano-batch on a stream of
+    # its own, the all-reduces on a third (ping-pong), its GEMMs capped as cuBLAS (uncapped on the CPU)
+    pipeline = Pipeline((network_overlap_schedule(names, 9, 1, 2, gemm_ctas=3),
+                         tp_overlap_schedule(names, 40, 7, 10, 4),
+                         pingpong_schedule(names, 64, 29, 41, 4, gemm_ctas=5, cublas=True)), {"test": arch}, "tests")
     pipeline.save(tmp_path / "net.json")
     prompts = _prompts(2)
     settings = dict(max_model_len=256, max_num_batched_tokens=64)
@@ -107,7 +110,7 @@ def test_pingpong_under_tensor_parallelism_takes_turns() -> None:
     same on every rank: 0's attention all-reduce, 1's, 0's FFN all-reduce, 1's)."""
     from helpers import layer_op_names
 
-    from nanoflow.pipeline.schedule import NETWORK_OPS, pingpong_schedule
+    from nanoflow.pipeline.schedule import GEMM_OPS, NETWORK_OPS, Schedule, Step, pingpong_schedule
 
     names = layer_op_names("llama", tp=True)
     s = pingpong_schedule(names, 64, 29, 41, 4)
@@ -119,6 +122,15 @@ def test_pingpong_under_tensor_parallelism_takes_turns() -> None:
     assert {x.num_ctas for x in s.steps if x.op == "decode_attention"} == {4}
     first = names.index("attn_all_reduce") + 1
     assert [x.op for x in s.steps[:first]] == names[:first] and {x.part for x in s.steps[:first]} == {0}
+    assert {(x.num_ctas, x.cublas) for x in s.steps if x.op in GEMM_OPS} == {(None, False)}
+    # every GEMM capped, as cuBLAS sized for the SMs the other stream's decode attention leaves
+    capped = pingpong_schedule(names, 64, 29, 41, 4, gemm_ctas=60, cublas=True)
+    assert [replace(x, num_ctas=None, cublas=False) if x.op in GEMM_OPS else x for x in capped.steps] == list(s.steps)
+    assert {(x.num_ctas, x.cublas) for x in capped.steps if x.op in GEMM_OPS} == {(60, True)}
+    bad = Schedule(1, 8, {"whole": (0, 8)}, (*(Step(op) for op in names if op != "input_norm"),
+                                            Step("input_norm", num_ctas=4, cublas=True)))
+    with pytest.raises(ValueError, match="cublas applies to a capped GEMM"):
+        bad.check(names)
 
 
 def _ring_files() -> list:

@@ -8,19 +8,26 @@ the GEMMs beside capped decode attention lost more than the overlap gained
 when the tiles fill shared memory) and walks the output tiles persistently, GROUP_M row blocks at
 a time so a weight tile is reused from L2 by the CTAs that load it together.
 
+`cublas_sms` is the other way to confine a GEMM: cuBLAS itself, told how many SMs to size its grid
+for (torch's SM carveout: cuBLASLt's SM-count target), so that beside a kernel holding the other SMs
+its tiles run in one wave instead of the two a grid sized for all SMs falls into (pytorch#143988:
+GEMMs beside NCCL kernels took up to twice as long).
+
 `linear_ref` is the PyTorch reference (the engine's sequential path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanoflow.kernels.attention_common import dot_precision
+from nanoflow.kernels.attention_common import dot_precision, num_sms
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -31,6 +38,30 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is None:
         return torch.matmul(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def carveout_available() -> bool:
+    return hasattr(torch._C, "_set_sm_carveout_experimental")
+
+
+@contextlib.contextmanager
+def cublas_sms(num_ctas: int | None, device: torch.device, library: str = "cublaslt") -> Iterator[None]:
+    """cuBLAS GEMMs issued inside size their grids for num_ctas SMs (the rest carved out), with
+    `library` the preferred BLAS library (torch 2.11 carves out cuBLASLt's GEMMs only; on Hopper the
+    target shapes the grid, elsewhere it may only steer the heuristics). Both settings are restored
+    after. A CUDA graph captured inside keeps the grids. No cap, no GPU, or a torch without the
+    carveout: nothing changes (the GEMM takes the whole GPU)."""
+    if num_ctas is None or device.type != "cuda" or not carveout_available():
+        yield
+        return
+    prev_library, prev = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
+    torch.backends.cuda.preferred_blas_library(library)
+    torch._C._set_sm_carveout_experimental(max(0, num_sms(device.index or 0) - num_ctas))
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(prev)
+        torch.backends.cuda.preferred_blas_library(prev_library)
 
 
 @dataclasses.dataclass(frozen=True)

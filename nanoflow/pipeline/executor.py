@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow.forward_batch import ForwardBatch
+from nanoflow.kernels.linear import cublas_sms
 from nanoflow.layers.op import KV, Buffers, Op, rows
 from nanoflow.pipeline.schedule import Schedule, Step
 
@@ -34,6 +35,16 @@ class _Instance:
     op_index: int  # position of the op in the layer's own (sequential) order
     start: int  # the nano-batch's rows at max_tokens
     end: int
+
+
+def _cublas_capped(op: Op, num_ctas: int | None, device: torch.device) -> Op:
+    """The GEMM op run uncapped (cuBLAS, not the persistent Triton GEMM) with cuBLAS sizing its grid
+    for num_ctas SMs."""
+    def run(batch: ForwardBatch, bufs: Buffers, _: int | None) -> None:
+        with cublas_sms(num_ctas, device):
+            op.run(batch, bufs, None)
+
+    return dataclasses.replace(op, run=run)
 
 
 class PipelineExecutor:
@@ -54,7 +65,8 @@ class PipelineExecutor:
         self.instances = [
             _Instance(layer, st, index[st.op], *schedule.partitions[st.partition][st.part : st.part + 2])
             for layer in range(len(layer_ops)) for st in schedule.steps]
-        self.ops = [layer_ops[i.layer][i.op_index] for i in self.instances]
+        self.ops = [_cublas_capped(layer_ops[i.layer][i.op_index], i.step.num_ctas, device) if i.step.cublas
+                    else layer_ops[i.layer][i.op_index] for i in self.instances]
         # waits[i]: for each other stream, the last instance there that instance i must follow
         self.waits, self.signals = self._dependencies()
 

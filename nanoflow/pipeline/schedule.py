@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class Step:
     partition: str = WHOLE
     stream: int = 0  # 0: the stream the forward runs on
     num_ctas: int | None = None  # SM cap for the op's kernel (None: the whole GPU)
+    # a capped GEMM: cuBLAS with its grid sized for num_ctas SMs (kernels.linear.cublas_sms), not
+    # the persistent Triton GEMM on num_ctas CTAs
+    cublas: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class Schedule:
         for s in self.steps:
             if s.partition not in self.partitions or not 0 <= s.part < len(self.partitions[s.partition]) - 1:
                 raise ValueError(f"step {s} names no nano-batch of the schedule's partitions")
+            if s.cublas and (s.op not in GEMM_OPS or s.num_ctas is None):
+                raise ValueError(f"step {s}: cublas applies to a capped GEMM ({sorted(GEMM_OPS)} with num_ctas)")
         partition_of: dict[str, set[str]] = {}
         for s in self.steps:
             partition_of.setdefault(s.op, set()).add(s.partition)
@@ -148,13 +153,21 @@ def _around_attention(op_names: Sequence[str]) -> tuple[list[str], list[str]]:
 # of the SMs (layers/linear.py runs a capped one as a persistent Triton GEMM)
 GEMM_OPS = frozenset({"qkv", "o", "gate_up", "down"})
 
+def cap_gemms(steps: Sequence[Step], ctas: int | None, cublas: bool) -> tuple[Step, ...]:
+    """The steps with every GEMM capped at ctas SMs: cuBLAS with its grid sized for them where
+    cublas (kernels.linear.cublas_sms), else the persistent Triton GEMM on ctas CTAs; None: as they are."""
+    if ctas is None:
+        return tuple(steps)
+    return tuple(replace(s, num_ctas=ctas, cublas=cublas) if s.op in GEMM_OPS else s for s in steps)
+
+
 # what decode attention may run beside in overlap_schedule (its docstring says what each is)
 OVERLAP_ORDERS = ("qkv", "mlp")
 
 
 def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
                      decode_ctas: int | None, attention_parts: Sequence[int] | None = None,
-                     gemm_ctas: int | None = None, beside: str = "qkv") -> Schedule:
+                     gemm_ctas: int | None = None, beside: str = "qkv", cublas: bool = False) -> Schedule:
     """Two nano-batches, decode attention on stream 1 (capped at decode_ctas, issued first so the
     GEMMs fill the remaining SMs) beside the other nano-batch's work on stream 0. `beside` is what
     that work is:
@@ -168,7 +181,8 @@ def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_t
     `attention_parts` splits the attention ops finer (bounds inside [0, max_tokens]); every other op
     runs over [0, split) and [split, max_tokens). gemm_ctas caps the GEMMs issued while a capped
     decode attention may still run, so their tiles fit the SMs left to them instead of a grid sized
-    for the whole GPU; None leaves them to cuBLAS."""
+    for the whole GPU (the persistent Triton GEMM, or cuBLAS sized for them where cublas); None
+    leaves them to cuBLAS on the whole GPU."""
     if beside not in OVERLAP_ORDERS:
         raise ValueError(f"overlap_schedule: beside must be one of {OVERLAP_ORDERS}, got {beside!r}")
     dense = (0, split, max_tokens)
@@ -177,8 +191,8 @@ def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_t
     before, after = _around_attention(op_names)
 
     def dense_steps(ops: Sequence[str], part: int, beside_decode: bool) -> list[Step]:
-        cap = gemm_ctas if beside_decode else None
-        return [Step(op, part, "dense", 0, cap if op in GEMM_OPS else None) for op in ops]
+        steps = [Step(op, part, "dense", 0) for op in ops]
+        return list(cap_gemms(steps, gemm_ctas, cublas)) if beside_decode else steps
 
     def attention(part: int, op: str) -> list[Step]:
         """The attention nano-batches inside this dense nano-batch, decode on stream 1 (capped)."""
@@ -210,12 +224,13 @@ def overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_t
 NETWORK_OPS = frozenset({"attn_all_reduce", "ffn_all_reduce"})
 
 
-def network_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int) -> Schedule:
+def network_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
+                             gemm_ctas: int | None = None, cublas: bool = False) -> Schedule:
     """Two nano-batches under tensor parallelism (issue 13): each all-reduce runs on stream 1, so
     nano-batch 0's all-reduce overlaps nano-batch 1's ops up to its own all-reduce on stream 0, and
     nano-batch 1's overlaps nano-batch 0's next segment (across layers too). Every collective is on
     one stream, in the same order on every rank. Attention runs on stream 0 over the dense
-    nano-batches, uncapped."""
+    nano-batches, uncapped. gemm_ctas: every GEMM capped (cap_gemms), leaving the all-reduce's SMs."""
     dense = (0, split, max_tokens)
     steps: list[Step] = []
     segment: list[str] = []
@@ -229,7 +244,7 @@ def network_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: in
         segment = []
     for part in (0, 1):  # ops after the last all-reduce (none in a tensor-parallel layer)
         steps += [Step(name, part, "dense") for name in segment]
-    return Schedule(min_tokens, max_tokens, {"dense": dense}, tuple(steps))
+    return Schedule(min_tokens, max_tokens, {"dense": dense}, cap_gemms(steps, gemm_ctas, cublas))
 
 
 def tp_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
@@ -256,7 +271,7 @@ def tp_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, mi
 
 
 def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,
-                      decode_ctas: int | None) -> Schedule:
+                      decode_ctas: int | None, gemm_ctas: int | None = None, cublas: bool = False) -> Schedule:
     """Two nano-batches, each on a stream of its own for the whole layer (and so across layers):
     nano-batch 0 on stream 0, nano-batch 1 on stream 1, each with its decode attention capped at
     decode_ctas. Nothing orders the two but the K/V cache (nano-batch 1's attention reads keys
@@ -270,7 +285,9 @@ def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_
     different orders on different ranks and deadlock), and the issue order takes the nano-batches
     in turns a segment at a time (a segment: the ops up to and including an all-reduce), so the
     network stream alternates between them: nano-batch 0's all-reduce runs while nano-batch 1
-    computes its segment, and the other way round."""
+    computes its segment, and the other way round. gemm_ctas: every GEMM capped (cap_gemms), e.g.
+    at the SMs the other nano-batch's decode attention leaves, so that any two kernels of the two
+    streams fit the GPU side by side, as NanoFlow's execution units do."""
     def step(op: str, part: int) -> Step:
         return Step(op, part, "dense", 2 if op in NETWORK_OPS else part,
                     decode_ctas if op == "decode_attention" else None)
@@ -280,5 +297,5 @@ def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_
         segments[-1].append(op)
         if op in NETWORK_OPS:
             segments.append([])
-    steps = tuple(step(op, part) for seg in segments for part in (0, 1) for op in seg)
-    return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, steps)
+    steps = [step(op, part) for seg in segments for part in (0, 1) for op in seg]
+    return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, cap_gemms(steps, gemm_ctas, cublas))

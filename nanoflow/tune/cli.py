@@ -107,6 +107,9 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
                    help="GPU: the measured check times ping-pong split at these fractions of each bucket's top, "
                    "at each profiled SM cap and uncapped (default 0.25,0.375,0.5: on an H200 each won some "
                    "buckets, 0.625 none)")
+    s.add_argument("--gemm-carveout", action="store_true",
+                   help="GPU: also time each capped ping-pong with its GEMMs as cuBLAS sized for the SMs the "
+                   "decode cap leaves (torch's SM carveout), so the two streams' kernels fit the GPU side by side")
     s.add_argument("--split-fractions", type=lambda t: [float(x) for x in t.split(",") if x], default=[0.5],
                    help="tensor parallel: network-overlap candidates split each bucket at these fractions, each "
                    "measured in one engine start (default 0.5)")
@@ -115,6 +118,9 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
                    "other nano-batch's ops) and pingpong (each nano-batch on a stream of its own, decode attention "
                    "capped at each --ctas, default half the SMs; the all-reduces on a third); each split at each "
                    "--split-fractions, each one engine start")
+    s.add_argument("--tp-gemm-ctas", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                   help="tensor parallel: also try each candidate with every GEMM as cuBLAS sized for this many SMs "
+                   "(the SM carveout; e.g. the SMs the decode attention or the all-reduce leaves), comma list")
     s.add_argument("--network-min-tokens", type=int, default=256,
                    help="tensor parallel: buckets above this many tokens get network-overlap candidates")
     s.add_argument("--nccl-ctas", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
@@ -202,7 +208,8 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     tuning = search(profile, min_gain=args.min_gain, time_limit_s=args.time_limit, split_step=args.split_step)
     times: dict[int, dict[str, float]] = {}
     if runner is not None and not args.no_verify:
-        tuning, times = _measure(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits)
+        tuning, times = _measure(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits,
+                                 args.gemm_carveout)
     target = Path(args.output) if args.output else cache_path(profile["key"])
     tuning.pipeline.save(target)
     measured = {b.max_tokens: times[b.max_tokens][b.candidate.describe()] for b in tuning.buckets
@@ -246,8 +253,8 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
     on_gpu = config.device.type == "cuda"
     half = torch.cuda.get_device_properties(config.device).multi_processor_count // 2 if on_gpu else None
     caps = args.ctas or [half]
-    candidates = [TPCandidate(kind, f, cap) for f in args.split_fractions for kind in args.tp_schedules
-                  for cap in (caps if kind == PINGPONG else [None])]
+    candidates = [TPCandidate(kind, f, cap, gemm) for f in args.split_fractions for kind in args.tp_schedules
+                  for cap in (caps if kind == PINGPONG else [None]) for gemm in [None, *args.tp_gemm_ctas]]
     t = tune_tensor_parallel(config, key, candidates, args.network_min_tokens, args.min_gain, args.nccl_ctas,
                              context_len=(args.context_len or 1024) if on_gpu else 0, size_step=args.size_step)
     target = Path(args.output) if args.output else cache_path(key)
@@ -292,7 +299,7 @@ def _check_key(got: dict[str, Any], want: dict[str, Any], path: str) -> None:
 
 
 def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any, min_gain: float,
-             fractions: Sequence[float]) -> tuple[Any, dict[int, dict[str, float]]]:
+             fractions: Sequence[float], gemm_carveout: bool = False) -> tuple[Any, dict[int, dict[str, float]]]:
     """Whole forwards of the workload's steps (serving ones with --decode-fraction serve), timed as
     the profile timed the sequential one. On a GPU, each bucket's candidates (tune.measured: the
     model's pick, sequential, ping-pong at each split fraction and profiled cap) and the fastest
@@ -318,7 +325,8 @@ def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any, m
     forward = lambda tokens, schedule: time_forward(runner, step(tokens), timer, schedule)  # noqa: E731
     if runner.device.type == "cuda":
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
-        m = measured_choice(tuning, names, caps, forward, min_gain, fractions)
+        sms = torch.cuda.get_device_properties(runner.device).multi_processor_count if gemm_carveout else None
+        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms)
         return m.tuning, m.times
     times = {}
     for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):

@@ -28,26 +28,30 @@ class Measured:
 
 
 def measured_candidates(choice: BucketChoice, caps: Sequence[int | None],
-                        fractions: Sequence[float] = (0.5,)) -> list[Candidate]:
+                        fractions: Sequence[float] = (0.5,), num_sms: int | None = None) -> list[Candidate]:
     """Sequential, the model's pick and its cheapest of each other overlap order, and ping-pong split
     at each fraction of the bucket's top (model.split_for) at each cap. Uneven splits matter in a
-    serving step, whose decodes come first and whose prefill chunk is not cut in half."""
+    serving step, whose decodes come first and whose prefill chunk is not cut in half. num_sms: each
+    capped ping-pong also with its GEMMs as cuBLAS sized for the SMs the cap leaves (the two
+    streams' kernels then fit the GPU side by side)."""
     out = [Candidate()]
     if choice.candidate.split is not None:
         out.append(choice.candidate)
     out += [c for c in choice.runners_up if c not in out]
     splits = sorted({s for f in fractions if (s := split_for(choice.min_tokens, choice.max_tokens, f)) is not None})
     out += [Candidate(s, c, PINGPONG) for s in splits for c in caps]
+    if num_sms:
+        out += [Candidate(s, c, PINGPONG, num_sms - c) for s in splits for c in caps if c]
     return out
 
 
 def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | None], time_forward: TimeForward,
-                    min_gain: float, fractions: Sequence[float] = (0.5,)) -> Measured:
+                    min_gain: float, fractions: Sequence[float] = (0.5,), num_sms: int | None = None) -> Measured:
     """The module docstring's check over every bucket of the tuning (op names: the model's layer;
-    fractions: where ping-pong splits a bucket's steps, as measured_candidates)."""
+    fractions and num_sms: as measured_candidates)."""
     buckets, schedules, times = [], [], {}
     for b, schedule in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
-        cands = measured_candidates(b, caps, fractions)
+        cands = measured_candidates(b, caps, fractions, num_sms)
         if len(cands) == 1:  # sequential is the only choice: nothing to time
             buckets.append(b)
             schedules.append(schedule)

@@ -48,21 +48,28 @@ class Candidate:
     # what decode attention overlaps (pipeline.schedule.overlap_schedule), or PINGPONG (each
     # nano-batch on a stream of its own: pingpong_schedule; measured only, the model cannot price it)
     beside: str = "qkv"
+    # GEMMs as cuBLAS sized for this many SMs (pipeline.schedule.cap_gemms; measured only): ping-pong's
+    # all of them, overlap's those beside the capped decode attention; None: all SMs
+    gemm_ctas: int | None = None
 
     def schedule(self, op_names: Sequence[str], min_tokens: int, max_tokens: int) -> Schedule:
         if self.split is None:
             return sequential_schedule(op_names, max_tokens, min_tokens)
         if self.beside == PINGPONG:
-            return pingpong_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas)
-        return overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside)
+            return pingpong_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, self.gemm_ctas,
+                                     cublas=True)
+        return overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside,
+                                gemm_ctas=self.gemm_ctas, cublas=True)
 
     def describe(self) -> str:
         if self.split is None:
             return "sequential"
         cap = f"{self.ctas} CTAs" if self.ctas else "all SMs"
+        gemm = f", GEMMs sized for {self.gemm_ctas} SMs" if self.gemm_ctas else ""
         if self.beside == PINGPONG:
-            return f"2 nano-batches split at {self.split}, each on a stream of its own, decode attention on {cap}"
-        return f"2 nano-batches split at {self.split}, decode attention on {cap} beside the other's {self.beside}"
+            return (f"2 nano-batches split at {self.split}, each on a stream of its own, decode attention on "
+                    f"{cap}{gemm}")
+        return f"2 nano-batches split at {self.split}, decode attention on {cap} beside the other's {self.beside}{gemm}"
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,15 @@ class TPCandidate:
     kind: str = NETWORK
     fraction: float = 0.5
     decode_ctas: int | None = None
+    # every GEMM as cuBLAS sized for this many SMs (pipeline.schedule.cap_gemms), so that it runs in one
+    # wave beside the all-reduce or the other stream's decode attention; None: all SMs
+    gemm_ctas: int | None = None
 
     @property
     def label(self) -> str:
         cap = f" decode@{self.decode_ctas}" if self.kind == PINGPONG and self.decode_ctas else ""
-        return f"{self.kind} {self.fraction:g}{cap}"
+        gemm = f" gemm@{self.gemm_ctas}" if self.gemm_ctas else ""
+        return f"{self.kind} {self.fraction:g}{cap}{gemm}"
 
     def schedule(self, op_names: Sequence[str], lo: int, hi: int) -> Schedule | None:
         """The bucket (lo, hi]'s schedule; None where the split leaves a nano-batch empty."""
@@ -68,8 +72,8 @@ class TPCandidate:
         if split is None:
             return None
         if self.kind == PINGPONG:
-            return pingpong_schedule(op_names, hi, split, lo, self.decode_ctas)
-        return network_overlap_schedule(op_names, hi, split, lo)
+            return pingpong_schedule(op_names, hi, split, lo, self.decode_ctas, self.gemm_ctas, cublas=True)
+        return network_overlap_schedule(op_names, hi, split, lo, self.gemm_ctas, cublas=True)
 
 
 @dataclass(frozen=True)

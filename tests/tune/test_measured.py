@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import synthetic_profiles as sp
 
-from nanoflow.pipeline.schedule import Schedule
+from nanoflow.pipeline.schedule import GEMM_OPS, Schedule
 from nanoflow.tune.measured import measured_candidates, measured_choice
 from nanoflow.tune.model import PINGPONG
 from nanoflow.tune.search import search
@@ -50,6 +50,13 @@ def test_candidates_per_bucket() -> None:
     last = tuning.buckets[-1]
     cands = measured_candidates(last, [44], fractions=(0.375, 0.5, 0.625, 0.75))
     assert [(c.split, c.ctas) for c in cands if c.beside == PINGPONG] == [(384, 44), (512, 44)]
+    # with the SM count: each capped ping-pong again, its GEMMs as cuBLAS sized for the SMs left
+    cands = measured_candidates(last, [44, None], num_sms=132)
+    assert [(c.split, c.ctas, c.gemm_ctas) for c in cands if c.beside == PINGPONG] == [
+        (512, 44, None), (512, None, None), (512, 44, 88)]
+    gemms = [st for st in cands[-1].schedule(sp.NAMES, last.min_tokens, last.max_tokens).steps if st.op in GEMM_OPS]
+    assert len(gemms) == 8 and {(st.num_ctas, st.cublas) for st in gemms} == {(88, True)}
+    assert cands[-1].describe().endswith("decode attention on 44 CTAs, GEMMs sized for 88 SMs")
 
 
 def test_measurement_overturns_the_model() -> None:

@@ -13,8 +13,9 @@ from nanoflow.cli import build_parser
 from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.cuda_graph import token_buckets
-from nanoflow.pipeline.schedule import NETWORK_OPS, Pipeline
+from nanoflow.pipeline.schedule import GEMM_OPS, NETWORK_OPS, Pipeline
 from nanoflow.tune.tensor_parallel import (
+    NETWORK,
     PINGPONG,
     Run,
     TPCandidate,
@@ -70,6 +71,13 @@ def test_candidate_covers_the_ranges_it_can_split():
     assert len(pp.schedules) == 3 and all(s.num_streams == 3 for s in pp.schedules)
     assert {st.num_ctas for s in pp.schedules for st in s.steps if st.op == "decode_attention"} == {66}
     assert TPCandidate(PINGPONG, 0.5, 66).label == "pingpong 0.5 decode@66" and TPCandidate().label == "network 0.5"
+    # GEMMs capped: every GEMM as cuBLAS sized for the SMs given, nothing else changed
+    for kind, cap in ((PINGPONG, 66), (NETWORK, None)):
+        plain, capped = (candidate(NAMES, ranges, TPCandidate(kind, 0.5, cap, gemm), {"tp": 2}) for gemm in (None, 116))
+        for a, b in zip(plain.schedules, capped.schedules, strict=True):
+            assert [(st.num_ctas, st.cublas) for st in b.steps if st.op in GEMM_OPS] == [(116, True)] * 8
+            assert [st for st in a.steps if st.op not in GEMM_OPS] == [st for st in b.steps if st.op not in GEMM_OPS]
+    assert TPCandidate(PINGPONG, 0.5, 66, 66).label == "pingpong 0.5 decode@66 gemm@66"
 
 
 def test_choose_keeps_only_measured_wins():
