@@ -150,8 +150,10 @@ def _around_attention(op_names: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 # the dense GEMMs of a layer (models/llama.py's op names): the ops a schedule may confine to a share
-# of the SMs (layers/linear.py runs a capped one as a persistent Triton GEMM)
+# of the SMs (layers/linear.py runs a capped one as a persistent Triton GEMM; a step marked cublas,
+# as cuBLAS sized for the cap: pipeline.executor)
 GEMM_OPS = frozenset({"qkv", "o", "gate_up", "down"})
+
 
 def cap_gemms(steps: Sequence[Step], ctas: int | None, cublas: bool) -> tuple[Step, ...]:
     """The steps with every GEMM capped at ctas SMs: cuBLAS with its grid sized for them where
