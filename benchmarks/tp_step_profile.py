@@ -36,7 +36,7 @@ def kernel_group(name: str) -> str:
         return "network"
     if "decode" in n or "attention" in n or "prefill" in n:
         return "attention"
-    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "matmul")):
+    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "linear")):
         return "gemm"
     return "other"
 

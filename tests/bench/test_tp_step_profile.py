@@ -27,6 +27,7 @@ def test_kernel_groups() -> None:
     assert group("decode_all_heads_kernel") == "attention"
     assert group("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "gemm"
     assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert group("_persistent_linear_kernel") == "gemm"
     assert group("_rms_norm_kernel") == "other"
 
 
