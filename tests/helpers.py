@@ -3,8 +3,10 @@ supported architecture, written with transformers' save_pretrained."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -153,3 +155,12 @@ def worker_that_dies_before_joining(rank: int, *args) -> None:
     import os
 
     os._exit(3)
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """benchmarks/<name>.py imported as a module (the folder is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

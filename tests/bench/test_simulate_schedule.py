@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import benchmark_module
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("simulate_schedule", REPO / "benchmarks" / "simulate_schedule.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("simulate_schedule")
 
 
 def test_fit_recovers_a_linear_step_cost(tmp_path: Path) -> None:

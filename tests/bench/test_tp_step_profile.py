@@ -4,20 +4,17 @@ group ran, ran alone, and how long the GPU idled (the GPU run is issue 13's diag
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import benchmark_module
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("tp_step_profile", REPO / "benchmarks" / "tp_step_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("tp_step_profile")
 
 
 def test_kernel_groups() -> None:
