@@ -14,14 +14,16 @@ import gc
 import json
 import os
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import pipeline_for
+from helpers import pipeline_for, step_plan
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.bench.dummy_models import DUMMY_CONFIGS
 from nanoflow.executor.distributed import NO_MULTICAST, disable_multicast
+from nanoflow.pipeline.timeline import record_timeline
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
@@ -39,12 +41,15 @@ def _prompts(n: int, vocab: int, max_len: int, seed: int) -> list[dict]:
             for _ in range(n)]
 
 
-def _run(path: str, prompts: list[dict], max_tokens: int, **engine_kwargs) -> tuple[list[list[int]], int]:
-    """Greedy tokens and rank 0's number of graph replays."""
+def _run(path: str, prompts: list[dict], max_tokens: int, after: Callable[[LLM], None] | None = None,
+         **engine_kwargs) -> tuple[list[list[int]], int]:
+    """Greedy tokens and rank 0's number of graph replays; after(llm), if given, runs once they are out."""
     llm = LLM(path, dtype="float32", **engine_kwargs)
     try:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                             use_tqdm=False)
+        if after is not None:
+            after(llm)
         graphs = llm.engine.runner.graphs
         replays = graphs.num_replays if graphs is not None else 0
         if llm.engine.tp is not None:
@@ -73,7 +78,16 @@ def test_tp2_graphs_match_no_graphs_and_one_gpu(tiny_model, tmp_path):
     pipeline_for("llama", 256, tp=True).save(pipeline)
     graphs, replays = _run(path, prompts, 20, tensor_parallel_size=2, **settings)
     launches, no_replays = _run(path, prompts, 20, tensor_parallel_size=2, cuda_graph_max_tokens=0, **settings)
-    piped, piped_replays = _run(path, prompts, 20, tensor_parallel_size=2, pipeline=str(pipeline), **settings)
+
+    def timeline(llm: LLM) -> None:
+        """The timeline of a 50-token step, which no graph fits exactly: eager on both ranks, each
+        holding its GPU first, their all-reduces paired (a padded graph on the worker would hang)."""
+        records = record_timeline(llm.engine.runner, step_plan([20, 5, 40, 9], [(16, 17), (0, 9), (3, 20)]))
+        assert {"attn_all_reduce", "ffn_all_reduce"} <= {r["op"] for r in records}
+        assert max(r["end_ms"] for r in records) < 5.0  # held until queued: no launch gaps in it
+
+    piped, piped_replays = _run(path, prompts, 20, timeline, tensor_parallel_size=2, pipeline=str(pipeline),
+                                **settings)
     one_gpu, _ = _run(path, prompts, 20, **settings)
     assert replays > 0 and piped_replays > 0 and no_replays == 0
     assert graphs == launches
