@@ -129,11 +129,19 @@ def format_table(result: Result) -> str:
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     systems = result["systems"]
-    if "nanoflow-sequential" in systems and systems.get("nanoflow", {}).get("pipeline") == "sequential":
-        lines.append("note: nanoflow ran the sequential schedule too (no pipeline tuned for this GPU, model, dtype, "
-                     "KV dtype, TP size and token budget: `nanoflow tune` with the same engine flags finds one), "
-                     "so nanoflow/nanoflow-sequential compares the schedule with itself")
+    if self_comparison(systems):
+        lines.append(SELF_COMPARISON)
     return "\n".join(lines)
+
+
+SELF_COMPARISON = ("note: nanoflow ran the sequential schedule too (no pipeline tuned for this GPU, model, dtype, "
+                   "KV dtype, TP size and token budget: `nanoflow tune` with the same engine flags finds one), "
+                   "so nanoflow/nanoflow-sequential compares the schedule with itself")
+
+
+def self_comparison(systems: dict[str, Any]) -> bool:
+    """Whether --compare nanoflow-sequential measures the sequential schedule against itself."""
+    return "nanoflow-sequential" in systems and systems.get("nanoflow", {}).get("pipeline") == "sequential"
 
 
 # --- files ---------------------------------------------------------------------------------------

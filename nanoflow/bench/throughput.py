@@ -334,6 +334,8 @@ def run_bench(args: argparse.Namespace) -> int:
                  f"{res['elapsed_s']:.1f} s ({wall:.0f} s with setup)")
         else:
             _say(use_tqdm, f"[bench] {name}: {res['error']} ({wall:.0f} s)")
+        if name == "nanoflow" and report.self_comparison({n: result["systems"].get(n, {}) for n in systems}):
+            _say(use_tqdm, report.SELF_COMPARISON)  # before the second run, not only in the final table
         result["speedups"] = speedups(result["systems"])
         report.write_json(result, json_path)
         stages.update(1)
