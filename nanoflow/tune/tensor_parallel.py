@@ -289,6 +289,8 @@ def tune_tensor_parallel(config: EngineConfig, key: dict[str, Any],
     caps = [default, *dict.fromkeys(c for c in nccl_ctas if c != default)]
     ranges = bucket_ranges(capture_sizes(config.cuda_graph_max_tokens, config.cuda_graph_sizes), min_tokens, size_step)
     tops = [hi for _, hi in ranges]
+    if context_len:  # judged by real steps at the buckets' tops: each start captures those graphs only
+        config = dataclasses.replace(config, cuda_graph_sizes=tuple(tops))  # (~20, not ~250: starts 2-3x faster)
     per_cap: dict[int | None, tuple[Run, dict[TPCandidate, Run], list[BucketChoice]]] = {}
     with tempfile.TemporaryDirectory(prefix="nanoflow-tune-tp-") as tmp:
         workdir = Path(tmp)

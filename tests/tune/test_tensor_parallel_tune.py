@@ -152,6 +152,28 @@ def test_real_steps_judge_against_the_sequential_runs_steps():
     assert all(s.num_streams == 3 for s in pipeline.schedules)
 
 
+def test_real_steps_start_each_run_with_the_bucket_tops_graphs_only(tiny_model, monkeypatch):
+    """Judged by real steps (context_len, a GPU), each start captures only the graphs at the buckets'
+    tops, where the steps are timed; the ranges are still the engine's buckets."""
+    from nanoflow.tune import tensor_parallel as tp
+
+    cfg = EngineConfig.from_args(EngineArgs(model=tiny_model("llama"), max_model_len=256, max_num_batched_tokens=64,
+                                            num_kv_pages=256, tensor_parallel_size=2, skip_tokenizer_init=True))
+    cfg = dataclasses.replace(cfg, enforce_eager=False, cuda_graph_max_tokens=64)
+    seen = []
+
+    def fake_measure(config, pipeline, workdir, context_len, sizes):
+        seen.append((config.cuda_graph_sizes, context_len, list(sizes)))
+        return dataclasses.replace(_run({b: (float(b), float(b)) for b in sizes}),
+                                   step_ms={(b, m): float(b) for b in sizes for m in (True, False)})
+
+    monkeypatch.setattr(tp, "measure", fake_measure)
+    t = tune_tensor_parallel(cfg, {"test": "tp2"}, (TPCandidate(),), min_tokens=16, context_len=1024)
+    tops = [24, 32, 48, 64]
+    assert [(c.min_tokens, c.max_tokens) for c in t.choices] == [(17, 24), (25, 32), (33, 48), (49, 64)]
+    assert seen == [(tuple(tops), 1024, tops)] * 2  # the sequential run and the candidate's
+
+
 def test_cli_refuses_a_profile_under_tensor_parallelism(tiny_model):
     args = build_parser().parse_args(["tune", "--model", tiny_model("llama"), "--device", "cpu",
                                       "--tensor-parallel-size", "2", "--profile-only"])
