@@ -152,6 +152,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     from nanoflow.executor.cuda_graph import capture_sizes
     from nanoflow.executor.model_runner import ModelRunner, pipeline_key
     from nanoflow.pipeline.cache import cache_path
+    from nanoflow.tune.measured import measure_buckets
     from nanoflow.tune.profile import Workload, profile_ops
     from nanoflow.tune.search import search
 
@@ -208,8 +209,8 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     tuning = search(profile, min_gain=args.min_gain, time_limit_s=args.time_limit, split_step=args.split_step)
     times: dict[int, dict[str, float]] = {}
     if runner is not None and not args.no_verify:
-        tuning, times = _measure(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits,
-                                 args.gemm_carveout)
+        tuning, times = measure_buckets(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits,
+                                        args.gemm_carveout)
     target = Path(args.output) if args.output else cache_path(profile["key"])
     tuning.pipeline.save(target)
     measured = {b.max_tokens: times[b.max_tokens][b.candidate.describe()] for b in tuning.buckets
@@ -296,43 +297,6 @@ def _check_key(got: dict[str, Any], want: dict[str, Any], path: str) -> None:
     if diff:
         raise ValueError(f"profile {path!r} was measured for another setup than the engine flags give: " +
                          ", ".join(f"{k}: profile {a!r} vs engine {b!r}" for k, (a, b) in diff.items()))
-
-
-def _measure(runner: Any, profile: dict[str, Any], tuning: Any, workload: Any, min_gain: float,
-             fractions: Sequence[float], gemm_carveout: bool = False) -> tuple[Any, dict[int, dict[str, float]]]:
-    """Whole forwards of the workload's steps (serving ones with --decode-fraction serve), timed as
-    the profile timed the sequential one. On a GPU, each bucket's candidates (tune.measured: the
-    model's pick, sequential, ping-pong at each split fraction and profiled cap) and the fastest
-    kept; on the CPU, where streams run one after the other, only the pipelined picks."""
-    import functools
-
-    import torch
-
-    from nanoflow.tune.measured import measured_choice
-    from nanoflow.tune.profile import step_batch, time_forward
-    from nanoflow.tune.timing import Timer
-
-    t = profile["timer"]
-    timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=True)
-    names = [o["name"] for o in profile["ops"]]
-
-    @functools.cache
-    def step(tokens: int) -> Any:
-        """One built step per bucket, shared by its candidates (building one runs a forward)."""
-        with torch.inference_mode():
-            return step_batch(runner, tokens, workload)[0]
-
-    forward = lambda tokens, schedule: time_forward(runner, step(tokens), timer, schedule)  # noqa: E731
-    if runner.device.type == "cuda":
-        caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
-        sms = torch.cuda.get_device_properties(runner.device).multi_processor_count if gemm_carveout else None
-        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms)
-        return m.tuning, m.times
-    times = {}
-    for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
-        if b.candidate.split is not None:
-            times[b.max_tokens] = {b.candidate.describe(): forward(b.max_tokens, s)}
-    return tuning, times
 
 
 def _print_profile(profile: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nanoflow.pipeline.schedule import Schedule
 from nanoflow.tune.model import PINGPONG, Candidate, split_for
@@ -75,3 +76,41 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
     pipeline = dataclasses.replace(tuning.pipeline, schedules=tuple(schedules))
     pipeline.check(names)
     return Measured(dataclasses.replace(tuning, pipeline=pipeline, buckets=buckets), times)
+
+
+def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, workload: Any, min_gain: float,
+                    fractions: Sequence[float], gemm_carveout: bool = False
+                    ) -> tuple[Tuning, dict[int, dict[str, float]]]:
+    """Whole forwards of the workload's steps (serving ones with --decode-fraction serve), timed as
+    the profile timed the sequential one. On a GPU, each bucket's candidates (measured_candidates: the
+    model's pick, sequential, ping-pong at each split fraction and profiled cap; gemm_carveout: also
+    with its GEMMs sized for the SMs the cap leaves) and the fastest kept (measured_choice); on the
+    CPU, where streams run one after the other, only the pipelined picks."""
+    import functools
+
+    import torch
+
+    from nanoflow.tune.profile import step_batch, time_forward
+    from nanoflow.tune.timing import Timer
+
+    t = profile["timer"]
+    timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=True)
+    names = [o["name"] for o in profile["ops"]]
+
+    @functools.cache
+    def step(tokens: int) -> Any:
+        """One built step per bucket, shared by its candidates (building one runs a forward)."""
+        with torch.inference_mode():
+            return step_batch(runner, tokens, workload)[0]
+
+    forward = lambda tokens, schedule: time_forward(runner, step(tokens), timer, schedule)  # noqa: E731
+    if runner.device.type == "cuda":
+        caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
+        sms = torch.cuda.get_device_properties(runner.device).multi_processor_count if gemm_carveout else None
+        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms)
+        return m.tuning, m.times
+    times = {}
+    for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
+        if b.candidate.split is not None:
+            times[b.max_tokens] = {b.candidate.describe(): forward(b.max_tokens, s)}
+    return tuning, times
