@@ -66,6 +66,19 @@ def overlap_summary(kernels: Iterable[tuple[str, float, float]], steps: int) -> 
             "alone_ms": {k: v / per for k, v in alone.items() if v}}
 
 
+def top_kernels(kernels: Iterable[tuple[str, float, float, str]], steps: int, n: int = 12) -> list[dict[str, Any]]:
+    """The n kernels with the most GPU time per step: name (cut to 80 characters), group, ms and
+    launches per step, mean µs a launch (a stretched all-reduce or GEMM shows here)."""
+    by_name: dict[str, list[float]] = {}
+    group_of: dict[str, str] = {}
+    for g, a, b, name in kernels:
+        by_name.setdefault(name[:80], []).append(b - a)
+        group_of[name[:80]] = g
+    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:n]
+    return [{"kernel": k, "group": group_of[k], "ms_per_step": sum(d) / 1000 / steps,
+             "launches_per_step": len(d) / steps, "mean_us": sum(d) / len(d)} for k, d in rows]
+
+
 def trace_kernels(path: Path) -> list[tuple[str, float, float, str]]:
     """(group, start µs, end µs, name) of every GPU kernel in a chrome trace the profiler wrote."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -111,10 +124,14 @@ def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repe
             kernels = trace_kernels(trace)
             summary = overlap_summary([(g, a, b) for g, a, b, _ in kernels], repeats)
             summary["kernels_per_step"] = len(kernels) / repeats
+            summary["top_kernels"] = top_kernels(kernels, repeats)
             results[str(tokens)] = summary
             print(f"{tokens:>6} tokens: step {summary['step_ms']:.2f} ms, idle {summary['idle_ms']:.2f}; busy " +
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["busy_ms"].items()) + "; alone " +
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["alone_ms"].items()), flush=True)
+            for row in summary["top_kernels"][:6]:
+                print(f"        {row['ms_per_step']:7.2f} ms  {row['launches_per_step']:6.0f} x "
+                      f"{row['mean_us']:7.1f} us  {row['group']:<9} {row['kernel']}", flush=True)
     finally:
         if group:
             group.shutdown()

@@ -41,6 +41,15 @@ def test_overlap_summary_over_two_steps() -> None:
     assert summary([], steps=1)["step_ms"] == 0.0
 
 
+def test_top_kernels_per_step() -> None:
+    kernels = [("gemm", 0, 100, "nvjet_a"), ("network", 100, 130, "nccl_b"), ("gemm", 200, 300, "nvjet_a"),
+               ("network", 300, 310, "nccl_b")]
+    rows = _module().top_kernels(kernels, steps=2)
+    assert [(r["kernel"], r["group"], r["launches_per_step"]) for r in rows] == [("nvjet_a", "gemm", 1.0),
+                                                                               ("nccl_b", "network", 1.0)]
+    assert rows[0]["ms_per_step"] == pytest.approx(0.1) and rows[1]["mean_us"] == pytest.approx(20)
+
+
 def test_trace_kernels_reads_the_profilers_trace(tmp_path: Path) -> None:
     events = [{"cat": "kernel", "name": "nvjet_x", "ts": 10.0, "dur": 5.0},
               {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 1.0},
