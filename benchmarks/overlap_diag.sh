@@ -25,7 +25,7 @@ run() {
   echo "=== $name (limit ${cap}s): $*"
   timeout "$cap" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc=$?" | tee -a "$OUT/summary.txt"
-  grep -v "CUDA graphs:" "$OUT/$name.log" | tail -3
+  grep -v "CUDA graphs:" "$OUT/$name.log" | tail -16
 }
 
 B="--bounds 256,512,1024,2048"
