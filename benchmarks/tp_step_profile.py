@@ -116,17 +116,21 @@ def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repe
             with torch.inference_mode():
                 issue(3)
                 sync()
+                replays = runner.graphs.num_replays if runner.graphs is not None else 0
                 with profile(activities=[activity]) as prof:
                     issue(repeats)
                     sync()
+                replays = (runner.graphs.num_replays if runner.graphs is not None else 0) - replays
             trace = out / f"trace_{tokens}{'_mixed' if mixed else ''}.json.gz"
             prof.export_chrome_trace(str(trace))
             kernels = trace_kernels(trace)
             summary = overlap_summary([(g, a, b) for g, a, b, _ in kernels], repeats)
             summary["kernels_per_step"] = len(kernels) / repeats
+            summary["graph_replays_per_step"] = replays / repeats  # 1: each step replayed a graph (0: eager)
             summary["top_kernels"] = top_kernels(kernels, repeats)
             results[str(tokens)] = summary
-            print(f"{tokens:>6} tokens: step {summary['step_ms']:.2f} ms, idle {summary['idle_ms']:.2f}; busy " +
+            print(f"{tokens:>6} tokens ({replays} of {repeats} steps from graphs): step {summary['step_ms']:.2f} ms, "
+                  f"idle {summary['idle_ms']:.2f}; busy " +
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["busy_ms"].items()) + "; alone " +
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["alone_ms"].items()), flush=True)
             for row in summary["top_kernels"][:6]:

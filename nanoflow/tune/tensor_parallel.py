@@ -32,6 +32,7 @@ CPU, or context_len 0) the graphs are compared within a run, as before.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 import time
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ from nanoflow.tune.model import PINGPONG, split_for
 Key = tuple[int, bool, bool]  # GraphRunner's (bucket, mixed, pipelined)
 NETWORK = "network"
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TPCandidate:
@@ -247,11 +250,15 @@ def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int 
             plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
             issue(plan, warmup)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            replays = runner.graphs.num_replays
             start.record()
             issue(plan, repeats)
             end.record()
             end.synchronize()
             out[(bucket, mixed)] = start.elapsed_time(end) / repeats
+            if runner.graphs.num_replays - replays != repeats:  # an eager step's time is its launches'
+                log.warning("tune: %d of %d timed %d-token %s steps ran eagerly, not from a graph", repeats -
+                            (runner.graphs.num_replays - replays), repeats, bucket, "mixed" if mixed else "decode")
     return out
 
 
