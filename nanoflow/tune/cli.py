@@ -145,7 +145,6 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
 def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | None = None,
              peak_tflops: Callable[[torch.device], float] | None = None) -> int:
     """peak_tflops: measures the GEMM rate of a GPU, recorded in the profile (None: not recorded)."""
-    import torch
 
     from nanoflow.config import EngineConfig
     from nanoflow.engine_args import EngineArgs, engine_kwargs
@@ -186,8 +185,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         sizes = sorted({n for n in sizes if 0 < n <= budget})
         if not sizes:
             raise ValueError(f"no nano-batch size within the token budget ({budget})")
-        sms = torch.cuda.get_device_properties(config.device).multi_processor_count if on_gpu else 0
-        ctas = args.ctas if args.ctas is not None else sorted({c for c in (sms // 3, sms // 2) if c})
+        ctas = args.ctas if args.ctas is not None else default_decode_caps(config.device, tensor_parallel=False)
         serve = args.decode_fraction == "serve"
         workload = Workload(args.context_len or (1024 if on_gpu else 32), 1.0 if serve else args.decode_fraction,
                             args.prefill_chunk or (512 if on_gpu else 8), args.shuffle_pages,
@@ -236,7 +234,6 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
 def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> int:
     """Network overlap for the TP size at hand, chosen by measuring each candidate in an engine start
     (tune/tensor_parallel.py): graph replays, and on a GPU real steps with --context-len decodes."""
-    import torch
 
     from nanoflow.executor.model_runner import pipeline_key
     from nanoflow.pipeline.cache import cache_path, describe_key
@@ -252,8 +249,7 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
     if unknown:
         raise ValueError(f"--tp-schedules: unknown kinds {sorted(unknown)} (network, pingpong)")
     on_gpu = config.device.type == "cuda"
-    half = torch.cuda.get_device_properties(config.device).multi_processor_count // 2 if on_gpu else None
-    caps = args.ctas or [half]
+    caps = args.ctas or default_decode_caps(config.device, tensor_parallel=True)
     candidates = [TPCandidate(kind, f, cap, gemm) for f in args.split_fractions for kind in args.tp_schedules
                   for cap in (caps if kind == PINGPONG else [None]) for gemm in [None, *args.tp_gemm_ctas]]
     t = tune_tensor_parallel(config, key, candidates, args.network_min_tokens, args.min_gain, args.nccl_ctas,
@@ -269,6 +265,19 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
           tensor_parallel=True)
     print(f"\npipeline: {target} ({len(t.pipeline.schedules)} pipelined buckets; report {report})")
     return 0
+
+
+def default_decode_caps(device: Any, tensor_parallel: bool) -> list[int | None]:
+    """The decode attention SM caps tried when --ctas names none: a third and half of the SMs on one
+    GPU (where profiling one more costs seconds; on an H200 half won), half alone under tensor
+    parallelism (where each one more is an engine start per candidate); on the CPU none (one, uncapped,
+    under TP)."""
+    import torch
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    if tensor_parallel:
+        return [sms // 2 or None]
+    return sorted({c for c in (sms // 3, sms // 2) if c})
 
 
 def _resolve_model(args: argparse.Namespace,
