@@ -21,7 +21,6 @@ import argparse
 import gzip
 import json
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -89,77 +88,39 @@ def trace_kernels(path: Path) -> list[tuple[str, float, float, str]]:
             for e in events if e.get("cat") == "kernel" and "dur" in e]
 
 
-class Timer:
-    """ms between entering and leaving, by CUDA events on the current stream (perf_counter on the CPU)."""
-
-    def __init__(self, device: Any) -> None:
-        self.on_gpu, self.ms = device.type == "cuda", 0.0
-
-    def __enter__(self) -> Timer:
-        import torch
-
-        if self.on_gpu:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.on_gpu:
-            self.end.record()
-            self.end.synchronize()
-            self.ms = self.start.elapsed_time(self.end)
-        else:
-            self.ms = (time.perf_counter() - self.t0) * 1000
-
-
 def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repeats: int, out: Path) -> dict[str, Any]:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from nanoflow.executor.distributed import TensorParallelGroup
     from nanoflow.executor.model_runner import ModelRunner
     from nanoflow.tune.profile import Workload, mixed_plan
+    from nanoflow.tune.tensor_parallel import time_plan
 
     # --tp 1: the same steps on one GPU, where the ping-pong pipeline wins (the picture to compare with)
     group = TensorParallelGroup.start(config) if config.tensor_parallel_size > 1 else None
     results = {}
     try:
         runner = ModelRunner(group.config, group.par) if group else ModelRunner(config)
-        on_gpu = runner.device.type == "cuda"  # the CPU: a smoke test, with no kernels to report
-        sync = torch.cuda.synchronize if on_gpu else lambda: None
-        activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
+        # the CPU: a smoke test, with no kernels to report
+        activity = ProfilerActivity.CUDA if runner.device.type == "cuda" else ProfilerActivity.CPU
         for tokens in sizes:
             plan = mixed_plan(tokens, Workload(context, 0.25 if mixed else 1.0), runner.arch.vocab_size,
                               runner.num_pages, runner.config.max_model_len)
-
-            def issue(n: int, plan: Any = plan) -> None:  # back to back, as the engine issues steps
-                for _ in range(n):
-                    runner.par.broadcast_object(plan.for_workers())
-                    runner.forward(runner.build(plan))
-
-            with torch.inference_mode():
-                issue(3)
-                sync()
-                replays = runner.graphs.num_replays if runner.graphs is not None else 0
-                timer = Timer(runner.device)
-                with profile(activities=[activity]) as prof, timer:
-                    issue(repeats)
-                replays = (runner.graphs.num_replays if runner.graphs is not None else 0) - replays
+            prof = profile(activities=[activity])
+            step_ms, eager = time_plan(runner, plan, 3, repeats, around=prof)
             trace = out / f"trace_{tokens}{'_mixed' if mixed else ''}.json.gz"
             prof.export_chrome_trace(str(trace))
             kernels = trace_kernels(trace)
             summary = overlap_summary([(g, a, b) for g, a, b, _ in kernels], repeats)
-            # the step time by CUDA events, which holds even where the trace has no kernels (if the
-            # profiler does not see a graph's kernels, the groups above come back empty)
-            summary["event_step_ms"] = timer.ms / repeats
+            # the step time by CUDA events (time_plan), which holds even where the trace has no kernels
+            # (if the profiler does not see a graph's kernels, the groups above come back empty)
+            summary["event_step_ms"] = step_ms
             summary["kernels_per_step"] = len(kernels) / repeats
-            summary["graph_replays_per_step"] = replays / repeats  # 1: each step replayed a graph (0: eager)
+            summary["graph_replays_per_step"] = 1 - eager / repeats  # 1: each step replayed a graph (0: eager)
             summary["top_kernels"] = top_kernels(kernels, repeats)
             results[str(tokens)] = summary
-            print(f"{tokens:>6} tokens ({replays} of {repeats} steps from graphs): step {summary['event_step_ms']:.2f} "
-                  f"ms (kernels span {summary['step_ms']:.2f}), idle {summary['idle_ms']:.2f}; busy " +
+            print(f"{tokens:>6} tokens ({repeats - eager} of {repeats} steps from graphs): step {step_ms:.2f} ms "
+                  f"(kernels span {summary['step_ms']:.2f}), idle {summary['idle_ms']:.2f}; busy " +
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["busy_ms"].items()) + "; alone " +
                   ", ".join(f"{k} {v:.2f}" for k, v in summary["alone_ms"].items()), flush=True)
             for row in summary["top_kernels"][:6]:

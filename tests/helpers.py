@@ -152,8 +152,6 @@ def pipeline_for(arch: str, max_tokens: int, tp: bool = False):
 def worker_that_dies_before_joining(rank: int, *args) -> None:
     """A tensor-parallel worker (TensorParallelGroup.start's `worker`) that exits before it joins the
     process group, as one would whose GPU or imports fail."""
-    import os
-
     os._exit(3)
 
 

@@ -272,9 +272,9 @@ def default_decode_caps(device: Any, tensor_parallel: bool) -> list[int | None]:
     GPU (where profiling one more costs seconds; on an H200 half won), half alone under tensor
     parallelism (where each one more is an engine start per candidate); on the CPU none (one, uncapped,
     under TP)."""
-    import torch
+    from nanoflow.kernels.attention_common import num_sms
 
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    sms = num_sms(device.index or 0) if device.type == "cuda" else 0
     if tensor_parallel:
         return [sms // 2 or None]
     return sorted({c for c in (sms // 3, sms // 2) if c})

@@ -90,6 +90,7 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
 
     import torch
 
+    from nanoflow.kernels.attention_common import num_sms
     from nanoflow.tune.profile import step_batch, time_forward
     from nanoflow.tune.timing import Timer
 
@@ -106,7 +107,7 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
     forward = lambda tokens, schedule: time_forward(runner, step(tokens), timer, schedule)  # noqa: E731
     if runner.device.type == "cuda":
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
-        sms = torch.cuda.get_device_properties(runner.device).multi_processor_count if gemm_carveout else None
+        sms = num_sms(runner.device.index or 0) if gemm_carveout else None
         m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms)
         return m.tuning, m.times
     times = {}

@@ -31,11 +31,13 @@ CPU, or context_len 0) the graphs are compared within a run, as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,8 @@ from nanoflow.tune.model import PINGPONG, split_for
 Key = tuple[int, bool, bool]  # GraphRunner's (bucket, mixed, pipelined)
 NETWORK = "network"
 
-
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TPCandidate:
@@ -229,37 +231,56 @@ def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int 
                repeats: int = 5) -> dict[tuple[int, bool], float]:
     """GPU ms of a real step per graph (bucket, mixed) of the given sizes: decodes at context_len
     (spread as tune.profile's; a mixed graph's step a quarter decodes, the rest prompt chunks),
-    issued by rank 0 as the engine issues steps and run by every rank, so the time holds the
-    all-reduces' waits. The graph that runs it is the engine's own choice (a pipelined one where
-    the pipeline covers the bucket). The timed steps are issued back to back, as the engine does:
-    a step timed alone would also hold a worker's time to read, build and launch its plan, which
-    the engine hides behind the step before (rank 0 waits on it at the first all-reduce)."""
-    import torch
-
+    timed by time_plan. The graph that runs it is the engine's own choice (a pipelined one where
+    the pipeline covers the bucket)."""
     from nanoflow.tune.profile import Workload, mixed_plan
 
-    def issue(plan: Any, n: int) -> None:
+    out = {}
+    for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b in sizes}):
+        w = Workload(context_len, 0.25 if mixed else 1.0)
+        plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
+        out[(bucket, mixed)], eager = time_plan(runner, plan, warmup, repeats)
+        if eager:  # an eager step's time is its launches'
+            log.warning("tune: %d of %d timed %d-token %s steps ran eagerly, not from a graph", eager, repeats,
+                        bucket, "mixed" if mixed else "decode")
+    return out
+
+
+def time_plan(runner: Any, plan: Any, warmup: int, repeats: int,
+              around: AbstractContextManager[Any] | None = None) -> tuple[float, int]:
+    """(ms a step, steps not replayed from a graph) of `repeats` steps of the plan, issued by rank
+    0 as the engine issues a step and run by every rank, so the time holds the all-reduces' waits;
+    issued back to back, as the engine does: a step timed alone would also hold a worker's time to
+    read, build and launch its plan, which the engine hides behind the step before (rank 0 waits on
+    it at the first all-reduce). CUDA events on a GPU, the wall clock on the CPU. around: a context
+    entered around the timed steps only (benchmarks/tp_step_profile.py's profiler)."""
+    import torch
+
+    def issue(n: int) -> None:
         for _ in range(n):
             runner.par.broadcast_object(plan.for_workers())
             runner.forward(runner.build(plan))
 
-    out = {}
+    on_gpu = runner.device.type == "cuda"
+    def replays() -> int:
+        return runner.graphs.num_replays if runner.graphs is not None else 0
+
     with torch.inference_mode():  # the graphs' static inputs are inference tensors
-        for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b in sizes}):
-            w = Workload(context_len, 0.25 if mixed else 1.0)
-            plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
-            issue(plan, warmup)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            replays = runner.graphs.num_replays
-            start.record()
-            issue(plan, repeats)
-            end.record()
-            end.synchronize()
-            out[(bucket, mixed)] = start.elapsed_time(end) / repeats
-            if runner.graphs.num_replays - replays != repeats:  # an eager step's time is its launches'
-                log.warning("tune: %d of %d timed %d-token %s steps ran eagerly, not from a graph", repeats -
-                            (runner.graphs.num_replays - replays), repeats, bucket, "mixed" if mixed else "decode")
-    return out
+        issue(warmup)
+        if on_gpu:
+            torch.cuda.synchronize(runner.device)
+        before = replays()
+        with around or contextlib.nullcontext():
+            if on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            issue(repeats)
+            if on_gpu:
+                end.record()
+                end.synchronize()
+            ms = start.elapsed_time(end) if on_gpu else (time.perf_counter() - t0) * 1000
+    return ms / repeats, repeats - (replays() - before)
 
 
 @dataclass
