@@ -42,6 +42,8 @@ from nanoflow.kernels.decode_common import (
     work_item,
 )
 
+REDUCE_HEADS = 16  # q heads per work item of the reduce kernel: a 16 x 128 fp32 tile is 16 registers a thread
+
 
 def paged_decode_attention_ref(
     q: torch.Tensor,
@@ -171,42 +173,45 @@ def _decode_reduce_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, num_seqs_ptr, out_ptr,
     num_q_heads, num_parts, partition, sliding_window,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Merges the partitions of each (seq, q head); persistent like the main kernel."""
+    """Merges the partitions of each (seq, block of BLOCK_H q heads); persistent like the main
+    kernel. Why blocks of heads: with one head per work item a capped grid's few programs each took
+    dozens of dependent load rounds (132 programs, 256 sequences x 16 heads: 72 us a launch beside a
+    GEMM, TP2 on an H200, where the attention itself took 113); a [BLOCK_H, HEAD_DIM] tile per
+    partition takes BLOCK_H times fewer."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_p = tl.arange(0, BLOCK_P)
-    for w in tl.range(pid, tl.load(num_seqs_ptr) * num_q_heads, nprog):
-        b = w // num_q_heads
-        h = w % num_q_heads
+    offs_h = tl.arange(0, BLOCK_H)
+    head_blocks = tl.cdiv(num_q_heads, BLOCK_H)
+    for w in tl.range(pid, tl.load(num_seqs_ptr) * head_blocks, nprog):
+        b = w // head_blocks
+        h = (w % head_blocks) * BLOCK_H + offs_h
+        h_mask = h < num_q_heads
         seq_len = tl.load(seq_lens_ptr + b)
         lo = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
-        # exactly the partitions the main kernel wrote
+        # exactly the partitions the main kernel wrote: each holds >= 1 token, so its m is finite
         p_lo = lo // partition
         p_hi = tl.minimum(tl.cdiv(seq_len, partition), num_parts)
-        m = tl.full([], float("-inf"), dtype=tl.float32)
-        l_sum = tl.zeros([], dtype=tl.float32)
-        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        base = tl.cast(w, tl.int64) * num_parts
-        for p0 in tl.range(p_lo, p_hi, BLOCK_P):
-            p = p0 + offs_p
-            p_mask = p < p_hi
-            m_p = tl.load(part_m_ptr + base + p, mask=p_mask, other=float("-inf"))
-            l_p = tl.load(part_l_ptr + base + p, mask=p_mask, other=0.0)
-            a_p = tl.load(
-                part_acc_ptr + (base + p)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=p_mask[:, None], other=0.0,
-            )  # fmt: skip
-            m_new = tl.maximum(m, tl.max(m_p, 0))  # finite: each chunk has >= 1 written partition
+        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+        rows = (tl.cast(b, tl.int64) * num_q_heads + h) * num_parts
+        for p in tl.range(p_lo, p_hi):
+            m_p = tl.load(part_m_ptr + rows + p, mask=h_mask, other=0.0)  # 0, not -inf: no NaN lanes
+            l_p = tl.load(part_l_ptr + rows + p, mask=h_mask, other=0.0)
+            a_p = tl.load(part_acc_ptr + (rows + p)[:, None] * HEAD_DIM + offs_d[None, :],
+                          mask=h_mask[:, None], other=0.0)
+            m_new = tl.maximum(m, m_p)
             alpha = tl.exp2(m - m_new)
             w_p = tl.exp2(m_p - m_new)
-            acc = acc * alpha + tl.sum(a_p * w_p[:, None], 0)
-            l_sum = l_sum * alpha + tl.sum(l_p * w_p, 0)
+            acc = acc * alpha[:, None] + a_p * w_p[:, None]
+            l_sum = l_sum * alpha + l_p * w_p
             m = m_new
-        o = acc / tl.where(l_sum > 0, l_sum, 1.0)
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+        o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        tl.store(out_ptr + b * stride_ob + h[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
 
 
 def paged_decode_attention(
@@ -267,7 +272,10 @@ def paged_decode_attention(
     # work items per (sequence, partition): one per kv head, or one per block of kv heads
     heads_per_item = cfg.kv_heads_per_item if cfg.all_heads else 1
     num_head_blocks = triton.cdiv(Hkv, heads_per_item)
-    part, num_parts = decode_plan(B, num_head_blocks, max_context, grid_cap, cfg)
+    # a work counter balances the load itself: one item per program is enough (the split costs a
+    # reduce launch, which on a capped grid beside a GEMM is slow)
+    dynamic = gated or (cfg.all_heads and cfg.dynamic)
+    part, num_parts = decode_plan(B, num_head_blocks, max_context, grid_cap, cfg, items_per_cta=1 if dynamic else 2)
     split = num_parts > 1
     if split:
         part_acc = torch.empty(B, Hq, num_parts, D, device=q.device, dtype=torch.float32)
@@ -303,7 +311,6 @@ def paged_decode_attention(
         # SMs that have fewer than gate_ctas_per_sm; the rest exit at once (gate_counts counts them).
         grid = 2 * cfg.gate_ctas_per_sm * sms if gate else min(num_work, grid_cap)
         # the work counter (and, gated on the GPU, the gate's SM claims: see the kernel)
-        dynamic = gated or cfg.dynamic
         if gate and gate_counts is not None:
             assert gate_counts.shape == (2 + 2 * sms,) and gate_counts.dtype == torch.int32
             counter = gate_counts.zero_()
@@ -325,10 +332,11 @@ def paged_decode_attention(
             BLOCK_G=max(16, triton.next_power_of_2(group)), **shared,
         )  # fmt: skip
     if split:
-        _decode_reduce_kernel[(min(B * Hq, grid_cap),)](
+        block_h = min(triton.next_power_of_2(Hq), REDUCE_HEADS)
+        _decode_reduce_kernel[(min(B * triton.cdiv(Hq, block_h), grid_cap),)](
             part_acc, part_m, part_l, seq_lens, num_seqs, out,
             Hq, num_parts, part, window,
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_P=16, num_warps=4,
+            HEAD_DIM=D, BLOCK_H=block_h, num_warps=4,
         )  # fmt: skip
     return out

@@ -147,14 +147,14 @@ def default_config(batch: int, num_kv_heads: int, fp8_cache: bool) -> DecodeConf
 
 
 def decode_plan(
-    batch: int, num_kv_heads: int, max_context: int, grid_cap: int, cfg: DecodeConfig
+    batch: int, num_kv_heads: int, max_context: int, grid_cap: int, cfg: DecodeConfig, items_per_cta: int = 2
 ) -> tuple[int, int]:
     """(partition_size, num_parts) from host-known shapes only, so CUDA graphs can capture it."""
     if cfg.partition_size is not None:
         part = triton.cdiv(cfg.partition_size, cfg.block_n) * cfg.block_n
     else:
-        # split until there are >= 2 items per CTA (load balance), but not below min_partition
-        want = max(1, triton.cdiv(2 * grid_cap, batch * num_kv_heads))
+        # split until there are >= items_per_cta items per CTA (load balance), but not below min_partition
+        want = max(1, triton.cdiv(items_per_cta * grid_cap, batch * num_kv_heads))
         part = triton.cdiv(triton.cdiv(max_context, want), cfg.block_n) * cfg.block_n
         part = max(part, triton.cdiv(cfg.min_partition, cfg.block_n) * cfg.block_n)
     part = min(part, triton.cdiv(max_context, cfg.block_n) * cfg.block_n)

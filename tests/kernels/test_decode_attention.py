@@ -104,6 +104,9 @@ def test_decode_plan_splits_long_contexts_only() -> None:
     assert parts > 1 and part * parts >= 32768 and part % cfg.block_n == 0
     assert decode_plan(batch=256, num_kv_heads=8, max_context=1024, grid_cap=264, cfg=cfg)[1] == 1
     assert decode_plan(batch=4, num_kv_heads=8, max_context=16, grid_cap=264, cfg=cfg) == (64, 1)
+    # a kernel with a work counter balances itself: 256 items for 132 programs need no split
+    assert decode_plan(batch=256, num_kv_heads=1, max_context=1024, grid_cap=132, cfg=cfg)[1] == 2
+    assert decode_plan(batch=256, num_kv_heads=1, max_context=1024, grid_cap=132, cfg=cfg, items_per_cta=1)[1] == 1
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
