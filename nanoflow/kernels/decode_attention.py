@@ -263,18 +263,18 @@ def paged_decode_attention(
     if B == 0:
         return out
     gated = cfg.all_heads and cfg.sm_gate and num_ctas is not None
+    # a work counter balances the load itself: one item per program is enough (the split costs a
+    # reduce launch, which on a capped grid beside a GEMM is slow)
+    dynamic = gated or (cfg.all_heads and cfg.dynamic)
     if num_ctas is None:
         on_gpu = q.is_cuda
         grid_cap = cfg.ctas_per_sm * num_sms(q.device.index or 0) if on_gpu else 1 << 30
-    else:  # gated: num_ctas SMs, gate_ctas_per_sm programs on each
-        grid_cap = max(1, num_ctas) * (cfg.gate_ctas_per_sm if gated else 1)
+    else:  # with a counter: a share of num_ctas SMs, gate_ctas_per_sm programs for each
+        grid_cap = max(1, num_ctas) * (cfg.gate_ctas_per_sm if dynamic else 1)
     max_context = page_tables.shape[1] * page_size
     # work items per (sequence, partition): one per kv head, or one per block of kv heads
     heads_per_item = cfg.kv_heads_per_item if cfg.all_heads else 1
     num_head_blocks = triton.cdiv(Hkv, heads_per_item)
-    # a work counter balances the load itself: one item per program is enough (the split costs a
-    # reduce launch, which on a capped grid beside a GEMM is slow)
-    dynamic = gated or (cfg.all_heads and cfg.dynamic)
     part, num_parts = decode_plan(B, num_head_blocks, max_context, grid_cap, cfg, items_per_cta=1 if dynamic else 2)
     split = num_parts > 1
     if split:

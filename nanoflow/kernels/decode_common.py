@@ -130,6 +130,16 @@ class DecodeConfig:
 CAPPED = DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, num_warps=4, num_stages=5,
                       gate_smid_stride=2)
 
+# The capped kernel under tensor parallelism: the same all-heads kernel without the SM gate, a grid of
+# gate_ctas_per_sm programs per SM of the share placed wherever the GPU has room, taking work items
+# from a counter (late programs take fewer). The gate's share is the SMs that have room when its
+# programs land, so where the all-reduces' spinning CTAs and the other stream's GEMMs hold most SMs it
+# forms on a few and stays there: on 2 H200s (Llama-2-70B TP2, fp8, 1,024 decodes, ping-pong on 66
+# SMs) each decode attention took 1,797 us gated against 410 ungated, the step 645 ms against 157
+# (sequential: 165); Llama-3-8B 1.14x / 1.08x over sequential at 1,024 / 512 decodes (gated 1.03x /
+# 0.82x); benchmarks/results/tp2_overlap_diag_h200_20261130/.
+CAPPED_TP = DecodeConfig(all_heads=True, dynamic=True, kv_heads_per_item=4, num_warps=4, num_stages=5)
+
 # An fp8 cache's decodes on all SMs when there are many of them: the all-heads kernel, 4 kv heads a
 # work item, one 2-D dot, 5 stages. H200, kernel_check 2026-11-30 (fifth stop), TB/s of fp8 cache:
 # at 512 x 1,024 3.22 against the per-head default's 2.41; at 256 x 1,024 2.25 against 2.36 (too
