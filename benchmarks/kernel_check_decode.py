@@ -136,9 +136,9 @@ class DecodeChecks:
             F = lambda n, st: G(kv_heads_per_item=4, batched_dot=False, gate_ctas_per_sm=n, num_stages=st)
             gated += [G(kv_heads_per_item=4, num_stages=3), G(kv_heads_per_item=8, num_stages=3),
                       F(2, 5), F(3, 5), F(4, 3), F(2, 7)]
-            # the share on even SM ids only (the engine's CAPPED): alone the same bytes in fp8, but
+            # the share on even SM ids only (GATED_EVEN): alone the same bytes in fp8, but
             # the bf16 kernel is bandwidth-bound, and a share spread over the GPU may move more
-            gated += [dk.CAPPED, dataclasses.replace(F(3, 5), gate_smid_stride=2)]
+            gated += [dk.GATED_EVEN, dataclasses.replace(F(3, 5), gate_smid_stride=2)]
         kinds = {"per_head": per_head, "all_heads": all_heads, "gated": gated}
         default_cfg = dataclasses.asdict(C())
         nan = float("nan")

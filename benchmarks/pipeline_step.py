@@ -28,7 +28,7 @@ from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.kernels import decode_attention as dk
-from nanoflow.kernels.decode_attention import CAPPED, DecodeConfig
+from nanoflow.kernels.decode_attention import CAPPED, GATED_EVEN, DecodeConfig
 from nanoflow.kernels.decode_common import FP8_MANY
 from nanoflow.layers.op import run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
@@ -37,13 +37,15 @@ from nanoflow.tune.timing import Timer
 
 # decode kernel configs for the capped grid (DecodeAttention.capped_config)
 CAPPED_KERNELS = {"per_head": DecodeConfig(), "all_heads": DecodeConfig(all_heads=True),
-                  # the engine's default: two programs on each SM of the share
-                  "gated": CAPPED,
+                  # the engine's default: two programs per SM of the share, from a counter
+                  "counter": CAPPED,
+                  # the same behind the SM gate, even SM ids (the default until 2026-11-30)
+                  "gated": GATED_EVEN,
                   # the 2-D dot, three programs an SM (kernel_check's gated sweep)
                   "gated_2d": DecodeConfig(all_heads=True, sm_gate=True, kv_heads_per_item=4, batched_dot=False,
                                            gate_ctas_per_sm=3, num_warps=4, num_stages=5),
                   # the gate taking any SM first-come (the engine's takes even SM ids only)
-                  "gated_any": dataclasses.replace(CAPPED, gate_smid_stride=1),
+                  "gated_any": dataclasses.replace(GATED_EVEN, gate_smid_stride=1),
                   # no gate: the fp8 all-SM default's shape on num_ctas programs, striding or from the counter
                   "heads4": FP8_MANY, "heads4_dynamic": dataclasses.replace(FP8_MANY, dynamic=True)}
 

@@ -56,12 +56,17 @@ def decode_all_heads_kernel(
         # set could leave the work to the few programs that happened to land there. The first
         # program on an SM claims it (state 3 while it decides, then 1 = in the share, 2 = not);
         # the others on that SM wait the few cycles that takes. At most ctas_per_sm run on one SM.
+        # An SM off the stride joins while the share is empty: where another kernel fills every SM
+        # on the stride (the other nano-batch's gated decode, launched a few us earlier), every
+        # program of this launch lands off it, and without this they all left with the work undone
+        # (H200, ping-pong on 66 SMs: a 447-decode attention "ran" in 12 us). The share may then be
+        # one SM, so the gate is correct but not robust beside other kernels: CAPPED has no gate.
         smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         state_ptr = work_counter_ptr + 2 + smid
         state = tl.atomic_cas(state_ptr, 0, 3)
         if state == 0:
             state = 2
-            if smid % smid_stride == 0:
+            if smid % smid_stride == 0 or tl.atomic_add(work_counter_ptr + 1, 0) == 0:
                 if tl.atomic_add(work_counter_ptr + 1, 1) < share:
                     state = 1
             tl.atomic_xchg(state_ptr, state)

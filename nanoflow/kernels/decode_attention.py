@@ -30,8 +30,8 @@ from nanoflow.kernels.attention_common import (
     token_offsets,
 )
 from nanoflow.kernels.decode_all_heads import decode_all_heads_kernel
-from nanoflow.kernels.decode_common import CAPPED as CAPPED  # the capped-grid defaults, for callers of this module
-from nanoflow.kernels.decode_common import CAPPED_TP as CAPPED_TP
+from nanoflow.kernels.decode_common import CAPPED as CAPPED  # the capped-grid default, for callers of this module
+from nanoflow.kernels.decode_common import GATED_EVEN as GATED_EVEN  # the gated one before it
 from nanoflow.kernels.decode_common import (
     DecodeConfig,
     decode_plan,

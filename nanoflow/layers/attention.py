@@ -63,12 +63,12 @@ class RopeKVWrite:
 class DecodeAttention:
     """The batch's first num_decodes rows: one query each, over its sequence's pages."""
 
-    def __init__(self, shape: AttentionShape, enforce_eager: bool, tensor_parallel: bool = False) -> None:
+    def __init__(self, shape: AttentionShape, enforce_eager: bool,
+                 capped_config: dk.DecodeConfig = dk.CAPPED) -> None:
         self.shape, self.enforce_eager = shape, enforce_eager
         # the kernel config on a capped grid (beside a GEMM in a pipeline), where the work each CTA
-        # keeps in flight decides the rate; on all SMs the default config. Under tensor parallelism
-        # no SM gate (decode_common.CAPPED_TP says why).
-        self.capped_config = dk.CAPPED_TP if tensor_parallel else dk.CAPPED
+        # keeps in flight decides the rate; on all SMs the default config
+        self.capped_config = capped_config
 
     def metadata(self, batch: ForwardBatch) -> ForwardBatch:
         """The batch with its decode count on the device (the Triton kernel reads it there, so a

@@ -55,7 +55,7 @@ class DecoderLayer(nn.Module):
         shape = AttentionShape(par.split(arch.num_heads, "num_attention_heads"),
                                par.split(arch.num_kv_heads, "num_key_value_heads"), hd, arch.sliding_window)
         self.rope_kv_write = RopeKVWrite(shape, enforce_eager)
-        self.decode_attention = DecodeAttention(shape, enforce_eager, tensor_parallel=par.size > 1)
+        self.decode_attention = DecodeAttention(shape, enforce_eager)
         self.prefill_attention = PrefillAttention(shape, enforce_eager)
         self.o_proj = RowParallelLinear(arch.num_heads * hd, H, arch.o_bias, dtype, par)
         self.post_attention_layernorm = RMSNorm(H, arch.rms_norm_eps, dtype, enforce_eager)

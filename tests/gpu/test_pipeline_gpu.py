@@ -4,25 +4,37 @@ import random
 
 import pytest
 import torch
-from helpers import pipeline_for
+from helpers import layer_op_names, pipeline_for
 
 from nanoflow import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def pingpong_half_the_sms(arch: str, max_tokens: int):
+    """Ping-pong over every size from 2 tokens, each nano-batch's decode attention on half the SMs:
+    the two capped decode kernels launch a few us apart on two streams, as the tuned pipelines run."""
+    from nanoflow.kernels.attention_common import num_sms
+    from nanoflow.pipeline.schedule import Pipeline, pingpong_schedule
+
+    names, half = layer_op_names(arch), num_sms(0) // 2
+    return Pipeline((pingpong_schedule(names, 49, 1, 2, decode_ctas=half),
+                     pingpong_schedule(names, max_tokens, 48, 50, decode_ctas=half)), {"test": arch}, "tests")
+
+
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager-launch"])
-def test_pipeline_matches_sequential_fp32(tiny_model, tmp_path, arch, graphs):
-    """Two streams, decode attention capped on the second: the same greedy tokens as the sequential
-    schedule (fp32; the same kernels run on each row either way)."""
+@pytest.mark.parametrize("kind", ["mixed", "pingpong-half"])
+def test_pipeline_matches_sequential_fp32(tiny_model, tmp_path, arch, graphs, kind):
+    """Two streams, decode attention capped: the same greedy tokens as the sequential schedule
+    (fp32; the same kernels run on each row either way)."""
     path = tiny_model(arch)
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 380) for _ in range(rng.randrange(5, 200))]}
-               for _ in range(24)]
+               for _ in range(24 if kind == "mixed" else 96)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     pipeline = tmp_path / "pipeline.json"
-    pipeline_for(arch, 256).save(pipeline)
+    (pipeline_for(arch, 256) if kind == "mixed" else pingpong_half_the_sms(arch, 256)).save(pipeline)
     runs = {}
     for name in ("off", str(pipeline)):
         llm = LLM(path, dtype="float32", max_model_len=512, max_num_batched_tokens=256, num_kv_pages=2048,

@@ -11,6 +11,8 @@ from paged_cache import FP8, PAGE, f32, fp8_and_widened, out_rows, paged_cache, 
 from nanoflow.kernels import decode_attention
 from nanoflow.kernels.attention_common import i32_offsets
 from nanoflow.kernels.decode_attention import (
+    CAPPED,
+    GATED_EVEN,
     DecodeConfig,
     gate_census,
     paged_decode_attention,
@@ -119,6 +121,36 @@ def test_decode_real_shapes(num_ctas: int | None, kernel: str, assert_rel) -> No
     out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 128**-0.5, num_ctas=num_ctas, config=on(kernel))
     q32, k32, v32 = f32(q, k_cache, v_cache)
     assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 128**-0.5), torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("cfg", [CAPPED, GATED_EVEN], ids=["counter", "gated_even"])
+def test_two_capped_decodes_at_once_both_do_their_work(cfg: DecodeConfig, assert_rel) -> None:
+    """Ping-pong's two nano-batches launch their capped decode attention a few us apart on two
+    streams, each on half the SMs. The gated kernel once left the second launch's work undone (every
+    SM on its stride held by the first, all its programs left): both outputs must match the reference."""
+    from nanoflow.kernels.attention_common import num_sms
+
+    half = num_sms(0) // 2
+    runs = []
+    for n in (448, 192):
+        lens = [1000 + 7 * i for i in range(n)]
+        k_cache, v_cache, tables = paged_cache(lens, 8, 128, torch.bfloat16, "cuda")
+        seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
+        q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+        runs.append((q, k_cache, v_cache, tables, seq_lens, torch.full_like(q, float("nan"))))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(5):  # the race is timing-dependent: several tries, each output checked
+        torch.cuda.synchronize()
+        for (q, kc, vc, tables, seq_lens, out), stream in zip(runs, streams, strict=True):
+            out.fill_(float("nan"))
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                paged_decode_attention(q, kc, vc, tables, seq_lens, 128**-0.5, num_ctas=half, out=out, config=cfg)
+        torch.cuda.synchronize()
+        for q, kc, vc, tables, seq_lens, out in runs:
+            q32, k32, v32 = f32(q, kc, vc)
+            assert_rel(out, paged_decode_attention_ref(q32, k32, v32, tables, seq_lens, 128**-0.5), torch.bfloat16)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
