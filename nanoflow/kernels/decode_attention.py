@@ -240,7 +240,8 @@ def paged_decode_attention(
     the others untouched: a CUDA graph captured for B rows then serves every smaller batch. A
     sequence with seq_len 0 gets zeros. No host syncs: CUDA-graph capturable.
     config.all_heads=True runs the all-heads kernel instead (same arguments and results); with
-    config.sm_gate and num_ctas, num_ctas is a share of the SMs, each running gate_ctas_per_sm programs;
+    config.sm_gate or config.dynamic and num_ctas, num_ctas is a share of the SMs and the grid
+    gate_ctas_per_sm programs for each (the gate keeps them on the share's SMs, the counter does not);
     gate_counts (int32, 2 + 2 * SMs, on the GPU), if given, is the gate's scratch, zeroed here and left
     as the launch left it: [work items taken + programs, SMs claimed, each SM's state (1: in the share),
     each SM's programs] (a census of where the programs landed, for benchmarks).
