@@ -32,6 +32,8 @@ KERNELS = {
     "all_heads_gated": {"all_heads": True, "sm_gate": True},
     # the 2-D dot behind the gate, three programs an SM (its registers allow it: benchmarks/decode_sass.py)
     "all_heads_gated_2d": {"all_heads": True, "sm_gate": True, "batched_dot": False, "gate_ctas_per_sm": 3},
+    # the engine's capped-grid kernel, as the pipeline launches it
+    "capped": {k: v for k, v in dataclasses.asdict(CAPPED).items() if v != getattr(DecodeConfig(), k)},
 }
 
 
