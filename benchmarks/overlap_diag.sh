@@ -8,6 +8,8 @@
 #      under TP2 (symm-mem) and on one GPU.
 #
 #   OUT=DIR bash benchmarks/overlap_diag.sh      # DIAG_TOTAL_S (560), DIAG_TOKENS (512,1024)
+#   PACK=1: everything but summary.txt into DIR/results.tgz (a device call brings back few files; the
+#   profiles' chrome traces are left out of it)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -49,3 +51,7 @@ profile tp1_seq 1 off
 profile tp1_pp66 1 "$OUT/pp66_1.json"
 profile tp1_pp66g 1 "$OUT/pp66g_1.json"
 echo "=== done"; cat "$OUT/summary.txt"
+if [[ ${PACK:-0} == 1 ]]; then
+  find "$OUT" -name "trace_*.json.gz" -delete
+  bash benchmarks/pack_results.sh "$OUT" summary.txt
+fi
