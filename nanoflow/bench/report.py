@@ -129,9 +129,43 @@ def format_table(result: Result) -> str:
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     systems = result["systems"]
+    lines.extend(agreement_line(n, a) for n, a in output_agreement(systems).items())
     if self_comparison(systems):
         lines.append(SELF_COMPARISON)
     return "\n".join(lines)
+
+
+# output tokens per request the bench keeps (run_engine's "output_heads") to compare engine runs
+OUTPUT_HEAD = 8
+
+
+def output_agreement(systems: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per engine run beside nanoflow: of the requests both completed, the share whose greedy output
+    starts with nanoflow's first token, and with its first OUTPUT_HEAD. The same weights and prompts
+    give the same greedy tokens up to rounding (a nano-batch's GEMMs have other shapes than the whole
+    batch's, so 16-bit runs may part ways after a few tokens); a fast path that skips or garbles work
+    parts them at once, which throughput alone does not show (the gated decode kernel of 2026-11-30
+    left one nano-batch's attention undone while the bench reported a 1.28x gain)."""
+    ref = systems.get("nanoflow", {}).get("output_heads")
+    agreement: dict[str, dict[str, float]] = {}
+    for name, s in systems.items():
+        heads = s.get("output_heads")
+        if name == "nanoflow" or not ref or not heads or len(heads) != len(ref):
+            continue
+        pairs = [(a, b) for a, b in zip(ref, heads, strict=True) if a and b]
+        if pairs:
+            agreement[name] = {"requests": len(pairs),
+                               "first_token": sum(a[0] == b[0] for a, b in pairs) / len(pairs),
+                               "first_tokens": sum(a == b for a, b in pairs) / len(pairs)}
+    return agreement
+
+
+def agreement_line(name: str, a: dict[str, float]) -> str:
+    line = (f"outputs: {name} starts as nanoflow in {a['first_token']:.1%} of {a['requests']} requests "
+            f"(first token), {a['first_tokens']:.1%} (first {OUTPUT_HEAD})")
+    if a["first_tokens"] < 0.5:
+        line += "; most part ways within a few tokens: one of the two runs computes something else"
+    return line
 
 
 SELF_COMPARISON = ("note: nanoflow ran the sequential schedule too (no pipeline tuned for this GPU, model, dtype, "

@@ -209,6 +209,8 @@ def run_engine(
         "worker_gpu_idle": engine.tp.worker_gpu_idle() if engine.tp is not None else None,
         "step_timeline": engine.stats.timeline_columns(),
         "triton_compiles_during_run": {"count": len(compiled), "examples": [c[:400] for c in compiled[:5]]},
+        # each request's first output tokens (None: it failed), to compare runs (report.output_agreement)
+        "output_heads": [None if o.error else list(o.outputs[0].token_ids[:report.OUTPUT_HEAD]) for o in outputs],
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                             if device.type == "cuda" else None),
     })
@@ -337,6 +339,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if name == "nanoflow" and report.self_comparison({n: result["systems"].get(n, {}) for n in systems}):
             _say(use_tqdm, report.SELF_COMPARISON)  # before the second run, not only in the final table
         result["speedups"] = speedups(result["systems"])
+        result["agreement"] = report.output_agreement(result["systems"])
         report.write_json(result, json_path)
         stages.update(1)
     stages.close()

@@ -81,6 +81,11 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         assert all(t > 0 for t in timeline["host_launch_ms"]) and all(t >= 0 for t in timeline["host_wait_ms"])
         assert s["allocator"] == {}  # the CUDA allocator's driver calls: none off a GPU
     assert result["systems"]["sequential"]["options"] == {"enforce_eager": True, "pipeline": "off"}
+    # fp32 on the CPU, both eager: the same greedy tokens, request by request
+    assert all(len(h) == report.OUTPUT_HEAD for h in result["systems"]["nanoflow"]["output_heads"])
+    assert result["agreement"] == {"sequential": {"requests": 8, "first_token": 1.0, "first_tokens": 1.0}}
+    assert "outputs: sequential starts as nanoflow in 100.0% of 8 requests (first token), 100.0% (first 8)" \
+        in proc.stdout
     hf = result["systems"]["hf"]
     assert (hf["batch_sizes"], hf["shape"], hf["padding_efficiency"]) == ([8], "requests", 1)
     assert hf["padded_tokens"] == 8 * (32 + 16) and "hf: 1 batch of up to 8, 100% of the computed" in proc.stdout
@@ -228,3 +233,13 @@ def test_tensor_parallel_systems_each_in_their_own_process(tmp_path: Path, tiny_
     note = "so nanoflow/nanoflow-sequential compares the schedule with itself"
     # said before the second system starts, and again under the table
     assert out.count(note) == 2 and out.index(note) < out.index("[bench] nanoflow-sequential: running")
+
+
+def test_output_agreement_counts_requests_both_runs_completed() -> None:
+    heads = [[1, 2, 3], [4, 5, 6], None, [7, 8, 9]]
+    systems = {"nanoflow": {"output_heads": heads},
+               "nanoflow-sequential": {"output_heads": [[1, 2, 3], [4, 0, 0], [1, 1, 1], [0, 8, 9]]},
+               "hf": {"status": "ok"}}  # keeps no output tokens: not compared
+    got = report.output_agreement(systems)
+    assert got == {"nanoflow-sequential": {"requests": 3, "first_token": 2 / 3, "first_tokens": 1 / 3}}
+    assert "part ways" in report.agreement_line("nanoflow-sequential", got["nanoflow-sequential"])
