@@ -33,7 +33,7 @@ from nanoflow.kernels.decode_common import FP8_MANY
 from nanoflow.layers.op import run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import overlap_schedule, pingpong_schedule
-from nanoflow.tune.timing import Timer
+from nanoflow.tune.timing import Timer, graph_replay_error
 
 # decode kernel configs for the capped grid (DecodeAttention.capped_config)
 CAPPED_KERNELS = {"per_head": DecodeConfig(), "all_heads": DecodeConfig(all_heads=True),
@@ -141,34 +141,13 @@ def main() -> None:
                     print(f"{kernel} {beside} split {split} ctas {ctas} gemm {gemm_ctas}: {type(e).__name__}: "
                           f"{str(e)[:300]}", flush=True)
                     continue
-                err = replay_error(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)), want)
+                err = graph_replay_error(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)), want)
                 rows.append({"kernel": kernel, "beside": beside, "split": split, "decode_ctas": ctas,
                              "gemm_ctas": gemm_ctas, "priority": priority, "ms": ms, "speedup": seq_ms / ms,
                              "rel_error": err})
                 print(f"{kernel:9s} {beside:3s} {priority:6s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: "
                       f"{ms:.2f} ms ({seq_ms / ms:.3f}x), rel. error {err:.2g}", flush=True)
     save()
-
-
-def replay_error(fn: Any, want: torch.Tensor) -> float:
-    """The largest relative error of fn's output against want over three CUDA-graph replays of fn,
-    the step as the timer ran it. Why replays: a kernel that skips work only when it races the other
-    stream (the gated decode kernel of 2026-11-30, which left the second of two concurrent launches
-    undone) shows there and may not in one eager call; bf16 rounding alone stays near 1e-2."""
-    rel = lambda out: ((out.float() - want.float()).norm() / want.float().norm()).item()  # noqa: E731
-    graph = torch.cuda.CUDAGraph()  # fn is warm: the timer has just replayed it
-    try:
-        with torch.cuda.graph(graph):
-            out = fn()
-    except RuntimeError:  # not capturable (the timer then ran it eagerly too): one eager call
-        return rel(fn())
-    errors = []
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        errors.append(rel(out))
-    del graph
-    return max(errors)
 
 
 def caps(text: str) -> list[int | None]:

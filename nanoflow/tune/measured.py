@@ -4,7 +4,9 @@ order), and the schedules the model cannot price (each nano-batch on a stream of
 `pingpong_schedule`, at a few splits, each profiled SM cap and uncapped); the fastest measured one
 is kept if it beats the sequential forward by min_gain, else the sequential schedule. The model
 prices the candidates it knows to choose among hundreds; the measurement has the last word, so a
-model error can cost a bucket its gain but not make it slower than sequential.
+model error can cost a bucket its gain but not make it slower than sequential. A candidate is kept
+only if its forward also computes what the sequential one does (on the GPU, over graph replays): a
+fast path that skips work is fast, and the gated decode kernel of 2026-11-30 won its buckets so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from nanoflow.tune.search import BucketChoice, Tuning
 
 # ms of one forward of `tokens` tokens through `schedule` (None: the sequential walk)
 TimeForward = Callable[[int, Schedule | None], float]
+# the relative error of that forward's output against the sequential walk's, same step
+CheckForward = Callable[[int, Schedule], float]
+# bf16 rounding where nano-batches change the GEMMs' shapes stays far below this; work left undone does not
+MAX_REL_ERROR = 0.1
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,11 @@ def measured_candidates(choice: BucketChoice, caps: Sequence[int | None],
 
 
 def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | None], time_forward: TimeForward,
-                    min_gain: float, fractions: Sequence[float] = (0.5,), num_sms: int | None = None) -> Measured:
+                    min_gain: float, fractions: Sequence[float] = (0.5,), num_sms: int | None = None,
+                    check_forward: CheckForward | None = None) -> Measured:
     """The module docstring's check over every bucket of the tuning (op names: the model's layer;
-    fractions and num_sms: as measured_candidates)."""
-    buckets, schedules, times = [], [], {}
+    fractions and num_sms: as measured_candidates; check_forward: the output check, None: none)."""
+    buckets, schedules, times, notes = [], [], {}, []
     for b, schedule in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
         cands = measured_candidates(b, caps, fractions, num_sms)
         if len(cands) == 1:  # sequential is the only choice: nothing to time
@@ -62,9 +69,17 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
               for c in cands}
         times[b.max_tokens] = ms
         seq = ms[Candidate().describe()]
-        best = min(cands, key=lambda c: ms[c.describe()])
-        if best.split is not None and ms[best.describe()] >= seq * (1 - min_gain):
-            best = Candidate()
+        best = Candidate()
+        for c in sorted(cands, key=lambda c: ms[c.describe()]):  # the fastest that is right, if it gains
+            if c.split is None or ms[c.describe()] >= seq * (1 - min_gain):
+                break
+            err = 0.0 if check_forward is None else check_forward(b.max_tokens, c.schedule(names, b.min_tokens,
+                                                                                             b.max_tokens))
+            if err <= MAX_REL_ERROR:
+                best = c
+                break
+            notes.append(f"{b.min_tokens}-{b.max_tokens} tokens: {c.describe()} measured "
+                         f"{seq / ms[c.describe()]:.2f}x but its output is off by {err:.2g} (relative): not kept")
         if best == b.candidate:
             buckets.append(b)
             schedules.append(schedule)
@@ -75,7 +90,8 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
         schedules.append(dataclasses.replace(best.schedule(names, b.min_tokens, b.max_tokens), predicted_ms=predicted))
     pipeline = dataclasses.replace(tuning.pipeline, schedules=tuple(schedules))
     pipeline.check(names)
-    return Measured(dataclasses.replace(tuning, pipeline=pipeline, buckets=buckets), times)
+    tuning = dataclasses.replace(tuning, pipeline=pipeline, buckets=buckets, notes=[*tuning.notes, *notes])
+    return Measured(tuning, times)
 
 
 def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, workload: Any, min_gain: float,
@@ -91,7 +107,7 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
     import torch
 
     from nanoflow.kernels.attention_common import num_sms
-    from nanoflow.tune.profile import step_batch, time_forward
+    from nanoflow.tune.profile import forward_error, step_batch, time_forward
     from nanoflow.tune.timing import Timer
 
     t = profile["timer"]
@@ -108,7 +124,8 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
     if runner.device.type == "cuda":
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
         sms = num_sms(runner.device.index or 0) if gemm_carveout else None
-        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms)
+        check = lambda tokens, schedule: forward_error(runner, step(tokens), schedule)  # noqa: E731
+        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms, check)
         return m.tuning, m.times
     times = {}
     for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):

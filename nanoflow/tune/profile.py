@@ -35,7 +35,7 @@ from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.op import Buffers, run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.pipeline.schedule import GEMM_OPS, Schedule
-from nanoflow.tune.timing import Timer, kept_fractions
+from nanoflow.tune.timing import Timer, graph_replay_error, kept_fractions
 
 PROFILE_VERSION = 1
 DECODE, PREFILL = "decode_attention", "prefill_attention"
@@ -247,3 +247,16 @@ def time_forward(runner: ModelRunner, batch: ForwardBatch, timer: Timer, schedul
         ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
         parts = ex.split(batch, model.prepare)
         return timer.ms(lambda: model(batch, lambda layer_ops, bufs: ex.run(layer_ops, bufs, parts)))
+
+
+def forward_error(runner: ModelRunner, batch: ForwardBatch, schedule: Schedule) -> float:
+    """How far one forward of the step through `schedule`'s pipeline is from the sequential walk's
+    (relative, over CUDA-graph replays: timing.graph_replay_error)."""
+    with torch.inference_mode():
+        model = runner.model
+        want = model(batch).clone()
+        ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+        parts = ex.split(batch, model.prepare)
+        run = lambda: model(batch, lambda layer_ops, bufs: ex.run(layer_ops, bufs, parts))  # noqa: E731
+        run()  # warm: kernels compiled, the allocator's pools filled, before the capture
+        return graph_replay_error(run, want)

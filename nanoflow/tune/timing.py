@@ -222,3 +222,27 @@ def kept_fractions(alone_a: float, reps_a: int, alone_b: float, reps_b: int,
         kept_a, kept_b = (work_a - (together_a - together_b)) / overlap, work_b / overlap
     clamp = lambda x: min(1.5, max(0.02, x))
     return clamp(kept_a), clamp(kept_b)
+
+
+def graph_replay_error(fn: Callable[[], torch.Tensor], want: torch.Tensor, replays: int = 3) -> float:
+    """The largest relative error (norm of the difference over want's norm) of fn's output over
+    `replays` CUDA-graph replays of fn, as the timer runs it; fn must be warm. Why replays, not one
+    eager call: a kernel that skips work only when it races the other stream (the gated decode kernel
+    of 2026-11-30 left the second of two concurrent launches undone) shows in the timed replays and
+    may not in an eager call. A call that cannot be captured is checked once, eagerly."""
+    def rel(out: torch.Tensor) -> float:
+        return ((out.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except RuntimeError:
+        return rel(fn())
+    errors = []
+    for _ in range(replays):
+        graph.replay()
+        torch.cuda.synchronize()
+        errors.append(rel(out))
+    del graph
+    return max(errors)

@@ -83,3 +83,25 @@ def test_no_gain_by_the_margin_keeps_sequential() -> None:
     clock, _ = _clock(10.0, 8.0, {44: 9.0, None: 9.0})
     m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01)
     assert m.tuning.buckets == tuning.buckets and m.tuning.pipeline == tuning.pipeline
+
+
+def test_a_fast_candidate_whose_output_is_off_is_not_kept() -> None:
+    tuning, names = _tuning(0.9, 0.9)
+    clock, _ = _clock(10.0, 10.5, {44: 8.0, None: 9.0})
+    checked: list[int | None] = []
+
+    def check(tokens: int, schedule: Schedule) -> float:
+        """Ping-pong on 44 SMs computes something else (as the gated kernel did); uncapped is right."""
+        cap = next(s.num_ctas for s in schedule.steps if s.op == "decode_attention")
+        checked.append(cap)
+        return 0.8 if cap == 44 else 1e-3
+
+    m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01, check_forward=check)
+    assert checked == [44, None, 44, None]  # per bucket: the fastest, then the next; sequential never
+    for b in m.tuning.buckets[1:]:
+        assert (b.candidate.beside, b.candidate.ctas) == (PINGPONG, None)
+    assert sum("off by 0.8" in n and "not kept" in n for n in m.tuning.notes) == 2
+    # a wrong candidate that is the only one gaining leaves the bucket sequential
+    clock, _ = _clock(10.0, 10.5, {44: 8.0, None: 10.2})
+    m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01, check_forward=check)
+    assert all(b.candidate.split is None for b in m.tuning.buckets)
