@@ -42,6 +42,8 @@
 #   MOE_TOKENS           token counts the moe step tunes (default "640 2048": 512x512's decode steps, full steps)
 #   TUNE_ARGS            `nanoflow tune` arguments for the tune step (default "--repeats 5": the tune's own
 #                        defaults, serving steps, buckets from 256 tokens, decode on a third and half of the SMs)
+#   GPU_TESTS            pytest arguments for the tests step instead of every GPU test (they take ~5 minutes),
+#                        e.g. "tests/gpu/test_pipeline_gpu.py tests/kernels/test_decode_attention.py -k capped"
 #   TESTS_S, KERNELS_S, SHARE_S, STEP_S, MOE_S, TUNE_S, TRACE_S, FIXED_S   per-step caps in seconds
 #                        (default 200, 150, 200, 240, 300, 300, 200, 200; the GPU tests take over 90 s)
 
@@ -104,7 +106,13 @@ run_step() {
 }
 
 pytest_gpu() {
-  # Kernel tests (GPU cases included), tests/gpu if the lead added it, and tests marked gpu elsewhere.
+  # Kernel tests (GPU cases included), tests/gpu if the lead added it, and tests marked gpu elsewhere;
+  # GPU_TESTS (pytest arguments) runs just those instead.
+  if [[ -n ${GPU_TESTS:-} ]]; then
+    # shellcheck disable=SC2086  # GPU_TESTS is an argument list
+    python -m pytest $GPU_TESTS -q --no-header -p no:cacheprovider
+    return
+  fi
   local dirs=(tests/kernels) rc=0
   [[ -d tests/gpu ]] && dirs+=(tests/gpu)
   python -m pytest "${dirs[@]}" -q --no-header -p no:cacheprovider || rc=$?
