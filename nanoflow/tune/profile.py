@@ -241,22 +241,24 @@ def time_forward(runner: ModelRunner, batch: ForwardBatch, timer: Timer, schedul
     """Milliseconds of one forward of a step (step_batch's), through `schedule`'s pipeline executor
     (None: the sequential walk): what the search predicted, measured."""
     with torch.inference_mode():
-        model = runner.model
-        if schedule is None:
-            return timer.ms(lambda: model(batch))
-        ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
-        parts = ex.split(batch, model.prepare)
-        return timer.ms(lambda: model(batch, lambda layer_ops, bufs: ex.run(layer_ops, bufs, parts)))
+        return timer.ms(_forward(runner, batch, schedule))
 
 
 def forward_error(runner: ModelRunner, batch: ForwardBatch, schedule: Schedule) -> float:
     """How far one forward of the step through `schedule`'s pipeline is from the sequential walk's
     (relative, over CUDA-graph replays: timing.graph_replay_error)."""
     with torch.inference_mode():
-        model = runner.model
-        want = model(batch).clone()
-        ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
-        parts = ex.split(batch, model.prepare)
-        run = lambda: model(batch, lambda layer_ops, bufs: ex.run(layer_ops, bufs, parts))  # noqa: E731
+        want = runner.model(batch).clone()
+        run = _forward(runner, batch, schedule)
         run()  # warm: kernels compiled, the allocator's pools filled, before the capture
         return graph_replay_error(run, want)
+
+
+def _forward(runner: ModelRunner, batch: ForwardBatch, schedule: Schedule | None) -> Callable[[], torch.Tensor]:
+    """One forward of the step through the schedule's pipeline executor (None: the sequential walk)."""
+    model = runner.model
+    if schedule is None:
+        return lambda: model(batch)
+    ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
+    parts = ex.split(batch, model.prepare)
+    return lambda: model(batch, lambda layer_ops, bufs: ex.run(layer_ops, bufs, parts))
