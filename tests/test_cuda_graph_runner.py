@@ -156,6 +156,18 @@ def test_pipelined_replay_equals_forward(runner_and_graphs, pipelined_graphs, de
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_pipelined_false_selects_the_sequential_graph(runner_and_graphs, pipelined_graphs) -> None:
+    """StepPlan.sequential (the TP tune's output check): the same step through the sequential graph
+    of the bucket that a pipelined graph would otherwise take."""
+    runner, fast, _ = runner_and_graphs
+    batch = fast.prepare(runner._build_batch(step_plan([33, 1, 17, 64, 2, 9, 100], [(0, 1)])))
+    piped, seq = pipelined_graphs.select(batch), pipelined_graphs.select(batch, pipelined=False)
+    assert piped[2] and not seq[2] and (seq[0], seq[1]) == (piped[0], piped[1])
+    with torch.inference_mode():
+        torch.testing.assert_close(pipelined_graphs.run(batch, seq), pipelined_graphs.run(batch, piped),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_a_batch_too_small_for_a_pipelined_bucket_takes_another(pipelined_graphs, runner_and_graphs) -> None:
     runner, fast, _ = runner_and_graphs
     one = fast.prepare(runner._build_batch(step_plan([9], [])))

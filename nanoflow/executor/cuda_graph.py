@@ -243,11 +243,12 @@ class GraphRunner:
         end.synchronize()
         return start.elapsed_time(end) / reps
 
-    def select(self, batch: ForwardBatch) -> Key | None:
-        """The graph that runs this batch: a pipelined one if any fits, else the fastest sequential
-        one it fits; None: run it eagerly."""
+    def select(self, batch: ForwardBatch, pipelined: bool = True) -> Key | None:
+        """The graph that runs this batch: a pipelined one if any fits (pipelined=False: none), else
+        the fastest sequential one it fits; None: run it eagerly."""
         n, mixed, shapes = batch.num_tokens, batch.num_prefills > 0, batch.shapes()
         fits = [key for key in self.graphs if key[1] == mixed and key[0] >= n >= self.min_tokens[key]
+                and (pipelined or not key[2])
                 and pads_acceptably(key[0], n, self.padding_row_cost) and _fits(shapes, self.capacity[key])]
         piped = [key for key in fits if key[2]]
         return min(piped or fits, key=self.replay_ms.__getitem__) if fits else None

@@ -247,7 +247,7 @@ def run_worker(config: EngineConfig, par: ParallelState, owns_group: bool) -> No
                 idle.start()
             if plan.eager:  # rank 0 is timing its ops (pipeline.timeline): hold as it holds
                 hold_gpu(runner.device)
-            runner.forward(batch, plan.eager)
+            runner.forward(batch, plan.eager, plan.sequential)
             if idle is not None:
                 idle.end()
     runner.release_graphs()

@@ -78,7 +78,10 @@ class ModelRunner:
         self.num_pages = self.par.min(self._decide_num_pages())  # the same pool (page ids) on every rank
         kv_heads = self.arch.num_kv_heads // self.par.size
         shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+        # zeros, not whatever the allocator held: a slot no step has written (the synthetic contexts of
+        # the tune and the benchmarks) reads alike on every rank and in every run, and never as NaN
+        # (~40 ms for a 114 GiB pool on an H200)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler(self.device, config.seed)
@@ -194,17 +197,18 @@ class ModelRunner:
             batch.input_ids[idx] = self.par.broadcast(tokens)
         return batch
 
-    def forward(self, batch: ForwardBatch, eager: bool = False) -> torch.Tensor | None:
+    def forward(self, batch: ForwardBatch, eager: bool = False, sequential: bool = False) -> torch.Tensor | None:
         """The model forward and the logits of the rows that sample (None when none does). eager:
-        no graph, the pipeline's schedule for the batch's size run op by op (StepPlan.eager)."""
-        key = self.graphs.select(batch) if self.graphs is not None and not eager else None
+        no graph, the pipeline's schedule for the batch's size run op by op (StepPlan.eager);
+        sequential: the sequential schedule, pipeline or not (StepPlan.sequential)."""
+        key = self.graphs.select(batch, pipelined=not sequential) if self.graphs is not None and not eager else None
         hidden = self.graphs.run(batch, key) if key is not None else None
         if hidden is None:
             # beside captured graphs, a step that fits none runs sequentially: pipelines are tuned as
             # graph replays, and launched eagerly a second stream's kernels and events cost host time
             # the GPU then waits for (an H200, ping-pong, ~600-token steps: 8.8 ms idle of 59.6).
             # Without graphs (--enforce-eager, --cuda-graph-max-tokens 0, the CPU) they run eagerly.
-            ex = self.executor_for(batch.num_tokens) if self.graphs is None or eager else None
+            ex = self.executor_for(batch.num_tokens) if (self.graphs is None or eager) and not sequential else None
             walk = partial(ex.run, parts=ex.split(batch, self.model.prepare)) if ex else None
             hidden = self.model(batch, walk)
         if batch.logits_indices.shape[0] == 0:

@@ -42,6 +42,9 @@ class StepPlan:
     # rank 0 times an eager forward's ops, and every rank must issue the same collectives, of the
     # same sizes, which a worker's graph replay, padded to its bucket, would not)
     eager: bool = False
+    # the sequential schedule even where the pipeline covers the step (nanoflow tune -tp's output
+    # check: the same step through both, every rank alike)
+    sequential: bool = False
 
     def for_workers(self) -> StepPlan:
         """What the other ranks need: the forward's inputs, not the sampling (generators stay here)."""

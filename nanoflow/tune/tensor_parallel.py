@@ -46,6 +46,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.executor.cuda_graph import bucket_ends, capture_sizes
 from nanoflow.executor.isolated import run_isolated
 from nanoflow.pipeline.schedule import Pipeline, Schedule, network_overlap_schedule, pingpong_schedule
+from nanoflow.tune.measured import MAX_REL_ERROR
 from nanoflow.tune.model import PINGPONG, split_for
 
 Key = tuple[int, bool, bool]  # GraphRunner's (bucket, mixed, pipelined)
@@ -91,6 +92,9 @@ class Run:
     buckets: list[int]
     seconds: float
     step_ms: dict[tuple[int, bool], float] = field(default_factory=dict)
+    # per timed step that took a pipelined graph: its logits' relative error against the same step
+    # through the sequential graph (step_error)
+    step_error: dict[tuple[int, bool], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class BucketChoice:
     # candidate -> (its split, its pipelined time, the sequential time it is judged against)
     tried: dict[TPCandidate, tuple[int, float, float]]
     chosen: TPCandidate | None  # the one kept (None: sequential)
+    # candidates left out because their steps computed something else: the largest relative error
+    refused: dict[TPCandidate, float] = field(default_factory=dict)
 
     @property
     def split(self) -> int | None:
@@ -118,7 +124,8 @@ class BucketChoice:
                 "choice": None if self.chosen is None else self.chosen.label,
                 "sequential_ms": self.sequential_ms, "gain": self.gain,
                 "tried": {c.label: {"split": s, "pipelined_ms": p, "sequential_ms": q}
-                          for c, (s, p, q) in self.tried.items()}}
+                          for c, (s, p, q) in self.tried.items()},
+                "refused": {c.label: err for c, err in self.refused.items()}}
 
 
 def bucket_ranges(buckets: Sequence[int], min_tokens: int, step: int) -> list[tuple[int, int]]:
@@ -147,14 +154,22 @@ def choose(baseline: Run, runs: dict[TPCandidate, Run], ranges: Sequence[tuple[i
     """Per bucket, the candidate that beats the sequential schedule by the most, if by at least
     min_gain. With real steps timed (a GPU) a candidate's steps are judged against the sequential
     run's same steps; else its pipelined graphs against the sequential graphs captured beside them
-    (same process, same moment)."""
+    (same process, same moment). A candidate whose steps of the bucket computed something else
+    than the sequential graph (step_error over MAX_REL_ERROR) is refused, however fast."""
     choices = []
     for lo, hi in ranges:
         tried: dict[TPCandidate, tuple[int, float, float]] = {}
+        refused: dict[TPCandidate, float] = {}
         for cand, run in runs.items():
             split = split_for(lo, hi, cand.fraction)
             if split is None or _bucket_ms(run.replay_ms, hi, True) <= 0:
                 continue  # no pipelined graph of this bucket in the run
+            err = max((e for (b, _), e in run.step_error.items() if b == hi), default=0.0)
+            if not err <= MAX_REL_ERROR:  # NaN too
+                refused[cand] = err
+                log.warning("tune: %s at %d-%d tokens computes something else than the sequential schedule "
+                            "(logits off by %.2g, relative): not a candidate", cand.label, lo, hi, err)
+                continue
             if run.step_ms and baseline.step_ms:
                 tried[cand] = (split, _steps_ms(run, hi), _steps_ms(baseline, hi))
             else:
@@ -162,7 +177,7 @@ def choose(baseline: Run, runs: dict[TPCandidate, Run], ranges: Sequence[tuple[i
         best = min(tried, key=lambda c: tried[c][1] / tried[c][2], default=None)
         if best is not None and tried[best][1] > tried[best][2] * (1 - min_gain):
             best = None
-        choices.append(BucketChoice(lo, hi, _bucket_ms(baseline.replay_ms, hi, False), tried, best))
+        choices.append(BucketChoice(lo, hi, _bucket_ms(baseline.replay_ms, hi, False), tried, best, refused))
     return choices
 
 
@@ -218,32 +233,57 @@ def _measure_run(config: EngineConfig, context_len: int, sizes: list[int]) -> Ru
             raise ValueError("tensor-parallel tuning measures CUDA graph replays: CUDA graphs are off "
                              "(--enforce-eager or --cuda-graph-max-tokens 0)")
         on_gpu = runner.device.type == "cuda"
-        steps = time_steps(runner, context_len, sizes) if on_gpu and context_len else {}
+        steps, errors = time_steps(runner, context_len, sizes) if on_gpu and context_len else ({}, {})
         run = Run(dict(graphs.replay_ms), [op.name for op in runner.model.layer_ops[0]], list(graphs.buckets),
-                  time.perf_counter() - t0, steps)
+                  time.perf_counter() - t0, steps, errors)
         runner.release_graphs()
     finally:
         group.shutdown()
     return run
 
 
-def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int = 2,
-               repeats: int = 5) -> dict[tuple[int, bool], float]:
+def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int = 2, repeats: int = 5
+               ) -> tuple[dict[tuple[int, bool], float], dict[tuple[int, bool], float]]:
     """GPU ms of a real step per graph (bucket, mixed) of the given sizes: decodes at context_len
     (spread as tune.profile's; a mixed graph's step a quarter decodes, the rest prompt chunks),
-    timed by time_plan. The graph that runs it is the engine's own choice (a pipelined one where
-    the pipeline covers the bucket)."""
+    timed by time_plan; and, for the steps that took a pipelined graph, step_error. The graph that
+    runs a step is the engine's own choice (a pipelined one where the pipeline covers the bucket)."""
     from nanoflow.tune.profile import Workload, mixed_plan
 
-    out = {}
+    times, errors = {}, {}
     for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b in sizes}):
         w = Workload(context_len, 0.25 if mixed else 1.0)
         plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
-        out[(bucket, mixed)], eager = time_plan(runner, plan, warmup, repeats)
+        times[(bucket, mixed)], eager = time_plan(runner, plan, warmup, repeats)
         if eager:  # an eager step's time is its launches'
             log.warning("tune: %d of %d timed %d-token %s steps ran eagerly, not from a graph", eager, repeats,
                         bucket, "mixed" if mixed else "decode")
-    return out
+        if (err := step_error(runner, plan)) is not None:
+            errors[(bucket, mixed)] = err
+    return times, errors
+
+
+def step_error(runner: Any, plan: Any) -> float | None:
+    """The relative error of the step's logits through the graph the engine picks for it against
+    the same step through the sequential graph (StepPlan.sequential), each issued by rank 0 and run
+    by every rank; None where the engine picks no pipelined graph or the step samples nothing. Why:
+    a pipeline that leaves work undone is fast (the gated decode kernel of 2026-11-30 did, unseen)."""
+    import torch
+
+    key = runner.graphs.select(runner.build(plan)) if runner.graphs is not None else None
+    if key is None or not key[2]:
+        return None
+
+    def logits(p: Any) -> torch.Tensor | None:
+        runner.par.broadcast_object(p.for_workers())
+        out = runner.forward(runner.build(p), sequential=p.sequential)
+        return None if out is None else out.float().clone()
+
+    with torch.inference_mode():
+        got, want = logits(plan), logits(dataclasses.replace(plan, sequential=True))
+    if got is None or want is None:
+        return None
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def time_plan(runner: Any, plan: Any, warmup: int, repeats: int,

@@ -99,6 +99,38 @@ def test_choose_keeps_only_measured_wins():
     assert [(s.min_tokens, s.max_tokens) for s in pipeline.schedules] == [(257, 512), (513, 1024), (1025, 2048)]
 
 
+def test_a_candidate_whose_steps_compute_something_else_is_refused():
+    baseline = _run({256: (10, None), 512: (20, None), 1024: (40, None)})
+    ranges = bucket_ranges(baseline.buckets, 256, 256)
+    fast = dataclasses.replace(_run({256: (10, None), 512: (20, 15), 1024: (40, 30)}),
+                               step_error={(512, False): 1e-3, (1024, False): 0.7, (1024, True): 1e-3})
+    honest = _run({256: (10, None), 512: (20, 19), 1024: (40, 38)})
+    choices = choose(baseline, {TPCandidate(fraction=0.5): fast, TPCandidate(fraction=0.25): honest}, ranges,
+                     min_gain=0.01)
+    by_bucket = {c.max_tokens: c for c in choices}
+    assert by_bucket[512].chosen == TPCandidate(fraction=0.5)  # right there: the fastest stays
+    assert by_bucket[1024].chosen == TPCandidate(fraction=0.25)  # off by 0.7 at 1,024: the next is kept
+    assert by_bucket[1024].refused == {TPCandidate(fraction=0.5): 0.7}
+    assert by_bucket[1024].to_json()["refused"] == {"network 0.5": 0.7}
+
+
+def test_step_error_runs_a_pipelined_step_both_ways_on_every_rank(tiny_model, tmp_path):
+    """step_error on 2 gloo ranks: the step through its pipelined graph, then through the sequential
+    one (StepPlan.sequential, which the worker follows too), in fp32 on the CPU the same logits."""
+    from helpers import pipeline_for, tp_step_error
+
+    from nanoflow.executor.isolated import run_isolated
+
+    pipeline_for("llama", 64, tp=True).save(tmp_path / "p.json")
+    cfg = EngineConfig.from_args(EngineArgs(model=tiny_model("llama"), max_model_len=256, max_num_batched_tokens=64,
+                                            num_kv_pages=256, tensor_parallel_size=2, skip_tokenizer_init=True,
+                                            pipeline=str(tmp_path / "p.json")))
+    cfg = dataclasses.replace(cfg, enforce_eager=False, cuda_graph_max_tokens=64)
+    piped, plain = run_isolated(tp_step_error, cfg, 48, name="step_error test")
+    assert piped is not None and piped < 1e-5
+    assert plain is None  # a 1-token step takes no pipelined graph: nothing to check
+
+
 def test_nccl_cap_by_the_step_total(tmp_path):
     """A cap acts on every bucket: judged by all buckets' graphs summed, less what kept splits save;
     kept only if it beats the engine's own by min_gain; carried by the pipeline JSON."""
