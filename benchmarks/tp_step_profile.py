@@ -91,16 +91,12 @@ def trace_kernels(path: Path) -> list[tuple[str, float, float, str]]:
 def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repeats: int, out: Path) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
-    from nanoflow.executor.distributed import TensorParallelGroup
-    from nanoflow.executor.model_runner import ModelRunner
+    from nanoflow.tune.live_steps import engine_runner, time_plan
     from nanoflow.tune.profile import Workload, mixed_plan
-    from nanoflow.tune.tensor_parallel import time_plan
 
-    # --tp 1: the same steps on one GPU, where the ping-pong pipeline wins (the picture to compare with)
-    group = TensorParallelGroup.start(config) if config.tensor_parallel_size > 1 else None
     results = {}
-    try:
-        runner = ModelRunner(group.config, group.par) if group else ModelRunner(config)
+    # --tp 1: the same steps on one GPU, where the ping-pong pipeline wins (the picture to compare with)
+    with engine_runner(config) as runner:
         # the CPU: a smoke test, with no kernels to report
         activity = ProfilerActivity.CUDA if runner.device.type == "cuda" else ProfilerActivity.CPU
         for tokens in sizes:
@@ -126,9 +122,6 @@ def profile_sizes(config: Any, sizes: list[int], context: int, mixed: bool, repe
             for row in summary["top_kernels"][:6]:
                 print(f"        {row['ms_per_step']:7.2f} ms  {row['launches_per_step']:6.0f} x "
                       f"{row['mean_us']:7.1f} us  {row['group']:<9} {row['kernel']}", flush=True)
-    finally:
-        if group:
-            group.shutdown()
     return results
 
 

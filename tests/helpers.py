@@ -151,23 +151,15 @@ def pipeline_for(arch: str, max_tokens: int, tp: bool = False):
 
 def tp_step_error(config, tokens: int) -> tuple[float | None, float | None]:
     """In a fresh process (run_isolated): a tensor-parallel engine's ranks, and
-    tune.tensor_parallel.step_error on a decode-only step of `tokens` (a pipelined graph where the
+    tune.live_steps.step_error on a decode-only step of `tokens` (a pipelined graph where the
     config's pipeline covers it) and on a 1-token step (a sequential one: None)."""
-    from nanoflow.executor.distributed import TensorParallelGroup
-    from nanoflow.executor.model_runner import ModelRunner
+    from nanoflow.tune.live_steps import engine_runner, step_error
     from nanoflow.tune.profile import Workload, mixed_plan
-    from nanoflow.tune.tensor_parallel import step_error
 
-    group = TensorParallelGroup.start(config)
-    try:
-        runner = ModelRunner(group.config, group.par)
+    with engine_runner(config) as runner:
         plans = [mixed_plan(n, Workload(24, 1.0), runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
                  for n in (tokens, 1)]
-        errors = tuple(step_error(runner, plan) for plan in plans)
-        runner.release_graphs()
-    finally:
-        group.shutdown()
-    return errors
+        return tuple(step_error(runner, plan) for plan in plans)
 
 
 def worker_that_dies_before_joining(rank: int, *args) -> None:

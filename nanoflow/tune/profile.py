@@ -248,7 +248,7 @@ def forward_error(runner: ModelRunner, batch: ForwardBatch, schedule: Schedule) 
     """How far one forward of the step through `schedule`'s pipeline is from the sequential walk's
     (relative, over CUDA-graph replays: timing.graph_replay_error)."""
     with torch.inference_mode():
-        want = runner.model(batch).clone()
+        want = runner.model(batch)  # a fresh tensor: each forward allocates its buffers
         run = _forward(runner, batch, schedule)
         run()  # warm: kernels compiled, the allocator's pools filled, before the capture
         return graph_replay_error(run, want)

@@ -25,19 +25,17 @@ also hides decode attention behind the other nano-batch's GEMMs. Graph replays r
 attend to (the capture batches hold no context), so on a GPU each run also times real steps per
 bucket, decodes at `context_len` (a mixed graph's: a quarter of its tokens decodes, the rest prompt
 chunks) issued by rank 0 as the engine issues a step and run by every rank (`Run.step_ms`); a
-candidate is then judged by its steps against the sequential run's same steps. Without them (the
-CPU, or context_len 0) the graphs are compared within a run, as before.
+candidate is then judged by its steps against the sequential run's same steps (tune.live_steps runs
+them). Without them (the CPU, or context_len 0) the graphs are compared within a run, as before.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,106 +219,18 @@ def measure(config: EngineConfig, pipeline: Pipeline | None, workdir: Path, cont
 
 
 def _measure_run(config: EngineConfig, context_len: int, sizes: list[int]) -> Run:
-    from nanoflow.executor.distributed import TensorParallelGroup
-    from nanoflow.executor.model_runner import ModelRunner
+    from nanoflow.tune.live_steps import engine_runner, time_steps
 
     t0 = time.perf_counter()
-    group = TensorParallelGroup.start(config)
-    try:
-        runner = ModelRunner(group.config, group.par)
+    with engine_runner(config) as runner:
         graphs = runner.graphs
         if graphs is None:
             raise ValueError("tensor-parallel tuning measures CUDA graph replays: CUDA graphs are off "
                              "(--enforce-eager or --cuda-graph-max-tokens 0)")
         on_gpu = runner.device.type == "cuda"
         steps, errors = time_steps(runner, context_len, sizes) if on_gpu and context_len else ({}, {})
-        run = Run(dict(graphs.replay_ms), [op.name for op in runner.model.layer_ops[0]], list(graphs.buckets),
-                  time.perf_counter() - t0, steps, errors)
-        runner.release_graphs()
-    finally:
-        group.shutdown()
-    return run
-
-
-def time_steps(runner: Any, context_len: int, sizes: Sequence[int], warmup: int = 2, repeats: int = 5
-               ) -> tuple[dict[tuple[int, bool], float], dict[tuple[int, bool], float]]:
-    """GPU ms of a real step per graph (bucket, mixed) of the given sizes: decodes at context_len
-    (spread as tune.profile's; a mixed graph's step a quarter decodes, the rest prompt chunks),
-    timed by time_plan; and, for the steps that took a pipelined graph, step_error. The graph that
-    runs a step is the engine's own choice (a pipelined one where the pipeline covers the bucket)."""
-    from nanoflow.tune.profile import Workload, mixed_plan
-
-    times, errors = {}, {}
-    for bucket, mixed in sorted({(b, m) for b, m, _ in runner.graphs.graphs if b in sizes}):
-        w = Workload(context_len, 0.25 if mixed else 1.0)
-        plan = mixed_plan(bucket, w, runner.arch.vocab_size, runner.num_pages, runner.config.max_model_len)
-        times[(bucket, mixed)], eager = time_plan(runner, plan, warmup, repeats)
-        if eager:  # an eager step's time is its launches'
-            log.warning("tune: %d of %d timed %d-token %s steps ran eagerly, not from a graph", eager, repeats,
-                        bucket, "mixed" if mixed else "decode")
-        if (err := step_error(runner, plan)) is not None:
-            errors[(bucket, mixed)] = err
-    return times, errors
-
-
-def step_error(runner: Any, plan: Any) -> float | None:
-    """The relative error of the step's logits through the graph the engine picks for it against
-    the same step through the sequential graph (StepPlan.sequential), each issued by rank 0 and run
-    by every rank; None where the engine picks no pipelined graph or the step samples nothing. Why:
-    a pipeline that leaves work undone is fast (the gated decode kernel of 2026-11-30 did, unseen)."""
-    import torch
-
-    key = runner.graphs.select(runner.build(plan)) if runner.graphs is not None else None
-    if key is None or not key[2]:
-        return None
-
-    def logits(p: Any) -> torch.Tensor | None:
-        runner.par.broadcast_object(p.for_workers())
-        out = runner.forward(runner.build(p), sequential=p.sequential)
-        return None if out is None else out.float().clone()
-
-    with torch.inference_mode():
-        got, want = logits(plan), logits(dataclasses.replace(plan, sequential=True))
-    if got is None or want is None:
-        return None
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
-def time_plan(runner: Any, plan: Any, warmup: int, repeats: int,
-              around: AbstractContextManager[Any] | None = None) -> tuple[float, int]:
-    """(ms a step, steps not replayed from a graph) of `repeats` steps of the plan, issued by rank
-    0 as the engine issues a step and run by every rank, so the time holds the all-reduces' waits;
-    issued back to back, as the engine does: a step timed alone would also hold a worker's time to
-    read, build and launch its plan, which the engine hides behind the step before (rank 0 waits on
-    it at the first all-reduce). CUDA events on a GPU, the wall clock on the CPU. around: a context
-    entered around the timed steps only (benchmarks/tp_step_profile.py's profiler)."""
-    import torch
-
-    def issue(n: int) -> None:
-        for _ in range(n):
-            runner.par.broadcast_object(plan.for_workers())
-            runner.forward(runner.build(plan))
-
-    on_gpu = runner.device.type == "cuda"
-    def replays() -> int:
-        return runner.graphs.num_replays if runner.graphs is not None else 0
-
-    with torch.inference_mode():  # the graphs' static inputs are inference tensors
-        issue(warmup)
-        if on_gpu:
-            torch.cuda.synchronize(runner.device)
-        before = replays()
-        with around or contextlib.nullcontext():
-            if on_gpu:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            issue(repeats)
-            if on_gpu:
-                end.record()
-                end.synchronize()
-            ms = start.elapsed_time(end) if on_gpu else (time.perf_counter() - t0) * 1000
-    return ms / repeats, repeats - (replays() - before)
+        return Run(dict(graphs.replay_ms), [op.name for op in runner.model.layer_ops[0]], list(graphs.buckets),
+                   time.perf_counter() - t0, steps, errors)
 
 
 @dataclass

@@ -230,19 +230,22 @@ def graph_replay_error(fn: Callable[[], torch.Tensor], want: torch.Tensor, repla
     eager call: a kernel that skips work only when it races the other stream (the gated decode kernel
     of 2026-11-30 left the second of two concurrent launches undone) shows in the timed replays and
     may not in an eager call. A call that cannot be captured is checked once, eagerly."""
-    def rel(out: torch.Tensor) -> float:
-        return ((out.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
-
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             out = fn()
     except RuntimeError:
-        return rel(fn())
+        return relative_error(fn(), want)
     errors = []
     for _ in range(replays):
         graph.replay()
         torch.cuda.synchronize()
-        errors.append(rel(out))
+        errors.append(relative_error(out, want))
     del graph
     return max(errors)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The norm of got - want over want's norm, in float32 (NaN where either holds one)."""
+    got, want = got.float(), want.float()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
