@@ -109,8 +109,8 @@ pytest_gpu() {
   # Kernel tests (GPU cases included), tests/gpu if the lead added it, and tests marked gpu elsewhere;
   # GPU_TESTS (pytest arguments) runs just those instead.
   if [[ -n ${GPU_TESTS:-} ]]; then
-    # shellcheck disable=SC2086  # GPU_TESTS is an argument list
-    python -m pytest $GPU_TESTS -q --no-header -p no:cacheprovider
+    # eval: GPU_TESTS is a shell argument list, quotes included (-k 'a or b')
+    eval "python -m pytest $GPU_TESTS -q --no-header -p no:cacheprovider"
     return
   fi
   local dirs=(tests/kernels) rc=0

@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--beside", default="qkv,mlp",
                    help="what decode attention overlaps, comma list of: qkv (NanoFlow's order), mlp (the other "
                    "nano-batch's o and FFN; pipeline.schedule.overlap_schedule), pingpong (each nano-batch on a "
-                   "stream of its own, decode attention capped on both: pingpong_schedule)")
+                   "stream of its own, decode attention capped on both: pingpong_schedule), pingpong1 (the same "
+                   "on one stream: its output error without the concurrency)")
     p.add_argument("--priority", default="high",
                    help="the side stream's priority, comma list of: high (the engine's), normal (the forward's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
@@ -124,6 +125,8 @@ def main() -> None:
                 results["attention_alone"][v] = attention_alone(model, other, runner, timer, args.attention_ctas)
             save()
         want = model(batch)  # the sequential forward's hidden states, what every pipeline must compute
+        results["sequential_graph_rel_error"] = floor = graph_replay_error(lambda: model(batch), want)
+        print(f"sequential, graph replays against eager: rel. error {floor:.2g}", flush=True)
         rows = results["pipelined"] = []
         for kernel in args.kernels.split(","):
             for layer in model.layers:
@@ -158,8 +161,11 @@ def caps(text: str) -> list[int | None]:
 def two_batches(names: list[str], tokens: int, split: int, ctas: int | None, gemm_ctas: int | None,
                 beside: str) -> Any:
     """The two-nano-batch schedule of --beside: ping-pong (its GEMMs uncapped) or an overlap order."""
-    if beside == "pingpong":
-        return pingpong_schedule(names, tokens, split, split + 1, ctas)
+    if beside.startswith("pingpong"):
+        s = pingpong_schedule(names, tokens, split, split + 1, ctas)
+        if beside == "pingpong1":
+            s = dataclasses.replace(s, steps=tuple(dataclasses.replace(st, stream=0) for st in s.steps))
+        return s
     return overlap_schedule(names, tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas, beside=beside)
 
 
