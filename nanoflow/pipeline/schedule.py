@@ -49,6 +49,11 @@ class Schedule:
     def num_streams(self) -> int:
         return 1 + max(s.stream for s in self.steps)
 
+    def on_one_stream(self) -> Schedule:
+        """The same steps in the same issue order, all on the forward's stream: the same kernels
+        with the same caps, one after another, so the same results without any concurrency."""
+        return replace(self, steps=tuple(replace(s, stream=0) for s in self.steps))
+
     def bounds(self, partition: str, num_tokens: int) -> list[int]:
         """The partition's bounds for an iteration of num_tokens (min_tokens <= num_tokens <= max_tokens)."""
         return [*self.partitions[partition][:-1], num_tokens]

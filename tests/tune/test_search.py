@@ -140,3 +140,16 @@ def test_mlp_order_puts_decode_attention_beside_the_other_mlp() -> None:
     assert beside[("decode_attention", 0)] == [
         ("prefill_attention", 1), ("o", 1), ("post_attention_norm", 1), ("gate_up", 1), ("act", 1), ("down", 1),
         ("prefill_attention", 0)]
+
+
+def test_a_schedule_on_one_stream_keeps_its_steps_in_order() -> None:
+    """The output check's reference (tune.profile.forward_error): the same kernels, caps and issue
+    order, all on the forward's stream, and still a valid order for the executor."""
+    from nanoflow.pipeline.schedule import pingpong_schedule
+
+    two = pingpong_schedule(sp.NAMES, 1024, 384, 513, decode_ctas=44)
+    one = two.on_one_stream()
+    assert two.num_streams == 2 and one.num_streams == 1
+    assert [(s.op, s.part, s.num_ctas) for s in one.steps] == [(s.op, s.part, s.num_ctas) for s in two.steps]
+    assert one.partitions == two.partitions and one.min_tokens == two.min_tokens
+    PipelineExecutor(one, _stub_layers(sp.OPS), torch.device("cpu"))
