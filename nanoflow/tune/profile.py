@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nanoflow.config import PAGE_SIZE
 from nanoflow.executor.model_runner import ModelRunner, pipeline_key
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.forward_batch import ForwardBatch
@@ -83,8 +84,28 @@ def mixed_plan(num_tokens: int, w: Workload, vocab_size: int, num_pages: int, ma
         chunks.append((0, min(chunk, rest)))
         rest -= chunks[-1][1]
     plan = StepPlan.synthetic(contexts, chunks, vocab_size)
-    order = random.Random(0).sample(range(num_pages), num_pages) if w.shuffle_pages else range(num_pages)
-    return dataclasses.replace(plan, tables=[[order[p % num_pages] for p in t] for t in plan.tables])
+    return dataclasses.replace(plan, tables=fit_pages(plan, num_pages, w.shuffle_pages))
+
+
+def fit_pages(plan: StepPlan, num_pages: int, shuffle: bool = False) -> list[list[int]]:
+    """The plan's page tables (numbered consecutively) within a pool of num_pages, in random order if
+    `shuffle`. Where the step's contexts need more pages than the pool holds, the pages the step only
+    reads are shared between sequences (the kernels still read as many bytes), but every page it
+    writes (each sequence's from its first new token on) is that sequence's own: a write into a page
+    another sequence reads is a race between nano-batches on two streams that serving never has
+    (2026-11-30, one H200: the tune's ping-pong steps of ~900 decodes and more came out 0.1-0.19 off
+    the same schedule on one stream while the pages wrapped around the pool)."""
+    order = random.Random(0).sample(range(num_pages), num_pages) if shuffle else list(range(num_pages))
+    if sum(map(len, plan.tables)) <= num_pages:
+        return [[order[p] for p in t] for t in plan.tables]
+    first_written = [start // PAGE_SIZE for start in plan.starts]
+    num_written = sum(len(t) - f for t, f in zip(plan.tables, first_written, strict=True))
+    shared = num_pages - num_written
+    if shared < 1:
+        raise ValueError(f"the step writes {num_written} pages; the pool holds {num_pages}")
+    own = iter(order[:num_written])
+    return [[next(own) if i >= f else order[num_written + p % shared] for i, p in enumerate(t)]
+            for t, f in zip(plan.tables, first_written, strict=True)]
 
 
 def step_batch(runner: ModelRunner, num_tokens: int, w: Workload) -> tuple[ForwardBatch, Buffers]:

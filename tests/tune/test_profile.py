@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from nanoflow.config import EngineConfig
+from nanoflow.config import PAGE_SIZE, EngineConfig
 from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.model_runner import ModelRunner, pipeline_key
 from nanoflow.pipeline.executor import PipelineExecutor
@@ -64,9 +64,9 @@ def test_serving_steps() -> None:
     a smaller one decodes only; the op profile times decodes-only steps at every size."""
     w = Workload(context_len=64, decode_fraction=1.0, prefill_chunk=10, budget_decodes=12, budget=64)
     assert [w.num_decodes(n) for n in (8, 32, 63, 64)] == [8, 32, 63, 12]
-    plan = mixed_plan(64, w, vocab_size=300, num_pages=20, max_model_len=80)
+    plan = mixed_plan(64, w, vocab_size=300, num_pages=40, max_model_len=80)
     assert plan.num_decodes == 12 and sum(map(len, plan.token_ids[12:])) == 52
-    assert mixed_plan(32, w, vocab_size=300, num_pages=20, max_model_len=80).num_decodes == 32
+    assert mixed_plan(32, w, vocab_size=300, num_pages=40, max_model_len=80).num_decodes == 32
     assert [w.profiled().num_decodes(n) for n in (8, 64)] == [8, 64]
     plain = Workload(64, 0.25, 10)
     assert plain.profiled() is plain
@@ -74,21 +74,28 @@ def test_serving_steps() -> None:
 
 def test_the_mixed_step() -> None:
     w = Workload(context_len=64, decode_fraction=0.25, prefill_chunk=10)
-    plan = mixed_plan(64, w, vocab_size=300, num_pages=20, max_model_len=80)
+    plan = mixed_plan(64, w, vocab_size=300, num_pages=30, max_model_len=80)
     assert plan.num_decodes == 16
     assert [len(t) for t in plan.token_ids[16:]] == [10, 10, 10, 10, 8]  # 48 prefill tokens in chunks
     assert plan.starts[16:] == [0] * 5
     contexts = plan.seq_lens[:16]
     assert min(contexts) >= 32 and max(contexts) <= 79 and 40 <= sum(contexts) / 16 <= 80
-    assert all(0 <= p < 20 for t in plan.tables for p in t)  # pages past the pool wrap around
+    assert all(0 <= p < 30 for t in plan.tables for p in t)  # pages past the pool wrap around
     assert sum(map(len, plan.token_ids)) == 64
-    shuffled = mixed_plan(64, dataclasses.replace(w, shuffle_pages=True), vocab_size=300, num_pages=20,
+    shuffled = mixed_plan(64, dataclasses.replace(w, shuffle_pages=True), vocab_size=300, num_pages=30,
                           max_model_len=80)
     assert shuffled.seq_lens == plan.seq_lens and shuffled.tables != plan.tables
     # the same page of the pool maps to the same page shuffled: a permutation, not a resample
     mapping = {a: b for t, u in zip(plan.tables, shuffled.tables, strict=True) for a, b in zip(t, u, strict=True)}
     assert len(set(mapping.values())) == len(mapping)
-
+    for p in (plan, shuffled):  # a page the step writes is its sequence's alone, though the pool wraps
+        written = [t[s // PAGE_SIZE:] for t, s in zip(p.tables, p.starts, strict=True)]
+        flat = [page for pages in written for page in pages]
+        assert len(flat) == len(set(flat)) == 21
+        read_only = {page for t, s in zip(p.tables, p.starts, strict=True) for page in t[: s // PAGE_SIZE]}
+        assert not read_only & set(flat) and len(read_only) == 9
+    with pytest.raises(ValueError, match="writes 21 pages"):
+        mixed_plan(64, w, vocab_size=300, num_pages=20, max_model_len=80)
 
 
 class _Proxy:
