@@ -139,7 +139,9 @@ class DecodeChecks:
             # the share on even SM ids only (GATED_EVEN): alone the same bytes in fp8, but
             # the bf16 kernel is bandwidth-bound, and a share spread over the GPU may move more
             gated += [dk.GATED_EVEN, dataclasses.replace(F(3, 5), gate_smid_stride=2)]
-        kinds = {"per_head": per_head, "all_heads": all_heads, "gated": gated}
+        # and the engine's capped kernel (a pipeline's decode attention): all heads, work from a counter,
+        # no gate; two programs per SM of the share
+        kinds = {"per_head": per_head, "all_heads": all_heads, "gated": gated, "capped": [dk.CAPPED]}
         default_cfg = dataclasses.asdict(C())
         nan = float("nan")
         res: dict[str, Any] = {}
@@ -177,15 +179,16 @@ class DecodeChecks:
                 print(f"   decode {b}x{ctx} ctas={n:3d}: " + ", ".join(
                     f"{k} {row[k + '_default']:.2f} / best {row[k]:.2f} TB/s (rel_err {row[k + '_rel_err']:.1e}) "
                     f"{row[k + '_config'] or row.get(k + '_error', '')}" for k in kinds), flush=True)  # fmt: skip
-                self.table.append((f"decode {b}x{ctx} ctas={n} per-head / all-heads / gated",
+                self.table.append((f"decode {b}x{ctx} ctas={n} per-head / all-heads / gated / capped",
                                    " / ".join(f"{row[k]:.2f}" for k in kinds) + " TB/s"))  # fmt: skip
             res[f"{b}x{ctx}"] = case
         ceiling = self.results.get("copy_ceiling", {}).get("tbps")
         print(f"\n   TB/s of K+V, best of each kernel's sweep (copy ceiling {ceiling or nan:.2f} TB/s)")
-        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'all-heads':>9s} {'gated':>9s}  "
+        print(f"   {'case':10s} {'ctas':>4s} {'per-head':>9s} {'all-heads':>9s} {'gated':>9s} {'capped':>9s}  "
               "best all-heads / gated config")
         for r in rows:
-            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head']:9.2f} {r['all_heads']:9.2f} {r['gated']:9.2f}  "
+            print(f"   {r['case']:10s} {r['ctas']:4d} {r['per_head']:9.2f} {r['all_heads']:9.2f} {r['gated']:9.2f} "
+                  f"{r['capped']:9.2f}  "
                   f"{r['all_heads_config']} / {r['gated_config']}")  # fmt: skip
         res["table"] = rows
         return res
