@@ -3,9 +3,12 @@ persistent Triton GEMM (nanoflow/kernels/linear.py) capped at several CTA counts
 all SMs; then the pair the pipeline needs: decode attention capped at --decode-ctas, launched
 first on one stream, beside the projection on another (cuBLAS, or the persistent GEMM on the SMs
 left, or cuBLAS told to leave the decode's SMs out: torch's SM carveout, cuBLASLt's SM-count target),
-against the best sequential pair (decode on all SMs, then cuBLAS).
+against the best sequential pair (decode on all SMs, then cuBLAS). --green: also each on a CUDA green
+context of its own SMs (decode on --decode-ctas, the GEMM on the rest; Hopper takes multiples of 8),
+a partition the GPU enforces rather than one the two kernels' grids imply, launched eagerly and
+replayed from a CUDA graph, the decode's output checked against the reference each way.
 
-    python benchmarks/gemm_share.py --out DIR [--rows 512 1024 2048] [--decode-ctas 44] [--no-triton]
+    python benchmarks/gemm_share.py --out DIR [--rows 512 1024 2048] [--decode-ctas 44] [--no-triton] [--green]
 
 Writes DIR/gemm_share.json. Imports only torch, triton and nanoflow.kernels.
 """
@@ -19,6 +22,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from stream_pair import stream_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 # projection: (in features, out features), Llama-3-8B
@@ -35,11 +40,12 @@ def main() -> None:
     p.add_argument("--decode-ctas", type=int, default=44)
     p.add_argument("--decode", default="256x1024", help="decode batch BxCONTEXT beside the GEMM")
     p.add_argument("--no-triton", action="store_true", help="cuBLAS only (with and without the SM carveout)")
+    p.add_argument("--green", action="store_true", help="also the pair on two green contexts (SM partitions)")
+    p.add_argument("--pair-rows", type=int, default=2048, help="the GEMM's rows in the pair")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
     import triton
-    from stream_pair import stream_pair
 
     from nanoflow.kernels import decode_attention as dk
     from nanoflow.kernels.linear import GemmConfig, carveout_available, cublas_sms, persistent_linear
@@ -104,6 +110,7 @@ def main() -> None:
     q = torch.randn(b, hq, hd, device="cuda", dtype=dt)
     o = torch.empty_like(q)
     left = sms - args.decode_ctas
+    green = green_streams(args.decode_ctas, sms) if args.green else None
     for kernel, cfg in (("per_head", dk.DecodeConfig()), ("all_heads", dk.DecodeConfig(all_heads=True)),
                         ("capped", dk.CAPPED)):  # the last: what the pipeline's capped decode runs
         dec = lambda n, cfg=cfg: lambda: dk.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.08, None, n,
@@ -115,7 +122,7 @@ def main() -> None:
             continue
         for name in ("gate_up", "down"):
             k, n = SHAPES[name]
-            m = 2048
+            m = args.pair_rows
             x = torch.randn(m, k, device="cuda", dtype=dt)
             w = torch.randn(n, k, device="cuda", dtype=dt) * k**-0.5
             out = torch.empty(m, n, device="cuda", dtype=dt)
@@ -131,6 +138,9 @@ def main() -> None:
                 row[f"beside_{lib}_carveout_ms"] = bench(stream_pair(dec(args.decode_ctas), carved(left, lib, cublas)))
             if not args.no_triton:
                 row["beside_capped_gemm_ms"] = bench(stream_pair(dec(args.decode_ctas), capped))
+            if green:
+                row.update(green_pair(bench, {"green": dec(args.decode_ctas), "green_uncapped": dec(None)},
+                                      cublas, green[1], o))
             gains = {k.removeprefix("beside_").removesuffix("_ms"): seq / v for k, v in row.items()
                      if k.startswith("beside_")}
             row.update({f"gain_{k}": g for k, g in gains.items()})
@@ -138,9 +148,52 @@ def main() -> None:
             print(f"decode {kernel} ({args.decode_ctas} CTAs, {t_dec:.3f} ms; all SMs {t_dec_all:.3f}) beside {name} "
                   f"({t_g:.3f} ms; GEMM on {left} SMs where capped): " +
                   ", ".join(f"{k} {g:.2f}x" for k, g in gains.items()) + " vs the sequential pair", flush=True)
+            if green:
+                print("   green contexts: " + ", ".join(f"{k} {v}" for k, v in row.items()
+                                                      if k.startswith("green") and ("error" in k)), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gemm_share.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {Path(args.out) / 'gemm_share.json'}")
+
+
+def green_streams(decode_sms: int, sms: int) -> tuple[Any, tuple[Any, Any]] | None:
+    """(the two green contexts, kept alive, and a stream of each): decode_sms SMs and the rest, or
+    None where this torch or GPU has none."""
+    from torch.cuda.green_contexts import GreenContext
+
+    try:
+        ctxs = (GreenContext.create(num_sms=decode_sms, device_id=0),
+                GreenContext.create(num_sms=(sms - decode_sms) // 8 * 8, device_id=0))
+    except Exception as e:  # no driver support, an SM count the GPU does not take
+        print(f"green contexts: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+        return None
+    return ctxs, (ctxs[0].Stream(), ctxs[1].Stream())
+
+
+def green_pair(bench: Callable[[Callable[[], Any]], float], decodes: dict[str, Callable[[], Any]],
+               gemm: Callable[[], Any], streams: tuple[Any, Any], out: Any) -> dict[str, Any]:
+    """Each decode beside the GEMM on the two green streams, eagerly and as a CUDA-graph replay (ms),
+    and the decode's output after each against its output alone on all SMs (relative error: a
+    partition that leaves work undone must not pass as a gain)."""
+    import torch
+
+    row: dict[str, Any] = {}
+    for name, dec in decodes.items():
+        want = dec().clone()
+        pair = stream_pair(dec, gemm, streams)
+        try:
+            out.zero_()
+            row[f"beside_{name}_ms"] = bench(pair)
+            row[f"{name}_rel_error"] = ((out.float() - want.float()).norm() / want.float().norm()).item()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                pair()
+            out.zero_()
+            row[f"beside_{name}_graph_ms"] = bench(graph.replay)
+            row[f"{name}_graph_rel_error"] = ((out.float() - want.float()).norm() / want.float().norm()).item()
+        except Exception as e:  # a stream of a green context that a launch or a capture refuses
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
 
 
 if __name__ == "__main__":

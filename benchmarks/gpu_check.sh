@@ -37,6 +37,7 @@
 #                        free memory holds, all requests within --hf-max-seconds)
 #   BENCH_EXTRA          more `nanoflow bench` arguments, e.g. "--max-num-seqs 512"
 #   KERNEL_CHECK_ARGS    more benchmarks/kernel_check.py arguments, e.g. "--no-sweep"
+#   SHARE_ARGS           more benchmarks/gemm_share.py arguments, e.g. "--no-triton --green --decode-ctas 48 --pair-rows 512"
 #   STEP_ARGS            benchmarks/pipeline_step.py arguments for the step step (default: both overlap orders
 #                        and stream priorities, the gated kernel on 44 and 66 SMs, splits 512, 768, 1024)
 #   MOE_TOKENS           token counts the moe step tunes (default "640 2048": 512x512's decode steps, full steps)
@@ -155,7 +156,8 @@ fi
 wanted tests && run_step tests tests.log pytest_gpu
 # shellcheck disable=SC2086  # KERNEL_CHECK_ARGS is an argument list
 wanted kernels && run_step kernels kernel_check.log python benchmarks/kernel_check.py --out "$OUT" $KERNEL_CHECK_ARGS
-wanted share && run_step share gemm_share.log python benchmarks/gemm_share.py --out "$OUT"
+# shellcheck disable=SC2086  # SHARE_ARGS is an argument list
+wanted share && run_step share gemm_share.log python benchmarks/gemm_share.py --out "$OUT" ${SHARE_ARGS:-}
 # shellcheck disable=SC2086  # STEP_ARGS is an argument list
 wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmarks/pipeline_step.py \
   ${STEP_ARGS:---splits 512,768,1024 --ctas 44,66 --kernels gated --gemm-ctas none --beside qkv,mlp --priority high,normal} \

@@ -7,13 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 
-def stream_pair(f1: Callable[[], Any], f2: Callable[[], Any]) -> Callable[[], None]:
+def stream_pair(f1: Callable[[], Any], f2: Callable[[], Any], streams: tuple[Any, Any] | None = None
+                ) -> Callable[[], None]:
     """A function that issues f1 on one stream, then f2 on another, both after the current stream's
     work, and makes the current stream wait for both: f1 is issued first, so a capped f1 takes its
-    SMs before f2 fills the rest."""
+    SMs before f2 fills the rest. streams: the two streams (e.g. of two green contexts, each on its
+    own SMs), else two new ones."""
     import torch
 
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    s1, s2 = streams or (torch.cuda.Stream(), torch.cuda.Stream())
 
     def run() -> None:
         cur = torch.cuda.current_stream()
