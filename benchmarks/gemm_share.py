@@ -4,7 +4,7 @@ all SMs; then the pair the pipeline needs: decode attention capped at --decode-c
 first on one stream, beside the projection on another (cuBLAS, or the persistent GEMM on the SMs
 left, or cuBLAS told to leave the decode's SMs out: torch's SM carveout, cuBLASLt's SM-count target),
 against the best sequential pair (decode on all SMs, then cuBLAS). --green: also each on a CUDA green
-context of its own SMs (decode on --decode-ctas, the GEMM on the rest; Hopper takes multiples of 8),
+context of its own SMs (decode on --decode-ctas, the GEMM on the rest, each rounded down to a multiple of 8),
 a partition the GPU enforces rather than one the two kernels' grids imply, launched eagerly and
 replayed from a CUDA graph, the decode's output checked against the reference each way.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stream_pair import stream_pair
+from stream_pair import green_streams, stream_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 # projection: (in features, out features), Llama-3-8B
@@ -154,20 +154,6 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gemm_share.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {Path(args.out) / 'gemm_share.json'}")
-
-
-def green_streams(decode_sms: int, sms: int) -> tuple[Any, tuple[Any, Any]] | None:
-    """(the two green contexts, kept alive, and a stream of each): decode_sms SMs and the rest, or
-    None where this torch or GPU has none."""
-    from torch.cuda.green_contexts import GreenContext
-
-    try:
-        ctxs = (GreenContext.create(num_sms=decode_sms, device_id=0),
-                GreenContext.create(num_sms=(sms - decode_sms) // 8 * 8, device_id=0))
-    except Exception as e:  # no driver support, an SM count the GPU does not take
-        print(f"green contexts: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-        return None
-    return ctxs, (ctxs[0].Stream(), ctxs[1].Stream())
 
 
 def green_pair(bench: Callable[[Callable[[], Any]], float], decodes: dict[str, Callable[[], Any]],

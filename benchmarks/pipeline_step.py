@@ -32,7 +32,7 @@ from nanoflow.kernels.decode_attention import CAPPED, GATED_EVEN, DecodeConfig
 from nanoflow.kernels.decode_common import FP8_MANY
 from nanoflow.layers.op import run_sequential
 from nanoflow.pipeline.executor import PipelineExecutor
-from nanoflow.pipeline.schedule import overlap_schedule, pingpong_schedule
+from nanoflow.pipeline.schedule import overlap_schedule, pingpong_schedule, unit_sms
 from nanoflow.tune.timing import Timer, graph_replay_error
 
 # decode kernel configs for the capped grid (DecodeAttention.capped_config)
@@ -85,6 +85,10 @@ def main() -> None:
                    "consecutively), spread+shuffled, direct (the kernel called straight, as kernel_check "
                    "does, in steps from the engine's call to kernel_check's: contiguous q, the count from the "
                    "host, a cache of just the step's pages)")
+    p.add_argument("--green", action="store_true",
+                   help="also each capped schedule on two CUDA green contexts, SM partitions the GPU enforces "
+                   "(NanoFlow's execution units): stream 1 (decode attention; in ping-pong nano-batch 1) on the "
+                   "decode cap's SMs, stream 0 on the rest, each rounded down to a multiple of 8")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -131,25 +135,30 @@ def main() -> None:
         for kernel in args.kernels.split(","):
             for layer in model.layers:
                 layer.decode_attention.capped_config = CAPPED_KERNELS[kernel]
-            for split, ctas, gemm, beside, priority in itertools.product(
-                    map(int, args.splits.split(",")), caps(args.ctas),
-                    args.gemm_ctas.split(","), args.beside.split(","), args.priority.split(",")):
+            for split, ctas, gemm, beside, priority, green in itertools.product(
+                    map(int, args.splits.split(",")), caps(args.ctas), args.gemm_ctas.split(","),
+                    args.beside.split(","), args.priority.split(","), (False, True) if args.green else (False,)):
                 gemm_ctas = None if gemm == "none" or ctas is None else sms - ctas if gemm == "auto" else int(gemm)
-                ex = PipelineExecutor(two_batches(names, args.tokens, split, ctas, gemm_ctas, beside), model.layer_ops,
-                                      runner.device, side_priority=priority == "high")
-                parts = ex.split(batch, model.prepare)
-                try:
-                    ms = timer.ms(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)))
+                schedule = two_batches(names, args.tokens, split, ctas, gemm_ctas, beside)
+                if green:  # both streams on execution units (Schedule.units)
+                    if schedule.num_streams != 2:
+                        continue
+                    schedule = dataclasses.replace(schedule, units=unit_sms(ctas or sms // 2, sms))
+                what = f"{kernel:9s} {beside:3s} {priority:6s} {'green ' if green else ''}split {split:5d} ctas {ctas}"
+                try:  # a green context this GPU does not give raises here too
+                    ex = PipelineExecutor(schedule, model.layer_ops, runner.device, side_priority=priority == "high")
+                    parts = ex.split(batch, model.prepare)
+                    forward = partial(lambda ex, parts: model(batch, partial(ex.run, parts=parts)), ex, parts)
+                    ms = timer.ms(forward)
+                    err = graph_replay_error(forward, want)
                 except Exception as e:  # e.g. a kernel config that does not compile on this GPU
-                    print(f"{kernel} {beside} split {split} ctas {ctas} gemm {gemm_ctas}: {type(e).__name__}: "
-                          f"{str(e)[:300]}", flush=True)
+                    print(f"{what} gemm {gemm_ctas}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-                err = graph_replay_error(lambda ex=ex, parts=parts: model(batch, partial(ex.run, parts=parts)), want)
                 rows.append({"kernel": kernel, "beside": beside, "split": split, "decode_ctas": ctas,
-                             "gemm_ctas": gemm_ctas, "priority": priority, "ms": ms, "speedup": seq_ms / ms,
-                             "rel_error": err})
-                print(f"{kernel:9s} {beside:3s} {priority:6s} split {split:5d} ctas {ctas} gemm ctas {gemm_ctas}: "
-                      f"{ms:.2f} ms ({seq_ms / ms:.3f}x), rel. error {err:.2g}", flush=True)
+                             "gemm_ctas": gemm_ctas, "priority": priority, "green": green, "ms": ms,
+                             "speedup": seq_ms / ms, "rel_error": err})
+                print(f"{what} gemm ctas {gemm_ctas}: {ms:.2f} ms ({seq_ms / ms:.3f}x), rel. error {err:.2g}",
+                      flush=True)
     save()
 
 

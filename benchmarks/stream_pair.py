@@ -29,3 +29,23 @@ def stream_pair(f1: Callable[[], Any], f2: Callable[[], Any], streams: tuple[Any
         cur.wait_stream(s2)
 
     return run
+
+
+def green_streams(first_sms: int, sms: int) -> tuple[Any, tuple[Any, Any]] | None:
+    """Two execution units (CUDA green contexts: pipeline.schedule.unit_sms rounds the SM counts),
+    first_sms SMs and the rest. Returns (the contexts, to keep alive while their streams run; a
+    stream of each), or None where this torch, driver or GPU has none (the reason on stderr)."""
+    import sys
+
+    import torch
+
+    from nanoflow.pipeline.executor import green_context
+    from nanoflow.pipeline.schedule import unit_sms
+
+    rest, first = unit_sms(first_sms, sms)
+    try:
+        ctxs = (green_context(first, torch.device("cuda")), green_context(rest, torch.device("cuda")))
+    except RuntimeError as e:
+        print(str(e)[:300], file=sys.stderr)
+        return None
+    return ctxs, (ctxs[0].Stream(), ctxs[1].Stream())

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +36,19 @@ class _Instance:
     op_index: int  # position of the op in the layer's own (sequential) order
     start: int  # the nano-batch's rows at max_tokens
     end: int
+
+
+def green_context(num_sms: int, device: torch.device) -> Any:
+    """A CUDA green context of num_sms SMs (torch.cuda.green_contexts: CUDA 12.4+, a driver and GPU
+    that take it); raises a clear error where there is none."""
+    from torch.cuda.green_contexts import GreenContext
+
+    try:
+        return GreenContext.create(num_sms=num_sms, device_id=device.index or 0)
+    except Exception as e:
+        raise RuntimeError(f"the pipeline's execution units need a CUDA green context of {num_sms} SMs, which "
+                           f"this torch, driver or GPU does not give ({type(e).__name__}: {e}); tune without "
+                           "--execution-units or run --pipeline off") from e
 
 
 def _cublas_capped(op: Op, num_ctas: int | None, device: torch.device) -> Op:
@@ -61,6 +75,10 @@ class PipelineExecutor:
         priority = -1 if side_priority else 0  # lower is higher; CUDA clamps it to the device's range
         self.streams = [torch.cuda.Stream(device, priority=priority)
                         for _ in range(schedule.num_streams - 1)] if self.on_gpu else []
+        # execution units: every stream, the forward's own too, on a green context of its SMs; the
+        # forward's stream forks to them and joins them (the contexts live as long as the executor)
+        self.units = [green_context(n, device) for n in schedule.units] if self.on_gpu else []
+        self.unit_streams = [u.Stream() for u in self.units]
         index = {name: i for i, name in enumerate(names)}
         self.instances = [
             _Instance(layer, st, index[st.op], *schedule.partitions[st.partition][st.part : st.part + 2])
@@ -97,10 +115,11 @@ class PipelineExecutor:
                 op.run(parts[st.partition][st.part], views[st.partition][st.part], st.num_ctas)
             return
         main = torch.cuda.current_stream()
-        streams = [main, *self.streams]
+        streams = self.unit_streams or [main, *self.streams]
+        branches = [s for s in streams if s is not main]
         fork = torch.cuda.Event()
         fork.record(main)
-        for s in self.streams:
+        for s in branches:
             s.wait_event(fork)
         events: dict[int, torch.cuda.Event] = {}
         for i, (inst, op) in enumerate(zip(self.instances, ops, strict=True)):
@@ -113,7 +132,7 @@ class PipelineExecutor:
             if i in self.signals:
                 events[i] = torch.cuda.Event()
                 events[i].record(stream)
-        for s in self.streams:  # join: the forward's stream continues once every branch is done
+        for s in branches:  # join: the forward's stream continues once every branch is done
             done = torch.cuda.Event()
             done.record(s)
             main.wait_event(done)

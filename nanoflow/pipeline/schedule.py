@@ -44,6 +44,9 @@ class Schedule:
     partitions: dict[str, tuple[int, ...]]
     steps: tuple[Step, ...]  # one layer's issue order; every layer runs the same
     predicted_ms: float | None = None  # the search's estimate of a whole step at max_tokens
+    # NanoFlow's execution units: per stream, the SMs of a CUDA green context it runs on, a partition
+    # the GPU enforces (pipeline.executor); empty: plain streams, whose kernels share every SM
+    units: tuple[int, ...] = ()
 
     @property
     def num_streams(self) -> int:
@@ -51,8 +54,9 @@ class Schedule:
 
     def on_one_stream(self) -> Schedule:
         """The same steps in the same issue order, all on the forward's stream: the same kernels
-        with the same caps, one after another, so the same results without any concurrency."""
-        return replace(self, steps=tuple(replace(s, stream=0) for s in self.steps))
+        with the same caps, one after another, so the same results without any concurrency (on the
+        whole GPU: an execution unit confines a kernel's programs, not what they compute)."""
+        return replace(self, steps=tuple(replace(s, stream=0) for s in self.steps), units=())
 
     def bounds(self, partition: str, num_tokens: int) -> list[int]:
         """The partition's bounds for an iteration of num_tokens (min_tokens <= num_tokens <= max_tokens)."""
@@ -69,6 +73,9 @@ class Schedule:
             if len(b) > 2 and b[-2] >= self.min_tokens:
                 raise ValueError(f"partition {name!r}: its last nano-batch would be empty at {self.min_tokens} "
                                  f"tokens (bound {b[-2]})")
+        if self.units and (len(self.units) != self.num_streams or min(self.units) < 1):
+            raise ValueError(f"execution units {list(self.units)}: one positive SM count per stream "
+                             f"({self.num_streams} streams)")
         unknown = {s.op for s in self.steps} - set(op_names)
         if unknown:
             raise ValueError(f"schedule names ops the model does not have: {sorted(unknown)} (has {list(op_names)})")
@@ -119,7 +126,8 @@ class Pipeline:
     def to_json(self) -> dict[str, Any]:
         cap = {} if self.nccl_max_ctas is None else {"nccl_max_ctas": self.nccl_max_ctas}
         return {"version": 1, "key": self.key, **cap, "schedules": [
-            {**asdict(s), "partitions": {k: list(v) for k, v in s.partitions.items()},
+            {**{k: v for k, v in asdict(s).items() if k != "units" or v},
+             "partitions": {k: list(v) for k, v in s.partitions.items()},
              "steps": [{k: v for k, v in asdict(st).items() if v != Step.__dataclass_fields__[k].default}
                        for st in s.steps]} for s in self.schedules]}
 
@@ -130,7 +138,8 @@ class Pipeline:
         schedules = tuple(
             Schedule(int(s["min_tokens"]), int(s["max_tokens"]),
                      {k: tuple(int(x) for x in v) for k, v in s["partitions"].items()},
-                     tuple(Step(**st) for st in s["steps"]), s.get("predicted_ms"))
+                     tuple(Step(**st) for st in s["steps"]), s.get("predicted_ms"),
+                     tuple(int(n) for n in s.get("units", ())))
             for s in data["schedules"])
         cap = data.get("nccl_max_ctas")
         return cls(schedules, dict(data.get("key", {})), source, None if cap is None else int(cap))
@@ -275,6 +284,13 @@ def tp_overlap_schedule(op_names: Sequence[str], max_tokens: int, split: int, mi
     steps += ops(after[: first_reduce + 1], 1) + [Step("prefill_attention", 0, "dense", 0)]
     steps += ops(after[first_reduce + 1 :], 1) + ops(after, 0)
     return Schedule(min_tokens, max_tokens, {"dense": (0, split, max_tokens)}, tuple(steps))
+
+
+def unit_sms(stream1_sms: int, num_sms: int) -> tuple[int, int]:
+    """Execution units (Schedule.units) for two streams: stream 1 on stream1_sms SMs, stream 0 on the
+    rest, each rounded down to a multiple of 8 (the granularity Hopper's green contexts take)."""
+    first = stream1_sms // 8 * 8
+    return (num_sms - first) // 8 * 8, first
 
 
 def pingpong_schedule(op_names: Sequence[str], max_tokens: int, split: int, min_tokens: int,

@@ -110,6 +110,10 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     s.add_argument("--gemm-carveout", action="store_true",
                    help="GPU: also time each capped ping-pong with its GEMMs as cuBLAS sized for the SMs the "
                    "decode cap leaves (torch's SM carveout), so the two streams' kernels fit the GPU side by side")
+    s.add_argument("--execution-units", action="store_true",
+                   help="GPU: also time each capped ping-pong with its two streams on CUDA green contexts, SM "
+                   "partitions the GPU enforces (NanoFlow's execution units): nano-batch 1's stream on the "
+                   "decode cap's SMs, nano-batch 0's on the rest")
     s.add_argument("--split-fractions", type=lambda t: [float(x) for x in t.split(",") if x], default=[0.5],
                    help="tensor parallel: network-overlap candidates split each bucket at these fractions, each "
                    "measured in one engine start (default 0.5)")
@@ -208,7 +212,7 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     times: dict[int, dict[str, float]] = {}
     if runner is not None and not args.no_verify:
         tuning, times = measure_buckets(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits,
-                                        args.gemm_carveout)
+                                        args.gemm_carveout, args.execution_units)
     target = Path(args.output) if args.output else cache_path(profile["key"])
     tuning.pipeline.save(target)
     measured = {b.max_tokens: times[b.max_tokens][b.candidate.describe()] for b in tuning.buckets

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nanoflow.pipeline.schedule import Schedule
+from nanoflow.pipeline.schedule import Schedule, unit_sms
 from nanoflow.tune.model import PINGPONG, Candidate, split_for
 from nanoflow.tune.search import BucketChoice, Tuning
 
@@ -41,13 +41,14 @@ class Measured:
     times: dict[int, dict[str, float]]  # bucket's max_tokens -> {candidate description: ms}
 
 
-def measured_candidates(choice: BucketChoice, caps: Sequence[int | None],
-                        fractions: Sequence[float] = (0.5,), num_sms: int | None = None) -> list[Candidate]:
+def measured_candidates(choice: BucketChoice, caps: Sequence[int | None], fractions: Sequence[float] = (0.5,),
+                        num_sms: int | None = None, units_sms: int | None = None) -> list[Candidate]:
     """Sequential, the model's pick and its cheapest of each other overlap order, and ping-pong split
     at each fraction of the bucket's top (model.split_for) at each cap. Uneven splits matter in a
     serving step, whose decodes come first and whose prefill chunk is not cut in half. num_sms: each
     capped ping-pong also with its GEMMs as cuBLAS sized for the SMs the cap leaves (the two
-    streams' kernels then fit the GPU side by side)."""
+    streams' kernels then fit the GPU side by side). units_sms (the GPU's SMs): each capped ping-pong
+    also on execution units, nano-batch 1's stream on the cap's SMs and nano-batch 0's on the rest."""
     out = [Candidate()]
     if choice.candidate.split is not None:
         out.append(choice.candidate)
@@ -56,17 +57,19 @@ def measured_candidates(choice: BucketChoice, caps: Sequence[int | None],
     out += [Candidate(s, c, PINGPONG) for s in splits for c in caps]
     if num_sms:
         out += [Candidate(s, c, PINGPONG, num_sms - c) for s in splits for c in caps if c]
+    if units_sms:
+        out += [Candidate(s, c, PINGPONG, units=unit_sms(c, units_sms)) for s in splits for c in caps if c]
     return out
 
 
 def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | None], time_forward: TimeForward,
                     min_gain: float, fractions: Sequence[float] = (0.5,), num_sms: int | None = None,
-                    check_forward: CheckForward | None = None) -> Measured:
+                    check_forward: CheckForward | None = None, units_sms: int | None = None) -> Measured:
     """The module docstring's check over every bucket of the tuning (op names: the model's layer;
-    fractions and num_sms: as measured_candidates; check_forward: the output check, None: none)."""
+    fractions, num_sms and units_sms: as measured_candidates; check_forward: the output check, None: none)."""
     buckets, schedules, times, notes = [], [], {}, []
     for b, schedule in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
-        cands = measured_candidates(b, caps, fractions, num_sms)
+        cands = measured_candidates(b, caps, fractions, num_sms, units_sms)
         if len(cands) == 1:  # sequential is the only choice: nothing to time
             buckets.append(b)
             schedules.append(schedule)
@@ -103,12 +106,13 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
 
 
 def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, workload: Any, min_gain: float,
-                    fractions: Sequence[float], gemm_carveout: bool = False
+                    fractions: Sequence[float], gemm_carveout: bool = False, execution_units: bool = False
                     ) -> tuple[Tuning, dict[int, dict[str, float]]]:
     """Whole forwards of the workload's steps (serving ones with --decode-fraction serve), timed as
     the profile timed the sequential one. On a GPU, each bucket's candidates (measured_candidates: the
     model's pick, sequential, ping-pong at each split fraction and profiled cap; gemm_carveout: also
-    with its GEMMs sized for the SMs the cap leaves) and the fastest kept (measured_choice); on the
+    with its GEMMs sized for the SMs the cap leaves; execution_units: also on execution units) and
+    the fastest kept (measured_choice); on the
     CPU, where streams run one after the other, only the pipelined picks."""
     import functools
 
@@ -131,9 +135,10 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
     forward = lambda tokens, schedule: time_forward(runner, step(tokens), timer, schedule)  # noqa: E731
     if runner.device.type == "cuda":
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
-        sms = num_sms(runner.device.index or 0) if gemm_carveout else None
+        sms = num_sms(runner.device.index or 0)
         check = lambda tokens, schedule: forward_error(runner, step(tokens), schedule)  # noqa: E731
-        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms, check)
+        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms if gemm_carveout else None,
+                            check, sms if execution_units else None)
         return m.tuning, m.times
     times = {}
     for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):

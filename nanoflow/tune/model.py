@@ -16,6 +16,7 @@ by side, and what a stretch of side-by-side work costs under interference.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,21 +52,27 @@ class Candidate:
     # GEMMs as cuBLAS sized for this many SMs (pipeline.schedule.cap_gemms; measured only): ping-pong's
     # all of them, overlap's those beside the capped decode attention; None: all SMs
     gemm_ctas: int | None = None
+    # per stream, the SMs of the execution unit it runs on (Schedule.units; measured only); (): none
+    units: tuple[int, ...] = ()
 
     def schedule(self, op_names: Sequence[str], min_tokens: int, max_tokens: int) -> Schedule:
         if self.split is None:
             return sequential_schedule(op_names, max_tokens, min_tokens)
         if self.beside == PINGPONG:
-            return pingpong_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, self.gemm_ctas,
-                                     cublas=True)
-        return overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside,
-                                gemm_ctas=self.gemm_ctas, cublas=True)
+            s = pingpong_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, self.gemm_ctas,
+                                  cublas=True)
+        else:
+            s = overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside,
+                                 gemm_ctas=self.gemm_ctas, cublas=True)
+        return dataclasses.replace(s, units=self.units) if self.units else s
 
     def describe(self) -> str:
         if self.split is None:
             return "sequential"
         cap = f"{self.ctas} CTAs" if self.ctas else "all SMs"
         gemm = f", GEMMs sized for {self.gemm_ctas} SMs" if self.gemm_ctas else ""
+        if self.units:
+            gemm += f", streams on execution units of {' / '.join(map(str, self.units))} SMs"
         if self.beside == PINGPONG:
             return (f"2 nano-batches split at {self.split}, each on a stream of its own, decode attention on "
                     f"{cap}{gemm}")

@@ -11,30 +11,49 @@ from nanoflow import LLM, SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def pingpong_half_the_sms(arch: str, max_tokens: int):
+def pingpong_half_the_sms(arch: str, max_tokens: int, units: bool = False):
     """Ping-pong over every size from 2 tokens, each nano-batch's decode attention on half the SMs:
-    the two capped decode kernels launch a few us apart on two streams, as the tuned pipelines run."""
+    the two capped decode kernels launch a few us apart on two streams, as the tuned pipelines run.
+    units: each stream on a green context of half the SMs (Schedule.units)."""
+    import dataclasses
+
     from nanoflow.kernels.attention_common import num_sms
-    from nanoflow.pipeline.schedule import Pipeline, pingpong_schedule
+    from nanoflow.pipeline.schedule import Pipeline, pingpong_schedule, unit_sms
 
     names, half = layer_op_names(arch), num_sms(0) // 2
-    return Pipeline((pingpong_schedule(names, 49, 1, 2, decode_ctas=half),
-                     pingpong_schedule(names, max_tokens, 48, 50, decode_ctas=half)), {"test": arch}, "tests")
+    schedules = (pingpong_schedule(names, 49, 1, 2, decode_ctas=half),
+                 pingpong_schedule(names, max_tokens, 48, 50, decode_ctas=half))
+    if units:
+        schedules = tuple(dataclasses.replace(s, units=unit_sms(half, num_sms(0))) for s in schedules)
+    return Pipeline(schedules, {"test": arch}, "tests")
+
+
+def green_contexts_or_skip() -> None:
+    from nanoflow.pipeline.executor import green_context
+
+    try:
+        green_context(8, torch.device("cuda"))
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager-launch"])
-@pytest.mark.parametrize("kind", ["mixed", "pingpong-half"])
+@pytest.mark.parametrize("kind", ["mixed", "pingpong-half", "pingpong-units"])
 def test_pipeline_matches_sequential_fp32(tiny_model, tmp_path, arch, graphs, kind):
-    """Two streams, decode attention capped: the same greedy tokens as the sequential schedule
-    (fp32; the same kernels run on each row either way)."""
+    """Two streams, decode attention capped (pingpong-units: each stream on a green context of half
+    the SMs): the same greedy tokens as the sequential schedule (fp32; the same kernels run on each
+    row either way)."""
     path = tiny_model(arch)
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 380) for _ in range(rng.randrange(5, 200))]}
                for _ in range(24 if kind == "mixed" else 96)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     pipeline = tmp_path / "pipeline.json"
-    (pipeline_for(arch, 256) if kind == "mixed" else pingpong_half_the_sms(arch, 256)).save(pipeline)
+    if kind == "pingpong-units":
+        green_contexts_or_skip()
+    (pipeline_for(arch, 256) if kind == "mixed" else
+     pingpong_half_the_sms(arch, 256, units=kind == "pingpong-units")).save(pipeline)
     runs = {}
     for name in ("off", str(pipeline)):
         llm = LLM(path, dtype="float32", max_model_len=512, max_num_batched_tokens=256, num_kv_pages=2048,

@@ -57,6 +57,14 @@ def test_candidates_per_bucket() -> None:
     gemms = [st for st in cands[-1].schedule(sp.NAMES, last.min_tokens, last.max_tokens).steps if st.op in GEMM_OPS]
     assert len(gemms) == 8 and {(st.num_ctas, st.cublas) for st in gemms} == {(88, True)}
     assert cands[-1].describe().endswith("decode attention on 44 CTAs, GEMMs sized for 88 SMs")
+    # with execution units: each capped ping-pong again, its streams on green contexts of the cap's
+    # SMs (nano-batch 1's) and the rest, in multiples of 8
+    cands = measured_candidates(last, [44, None], units_sms=132)
+    (unit,) = [c for c in cands if c.units]
+    assert (unit.split, unit.ctas, unit.units) == (512, 44, (88, 40))
+    schedule = unit.schedule(sp.NAMES, last.min_tokens, last.max_tokens)
+    assert schedule.units == (88, 40) and schedule.on_one_stream().units == ()
+    assert unit.describe().endswith("decode attention on 44 CTAs, streams on execution units of 88 / 40 SMs")
 
 
 def test_measurement_overturns_the_model() -> None:

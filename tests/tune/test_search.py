@@ -4,6 +4,7 @@ writes a pipeline that checks and round-trips through JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -153,3 +154,20 @@ def test_a_schedule_on_one_stream_keeps_its_steps_in_order() -> None:
     assert [(s.op, s.part, s.num_ctas) for s in one.steps] == [(s.op, s.part, s.num_ctas) for s in two.steps]
     assert one.partitions == two.partitions and one.min_tokens == two.min_tokens
     PipelineExecutor(one, _stub_layers(sp.OPS), torch.device("cpu"))
+
+
+def test_execution_units_round_trip_and_check(tmp_path) -> None:
+    """Schedule.units (per stream, the SMs of its green context) survive the JSON, must name every
+    stream, and leave the CPU's in-order run as it is."""
+    from nanoflow.pipeline.schedule import pingpong_schedule, sequential_schedule, unit_sms
+
+    assert unit_sms(66, 132) == (64, 64) and unit_sms(44, 132) == (88, 40)
+    two = dataclasses.replace(pingpong_schedule(sp.NAMES, 1024, 384, 513, decode_ctas=44), units=(88, 40))
+    pipe = Pipeline((sequential_schedule(sp.NAMES, 512), two), {"gpu": "synthetic"})
+    data = json.loads(json.dumps(pipe.to_json()))
+    assert "units" not in data["schedules"][0] and data["schedules"][1]["units"] == [88, 40]
+    assert Pipeline.from_json(data).schedules == pipe.schedules
+    with pytest.raises(ValueError, match="one positive SM count per stream"):
+        dataclasses.replace(two, units=(88,)).check(sp.NAMES)
+    ex = PipelineExecutor(two, _stub_layers(sp.OPS), torch.device("cpu"))
+    assert ex.units == [] and ex.unit_streams == []
