@@ -112,8 +112,8 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
     the profile timed the sequential one. On a GPU, each bucket's candidates (measured_candidates: the
     model's pick, sequential, ping-pong at each split fraction and profiled cap; gemm_carveout: also
     with its GEMMs sized for the SMs the cap leaves; execution_units: also on execution units) and
-    the fastest kept (measured_choice); on the
-    CPU, where streams run one after the other, only the pipelined picks."""
+    the fastest kept (measured_choice); on the CPU, where streams run one after the other, only the
+    pipelined picks."""
     import functools
 
     import torch

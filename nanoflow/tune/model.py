@@ -16,10 +16,9 @@ by side, and what a stretch of side-by-side work costs under interference.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -64,7 +63,7 @@ class Candidate:
         else:
             s = overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside,
                                  gemm_ctas=self.gemm_ctas, cublas=True)
-        return dataclasses.replace(s, units=self.units) if self.units else s
+        return replace(s, units=self.units) if self.units else s
 
     def describe(self) -> str:
         if self.split is None:
