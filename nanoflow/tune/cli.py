@@ -125,6 +125,11 @@ def add_tune_args(p: argparse.ArgumentParser, dummy_names: Sequence[str] = ()) -
     s.add_argument("--tp-gemm-ctas", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                    help="tensor parallel: also try each candidate with every GEMM as cuBLAS sized for this many SMs "
                    "(the SM carveout; e.g. the SMs the decode attention or the all-reduce leaves), comma list")
+    s.add_argument("--tp-units", type=_unit_specs, default=[],
+                   help="tensor parallel: also try each candidate with its streams on execution units (CUDA green "
+                   "contexts), comma list of per-stream SM counts joined by '/': 56/56/16 for ping-pong "
+                   "(nano-batch 0 / nano-batch 1 / network), 120/8 for network overlap (compute / network); a "
+                   "spec applies to the candidates with as many streams (Hopper takes multiples of 8)")
     s.add_argument("--network-min-tokens", type=int, default=256,
                    help="tensor parallel: buckets above this many tokens get network-overlap candidates")
     s.add_argument("--nccl-ctas", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
@@ -254,8 +259,10 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
         raise ValueError(f"--tp-schedules: unknown kinds {sorted(unknown)} (network, pingpong)")
     on_gpu = config.device.type == "cuda"
     caps = args.ctas or default_decode_caps(config.device, tensor_parallel=True)
-    candidates = [TPCandidate(kind, f, cap, gemm) for f in args.split_fractions for kind in args.tp_schedules
-                  for cap in (caps if kind == PINGPONG else [None]) for gemm in [None, *args.tp_gemm_ctas]]
+    streams = {PINGPONG: 3, NETWORK: 2}  # the kinds' streams under TP (pipeline.schedule)
+    candidates = [TPCandidate(kind, f, cap, gemm, units) for f in args.split_fractions for kind in args.tp_schedules
+                  for cap in (caps if kind == PINGPONG else [None]) for gemm in [None, *args.tp_gemm_ctas]
+                  for units in [(), *(u for u in args.tp_units if len(u) == streams[kind])]]
     t = tune_tensor_parallel(config, key, candidates, args.network_min_tokens, args.min_gain, args.nccl_ctas,
                              context_len=(args.context_len or 1024) if on_gpu else 0, size_step=args.size_step)
     target = Path(args.output) if args.output else cache_path(key)
@@ -269,6 +276,11 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
           tensor_parallel=True)
     print(f"\npipeline: {target} ({len(t.pipeline.schedules)} pipelined buckets; report {report})")
     return 0
+
+
+def _unit_specs(text: str) -> list[tuple[int, ...]]:
+    """--tp-units: "56/56/16,120/8" -> [(56, 56, 16), (120, 8)]."""
+    return [tuple(int(n) for n in spec.split("/")) for spec in text.split(",") if spec]
 
 
 def default_decode_caps(device: Any, tensor_parallel: bool) -> list[int | None]:

@@ -36,7 +36,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,16 @@ class TPCandidate:
     # every GEMM as cuBLAS sized for this many SMs (pipeline.schedule.cap_gemms), so that it runs in one
     # wave beside the all-reduce or the other stream's decode attention; None: all SMs
     gemm_ctas: int | None = None
+    # per stream, the SMs of its execution unit (Schedule.units: ping-pong's nano-batch 0, nano-batch 1,
+    # network; network overlap's compute, network); (): plain streams
+    units: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
         cap = f" decode@{self.decode_ctas}" if self.kind == PINGPONG and self.decode_ctas else ""
         gemm = f" gemm@{self.gemm_ctas}" if self.gemm_ctas else ""
-        return f"{self.kind} {self.fraction:g}{cap}{gemm}"
+        units = f" units@{'/'.join(map(str, self.units))}" if self.units else ""
+        return f"{self.kind} {self.fraction:g}{cap}{gemm}{units}"
 
     def schedule(self, op_names: Sequence[str], lo: int, hi: int) -> Schedule | None:
         """The bucket (lo, hi]'s schedule; None where the split leaves a nano-batch empty."""
@@ -76,8 +80,10 @@ class TPCandidate:
         if split is None:
             return None
         if self.kind == PINGPONG:
-            return pingpong_schedule(op_names, hi, split, lo, self.decode_ctas, self.gemm_ctas, cublas=True)
-        return network_overlap_schedule(op_names, hi, split, lo, self.gemm_ctas, cublas=True)
+            s = pingpong_schedule(op_names, hi, split, lo, self.decode_ctas, self.gemm_ctas, cublas=True)
+        else:
+            s = network_overlap_schedule(op_names, hi, split, lo, self.gemm_ctas, cublas=True)
+        return replace(s, units=self.units) if self.units else s
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,12 @@ def test_candidate_covers_the_ranges_it_can_split():
             assert [(st.num_ctas, st.cublas) for st in b.steps if st.op in GEMM_OPS] == [(116, True)] * 8
             assert [st for st in a.steps if st.op not in GEMM_OPS] == [st for st in b.steps if st.op not in GEMM_OPS]
     assert TPCandidate(PINGPONG, 0.5, 66, 66).label == "pingpong 0.5 decode@66 gemm@66"
+    # execution units: each stream on its own SMs (nano-batch 0 / 1 / network), the steps unchanged
+    units = candidate(NAMES, ranges, TPCandidate(PINGPONG, 0.5, 66, units=(56, 56, 16)), {"tp": 2})
+    units.check(NAMES)
+    assert all(s.units == (56, 56, 16) for s in units.schedules)
+    assert [s.steps for s in units.schedules] == [s.steps for s in pp.schedules]
+    assert TPCandidate(NETWORK, 0.5, units=(120, 8)).label == "network 0.5 units@120/8"
 
 
 def test_choose_keeps_only_measured_wins():

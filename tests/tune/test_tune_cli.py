@@ -60,6 +60,8 @@ def test_parser_knows_the_options() -> None:
     assert (args.decode_fraction, args.budget_decodes, args.pingpong_splits) == ("serve", 512, [0.5])
     assert args.tp_schedules == ["network", "pingpong"]
     assert build_parser().parse_args(["tune", "--tp-schedules", "pingpong"]).tp_schedules == ["pingpong"]
+    assert args.tp_units == [] and not args.execution_units
+    assert build_parser().parse_args(["tune", "--tp-units", "56/56/16,120/8"]).tp_units == [(56, 56, 16), (120, 8)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tune", "--dummy", "llama3-8b", "--decode-fraction", "1.5"])
 
