@@ -215,9 +215,11 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
         return 0
     tuning = search(profile, min_gain=args.min_gain, time_limit_s=args.time_limit, split_step=args.split_step)
     times: dict[int, dict[str, float]] = {}
+    errors: dict[int, dict[str, float]] = {}
     if runner is not None and not args.no_verify:
-        tuning, times = measure_buckets(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits,
-                                        args.gemm_carveout, args.execution_units)
+        m = measure_buckets(runner, profile, tuning, workload, args.min_gain, args.pingpong_splits,
+                            args.gemm_carveout, args.execution_units)
+        tuning, times, errors = m.tuning, m.times, m.errors
     target = Path(args.output) if args.output else cache_path(profile["key"])
     tuning.pipeline.save(target)
     measured = {b.max_tokens: times[b.max_tokens][b.candidate.describe()] for b in tuning.buckets
@@ -225,6 +227,8 @@ def run_tune(args: argparse.Namespace, dummy_model_dir: Callable[[str], str] | N
     report = {**tuning.to_json(), "profile": profile_path, "pipeline_path": str(target),
               "measured_ms": {str(k): v for k, v in measured.items()},
               "measured_candidates_ms": {str(k): v for k, v in times.items()},
+              # the output check's relative error (against the same schedule on one stream) per candidate checked
+              "measured_errors": {str(k): v for k, v in errors.items()},
               "measured_workload": None if workload is None else dataclasses.asdict(workload)}
     search_json = _write_json(out_dir / f"tune-search_{_safe(profile['device'])}_{_safe(name)}_{stamp}.json", report)
     _print_table(profile, tuning, measured, times)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nanoflow.pipeline.schedule import Schedule, unit_sms
@@ -39,6 +39,9 @@ MAX_REL_ERROR = 0.1
 class Measured:
     tuning: Tuning  # the search's, with the buckets that measurement overturned replaced
     times: dict[int, dict[str, float]]  # bucket's max_tokens -> {candidate description: ms}
+    # bucket's max_tokens -> {candidate description: the output check's relative error}, for the
+    # candidates checked (the fastest ones that gained, in order, until one passed)
+    errors: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def measured_candidates(choice: BucketChoice, caps: Sequence[int | None], fractions: Sequence[float] = (0.5,),
@@ -67,7 +70,7 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
                     check_forward: CheckForward | None = None, units_sms: int | None = None) -> Measured:
     """The module docstring's check over every bucket of the tuning (op names: the model's layer;
     fractions, num_sms and units_sms: as measured_candidates; check_forward: the output check, None: none)."""
-    buckets, schedules, times, notes = [], [], {}, []
+    buckets, schedules, times, errors, notes = [], [], {}, {}, []
     for b, schedule in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
         cands = measured_candidates(b, caps, fractions, num_sms, units_sms)
         if len(cands) == 1:  # sequential is the only choice: nothing to time
@@ -85,6 +88,7 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
                 break
             err = 0.0 if check_forward is None else check_forward(b.max_tokens, c.schedule(names, b.min_tokens,
                                                                                              b.max_tokens))
+            errors.setdefault(b.max_tokens, {})[c.describe()] = err
             if err <= MAX_CONCURRENCY_ERROR:
                 best = c
                 break
@@ -102,12 +106,12 @@ def measured_choice(tuning: Tuning, names: Sequence[str], caps: Sequence[int | N
     pipeline = dataclasses.replace(tuning.pipeline, schedules=tuple(schedules))
     pipeline.check(names)
     tuning = dataclasses.replace(tuning, pipeline=pipeline, buckets=buckets, notes=[*tuning.notes, *notes])
-    return Measured(tuning, times)
+    return Measured(tuning, times, errors)
 
 
 def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, workload: Any, min_gain: float,
                     fractions: Sequence[float], gemm_carveout: bool = False, execution_units: bool = False
-                    ) -> tuple[Tuning, dict[int, dict[str, float]]]:
+                    ) -> Measured:
     """Whole forwards of the workload's steps (serving ones with --decode-fraction serve), timed as
     the profile timed the sequential one. On a GPU, each bucket's candidates (measured_candidates: the
     model's pick, sequential, ping-pong at each split fraction and profiled cap; gemm_carveout: also
@@ -137,11 +141,10 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
         sms = num_sms(runner.device.index or 0)
         check = lambda tokens, schedule: forward_error(runner, step(tokens), schedule)  # noqa: E731
-        m = measured_choice(tuning, names, caps, forward, min_gain, fractions, sms if gemm_carveout else None,
-                            check, sms if execution_units else None)
-        return m.tuning, m.times
+        return measured_choice(tuning, names, caps, forward, min_gain, fractions, sms if gemm_carveout else None,
+                               check, sms if execution_units else None)
     times = {}
     for b, s in zip(tuning.buckets, tuning.pipeline.schedules, strict=True):
         if b.candidate.split is not None:
             times[b.max_tokens] = {b.candidate.describe(): forward(b.max_tokens, s)}
-    return tuning, times
+    return Measured(tuning, times)

@@ -109,6 +109,7 @@ def test_a_fast_candidate_whose_output_is_off_is_not_kept() -> None:
     for b in m.tuning.buckets[1:]:
         assert (b.candidate.beside, b.candidate.ctas) == (PINGPONG, None)
     assert sum("off by 0.8" in n and "not kept" in n for n in m.tuning.notes) == 2
+    assert [sorted(e.values()) for e in m.errors.values()] == [[1e-3, 0.8]] * 2  # every check, by bucket
     # a wrong candidate that is the only one gaining leaves the bucket sequential
     clock, _ = _clock(10.0, 10.5, {44: 8.0, None: 10.2})
     m = measured_choice(tuning, names, [44, None], clock, min_gain=0.01, check_forward=check)
