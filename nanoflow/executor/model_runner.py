@@ -25,7 +25,7 @@ from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
 from nanoflow.pipeline.cache import choose_pipeline
-from nanoflow.pipeline.executor import PipelineExecutor
+from nanoflow.pipeline.executor import PipelineExecutor, green_context
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,12 @@ class ModelRunner:
         self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler(self.device, config.seed)
         pipeline = choose_pipeline(config.args.pipeline, pipeline_key(config, self.par.size))
-        # one executor per schedule of the pipeline (none: every step runs the sequential schedule)
-        self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device)
-                          for s in (pipeline.schedules if pipeline else ())]
+        # one executor per schedule of the pipeline (none: every step runs the sequential schedule);
+        # their execution units, one green context per SM count, shared
+        schedules = pipeline.schedules if pipeline else ()
+        sms = sorted({n for s in schedules for n in s.units}) if self.device.type == "cuda" else []
+        self.green = {n: green_context(n, self.device) for n in sms}
+        self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device, green=self.green) for s in schedules]
         # Tensor parallel: a step's schedule decides how many collectives it issues, and in which
         # order; every rank reads its own pipeline cache, so check that they all read the same.
         self.par.check_same("the pipeline schedules", [ex.schedule for ex in self.executors])

@@ -12,7 +12,7 @@ graph capture, the streams and events become the graph's branches and edges.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +63,12 @@ def _cublas_capped(op: Op, num_ctas: int | None, device: torch.device) -> Op:
 
 class PipelineExecutor:
     def __init__(self, schedule: Schedule, layer_ops: Sequence[Sequence[Op]], device: torch.device,
-                 side_priority: bool = True) -> None:
+                 side_priority: bool = True, green: Mapping[int, Any] | None = None) -> None:
         """side_priority: the streams besides the forward's get a higher priority than it, so that
         where both have kernels waiting, the SMs a finished CTA frees go to the capped side kernel
         (decode attention, an all-reduce) first and the GEMMs fill what it leaves. CUDA graphs keep
-        the priority per kernel node."""
+        the priority per kernel node. green: green contexts by SM count to take the execution units'
+        from (the runner's, shared by its executors: each context holds device memory), else made here."""
         names = [op.name for op in layer_ops[0]]
         schedule.check(names)
         self.schedule, self.layer_ops = schedule, layer_ops
@@ -77,7 +78,8 @@ class PipelineExecutor:
                         for _ in range(schedule.num_streams - 1)] if self.on_gpu else []
         # execution units: every stream, the forward's own too, on a green context of its SMs; the
         # forward's stream forks to them and joins them (the contexts live as long as the executor)
-        self.units = [green_context(n, device) for n in schedule.units] if self.on_gpu else []
+        green = green or {}
+        self.units = [green.get(n) or green_context(n, device) for n in schedule.units] if self.on_gpu else []
         self.unit_streams = [u.Stream() for u in self.units]
         index = {name: i for i, name in enumerate(names)}
         self.instances = [
