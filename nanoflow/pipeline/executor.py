@@ -39,16 +39,20 @@ class _Instance:
 
 
 def green_context(num_sms: int, device: torch.device) -> Any:
-    """A CUDA green context of num_sms SMs (torch.cuda.green_contexts: CUDA 12.4+, a driver and GPU
-    that take it); raises a clear error where there is none."""
-    from torch.cuda.green_contexts import GreenContext
-
+    """A CUDA green context of num_sms SMs that gives streams (torch.cuda.green_contexts: CUDA 12.8+, a
+    driver and GPU that take it, a torch whose green contexts have Stream()); raises a clear error
+    where there is none."""
     try:
-        return GreenContext.create(num_sms=num_sms, device_id=device.index or 0)
+        from torch.cuda.green_contexts import GreenContext
+
+        ctx = GreenContext.create(num_sms=num_sms, device_id=device.index or 0)
+        if not hasattr(ctx, "Stream"):
+            raise RuntimeError(f"torch {torch.__version__}'s green contexts give no streams")
+        return ctx
     except Exception as e:
-        raise RuntimeError(f"the pipeline's execution units need a CUDA green context of {num_sms} SMs, which "
-                           f"this torch, driver or GPU does not give ({type(e).__name__}: {e}); tune without "
-                           "--execution-units or run --pipeline off") from e
+        raise RuntimeError(f"the pipeline's execution units need a CUDA green context of {num_sms} SMs with "
+                           f"streams, which this torch, driver or GPU does not give ({type(e).__name__}: {e}); "
+                           "tune without --execution-units or run --pipeline off") from e
 
 
 def _cublas_capped(op: Op, num_ctas: int | None, device: torch.device) -> Op:

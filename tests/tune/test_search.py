@@ -171,3 +171,11 @@ def test_execution_units_round_trip_and_check(tmp_path) -> None:
         dataclasses.replace(two, units=(88,)).check(sp.NAMES)
     ex = PipelineExecutor(two, _stub_layers(sp.OPS), torch.device("cpu"))
     assert ex.units == [] and ex.unit_streams == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU may give green contexts")
+def test_execution_units_without_green_contexts_fail_clearly() -> None:
+    from nanoflow.pipeline.executor import green_context
+
+    with pytest.raises(RuntimeError, match="execution units need a CUDA green context of 40 SMs"):
+        green_context(40, torch.device("cuda", 0))
