@@ -10,7 +10,7 @@ replayed from a CUDA graph, the decode's output checked against the reference ea
 
     python benchmarks/gemm_share.py --out DIR [--rows 512 1024 2048] [--decode-ctas 44] [--no-triton] [--green]
 
-Writes DIR/gemm_share.json. Imports only torch, triton and nanoflow.kernels.
+Writes DIR/gemm_share.json. Imports torch, triton, nanoflow.kernels (and with --green nanoflow.pipeline).
 """
 
 from __future__ import annotations
@@ -163,6 +163,8 @@ def green_pair(bench: Callable[[Callable[[], Any]], float], decodes: dict[str, C
     partition that leaves work undone must not pass as a gain)."""
     import torch
 
+    from nanoflow.tune.timing import relative_error
+
     row: dict[str, Any] = {}
     for name, dec in decodes.items():
         want = dec().clone()
@@ -170,13 +172,13 @@ def green_pair(bench: Callable[[Callable[[], Any]], float], decodes: dict[str, C
         try:
             out.zero_()
             row[f"beside_{name}_ms"] = bench(pair)
-            row[f"{name}_rel_error"] = ((out.float() - want.float()).norm() / want.float().norm()).item()
+            row[f"{name}_rel_error"] = relative_error(out, want)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 pair()
             out.zero_()
             row[f"beside_{name}_graph_ms"] = bench(graph.replay)
-            row[f"{name}_graph_rel_error"] = ((out.float() - want.float()).norm() / want.float().norm()).item()
+            row[f"{name}_graph_rel_error"] = relative_error(out, want)
         except Exception as e:  # a stream of a green context that a launch or a capture refuses
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row

@@ -172,9 +172,7 @@ def two_batches(names: list[str], tokens: int, split: int, ctas: int | None, gem
     """The two-nano-batch schedule of --beside: ping-pong (its GEMMs uncapped) or an overlap order."""
     if beside.startswith("pingpong"):
         s = pingpong_schedule(names, tokens, split, split + 1, ctas)
-        if beside == "pingpong1":
-            s = dataclasses.replace(s, steps=tuple(dataclasses.replace(st, stream=0) for st in s.steps))
-        return s
+        return s.on_one_stream() if beside == "pingpong1" else s
     return overlap_schedule(names, tokens, split, split + 1, ctas, gemm_ctas=gemm_ctas, beside=beside)
 
 
