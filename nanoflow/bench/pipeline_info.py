@@ -26,7 +26,10 @@ def schedule_summary(ex: PipelineExecutor) -> dict[str, Any]:
     s = ex.schedule
     return {"min_tokens": s.min_tokens, "max_tokens": s.max_tokens,
             "partitions": {k: list(v) for k, v in s.partitions.items()}, "num_streams": s.num_streams,
-            "predicted_ms": s.predicted_ms}
+            "predicted_ms": s.predicted_ms,
+            # what decides how the streams share the GPU: decode attention's SM caps, the units' SMs
+            "decode_ctas": sorted({st.num_ctas for st in s.steps if st.op == "decode_attention" and st.num_ctas}),
+            "units": list(s.units)}
 
 
 def pipeline_summary(runner: Any) -> list[dict[str, Any]] | str:

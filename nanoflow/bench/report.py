@@ -73,10 +73,14 @@ def pipeline_line(name: str, pipeline: list[dict[str, Any]] | str) -> str:
         return f"pipeline ({name}): {pipeline}"
 
     def schedule(s: dict[str, Any]) -> str:
-        splits = ", ".join(f"{k} {len(v) - 1}" for k, v in s["partitions"].items())
+        splits = ", ".join(f"{len(v) - 1} {k} nano-batch" + (f"es split at {'/'.join(map(str, v[1:-1]))}"
+                                                              if len(v) > 2 else "")
+                           for k, v in s["partitions"].items())
+        caps = f", decode attention on {'/'.join(map(str, s['decode_ctas']))} SMs" if s.get("decode_ctas") else ""
+        units = f", on units of {'/'.join(map(str, s['units']))} SMs" if s.get("units") else ""
         predicted = f", predicted {s['predicted_ms']:.2f} ms" if s.get("predicted_ms") is not None else ""
-        return f"{s['min_tokens']}-{s['max_tokens']} tokens ({splits} nano-batches, {s['num_streams']} streams" \
-            f"{predicted})"
+        streams = "1 stream" if s["num_streams"] == 1 else f"{s['num_streams']} streams"
+        return f"{s['min_tokens']}-{s['max_tokens']} tokens ({splits}, {streams}{caps}{units}{predicted})"
 
     return f"pipeline ({name}): " + "; ".join(map(schedule, pipeline))
 

@@ -63,11 +63,12 @@ def test_compare_nanoflow_sequential_with_a_timeline(bench_tiny_llama: str, pipe
     schedules = pipeline_for("llama", BUDGET).schedules
     assert piped["pipeline"] == [{"min_tokens": s.min_tokens, "max_tokens": s.max_tokens, "num_streams": 2,
                                   "partitions": {k: list(v) for k, v in s.partitions.items()},
-                                  "predicted_ms": None} for s in schedules]
+                                  "predicted_ms": None, "decode_ctas": [8], "units": []} for s in schedules]
     ratio = piped["total_tokens_per_s"] / seq["total_tokens_per_s"]
     assert result["speedups"] == {"nanoflow/nanoflow-sequential": pytest.approx(ratio)}
     assert "speedup: nanoflow/nanoflow-sequential" in out and "pipeline (nanoflow-sequential): sequential" in out
-    assert "pipeline (nanoflow): 2-9 tokens (dense 2, attn 2 nano-batches, 2 streams)" in out
+    assert ("pipeline (nanoflow): 2-9 tokens (2 dense nano-batches split at 1, 2 attn nano-batches split at 1, "
+            "2 streams, decode attention on 8 SMs)") in out
     md = report.markdown_table([result])
     assert "vs nanoflow-sequential" in md and f"| {ratio:.2f}x |" in md
 
