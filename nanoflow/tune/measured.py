@@ -51,7 +51,9 @@ def measured_candidates(choice: BucketChoice, caps: Sequence[int | None], fracti
     serving step, whose decodes come first and whose prefill chunk is not cut in half. num_sms: each
     capped ping-pong also with its GEMMs as cuBLAS sized for the SMs the cap leaves (the two
     streams' kernels then fit the GPU side by side). units_sms (the GPU's SMs): each capped ping-pong
-    also on execution units, nano-batch 1's stream on the cap's SMs and nano-batch 0's on the rest."""
+    also on execution units, nano-batch 1's stream on the cap's SMs and nano-batch 0's on the rest,
+    and each capped overlap order (NanoFlow's own design: a memory unit for decode attention, a
+    compute unit for the rest)."""
     out = [Candidate()]
     if choice.candidate.split is not None:
         out.append(choice.candidate)
@@ -60,8 +62,10 @@ def measured_candidates(choice: BucketChoice, caps: Sequence[int | None], fracti
     out += [Candidate(s, c, PINGPONG) for s in splits for c in caps]
     if num_sms:
         out += [Candidate(s, c, PINGPONG, num_sms - c) for s in splits for c in caps if c]
-    if units_sms:
+    if units_sms:  # ping-pong's streams, and the overlap orders' compute and memory streams, on units
         out += [Candidate(s, c, PINGPONG, units=unit_sms(c, units_sms)) for s in splits for c in caps if c]
+        out += [dataclasses.replace(c, units=unit_sms(c.ctas, units_sms)) for c in out[1:]
+                if c.beside != PINGPONG and c.ctas and not c.units]
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import synthetic_profiles as sp
 
-from nanoflow.pipeline.schedule import GEMM_OPS, Schedule
+from nanoflow.pipeline.schedule import GEMM_OPS, Schedule, unit_sms
 from nanoflow.tune.measured import measured_candidates, measured_choice
 from nanoflow.tune.model import PINGPONG
 from nanoflow.tune.search import search
@@ -60,7 +60,10 @@ def test_candidates_per_bucket() -> None:
     # with execution units: each capped ping-pong again, its streams on green contexts of the cap's
     # SMs (nano-batch 1's) and the rest, in multiples of 8
     cands = measured_candidates(last, [44, None], units_sms=132)
-    (unit,) = [c for c in cands if c.units]
+    unit, *overlaps = [c for c in cands if c.units]
+    # and the model's overlap picks: decode attention's stream a memory unit, the other a compute unit
+    assert [(c.beside, c.units) for c in overlaps] == [(c.beside, unit_sms(c.ctas, 132)) for c in cands[1:3]]
+    assert {c.beside for c in overlaps} == {"qkv", "mlp"}
     assert (unit.split, unit.ctas, unit.units) == (512, 44, (88, 40))
     schedule = unit.schedule(sp.NAMES, last.min_tokens, last.max_tokens)
     assert schedule.units == (88, 40) and schedule.on_one_stream().units == ()
