@@ -89,9 +89,9 @@ class ModelRunner:
         # one executor per schedule of the pipeline (none: every step runs the sequential schedule);
         # their execution units, one green context per SM count, shared
         schedules = pipeline.schedules if pipeline else ()
-        sms = sorted({n for s in schedules for n in s.units}) if self.device.type == "cuda" else []
-        self.green = {n: green_context(n, self.device) for n in sms}
-        self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device, green=self.green) for s in schedules]
+        sms = {n for s in schedules for n in s.units} if self.device.type == "cuda" else set()
+        green = {n: green_context(n, self.device) for n in sms}
+        self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device, green=green) for s in schedules]
         # Tensor parallel: a step's schedule decides how many collectives it issues, and in which
         # order; every rank reads its own pipeline cache, so check that they all read the same.
         self.par.check_same("the pipeline schedules", [ex.schedule for ex in self.executors])

@@ -77,14 +77,15 @@ class PipelineExecutor:
         schedule.check(names)
         self.schedule, self.layer_ops = schedule, layer_ops
         self.on_gpu = device.type == "cuda"
-        priority = -1 if side_priority else 0  # lower is higher; CUDA clamps it to the device's range
-        self.streams = [torch.cuda.Stream(device, priority=priority)
-                        for _ in range(schedule.num_streams - 1)] if self.on_gpu else []
         # execution units: every stream, the forward's own too, on a green context of its SMs; the
-        # forward's stream forks to them and joins them (the contexts live as long as the executor)
+        # forward's stream forks to them and joins them (the contexts live as long as the executor).
+        # Else the side streams beside the forward's.
         green = green or {}
         self.units = [green.get(n) or green_context(n, device) for n in schedule.units] if self.on_gpu else []
         self.unit_streams = [u.Stream() for u in self.units]
+        priority = -1 if side_priority else 0  # lower is higher; CUDA clamps it to the device's range
+        self.streams = [torch.cuda.Stream(device, priority=priority)
+                        for _ in range(schedule.num_streams - 1)] if self.on_gpu and not self.units else []
         index = {name: i for i, name in enumerate(names)}
         self.instances = [
             _Instance(layer, st, index[st.op], *schedule.partitions[st.partition][st.part : st.part + 2])
