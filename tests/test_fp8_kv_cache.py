@@ -98,3 +98,24 @@ def test_kv_cache_dtype_validation(tiny_model):
             config(kv_cache_dtype=bad)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(tiny_model("llama"), kv_cache_dtype="fp16")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+def test_kv_pool_fill(device, dtype):
+    """The pool's unwritten slots: zeros on the CPU; on a GPU seeded normal values (as served K/V
+    are, for the power they cost), alike for one seed, finite in fp8 too, every chunk filled."""
+    def filled(seed: int) -> torch.Tensor:
+        pool = torch.full((2, 2, 4100, 2, 16, 8), float("nan"), device=device).to(dtype)
+        model_runner.fill_kv_pool(pool, seed)
+        return pool.float()
+
+    a, b = filled(0), filled(0)
+    assert torch.isfinite(a).all()
+    if device == "cpu":
+        assert not a.any()
+        return
+    assert torch.equal(a, b) and not torch.equal(a, filled(1))
+    assert 0.9 < a.std().item() < 1.1
+    assert (a.flatten(0, 2) != 0).any(dim=(1, 2, 3)).all()  # no page left as it was

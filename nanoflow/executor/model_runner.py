@@ -44,6 +44,26 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def fill_kv_pool(pool: torch.Tensor, seed: int) -> None:
+    """Seeded values in every slot of the KV pool, never whatever the allocator held: a slot no step
+    has written (the synthetic contexts of the tune and the benchmarks read such slots; serving never
+    does) reads alike on every rank and in every run, and never as NaN. Zeros on the CPU; on a GPU
+    standard normal values, as a served model's K/V toggle their bits: HBM and tensor-core power
+    depend on the data, and on an H200 a decode step at the 700 W cap ran ~5% slower over random K/V
+    than over zeros, pipelined steps differently again (benchmarks/power_step.py), so a tune over
+    zeros chose schedules for a GPU with more power to spare than serving leaves it."""
+    if pool.device.type != "cuda":
+        pool.zero_()
+        return
+    gen = torch.Generator(pool.device).manual_seed(seed)
+    # a few thousand pages at a time: an fp8 pool is filled through bfloat16 chunks (no fp8 normal_)
+    for chunk in pool.flatten(0, 2).split(4096):
+        if pool.element_size() == 1:
+            chunk.copy_(torch.randn(chunk.shape, generator=gen, device=pool.device, dtype=torch.bfloat16))
+        else:
+            chunk.normal_(generator=gen)
+
+
 def pipeline_key(config: EngineConfig, tp_size: int) -> dict[str, Any]:
     """What a tuned pipeline depends on: the GPU, the model's shape, the dtypes, TP size (and expert
     parallel), token budget."""
@@ -78,10 +98,8 @@ class ModelRunner:
         self.num_pages = self.par.min(self._decide_num_pages())  # the same pool (page ids) on every rank
         kv_heads = self.arch.num_kv_heads // self.par.size
         shape = (self.arch.num_layers, 2, self.num_pages, kv_heads, PAGE_SIZE, self.arch.head_dim)
-        # zeros, not whatever the allocator held: a slot no step has written (the synthetic contexts of
-        # the tune and the benchmarks) reads alike on every rank and in every run, and never as NaN
-        # (~40 ms for a 114 GiB pool on an H200)
-        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+        fill_kv_pool(self.kv_cache, config.seed)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.arch.num_layers)]
         self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler(self.device, config.seed)
