@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--ctas", default="66", help="ping-pong's decode caps, comma list")
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="fp8: half the bytes decode attention moves, so (on a GPU at its power cap) less energy a step")
     p.add_argument("--kv-data", default="random", choices=("random", "zeros"),
                    help="what the K/V pages hold: random (the runner's seeded fill, as a served model's cache: "
                    "reading it costs the power real data costs) or zeros (what synthetic steps read before "
@@ -50,7 +52,7 @@ def main() -> None:
     steps = [tuple(map(int, s.split("x"))) for s in args.steps.split(",")]
     budget = max(d + c for d, c in steps)
     llm = LLM(dummy_model_dir(args.dummy), load_format="dummy", skip_tokenizer_init=True, pipeline="off",
-              cuda_graph_max_tokens=0, max_num_batched_tokens=budget)
+              cuda_graph_max_tokens=0, max_num_batched_tokens=budget, kv_cache_dtype=args.kv_cache_dtype)
     runner = llm.engine.runner
     model = runner.model
     if args.kv_data == "zeros":  # bits that do not toggle: HBM and tensor-core power depend on the data

@@ -263,10 +263,9 @@ def _tune_tensor_parallel(args: argparse.Namespace, config: Any, name: str) -> i
         raise ValueError(f"--tp-schedules: unknown kinds {sorted(unknown)} (network, pingpong)")
     on_gpu = config.device.type == "cuda"
     caps = args.ctas or default_decode_caps(config.device, tensor_parallel=True)
-    streams = {PINGPONG: 3, NETWORK: 2}  # the kinds' streams under TP (pipeline.schedule)
     candidates = [TPCandidate(kind, f, cap, gemm, units) for f in args.split_fractions for kind in args.tp_schedules
                   for cap in (caps if kind == PINGPONG else [None]) for gemm in [None, *args.tp_gemm_ctas]
-                  for units in [(), *(u for u in args.tp_units if len(u) == streams[kind])]]
+                  for units in [(), *(u for u in args.tp_units if len(u) == TPCandidate(kind).num_streams)]]
     t = tune_tensor_parallel(config, key, candidates, args.network_min_tokens, args.min_gain, args.nccl_ctas,
                              context_len=(args.context_len or 1024) if on_gpu else 0, size_step=args.size_step)
     target = Path(args.output) if args.output else cache_path(key)

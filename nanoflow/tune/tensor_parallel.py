@@ -68,6 +68,12 @@ class TPCandidate:
     units: tuple[int, ...] = ()
 
     @property
+    def num_streams(self) -> int:
+        """Its schedules' streams (what a --tp-units spec must list): ping-pong's two nano-batches and
+        the network; network overlap's compute and the network."""
+        return 3 if self.kind == PINGPONG else 2
+
+    @property
     def label(self) -> str:
         cap = f" decode@{self.decode_ctas}" if self.kind == PINGPONG and self.decode_ctas else ""
         gemm = f" gemm@{self.gemm_ctas}" if self.gemm_ctas else ""

@@ -69,6 +69,8 @@ def test_candidate_covers_the_ranges_it_can_split():
     pp = candidate(NAMES, ranges, TPCandidate(PINGPONG, 0.5, 66), {"tp": 2})
     pp.check(NAMES)
     assert len(pp.schedules) == 3 and all(s.num_streams == 3 for s in pp.schedules)
+    for c, built in ((TPCandidate(), p), (TPCandidate(PINGPONG, 0.5, 66), pp)):  # what --tp-units specs must list
+        assert {s.num_streams for s in built.schedules} == {c.num_streams}
     assert {st.num_ctas for s in pp.schedules for st in s.steps if st.op == "decode_attention"} == {66}
     assert TPCandidate(PINGPONG, 0.5, 66).label == "pingpong 0.5 decode@66" and TPCandidate().label == "network 0.5"
     # GEMMs capped: every GEMM as cuBLAS sized for the SMs given, nothing else changed
