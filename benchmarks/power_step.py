@@ -4,7 +4,7 @@ draw and clocks beside each one's time.
 For each step (decodes x prefill-chunk tokens, decodes at --context), CUDA-graph replays of: the
 sequential forward; ping-pong at half the step on each --ctas cap (the tune's candidate); the
 step's compute ops alone (GEMMs, norms, activations, sequentially); its memory ops alone (decode
-attention). Each is replayed for --seconds while `gpu_power.PowerSampler` reads nvidia-smi; the
+attention). Each is replayed for --seconds while `nanoflow.bench.power.PowerSampler` reads nvidia-smi; the
 first half second is left out of the means (clocks settle). Energy per step = watts x ms. If the
 sequential step already draws ~the cap and ping-pong's energy per step is no lower, no schedule of
 the same kernels can be much faster: the ceiling is the power, not the SMs or the bytes. A short
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_power import PowerSampler
 from pipeline_step import step, two_batches
 
 from nanoflow.bench.dummy_models import dummy_model_dir
+from nanoflow.bench.power import PowerSampler
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.pipeline.executor import PipelineExecutor
 from nanoflow.tune.timing import Timer
@@ -60,10 +60,13 @@ def main() -> None:
     names = [op.name for op in model.layer_ops[0]]
     timer = Timer(runner.device, warmup=2, repeats=10)
     results: dict[str, Any] = {"args": vars(args), "device": torch.cuda.get_device_name(), "rows": []}
-    with torch.inference_mode(), PowerSampler(runner.device.index or 0) as power:
+    sampler = PowerSampler.for_devices(runner.device, 1)
+    if sampler is None:
+        raise SystemExit("power_step.py needs a CUDA GPU and nvidia-smi")
+    with torch.inference_mode(), sampler as power:
         idle_t = time.time()
         time.sleep(1.0)
-        results["idle"] = power.mean(idle_t, time.time())
+        results["idle"] = power.summary(idle_t, time.time())
         for decodes, chunk in steps:
             tokens = decodes + chunk
             batch = step(runner, decodes, args.context, chunk, False, False)
@@ -87,14 +90,12 @@ def main() -> None:
                 burst = timer.ms(fn)
                 ms, t0, t1 = sustained(fn, args.seconds, runner.device)
                 row = {"decodes": decodes, "chunk": chunk, "variant": name, "burst_ms": burst, "sustained_ms": ms,
-                       **power.mean(t0 + SETTLE_S, t1)}
+                       **(power.summary(t0 + SETTLE_S, t1) or {})}
                 row["joules"] = row.get("watts", 0.0) * ms / 1e3
                 results["rows"].append(row)
                 print(f"{decodes:5d}x{chunk:<5d} {name:14s} burst {burst:7.2f} ms  sustained {ms:7.2f} ms  "
-                      f"{row.get('watts', 0):5.0f} W  SM {row.get('sm_mhz', 0):5.0f} MHz  mem "
-                      f"{row.get('mem_mhz', 0):5.0f} MHz  capped {row.get('power_capped', 0):4.2f}  "
-                      f"{row['joules']:6.2f} J/step", flush=True)
-            results["sample_lag_s"] = power.lag_s
+                      f"{row.get('watts', 0):5.0f} W  SM {row.get('sm_mhz', 0):5.0f} MHz  "
+                      f"capped {row.get('power_capped', 0):4.2f}  {row['joules']:6.2f} J/step", flush=True)
             if args.out:  # after each step, so a run cut short keeps what it measured
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 (Path(args.out) / "power_step.json").write_text(json.dumps(results, indent=1))

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nanoflow.bench.power import power_line
+
 Result = dict[str, Any]
 
 
@@ -131,6 +133,7 @@ def format_table(result: Result) -> str:
             batches = f"{s['num_batches']} batch{'es' if s['num_batches'] != 1 else ''}"
             lines.append(f"{name}: {batches} of up to {s['batch_size']}, {s['padding_efficiency']:.0%} of the "
                          f"computed tokens real ({s['note']})")
+    lines.extend(power_line(name, s["power"]) for name, s in result["systems"].items() if s.get("power"))
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     systems = result["systems"]

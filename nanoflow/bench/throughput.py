@@ -30,6 +30,7 @@ from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.bench.environment import environment
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s, sync
 from nanoflow.bench.pipeline_info import bench_timeline, pipeline_summary
+from nanoflow.bench.power import PowerSampler
 from nanoflow.bench.workloads import Workload, build_workload
 from nanoflow.config import PAGE_SIZE, resolve_device, resolve_dtype
 from nanoflow.engine_args import engine_kwargs as cli_engine_kwargs
@@ -166,7 +167,7 @@ def run_engine(
     sampling = [params(o) for _, o in workload.requests]
     engine.stats.keep_timeline = True
     sync(device)
-    t = time.perf_counter()
+    t, wall = time.perf_counter(), time.time()
     with triton_compiles() as compiled:
         outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
         sync(device)
@@ -189,6 +190,7 @@ def run_engine(
     done = len(outputs) - failed
     out.update({
         "elapsed_s": elapsed,
+        "window": [wall, wall + elapsed],  # time.time() of the timed run: where its power samples lie
         "num_requests": done,
         "num_failed": failed,
         "failed_examples": sorted(set(errors))[:3],
@@ -293,56 +295,62 @@ def run_bench(args: argparse.Namespace) -> int:
     stages.update(1)
     report.write_json(result, json_path)
 
-    for name in systems:
-        stages.set_postfix_str(name)
-        _say(use_tqdm, f"[bench] {name}: running")
-        t_sys = time.perf_counter()
-        try:
-            if name in ("hf", "hf-mean"):
-                from nanoflow.bench.hf_baseline import run_hf_baseline
+    # power and clocks over each engine run (CUDA machines with nvidia-smi): on a GPU at its power cap a
+    # throughput ratio is an energy ratio (docs/pipeline.md, Where it stands)
+    sampler = PowerSampler.for_devices(device, args.tensor_parallel_size)
+    with sampler or contextlib.nullcontext():
+        for name in systems:
+            stages.set_postfix_str(name)
+            _say(use_tqdm, f"[bench] {name}: running")
+            t_sys = time.perf_counter()
+            try:
+                if name in ("hf", "hf-mean"):
+                    from nanoflow.bench.hf_baseline import run_hf_baseline
 
-                res = run_hf_baseline(model_dir, workload, dtype, device, args.hf_max_batch,
-                                      args.hf_num_requests, args.seed, use_tqdm,
-                                      max_seconds=args.hf_max_seconds,
-                                      shape="mean" if name == "hf-mean" else "requests")
+                    res = run_hf_baseline(model_dir, workload, dtype, device, args.hf_max_batch,
+                                          args.hf_num_requests, args.seed, use_tqdm,
+                                          max_seconds=args.hf_max_seconds,
+                                          shape="mean" if name == "hf-mean" else "requests")
+                else:
+                    timeline = (timeline_png, f"{name}: {model_name} on {env['device_name']}") \
+                        if timeline_png and name == "nanoflow" else None
+                    run = (name, model_dir, load_format, workload, engine_kwargs, device,
+                           args.num_warmup, args.warmup_max_tokens, use_tqdm, timeline)
+                    # tensor parallel: each system in a process of its own (executor/isolated.py says why)
+                    res = run_isolated(run_engine, *run, name=f"nanoflow bench {name}") \
+                        if args.tensor_parallel_size > 1 else run_engine(*run)
+                    if res.get("timeline", {}).get("png"):
+                        result["files"]["timeline_png"] = timeline_png
+            except Exception as e:  # one system failing (e.g. out of memory) must not lose the others
+                log.error("%s failed: %s", name, e)
+                res = {"status": "error", "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(limit=8)}
+            try:
+                _free_memory(device)
+                if device.type == "cuda":
+                    # Non-zero here means the system leaked GPU memory into the next one's budget.
+                    res["memory_allocated_after_free_gib"] = torch.cuda.memory_allocated(device) / 2**30
+            except Exception as e:  # e.g. a sticky CUDA error: record it, let the next systems report theirs
+                res["cleanup_error"] = f"{type(e).__name__}: {e}"
+            if res.get("status") == "ok" and result["optimum_tokens_per_s"]:
+                res["fraction_of_optimum"] = res["total_tokens_per_s"] / result["optimum_tokens_per_s"]
+            if sampler and res.get("window"):
+                res["power"] = sampler.summary(*res["window"], tokens=res["input_tokens"] + res["output_tokens"])
+            result["systems"][name] = res
+            wall = time.perf_counter() - t_sys
+            if res["status"] == "ok":
+                _say(use_tqdm, f"[bench] {name}: {res['total_tokens_per_s']:,.0f} total tok/s, "
+                     f"{res['output_tokens_per_s']:,.0f} output tok/s over {res['num_requests']} requests in "
+                     f"{res['elapsed_s']:.1f} s ({wall:.0f} s with setup)")
             else:
-                timeline = (timeline_png, f"{name}: {model_name} on {env['device_name']}") \
-                    if timeline_png and name == "nanoflow" else None
-                run = (name, model_dir, load_format, workload, engine_kwargs, device,
-                       args.num_warmup, args.warmup_max_tokens, use_tqdm, timeline)
-                # tensor parallel: each system in a process of its own (executor/isolated.py says why)
-                res = run_isolated(run_engine, *run, name=f"nanoflow bench {name}") \
-                    if args.tensor_parallel_size > 1 else run_engine(*run)
-                if res.get("timeline", {}).get("png"):
-                    result["files"]["timeline_png"] = timeline_png
-        except Exception as e:  # one system failing (e.g. out of memory) must not lose the others
-            log.error("%s failed: %s", name, e)
-            res = {"status": "error", "error": f"{type(e).__name__}: {e}",
-                   "traceback": traceback.format_exc(limit=8)}
-        try:
-            _free_memory(device)
-            if device.type == "cuda":
-                # Non-zero here means the system leaked GPU memory into the next one's budget.
-                res["memory_allocated_after_free_gib"] = torch.cuda.memory_allocated(device) / 2**30
-        except Exception as e:  # e.g. a sticky CUDA error: record it, let the next systems report theirs
-            res["cleanup_error"] = f"{type(e).__name__}: {e}"
-        if res.get("status") == "ok" and result["optimum_tokens_per_s"]:
-            res["fraction_of_optimum"] = res["total_tokens_per_s"] / result["optimum_tokens_per_s"]
-        result["systems"][name] = res
-        wall = time.perf_counter() - t_sys
-        if res["status"] == "ok":
-            _say(use_tqdm, f"[bench] {name}: {res['total_tokens_per_s']:,.0f} total tok/s, "
-                 f"{res['output_tokens_per_s']:,.0f} output tok/s over {res['num_requests']} requests in "
-                 f"{res['elapsed_s']:.1f} s ({wall:.0f} s with setup)")
-        else:
-            _say(use_tqdm, f"[bench] {name}: {res['error']} ({wall:.0f} s)")
-        if name == "nanoflow" and report.self_comparison({n: result["systems"].get(n, {}) for n in systems}):
-            _say(use_tqdm, report.SELF_COMPARISON)  # before the second run, not only in the final table
-        result["speedups"] = speedups(result["systems"])
-        result["agreement"] = report.output_agreement(result["systems"])
-        report.write_json(result, json_path)
-        stages.update(1)
-    stages.close()
+                _say(use_tqdm, f"[bench] {name}: {res['error']} ({wall:.0f} s)")
+            if name == "nanoflow" and report.self_comparison({n: result["systems"].get(n, {}) for n in systems}):
+                _say(use_tqdm, report.SELF_COMPARISON)  # before the second run, not only in the final table
+            result["speedups"] = speedups(result["systems"])
+            result["agreement"] = report.output_agreement(result["systems"])
+            report.write_json(result, json_path)
+            stages.update(1)
+        stages.close()
 
     if png_path and any(s.get("status") == "ok" for s in result["systems"].values()):
         try:

@@ -69,6 +69,9 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         tokens = s["input_tokens"] + s["output_tokens"]
         assert s["total_tokens_per_s"] == pytest.approx(tokens / s["elapsed_s"])
         assert 0 < s["fraction_of_optimum"]
+        if name != "hf":  # the timed run's wall-clock window, where a GPU's power samples would lie
+            assert s["window"][1] - s["window"][0] == pytest.approx(s["elapsed_s"], abs=1e-3)
+            assert "power" not in s  # nothing sampled on the CPU
     for name in ("nanoflow", "sequential"):
         s = result["systems"][name]
         assert s["kv_pool"] == {"pages": 64, "tokens": 1024, "page_bytes": s["kv_pool"]["page_bytes"],
