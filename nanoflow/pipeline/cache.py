@@ -44,6 +44,10 @@ def choose_pipeline(spec: str, key: dict[str, Any], quiet: bool = False) -> Pipe
                 log.info("pipeline: none tuned for this GPU, model, dtype, TP size and token budget (%s); running "
                          "the sequential schedule (`nanoflow tune` finds one and caches it at %s)",
                          describe_key(key), path)
+                for other, theirs in near_misses(key):
+                    log.warning("pipeline: %s was tuned for this GPU, model and TP size but %s (this engine: %s); "
+                                "tune with this engine's settings, or run with that file's",
+                                other, _fields(theirs), _fields({f: key.get(f) for f in theirs}))
             return None
         pipeline = Pipeline.load(path)
         if not quiet:
@@ -52,3 +56,28 @@ def choose_pipeline(spec: str, key: dict[str, Any], quiet: bool = False) -> Pipe
     if not Path(spec).is_file():
         raise ValueError(f"pipeline must be 'auto', 'off' or a pipeline JSON file; {spec!r} is none of them")
     return Pipeline.load(spec)
+
+
+# fields of a key that a user sets per run (the tune's --dtype, --kv-cache-dtype, the token budget):
+# a cached file that differs from the engine's key only in these was most likely meant for it
+RUN_FIELDS = ("dtype", "kv_cache_dtype", "max_num_batched_tokens")
+
+
+def near_misses(key: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """Cached pipelines whose key differs from `key` only in RUN_FIELDS, each with its values of the
+    fields that differ: e.g. `nanoflow tune` run in float16 (the checkpoint's dtype) and the engine
+    in bfloat16 (`nanoflow bench`'s)."""
+    found = []
+    for path in sorted(cache_dir().glob("*.json")) if cache_dir().is_dir() else []:
+        try:
+            other = json.loads(path.read_text()).get("key", {})
+        except (OSError, ValueError, AttributeError):  # a file being written, or not a pipeline
+            continue
+        differ = sorted(f for f in set(key) | set(other) if key.get(f) != other.get(f))
+        if differ and set(differ) <= set(RUN_FIELDS):
+            found.append((path, {f: other.get(f) for f in differ}))
+    return found
+
+
+def _fields(values: dict[str, Any]) -> str:
+    return ", ".join(f"{f} {v}" for f, v in values.items())

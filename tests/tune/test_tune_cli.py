@@ -14,7 +14,7 @@ from nanoflow.cli import build_parser, main
 from nanoflow.config import EngineConfig
 from nanoflow.engine_args import EngineArgs
 from nanoflow.executor.model_runner import pipeline_key
-from nanoflow.pipeline.cache import cache_path
+from nanoflow.pipeline.cache import cache_path, choose_pipeline
 from nanoflow.pipeline.schedule import Pipeline
 
 ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_pages": 64, "max_model_len": 256,
@@ -110,6 +110,27 @@ def test_tune_then_pipeline_auto(tiny_model, tmp_path: Path, monkeypatch, capsys
     assert main(["tune", "--profile-json", str(profile_json), "--output", str(tmp_path / "p.json"),
                  "--output-dir", str(out)]) == 0
     assert Pipeline.load(tmp_path / "p.json").key == _key(path)
+
+
+def test_auto_names_a_pipeline_tuned_for_other_run_settings(tmp_path: Path, monkeypatch, caplog) -> None:
+    """--pipeline auto with no file for its key runs sequential, and names a cached file that differs
+    only in the settings a run picks (dtype, KV dtype, token budget): a tune in the checkpoint's
+    float16 missed by a bench in bfloat16 is a warning, not silence. Another GPU or model is no miss."""
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path))
+    key = {"gpu": "NVIDIA H200", "architecture": "LlamaForCausalLM", "hidden": 8192, "tp": 2, "dtype": "bfloat16",
+           "kv_cache_dtype": "float8_e4m3fn", "max_num_batched_tokens": 2048}
+    fp16, other_gpu = {**key, "dtype": "float16"}, {**key, "gpu": "NVIDIA H100", "dtype": "float16"}
+    for k in (fp16, other_gpu):
+        Pipeline((), k).save(cache_path(k))
+    (tmp_path / "pipelines" / "garbage.json").write_text("[1, 2")
+    with caplog.at_level("INFO", logger="nanoflow.pipeline.cache"):
+        assert choose_pipeline("auto", key) is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(cache_path(fp16)) in warned[0]
+    assert "but dtype float16 (this engine: dtype bfloat16)" in warned[0]
+    caplog.clear()
+    assert choose_pipeline("auto", key, quiet=True) is None and not caplog.records
+    assert choose_pipeline("auto", fp16) is not None  # its own key: taken
 
 
 def test_a_saved_profile_where_overlap_pays(tiny_model, tmp_path: Path, monkeypatch, capsys) -> None:
