@@ -64,16 +64,18 @@ def step_error(runner: Any, plan: Any) -> float | None:
     a pipeline that leaves work undone is fast (the gated decode kernel of 2026-11-30 did, unseen)."""
     import torch
 
-    key = runner.graphs.select(runner.build(plan)) if runner.graphs is not None else None
+    batch = runner.build(plan)
+    key = runner.graphs.select(batch) if runner.graphs is not None else None
     if key is None or not key[2]:
         return None
 
-    def logits(p: Any) -> torch.Tensor | None:  # a fresh tensor (compute_logits), float32
+    def logits(p: Any, built: Any) -> torch.Tensor | None:  # a fresh tensor (compute_logits), float32
         runner.par.broadcast_object(p.for_workers())
-        return runner.forward(runner.build(p), sequential=p.sequential)
+        return runner.forward(built, sequential=p.sequential)
 
     with torch.inference_mode():
-        got, want = logits(plan), logits(dataclasses.replace(plan, sequential=True))
+        sequential = dataclasses.replace(plan, sequential=True)
+        got, want = logits(plan, batch), logits(sequential, runner.build(sequential))
     if got is None or want is None:
         return None
     return relative_error(got, want)
