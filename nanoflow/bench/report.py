@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nanoflow.bench.gc_pauses import gc_line
 from nanoflow.bench.power import power_line
 
 Result = dict[str, Any]
@@ -134,6 +135,7 @@ def format_table(result: Result) -> str:
             lines.append(f"{name}: {batches} of up to {s['batch_size']}, {s['padding_efficiency']:.0%} of the "
                          f"computed tokens real ({s['note']})")
     lines.extend(power_line(name, s["power"]) for name, s in result["systems"].items() if s.get("power"))
+    lines.extend(line for name, s in result["systems"].items() if s.get("gc") and (line := gc_line(name, s["gc"])))
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     systems = result["systems"]

@@ -72,6 +72,7 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         if name != "hf":  # the timed run's wall-clock window, where a GPU's power samples would lie
             assert s["window"][1] - s["window"][0] == pytest.approx(s["elapsed_s"], abs=1e-3)
             assert "power" not in s  # nothing sampled on the CPU
+            assert set(s["gc"]) == {"0", "1", "2"}  # the collector's pauses during the timed run
     for name in ("nanoflow", "sequential"):
         s = result["systems"][name]
         assert s["kv_pool"] == {"pages": 64, "tokens": 1024, "page_bytes": s["kv_pool"]["page_bytes"],

@@ -1,0 +1,50 @@
+"""Python's garbage collector over a timed run: how many collections of each generation, and how
+long the host spent in them.
+
+A collection stops the host; if it outlasts the step the GPU is running, the GPU idles. The engine
+freezes the heap alive at its start (`executor.model_runner.freeze_heap`), but objects made later
+(graphs, requests) are scanned by every full pass. Pipelined runs on an H200 showed 42-50 steps a
+run whose launch took the host 70-150 ms (docs/pipeline.md, Where it stands); the bench records
+the collector's share so a run says whether it was the collector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def gc_pauses() -> Iterator[dict[str, Any]]:
+    """Yields a dict filled while the block runs: per generation the number of collections, their
+    total and longest time in ms."""
+    stats: dict[str, Any] = {str(g): {"collections": 0, "ms": 0.0, "max_ms": 0.0} for g in range(3)}
+    started: list[float] = []
+
+    def hook(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            ms = (time.perf_counter() - started.pop()) * 1e3
+            g = stats[str(info["generation"])]
+            g["collections"] += 1
+            g["ms"] += ms
+            g["max_ms"] = max(g["max_ms"], ms)
+
+    gc.callbacks.append(hook)
+    try:
+        yield stats
+    finally:
+        gc.callbacks.remove(hook)
+
+
+def gc_line(name: str, stats: dict[str, Any]) -> str | None:
+    """The bench's line for a run's collections; None when there were none."""
+    if not any(g["collections"] for g in stats.values()):
+        return None
+    parts = [f"generation {gen}: {g['collections']} in {g['ms']:,.0f} ms (longest {g['max_ms']:,.1f})"
+             for gen, g in stats.items() if g["collections"]]
+    return f"gc ({name}): " + ", ".join(parts)
