@@ -86,11 +86,17 @@ def _free_memory(device: torch.device) -> None:
 
 
 def allocator_counts(device: torch.device) -> dict[str, int]:
-    """The CUDA caching allocator's driver calls so far on the device (empty off a GPU)."""
+    """The CUDA caching allocators' driver calls so far (empty off a GPU): the device allocator's,
+    and the pinned host allocator's pool growth (cudaHostAlloc, with the microseconds spent in it:
+    a call can stall the host mid-run, the suspect of the pipelined runs' host stalls)."""
     if device.type != "cuda":
         return {}
     stats = torch.cuda.memory_stats(device)
-    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+    out = {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    out["num_host_alloc"] = int(host.get("num_host_alloc", 0))
+    out["host_alloc_us"] = int(host.get("host_alloc_time.total", 0))
+    return out
 
 
 @contextlib.contextmanager
