@@ -8,7 +8,9 @@ attention). Each is replayed for --seconds while `nanoflow.bench.power.PowerSamp
 first half second is left out of the means (clocks settle). Energy per step = watts x ms. If the
 sequential step already draws ~the cap and ping-pong's energy per step is no lower, no schedule of
 the same kernels can be much faster: the ceiling is the power, not the SMs or the bytes. A short
-burst (`Timer.ms`, what the tune times) is printed beside the sustained time.
+burst (`Timer.ms`, what the tune times) is printed beside the sustained time. The ops-alone
+variants run on the step's buffers as the last forward left them, so their power is indicative
+(the data a kernel moves changes its power; `--kv-data zeros` shows how much for the K/V).
 
     PYTHONPATH=$PWD python benchmarks/power_step.py --steps 384x0,768x0,512x1536 --ctas 66 --out $OUT
 """
