@@ -77,7 +77,7 @@ class PowerSampler:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             s = parse_sample(line)
-            if s is not None and (self.uuids is None or s.uuid in self.uuids):
+            if s is not None:
                 self.samples.append(s)
 
     def __exit__(self, *exc: object) -> None:
@@ -92,7 +92,13 @@ class PowerSampler:
         """Over the window [t0, t1] (time.time()): mean power summed over the GPUs, each GPU's mean,
         the limit, the mean SM clock, the fraction of samples the power cap held the clock back, and
         with tokens, joules per token. None without samples in the window."""
-        return summarize([s for s in self.samples if t0 <= s.t <= t1], t1 - t0, tokens)
+        inside = [s for s in self.samples if t0 <= s.t <= t1]
+        ours = [s for s in inside if self.uuids is None or s.uuid in self.uuids]
+        # uuids that match none (a torch that spells them otherwise): every GPU, which the summary says
+        out = summarize(ours or inside, t1 - t0, tokens)
+        if out is not None and not ours:
+            out["gpus_matched"] = False
+        return out
 
 
 def summarize(samples: list[Sample], seconds: float, tokens: int | None = None) -> dict[str, Any] | None:
@@ -114,6 +120,8 @@ def summarize(samples: list[Sample], seconds: float, tokens: int | None = None) 
 def power_line(name: str, p: dict[str, Any]) -> str:
     """The bench's line for one system's power summary."""
     gpus = f"{p['gpus']} GPU{'s' if p['gpus'] != 1 else ''}"
+    if p.get("gpus_matched") is False:
+        gpus += " (every GPU nvidia-smi lists: none matched the run's device ids)"
     line = (f"power ({name}): {p['watts']:,.0f} W mean over {gpus} (limit {p['limit_watts']:,.0f} W each), "
             f"SM clock {p['sm_mhz']:,.0f} MHz, held back by the power cap in {p['power_capped']:.0%} of samples")
     if p.get("joules_per_token"):

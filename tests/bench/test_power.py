@@ -40,6 +40,12 @@ def test_sampler_windows_and_cpu() -> None:
     sampler.samples = [Sample(t, "a", 100.0 * t, 700.0, 1980.0, False) for t in (1.0, 2.0, 3.0, 4.0)]
     assert sampler.summary(1.5, 3.5)["watts"] == 250.0  # the samples inside the window only
     assert sampler.summary(5.0, 6.0) is None
+    sampler.samples.append(Sample(2.5, "other", 900.0, 700.0, 1980.0, False))  # a GPU not ours: left out
+    assert sampler.summary(1.5, 3.5)["watts"] == 250.0
+    stranger = PowerSampler(["GPU-x"])  # no GPU matches its uuids: every GPU, and it says so
+    stranger.samples = sampler.samples
+    p = stranger.summary(1.5, 3.5)
+    assert p["gpus"] == 2 and p["gpus_matched"] is False
     assert PowerSampler.for_devices(torch.device("cpu"), 1) is None
 
 
