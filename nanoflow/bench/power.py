@@ -48,7 +48,8 @@ def parse_sample(line: str) -> Sample | None:
 
 
 class PowerSampler:
-    """`with PowerSampler(uuids) as s:` samples those GPUs every period_ms until the block ends."""
+    """`with PowerSampler(uuids) as s:` samples every GPU every period_ms until the block ends;
+    `summary` takes those of `uuids` (None: all)."""
 
     def __init__(self, uuids: list[str] | None = None, period_ms: int = 50) -> None:
         self.uuids = None if uuids is None else {u.removeprefix("GPU-") for u in uuids}  # None: every GPU
