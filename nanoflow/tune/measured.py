@@ -24,7 +24,7 @@ from nanoflow.tune.search import BucketChoice, Tuning
 # ms of one forward of `tokens` tokens through `schedule` (None: the sequential walk)
 TimeForward = Callable[[int, Schedule | None], float]
 # the relative error of that forward's output against the same schedule on one stream, same step
-# (profile.forward_error)
+# (profile.StepForwards.error)
 CheckForward = Callable[[int, Schedule], float]
 # the same kernels in the same order on one stream compute the same bits (2026-11-30, one H200: ping-pong
 # on two streams and on one, the same error against the sequential walk to two digits); a race or work
@@ -127,24 +127,25 @@ def measure_buckets(runner: Any, profile: dict[str, Any], tuning: Tuning, worklo
     import torch
 
     from nanoflow.kernels.attention_common import num_sms
-    from nanoflow.tune.profile import forward_error, step_batch, time_forward
+    from nanoflow.tune.profile import StepForwards, step_batch
     from nanoflow.tune.timing import Timer
 
     t = profile["timer"]
     timer = Timer(runner.device, t["warmup"], t["repeats"], graphs=True)
     names = [o["name"] for o in profile["ops"]]
 
-    @functools.cache
-    def step(tokens: int) -> Any:
-        """One built step per bucket, shared by its candidates (building one runs a forward)."""
+    @functools.lru_cache(maxsize=1)  # the buckets are measured one after another
+    def step(tokens: int) -> StepForwards:
+        """One built step per bucket, shared by its candidates (building one runs a forward), with
+        their executors, which the output check then reuses."""
         with torch.inference_mode():
-            return step_batch(runner, tokens, workload)[0]
+            return StepForwards(runner, step_batch(runner, tokens, workload)[0])
 
-    forward = lambda tokens, schedule: time_forward(runner, step(tokens), timer, schedule)  # noqa: E731
+    forward = lambda tokens, schedule: step(tokens).ms(timer, schedule)  # noqa: E731
     if runner.device.type == "cuda":
         caps = [*(int(c) for c in profile.get("decode_attention_capped_ms", {})), None]
         sms = num_sms(runner.device.index or 0)
-        check = lambda tokens, schedule: forward_error(runner, step(tokens), schedule)  # noqa: E731
+        check = lambda tokens, schedule: step(tokens).error(schedule)  # noqa: E731
         return measured_choice(tuning, names, caps, forward, min_gain, fractions, sms if gemm_carveout else None,
                                check, sms if execution_units else None)
     times = {}

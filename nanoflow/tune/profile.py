@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from nanoflow.executor.model_runner import ModelRunner, pipeline_key
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.op import Buffers, run_sequential
-from nanoflow.pipeline.executor import PipelineExecutor
+from nanoflow.pipeline.executor import PipelineExecutor, green_context
 from nanoflow.pipeline.schedule import GEMM_OPS, Schedule
 from nanoflow.tune.timing import Timer, graph_replay_error, kept_fractions
 
@@ -258,31 +259,49 @@ def _interference(timer: Timer, first: str, runs: dict[str, Callable[[], None]],
     return table
 
 
-def time_forward(runner: ModelRunner, batch: ForwardBatch, timer: Timer, schedule: Schedule | None = None) -> float:
-    """Milliseconds of one forward of a step (step_batch's), through `schedule`'s pipeline executor
-    (None: the sequential walk): what the search predicted, measured."""
-    with torch.inference_mode():
-        return timer.ms(_forward(runner, batch, schedule))
+class StepForwards:
+    """One built step (step_batch's) and its forwards through schedules, each schedule's executor built
+    once: a candidate that is timed and then checked runs the same executor, and the executors share
+    one green context per SM count for their execution units (each context holds device memory)."""
 
+    def __init__(self, runner: ModelRunner, batch: ForwardBatch) -> None:
+        self.runner, self.batch = runner, batch
+        self._built: list[tuple[Schedule | None, Callable[[], torch.Tensor]]] = []
+        self._green: dict[int, Any] = {}
 
-def forward_error(runner: ModelRunner, batch: ForwardBatch, schedule: Schedule) -> float:
-    """How far one forward of the step through `schedule`'s pipeline, over CUDA-graph replays
-    (timing.graph_replay_error), is from the same schedule run eagerly on one stream: the same
-    kernels, so a difference is a race between the streams or work left undone, not rounding (a
-    schedule's nano-batches and capped kernels may round differently from the sequential walk, and
-    random-weight models amplify that over the layers: 0.15-0.23 on Llama-3-8B's shape, 2026-11-30)."""
-    with torch.inference_mode():
-        want = _forward(runner, batch, schedule.on_one_stream())()
-        run = _forward(runner, batch, schedule)
-        run()  # warm: kernels compiled, the allocator's pools filled, before the capture
-        return graph_replay_error(run, want)
+    def forward(self, schedule: Schedule | None) -> Callable[[], torch.Tensor]:
+        """One forward of the step through the schedule's pipeline executor (None: the sequential walk)."""
+        for s, fn in self._built:
+            if s == schedule:
+                return fn
+        model, batch, device = self.runner.model, self.batch, self.runner.device
+        if schedule is None:
+            fn = lambda: model(batch)  # noqa: E731
+        else:
+            if device.type == "cuda":
+                for n in schedule.units:
+                    self._green.setdefault(n, green_context(n, device))
+            ex = PipelineExecutor(schedule, model.layer_ops, device, green=self._green)
+            walk = partial(ex.run, parts=ex.split(batch, model.prepare))
+            fn = lambda: model(batch, walk)  # noqa: E731
+        self._built.append((schedule, fn))
+        return fn
 
+    def ms(self, timer: Timer, schedule: Schedule | None = None) -> float:
+        """Milliseconds of one forward through `schedule` (None: the sequential walk): what the
+        search predicted, measured."""
+        with torch.inference_mode():
+            return timer.ms(self.forward(schedule))
 
-def _forward(runner: ModelRunner, batch: ForwardBatch, schedule: Schedule | None) -> Callable[[], torch.Tensor]:
-    """One forward of the step through the schedule's pipeline executor (None: the sequential walk)."""
-    model = runner.model
-    if schedule is None:
-        return lambda: model(batch)
-    ex = PipelineExecutor(schedule, model.layer_ops, runner.device)
-    parts = ex.split(batch, model.prepare)
-    return lambda: model(batch, lambda layer_ops, bufs: ex.run(layer_ops, bufs, parts))
+    def error(self, schedule: Schedule) -> float:
+        """How far one forward through `schedule`'s pipeline, over CUDA-graph replays
+        (timing.graph_replay_error), is from the same schedule run eagerly on one stream: the same
+        kernels, so a difference is a race between the streams or work left undone, not rounding (a
+        schedule's nano-batches and capped kernels may round differently from the sequential walk,
+        and random-weight models amplify that over the layers: 0.15-0.23 on Llama-3-8B's shape,
+        2026-11-30)."""
+        with torch.inference_mode():
+            want = self.forward(schedule.on_one_stream())()
+            run = self.forward(schedule)
+            run()  # warm: kernels compiled, the allocator's pools filled, before the capture
+            return graph_replay_error(run, want)

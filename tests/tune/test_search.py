@@ -144,7 +144,7 @@ def test_mlp_order_puts_decode_attention_beside_the_other_mlp() -> None:
 
 
 def test_a_schedule_on_one_stream_keeps_its_steps_in_order() -> None:
-    """The output check's reference (tune.profile.forward_error): the same kernels, caps and issue
+    """The output check's reference (tune.profile.StepForwards.error): the same kernels, caps and issue
     order, all on the forward's stream, and still a valid order for the executor."""
     from nanoflow.pipeline.schedule import pingpong_schedule
 
