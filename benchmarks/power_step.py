@@ -90,7 +90,7 @@ def main() -> None:
                 variants[f"pingpong@{ctas}"] = partial(lambda batch, walk: model(batch, walk), batch, walk)
             for name, fn in variants.items():
                 burst = timer.ms(fn)
-                ms, t0, t1 = sustained(fn, args.seconds, runner.device)
+                ms, t0, t1 = sustained(timer, fn, args.seconds)
                 row = {"decodes": decodes, "chunk": chunk, "variant": name, "burst_ms": burst, "sustained_ms": ms,
                        **(power.summary(t0 + SETTLE_S, t1) or {})}
                 row["joules"] = row.get("watts", 0.0) * ms / 1e3
@@ -103,18 +103,13 @@ def main() -> None:
                 (Path(args.out) / "power_step.json").write_text(json.dumps(results, indent=1))
 
 
-def sustained(fn: Any, seconds: float, device: torch.device) -> tuple[float, float, float]:
-    """fn captured once and replayed back to back for `seconds`: (mean ms per call, host start, end)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+def sustained(timer: Timer, fn: Any, seconds: float) -> tuple[float, float, float]:
+    """fn captured once (warm) and replayed back to back for `seconds`: (mean ms per call, host start, end)."""
+    graph = timer.capture(fn, 1)
+    if graph is None:
+        raise RuntimeError("power_step.py replays CUDA graphs; this forward could not be captured")
     graph.replay()
-    torch.cuda.synchronize(device)
+    torch.cuda.synchronize(timer.device)
     start = torch.cuda.Event(enable_timing=True)
     marks: list[torch.cuda.Event] = []
     calls, t0 = 0, time.time()

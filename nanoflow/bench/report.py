@@ -139,7 +139,9 @@ def format_table(result: Result) -> str:
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     systems = result["systems"]
-    lines.extend(agreement_line(n, a) for n, a in output_agreement(systems).items())
+    # the run's own (run_bench stores it); computed here for files written before it did
+    agreement = result.get("agreement") or output_agreement(systems)
+    lines.extend(agreement_line(n, a) for n, a in agreement.items())
     if self_comparison(systems):
         lines.append(SELF_COMPARISON)
     return "\n".join(lines)

@@ -75,6 +75,8 @@ def step_error(runner: Any, plan: Any) -> float | None:
 
     with torch.inference_mode():
         sequential = dataclasses.replace(plan, sequential=True)
+        # a build of its own for each forward, as every worker builds each plan it reads (a build can
+        # hold a collective: the broadcast of in-flight tokens)
         got, want = logits(plan, batch), logits(sequential, runner.build(sequential))
     if got is None or want is None:
         return None

@@ -69,7 +69,7 @@ class Timer:
                 times.append((time.perf_counter() - t) * 1e3)
             return statistics.median(times)
         call = fn
-        graph = self._capture(fn, 1) if self.graphs else None
+        graph = self.capture(fn, 1) if self.graphs else None
         if graph is not None:
             call = graph.replay
         for _ in range(self.warmup):
@@ -90,7 +90,7 @@ class Timer:
         log.log(logging.DEBUG if key in self._warned else logging.WARNING, msg, *args)
         self._warned.add(key)
 
-    def _capture(self, fn: Callable[[], object], reps: int) -> torch.cuda.CUDAGraph | None:
+    def capture(self, fn: Callable[[], object], reps: int) -> torch.cuda.CUDAGraph | None:
         """A graph of reps calls of fn, or None where fn cannot be captured (fn has then run, warm)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -158,7 +158,7 @@ class Timer:
         """What the host enqueues for one side under the gate, fn already run outside it."""
         if fn is None or reps <= 0:
             return None
-        graph = self._capture(fn, reps) if self.graphs else None
+        graph = self.capture(fn, reps) if self.graphs else None
         main = torch.cuda.current_stream(self.device)
         stream.wait_stream(main)
         with torch.cuda.stream(stream):
