@@ -135,7 +135,8 @@ def format_table(result: Result) -> str:
             lines.append(f"{name}: {batches} of up to {s['batch_size']}, {s['padding_efficiency']:.0%} of the "
                          f"computed tokens real ({s['note']})")
     lines.extend(power_line(name, s["power"]) for name, s in result["systems"].items() if s.get("power"))
-    lines.extend(line for name, s in result["systems"].items() if s.get("gc") and (line := gc_line(name, s["gc"])))
+    lines.extend(line for name, s in result["systems"].items()
+                 if s.get("gc") and (line := gc_line(name, s["gc"], s.get("gc_heap"))))
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     systems = result["systems"]

@@ -28,7 +28,7 @@ from nanoflow.bench import report
 from nanoflow.bench.cli_args import COMPARE_CHOICES
 from nanoflow.bench.dummy_models import dummy_model_dir
 from nanoflow.bench.environment import environment
-from nanoflow.bench.gc_pauses import gc_pauses
+from nanoflow.bench.gc_pauses import gc_pauses, heap_census
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s, sync
 from nanoflow.bench.pipeline_info import bench_timeline, pipeline_summary
 from nanoflow.bench.power import PowerSampler
@@ -173,6 +173,7 @@ def run_engine(
     prompts = [{"prompt_token_ids": p} for p, _ in workload.requests]
     sampling = [params(o) for _, o in workload.requests]
     engine.stats.keep_timeline = True
+    heap0 = heap_census()
     sync(device)
     t, wall = time.perf_counter(), time.time()
     with triton_compiles() as compiled, gc_pauses() as collected:
@@ -219,6 +220,7 @@ def run_engine(
         "step_timeline": engine.stats.timeline_columns(),
         "triton_compiles_during_run": {"count": len(compiled), "examples": [c[:400] for c in compiled[:5]]},
         "gc": collected,  # the collector's pauses of the host during the timed run
+        "gc_heap": {"start": heap0, "end": heap_census()},  # what its full passes scanned
         # each request's first output tokens (None: it failed), to compare runs (report.output_agreement)
         "output_heads": [None if o.error else list(o.outputs[0].token_ids[:report.OUTPUT_HEAD]) for o in outputs],
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30

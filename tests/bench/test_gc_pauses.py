@@ -2,7 +2,7 @@
 
 import gc
 
-from nanoflow.bench.gc_pauses import gc_line, gc_pauses
+from nanoflow.bench.gc_pauses import gc_line, gc_pauses, heap_census
 
 
 def test_collections_are_counted_and_timed_by_generation() -> None:
@@ -22,3 +22,14 @@ def test_collections_are_counted_and_timed_by_generation() -> None:
 def test_no_line_without_collections() -> None:
     quiet = {str(g): {"collections": 0, "ms": 0.0, "max_ms": 0.0} for g in range(3)}
     assert gc_line("nanoflow", quiet) is None
+
+
+def test_heap_census_counts_what_a_full_pass_scans() -> None:
+    kept = [[i] for i in range(1000)]  # lists are tracked
+    census = heap_census()
+    assert census["tracked"] >= 1000 and census["frozen"] == gc.get_freeze_count()
+    assert dict(census["top_types"])["list"] >= 1000
+    stats = {"2": {"collections": 1, "ms": 40.0, "max_ms": 40.0}}
+    line = gc_line("nanoflow", stats, {"start": census, "end": census})
+    assert f"tracked objects {census['tracked']:,} at start" in line and "frozen" in line
+    del kept
