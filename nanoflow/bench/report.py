@@ -17,6 +17,7 @@ from typing import Any
 
 from nanoflow.bench.gc_pauses import gc_line
 from nanoflow.bench.power import power_line
+from nanoflow.bench.sync_calls import sync_line
 
 Result = dict[str, Any]
 
@@ -137,6 +138,8 @@ def format_table(result: Result) -> str:
     lines.extend(power_line(name, s["power"]) for name, s in result["systems"].items() if s.get("power"))
     lines.extend(line for name, s in result["systems"].items()
                  if s.get("gc") and (line := gc_line(name, s["gc"], s.get("gc_heap"))))
+    lines.extend(line for name, s in result["systems"].items()
+                 if s.get("sync_calls") and (line := sync_line(name, s["sync_calls"])))
     if result.get("speedups"):
         lines.append("speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items()))
     systems = result["systems"]

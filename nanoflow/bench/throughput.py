@@ -32,6 +32,7 @@ from nanoflow.bench.gc_pauses import gc_pauses, heap_census
 from nanoflow.bench.peak import measure_peak_tflops, optimum_tokens_per_s, sync
 from nanoflow.bench.pipeline_info import bench_timeline, pipeline_summary
 from nanoflow.bench.power import PowerSampler
+from nanoflow.bench.sync_calls import sync_calls
 from nanoflow.bench.workloads import Workload, build_workload
 from nanoflow.config import PAGE_SIZE, resolve_device, resolve_dtype
 from nanoflow.engine_args import engine_kwargs as cli_engine_kwargs
@@ -176,7 +177,7 @@ def run_engine(
     heap0 = heap_census()
     sync(device)
     t, wall = time.perf_counter(), time.time()
-    with triton_compiles() as compiled, gc_pauses() as collected:
+    with triton_compiles() as compiled, gc_pauses() as collected, sync_calls(device) as synced:
         outputs = llm.generate(prompts, sampling, use_tqdm=use_tqdm)
         sync(device)
     elapsed = time.perf_counter() - t
@@ -221,6 +222,7 @@ def run_engine(
         "triton_compiles_during_run": {"count": len(compiled), "examples": [c[:400] for c in compiled[:5]]},
         "gc": collected,  # the collector's pauses of the host during the timed run
         "gc_heap": {"start": heap0, "end": heap_census()},  # what its full passes scanned
+        "sync_calls": synced,  # the host waiting for the GPU, by call site
         # each request's first output tokens (None: it failed), to compare runs (report.output_agreement)
         "output_heads": [None if o.error else list(o.outputs[0].token_ids[:report.OUTPUT_HEAD]) for o in outputs],
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
