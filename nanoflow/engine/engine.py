@@ -168,7 +168,7 @@ class LLMEngine:
                 shape = StepShape(sched.num_tokens, len(sched.decodes),
                                   sum(s.seq.num_computed_tokens for s in sched.decodes),
                                   len(self.scheduler.running), len(self.scheduler.waiting),
-                                  (time.perf_counter() - t0) * 1e3)
+                                  (time.perf_counter() - t0) * 1e3, inflight.graph_launch_ms)
             launched = LaunchedStep(inflight, sampled, shape)
             self.scheduler.step_done(sched)
             for seq in launched.seqs:

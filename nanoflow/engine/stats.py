@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 STEP_FIELDS = ("tokens", "decodes", "decode_context_tokens", "running", "waiting", "gpu_busy_ms", "gpu_idle_ms",
-               "host_launch_ms", "host_wait_ms")
+               "host_launch_ms", "host_wait_ms", "host_graph_launch_ms")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class StepShape:
     # host time from the start of the engine step to the step's forward and sampling queued (schedule,
     # plan, batch build, launch): where the GPU idles before a step, this tells whether the host was late
     host_launch_ms: float = 0.0
+    # of which in the CUDA graph's launch call: long when the launch waited for the GPU's work queue
+    host_graph_launch_ms: float = 0.0
 
 
 @dataclass
@@ -49,7 +51,7 @@ class StepStats:
         if self.keep_timeline and shape is not None:
             self.timeline.append((shape.num_tokens, shape.num_decodes, shape.decode_context_tokens, shape.num_running,
                                   shape.num_waiting, round(busy, 3), round(idle, 3), round(shape.host_launch_ms, 3),
-                                  round(wait_ms, 3)))
+                                  round(wait_ms, 3), round(shape.host_graph_launch_ms, 3)))
 
     def reset(self) -> None:
         self.steps, self.gpu_busy_ms, self.gpu_idle_ms, self._last_end = 0, 0.0, 0.0, None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -128,6 +129,9 @@ class GraphRunner:
         self.replay_ms: dict[Key, float] = {}
         self.local_replay_ms: dict[Key, float] = {}
         self.num_replays = 0
+        # host ms the last graph launch took: a launch that waits for the GPU (its work queue
+        # full) leaves the host late for the next step
+        self.last_launch_ms = 0.0
 
     def _static_batch(self, num_tokens: int, mixed: bool, token_offset: int = 0) -> ForwardBatch:
         tiles = self.model.prefill_tile_capacity(num_tokens, SPARE_TILES) if mixed else 0
@@ -267,7 +271,9 @@ class GraphRunner:
         graph = self.graphs[key]
         if graph is None:  # the CPU: run the forward the graph would replay, on the same buffers
             return self.model(static, self.walks.get(key))[: batch.num_tokens]
+        t = time.perf_counter()
         graph.replay()
+        self.last_launch_ms = (time.perf_counter() - t) * 1e3
         return self.outputs[key][: batch.num_tokens]
 
     def nano_batches(self, batch: ForwardBatch, key: Key) -> list[tuple[ForwardBatch, ForwardBatch]] | None:

@@ -338,17 +338,21 @@ class ModelRunner:
         batch = self.build(plan, prev)
         if start is not None:
             start.record()
+        if self.graphs is not None:
+            self.graphs.last_launch_ms = 0.0
         logits = self.forward(batch)
         sampled = self.sampler(logits, self.sampling_metadata(plan.sampling)) if plan.sampling else None
-        return InFlight(sampled, start, on_gpu)
+        return InFlight(sampled, start, on_gpu, self.graphs.last_launch_ms if self.graphs is not None else 0.0)
 
 
 class InFlight:
     """A launched step: its sampled tokens are copied to pinned host memory behind the GPU work,
     and read (waiting only then) when the engine processes the step."""
 
-    def __init__(self, sampled: SampledTensors | None, start: torch.cuda.Event | None, on_gpu: bool) -> None:
+    def __init__(self, sampled: SampledTensors | None, start: torch.cuda.Event | None, on_gpu: bool,
+                 graph_launch_ms: float = 0.0) -> None:
         self.sampled, self.start = sampled, start
+        self.graph_launch_ms = graph_launch_ms  # host ms in its graph's launch (0: no graph)
         self.end: torch.cuda.Event | None = None
         self.host: list[torch.Tensor] = []
         if sampled is not None:

@@ -83,6 +83,8 @@ def test_cli_end_to_end(bench_tiny_llama: str, tmp_path: Path) -> None:
         assert len(timeline["tokens"]) == s["step_stats"]["steps"] and max(timeline["tokens"]) <= 512
         # the host's side of each step: time to queue it, time waiting for its result
         assert all(t > 0 for t in timeline["host_launch_ms"]) and all(t >= 0 for t in timeline["host_wait_ms"])
+        assert timeline["host_graph_launch_ms"] == [0.0] * len(timeline["tokens"])  # no graph launched on the CPU
+        assert s["sync_calls"] == {"count": 0, "sites": {}} and s["gc_heap"]["end"]["tracked"] > 0
         assert s["allocator"] == {}  # the CUDA allocator's driver calls: none off a GPU
     assert result["systems"]["sequential"]["options"] == {"enforce_eager": True, "pipeline": "off"}
     # fp32 on the CPU, both eager: the same greedy tokens, request by request
