@@ -63,7 +63,7 @@ class Candidate:
         else:
             s = overlap_schedule(op_names, max_tokens, self.split, min_tokens, self.ctas, beside=self.beside,
                                  gemm_ctas=self.gemm_ctas, cublas=True)
-        return replace(s, units=self.units) if self.units else s
+        return replace(s, units=self.units)
 
     def describe(self) -> str:
         if self.split is None:

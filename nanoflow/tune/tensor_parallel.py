@@ -89,7 +89,7 @@ class TPCandidate:
             s = pingpong_schedule(op_names, hi, split, lo, self.decode_ctas, self.gemm_ctas, cublas=True)
         else:
             s = network_overlap_schedule(op_names, hi, split, lo, self.gemm_ctas, cublas=True)
-        return replace(s, units=self.units) if self.units else s
+        return replace(s, units=self.units)
 
 
 @dataclass(frozen=True)
