@@ -5,8 +5,9 @@ A collection stops the host; if it outlasts the step the GPU is running, the GPU
 freezes the heap alive at its start and again once its graphs are captured
 (`executor.model_runner.freeze_heap`), but objects made later (requests, their outputs) are scanned
 by every full pass. Pipelined runs on an H200 showed 42-50 steps a run whose launch took the host
-70-150 ms (docs/pipeline.md, Where it stands); this line showed those were the collector's full
-passes, when only the heap at start was frozen (10 of up to 54 ms in a pipelined 512x1024 run).
+70-150 ms (docs/pipeline.md, Where it stands); this line showed part of it was the collector's
+full passes while only the heap at start was frozen (10 of up to 54 ms in a pipelined 512x1024
+run), and `heap_census` says what the passes left scan.
 """
 
 from __future__ import annotations
