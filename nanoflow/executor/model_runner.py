@@ -25,23 +25,25 @@ from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.parallel import ParallelState
 from nanoflow.models.loader import build_model
 from nanoflow.pipeline.cache import choose_pipeline
-from nanoflow.pipeline.executor import PipelineExecutor, green_context
+from nanoflow.pipeline.executor import GreenContexts, PipelineExecutor
 
 log = logging.getLogger(__name__)
 
 _CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU when --num-kv-pages is not given
 
 
-def freeze_heap() -> None:
+def freeze_heap(release: bool = True) -> None:
     """Exempts every object alive now (the imports' ~400k: torch, transformers, ...) from the
     garbage collector's full passes: each one scans the whole heap, 170-510 ms of the GPU idling
     mid-run on an H200 (a few per `nanoflow bench` run). Called as a runner starts on a GPU (on
     the CPU nothing idles, and the test suite's many engines would pay a full pass each), it first
     releases what an earlier call froze, so an earlier engine now garbage (cycles keep some) is
-    collected here, at the latest; called again once the graphs are captured, whose executors,
-    nano-batch plans and pools a full pass would otherwise scan mid-run (a pipelined 512x1024 run
-    on an H200: 10 full passes of up to 54 ms, 445 ms in all)."""
-    gc.unfreeze()
+    collected here, at the latest; called again (release=False: the heap frozen at start stays
+    frozen, not scanned again) once the graphs are captured, whose executors, nano-batch plans and
+    pools a full pass would otherwise scan mid-run (a pipelined 512x1024 run on an H200: 10 full
+    passes of up to 54 ms, 445 ms in all)."""
+    if release:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -108,10 +110,9 @@ class ModelRunner:
         pipeline = choose_pipeline(config.args.pipeline, pipeline_key(config, self.par.size))
         # one executor per schedule of the pipeline (none: every step runs the sequential schedule);
         # their execution units, one green context per SM count, shared
-        schedules = pipeline.schedules if pipeline else ()
-        sms = {n for s in schedules for n in s.units} if self.device.type == "cuda" else set()
-        green = {n: green_context(n, self.device) for n in sms}
-        self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device, green=green) for s in schedules]
+        green = GreenContexts(self.device)
+        self.executors = [PipelineExecutor(s, self.model.layer_ops, self.device, green=green)
+                          for s in (pipeline.schedules if pipeline else ())]
         # Tensor parallel: a step's schedule decides how many collectives it issues, and in which
         # order; every rank reads its own pipeline cache, so check that they all read the same.
         self.par.check_same("the pipeline schedules", [ex.schedule for ex in self.executors])
@@ -122,7 +123,7 @@ class ModelRunner:
                                       config.arch.padding_row_cost(), config.cuda_graph_sizes)
             self.graphs.capture()
         if config.device.type == "cuda":
-            freeze_heap()
+            freeze_heap(release=False)
 
     def release_graphs(self) -> None:
         """Frees the CUDA graphs and waits for the GPU. Tensor parallel: before the NCCL group is

@@ -12,7 +12,7 @@ graph capture, the streams and events become the graph's branches and edges.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +55,20 @@ def green_context(num_sms: int, device: torch.device) -> Any:
                            "tune without --execution-units or run --pipeline off") from e
 
 
+class GreenContexts:
+    """One green context per SM count, made when first asked for and shared by every executor given
+    this (each context holds device memory)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._by_sms: dict[int, Any] = {}
+
+    def get(self, num_sms: int) -> Any:
+        if num_sms not in self._by_sms:
+            self._by_sms[num_sms] = green_context(num_sms, self.device)
+        return self._by_sms[num_sms]
+
+
 def _cublas_capped(op: Op, num_ctas: int | None, device: torch.device) -> Op:
     """The GEMM op run uncapped (cuBLAS, not the persistent Triton GEMM) with cuBLAS sizing its grid
     for num_ctas SMs."""
@@ -67,12 +81,12 @@ def _cublas_capped(op: Op, num_ctas: int | None, device: torch.device) -> Op:
 
 class PipelineExecutor:
     def __init__(self, schedule: Schedule, layer_ops: Sequence[Sequence[Op]], device: torch.device,
-                 side_priority: bool = True, green: Mapping[int, Any] | None = None) -> None:
+                 side_priority: bool = True, green: GreenContexts | None = None) -> None:
         """side_priority: the streams besides the forward's get a higher priority than it, so that
         where both have kernels waiting, the SMs a finished CTA frees go to the capped side kernel
         (decode attention, an all-reduce) first and the GEMMs fill what it leaves. CUDA graphs keep
-        the priority per kernel node. green: green contexts by SM count to take the execution units'
-        from (the runner's, shared by its executors: each context holds device memory), else made here."""
+        the priority per kernel node. green: where the execution units' green contexts come from (the
+        runner's, shared by its executors), else contexts of this executor's own."""
         names = [op.name for op in layer_ops[0]]
         schedule.check(names)
         self.schedule, self.layer_ops = schedule, layer_ops
@@ -80,8 +94,8 @@ class PipelineExecutor:
         # execution units: every stream, the forward's own too, on a green context of its SMs; the
         # forward's stream forks to them and joins them (the contexts live as long as the executor).
         # Else the side streams beside the forward's.
-        green = green or {}
-        self.units = [green.get(n) or green_context(n, device) for n in schedule.units] if self.on_gpu else []
+        green = green or GreenContexts(device)
+        self.units = [green.get(n) for n in schedule.units] if self.on_gpu else []
         self.unit_streams = [u.Stream() for u in self.units]
         priority = -1 if side_priority else 0  # lower is higher; CUDA clamps it to the device's range
         self.streams = [torch.cuda.Stream(device, priority=priority)

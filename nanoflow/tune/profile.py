@@ -35,7 +35,7 @@ from nanoflow.executor.model_runner import ModelRunner, pipeline_key
 from nanoflow.executor.step_plan import StepPlan
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.layers.op import Buffers, run_sequential
-from nanoflow.pipeline.executor import PipelineExecutor, green_context
+from nanoflow.pipeline.executor import GreenContexts, PipelineExecutor
 from nanoflow.pipeline.schedule import GEMM_OPS, Schedule
 from nanoflow.tune.timing import Timer, graph_replay_error, kept_fractions
 
@@ -267,7 +267,7 @@ class StepForwards:
     def __init__(self, runner: ModelRunner, batch: ForwardBatch) -> None:
         self.runner, self.batch = runner, batch
         self._built: list[tuple[Schedule | None, Callable[[], torch.Tensor]]] = []
-        self._green: dict[int, Any] = {}
+        self._green = GreenContexts(runner.device)
 
     def forward(self, schedule: Schedule | None) -> Callable[[], torch.Tensor]:
         """One forward of the step through the schedule's pipeline executor (None: the sequential walk)."""
@@ -278,9 +278,6 @@ class StepForwards:
         if schedule is None:
             fn = lambda: model(batch)  # noqa: E731
         else:
-            if device.type == "cuda":
-                for n in schedule.units:
-                    self._green.setdefault(n, green_context(n, device))
             ex = PipelineExecutor(schedule, model.layer_ops, device, green=self._green)
             walk = partial(ex.run, parts=ex.split(batch, model.prepare))
             fn = lambda: model(batch, walk)  # noqa: E731
