@@ -172,3 +172,14 @@ def test_a_batch_too_small_for_a_pipelined_bucket_takes_another(pipelined_graphs
     runner, fast, _ = runner_and_graphs
     one = fast.prepare(runner._build_batch(step_plan([9], [])))
     assert pipelined_graphs.select(one) == (1, False, False)  # a pipeline's nano-batches would be empty
+
+
+def test_warm_logits_runs_every_row_count(runner_and_graphs, monkeypatch) -> None:
+    """After capture the runner runs the eager logits GEMM once at each row count a step can sample
+    (a kernel's first use held the host until the GPU drained: ModelRunner.warm_logits)."""
+    runner = runner_and_graphs[0]
+    rows: list[int] = []
+    real = runner.model.compute_logits
+    monkeypatch.setattr(runner.model, "compute_logits", lambda h: rows.append(h.shape[0]) or real(h))
+    runner.warm_logits(5)
+    assert rows == [1, 2, 3, 4, 5]

@@ -122,8 +122,26 @@ class ModelRunner:
                                       pages_for(config.max_model_len), self.device, self.executor_for, self.par,
                                       config.arch.padding_row_cost(), config.cuda_graph_sizes)
             self.graphs.capture()
+            self.warm_logits(min(config.max_num_seqs, config.max_num_batched_tokens))
         if config.device.type == "cuda":
             freeze_heap(release=False)
+
+    @torch.inference_mode()
+    def warm_logits(self, max_rows: int) -> None:
+        """Runs the logits GEMM once at every row count a step can sample, 1..max_rows. It runs
+        eagerly after each step's graph, as many rows as the step samples, and cuBLAS picks its kernel
+        by the row count: the first use of a kernel held the host inside the GEMM until the GPU had
+        drained its queue (module loading, CUDA's lazy loading), ~80 ms on an H200 in every other
+        step of a decode-heavy ramp-up, where the rows grow a few a step, and the GPU then idled
+        while the host built the next step (benchmarks/host_stall_check.py). Here it costs ~1 s of
+        start-up, once."""
+        hidden = torch.zeros(max_rows, self.arch.hidden_size, dtype=self.config.dtype, device=self.device)
+        for rows in range(1, max_rows + 1):
+            self.model.compute_logits(hidden[:rows])
+        del hidden
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the logits' blocks: the KV pool sized the margin for one step's
 
     def release_graphs(self) -> None:
         """Frees the CUDA graphs and waits for the GPU. Tensor parallel: before the NCCL group is
