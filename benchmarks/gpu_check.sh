@@ -22,7 +22,7 @@
 #   OUT                  where logs and results go (default bench-results/gpu_check_<time> in the
 #                        repository root, git-ignored; a run to publish is copied into
 #                        benchmarks/results/ with a row in benchmarks/results/README.md)
-#   GPU_CHECK_STEPS      comma list of: tests, kernels, share, step, launch, power, moe, tune, trace, fixed; "bench" = trace,fixed,
+#   GPU_CHECK_STEPS      comma list of: tests, kernels, share, step, launch, stall, power, moe, tune, trace, fixed; "bench" = trace,fixed,
 #                        "pipeline" = share,step (issue 12: benchmarks/gemm_share.py, then
 #                        benchmarks/pipeline_step.py over the decode kernels and GEMM caps)
 #                        (default tests,kernels,bench)
@@ -42,6 +42,8 @@
 #                        and stream priorities, the gated kernel on 44 and 66 SMs, splits 512, 768, 1024)
 #   LAUNCH_ARGS          benchmarks/launch_check.py arguments for the launch step (host ms of each graph launch
 #                        with 0-3 queued, sequential and pipelined graphs; reads NANOFLOW_CACHE's pipeline)
+#   STALL_ARGS           benchmarks/host_stall_check.py arguments for the stall step (torch.profiler over a
+#                        run's first steps: what the host waits for inside a launch; default --pipeline auto)
 #   POWER_ARGS           benchmarks/power_step.py arguments (default: its own, 384, 768 and 512+1536-token steps):
 #                        power, clocks and energy a step beside its time, sequential and ping-pong
 #   MOE_TOKENS           token counts the moe step tunes (default "640 2048": 512x512's decode steps, full steps)
@@ -49,8 +51,8 @@
 #                        defaults, serving steps, buckets from 256 tokens, decode on a third and half of the SMs)
 #   GPU_TESTS            pytest arguments for the tests step instead of every GPU test (they take ~5 minutes),
 #                        e.g. "tests/gpu/test_pipeline_gpu.py tests/kernels/test_decode_attention.py -k capped"
-#   TESTS_S, KERNELS_S, SHARE_S, STEP_S, LAUNCH_S, POWER_S, MOE_S, TUNE_S, TRACE_S, FIXED_S   per-step caps in seconds
-#                        (default 200, 150, 200, 240, 150, 200, 300, 300, 200, 200; the GPU tests take over 90 s)
+#   TESTS_S, KERNELS_S, SHARE_S, STEP_S, LAUNCH_S, STALL_S, POWER_S, MOE_S, TUNE_S, TRACE_S, FIXED_S   per-step caps in seconds
+#                        (default 200, 150, 200, 240, 150, 150, 200, 300, 300, 200, 200; the GPU tests take over 90 s)
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -76,11 +78,11 @@ HF_NUM_REQUESTS=${HF_NUM_REQUESTS:-}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 KERNEL_CHECK_ARGS=${KERNEL_CHECK_ARGS:-}
 declare -A CAP=([tests]=${TESTS_S:-200} [kernels]=${KERNELS_S:-150} [share]=${SHARE_S:-200} [step]=${STEP_S:-240}
-               [power]=${POWER_S:-200} [launch]=${LAUNCH_S:-150}
+               [power]=${POWER_S:-200} [launch]=${LAUNCH_S:-150} [stall]=${STALL_S:-150}
                [moe]=${MOE_S:-300} [tune]=${TUNE_S:-300} [trace]=${TRACE_S:-200} [fixed]=${FIXED_S:-200})
 # Time kept back for each later step, so an early step cannot eat the whole budget.
-declare -A RESERVE=([tests]=30 [kernels]=60 [share]=60 [step]=90 [power]=60 [launch]=60 [moe]=90 [tune]=120 [trace]=120 [fixed]=120)
-ORDER=(tests kernels share step power moe tune trace fixed)
+declare -A RESERVE=([tests]=30 [kernels]=60 [share]=60 [step]=90 [power]=60 [launch]=60 [stall]=60 [moe]=90 [tune]=120 [trace]=120 [fixed]=120)
+ORDER=(tests kernels share step launch stall power moe tune trace fixed)
 SUMMARY="$OUT/gpu_check_summary.txt"
 
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -169,6 +171,8 @@ wanted step && run_step step pipeline_step.log env PYTHONPATH=. python benchmark
   --out "$OUT"
 # shellcheck disable=SC2086  # LAUNCH_ARGS is an argument list
 wanted launch && run_step launch launch_check.log env PYTHONPATH=. python benchmarks/launch_check.py ${LAUNCH_ARGS:-} --out "$OUT"
+# shellcheck disable=SC2086  # STALL_ARGS is an argument list
+wanted stall && run_step stall host_stall_check.log env PYTHONPATH=. python benchmarks/host_stall_check.py ${STALL_ARGS:-} --out "$OUT"
 # shellcheck disable=SC2086  # POWER_ARGS is an argument list
 wanted power && run_step power power_step.log env PYTHONPATH=. python benchmarks/power_step.py ${POWER_ARGS:-} --out "$OUT"
 # the grouped GEMMs' tiles re-tuned (per projection) at MOE_TOKENS; the benches after it use them, and

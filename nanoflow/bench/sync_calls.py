@@ -3,11 +3,12 @@
 The engine queues step i+1 while the GPU runs step i; a call that waits for the GPU inside a
 launch (a copy from pageable memory, `.item()`, `.tolist()` of a device tensor, a stream or device
 synchronize) stalls the host for the steps still queued, and the GPU idles while the host catches
-up. The pipelined runs on an H200 showed launches of 95-145 ms (two steps) in every other mixed
-step of the ramp-up, with the GPU idle 3-4 ms after them (docs/pipeline.md, Where it stands);
-torch's sync debug mode names such calls (`torch.cuda.set_sync_debug_mode`), and this records where
-in nanoflow each one was made. The per-step wait for a step's result (`InFlight.result`) is one of
-them by design: it is counted like the others, under its own call site.
+up. Torch's sync debug mode names such calls (`torch.cuda.set_sync_debug_mode`), and this
+records where in nanoflow each one was made. It does not see waits inside a library call (the
+first use of a cuBLAS kernel held the host ~80 ms on an H200 with none reported here:
+benchmarks/host_stall_check.py found that one, docs/pipeline.md, Where it stands).
+The per-step wait for a step's result (`InFlight.result`) is one of them by design: it is
+counted like the others, under its own call site.
 """
 
 from __future__ import annotations
