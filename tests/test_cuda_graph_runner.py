@@ -181,5 +181,19 @@ def test_warm_logits_runs_every_row_count(runner_and_graphs, monkeypatch) -> Non
     rows: list[int] = []
     real = runner.model.compute_logits
     monkeypatch.setattr(runner.model, "compute_logits", lambda h: rows.append(h.shape[0]) or real(h))
-    runner.warm_logits(5)
-    assert rows == [1, 2, 3, 4, 5]
+    runner.warm_logits(20)
+    assert rows == [8, 16, 24]  # the row counts ModelRunner.forward pads to (LOGITS_ROW_MULTIPLE)
+
+
+def test_forward_pads_logits_rows(runner_and_graphs) -> None:
+    """ModelRunner.forward computes the logits of a multiple of LOGITS_ROW_MULTIPLE rows and returns
+    the step's own: the same values as the unpadded GEMM."""
+    runner = runner_and_graphs[0]
+    batch = runner.model.prepare(runner._build_batch(step_plan([20, 5, 40], [(0, 9)])))
+    n = batch.logits_indices.shape[0]
+    assert n % 8
+    with torch.inference_mode():
+        got = runner.forward(batch)
+        want = runner.model.compute_logits(runner.model(batch)[batch.logits_indices])
+    assert got.shape == want.shape == (n, runner.arch.vocab_size)
+    torch.testing.assert_close(got, want)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nanoflow.config import PAGE_SIZE, EngineConfig, pages_for
 from nanoflow.executor.cuda_graph import GraphRunner
@@ -30,6 +31,10 @@ from nanoflow.pipeline.executor import GreenContexts, PipelineExecutor
 log = logging.getLogger(__name__)
 
 _CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU when --num-kv-pages is not given
+# The eager logits GEMM takes its rows in multiples of this (at most 7 rows computed for nothing a
+# step): cuBLAS picks a kernel by the row count and a kernel's first use stalls (warm_logits), so an
+# eighth of the row counts to warm.
+LOGITS_ROW_MULTIPLE = 8
 
 
 def freeze_heap(release: bool = True) -> None:
@@ -128,15 +133,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_logits(self, max_rows: int) -> None:
-        """Runs the logits GEMM once at every row count a step can sample, 1..max_rows. It runs
-        eagerly after each step's graph, as many rows as the step samples, and cuBLAS picks its kernel
-        by the row count: the first use of a kernel held the host inside the GEMM until the GPU had
-        drained its queue (module loading, CUDA's lazy loading), ~80 ms on an H200 in every other
-        step of a decode-heavy ramp-up, where the rows grow a few a step, and the GPU then idled
-        while the host built the next step (benchmarks/host_stall_check.py). Here it costs ~1 s of
-        start-up, once."""
-        hidden = torch.zeros(max_rows, self.arch.hidden_size, dtype=self.config.dtype, device=self.device)
-        for rows in range(1, max_rows + 1):
+        """Runs the logits GEMM once at every row count a step can sample up to max_rows (multiples
+        of LOGITS_ROW_MULTIPLE). It runs eagerly after each step's graph, and cuBLAS picks its
+        kernel by the row count: on an H200 the first use of a kernel held the host inside the GEMM
+        ~80 ms, until the GPU had drained its queue (we take it for CUDA's lazy module loading), in
+        every other step of a decode-heavy ramp-up, where the rows grow a few a step, and the GPU
+        then idled while the host built the next step (benchmarks/host_stall_check.py). Here the
+        GPU is idle, so each first use costs only its load."""
+        m = LOGITS_ROW_MULTIPLE
+        hidden = torch.zeros(max_rows + m, self.arch.hidden_size, dtype=self.config.dtype, device=self.device)
+        for rows in range(m, max_rows + m, m):
             self.model.compute_logits(hidden[:rows])
         del hidden
         if self.device.type == "cuda":
@@ -255,9 +261,11 @@ class ModelRunner:
             ex = self.executor_for(batch.num_tokens) if (self.graphs is None or eager) and not sequential else None
             walk = partial(ex.run, parts=ex.split(batch, self.model.prepare)) if ex else None
             hidden = self.model(batch, walk)
-        if batch.logits_indices.shape[0] == 0:
+        n = batch.logits_indices.shape[0]
+        if n == 0:
             return None
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        rows = F.pad(batch.logits_indices, (0, -n % LOGITS_ROW_MULTIPLE))  # padded with token 0's row
+        return self.model.compute_logits(hidden[rows])[:n]
 
     def _build_batch(self, plan: StepPlan) -> ForwardBatch:
         # numpy for the per-token index arithmetic: Python loops over ~2k tokens cost milliseconds.
