@@ -47,7 +47,7 @@ def main() -> None:
     rng = random.Random(0)
     vocab = engine.runner.arch.vocab_size
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
-    # warm: the first steps of any shape compile nothing then (graphs are captured at start)
+    # a few short requests first: one-off first-step costs (Triton autotuning) stay out of the profile
     for i in range(8):
         engine.add_request(f"w{i}", None, [rng.randrange(vocab) for _ in range(args.input_len)],
                            SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
