@@ -1,8 +1,9 @@
 """`nanoflow bench`: offline throughput, vLLM `bench throughput` style, against the optimum.
 
-One process, one system after another on the same requests: the measured peak GEMM rate first,
-then nanoflow (the engine's fast path), then each --compare baseline, freeing GPU memory between
-them. The JSON is rewritten after every system, so a run cut short keeps what it finished.
+One system after another on the same requests: the measured peak GEMM rate first, then nanoflow
+(the engine's fast path), then each --compare baseline, freeing GPU memory between them; on a GPU
+each engine in a process of its own. The JSON is rewritten after every system, so a run cut short
+keeps what it finished.
 """
 
 from __future__ import annotations
@@ -328,9 +329,11 @@ def run_bench(args: argparse.Namespace) -> int:
                         if timeline_png and name == "nanoflow" else None
                     run = (name, model_dir, load_format, workload, engine_kwargs, device,
                            args.num_warmup, args.warmup_max_tokens, use_tqdm, timeline)
-                    # tensor parallel: each system in a process of its own (executor/isolated.py says why)
+                    # on a GPU each system in a process of its own: under TP for executor/isolated.py's
+                    # reasons; on one GPU so that none inherits the kernels an earlier one loaded (a
+                    # kernel's first use held the host ~80 ms on an H200: ModelRunner.warm_logits)
                     res = run_isolated(run_engine, *run, name=f"nanoflow bench {name}") \
-                        if args.tensor_parallel_size > 1 else run_engine(*run)
+                        if device.type == "cuda" else run_engine(*run)
                     if res.get("timeline", {}).get("png"):
                         result["files"]["timeline_png"] = timeline_png
             except Exception as e:  # one system failing (e.g. out of memory) must not lose the others

@@ -2,7 +2,8 @@
 leaves behind in its process (a default process group that did not close in time, symmetric-memory
 rendezvous state, NCCL communicators that CUDA graphs still hold) cannot reach the next one's. On two
 H200s a second tensor-parallel engine with `--all-reduce symm-mem` in the same process hung at its
-start. `nanoflow bench` runs each tensor-parallel system this way, `nanoflow tune -tp` each candidate.
+start. `nanoflow bench` runs each system on a GPU this way (one GPU too: a later engine in the same
+process would find the kernels an earlier one loaded), `nanoflow tune -tp` each candidate.
 """
 
 from __future__ import annotations
