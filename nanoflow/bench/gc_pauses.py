@@ -7,7 +7,8 @@ freezes the heap alive at its start and again once its graphs are captured
 by every full pass. Pipelined runs on an H200 showed 42-50 steps a run whose launch took the host
 70-150 ms (docs/pipeline.md, Where it stands); this line showed part of it was the collector's
 full passes while only the heap at start was frozen (10 of up to 54 ms in a pipelined 512x1024
-run), and `heap_census` says what the passes left scan.
+run; the rest was the first uses of the logits GEMM's kernels, ModelRunner.warm_logits), and
+`heap_census` says what the passes left scan.
 """
 
 from __future__ import annotations

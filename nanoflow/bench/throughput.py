@@ -90,7 +90,7 @@ def _free_memory(device: torch.device) -> None:
 def allocator_counts(device: torch.device) -> dict[str, int]:
     """The CUDA caching allocators' driver calls so far (empty off a GPU): the device allocator's,
     and the pinned host allocator's pool growth (cudaHostAlloc, with the microseconds spent in it:
-    a call can stall the host mid-run, the suspect of the pipelined runs' host stalls)."""
+    a call can stall the host mid-run; on an H200 these stayed small, 1-2 ms a run)."""
     if device.type != "cuda":
         return {}
     stats = torch.cuda.memory_stats(device)

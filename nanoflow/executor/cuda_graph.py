@@ -129,8 +129,8 @@ class GraphRunner:
         self.replay_ms: dict[Key, float] = {}
         self.local_replay_ms: dict[Key, float] = {}
         self.num_replays = 0
-        # host ms the last graph launch took: a launch that waits for the GPU (its work queue
-        # full) leaves the host late for the next step
+        # host ms the last graph launch took: a launch that waited for the GPU (its work queue full)
+        # would leave the host late for the next step (the step timeline's host_graph_launch_ms)
         self.last_launch_ms = 0.0
 
     def _static_batch(self, num_tokens: int, mixed: bool, token_offset: int = 0) -> ForwardBatch:
